@@ -1,0 +1,333 @@
+"""`flexdit-finetune`: fine-tune a FlexDiT (converted from a dense DiT, or resumed) on pre-extracted latents.
+
+DiT's recipe (REFERENCE §4): AdamW (lr 1e-4, weight decay 0), EMA, mixed precision, the hybrid diffusion loss.
+Density-stage bucketing: every step, each process draws one stage of the density schedule and t uniformly inside
+that stage, so a batch runs one grid. Checkpoints (atomic) hold model, EMA, optimizer, scaler, step, config and RNG
+states; a resumed run reproduces an uninterrupted one exactly. With torchrun, DDP over the processes, each drawing
+its stages and timesteps from its own seed. A dense model name (DiT-S/2 ...) trains a dense DiT the same way.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from .data import LatentShards
+from .diffusion import create_diffusion
+from .sample import (DistContext, add_schedule_args, autocast_context, backend_context, build_model, model_config,
+                     parse_model_args)
+from .schedule import DensitySchedule
+
+__all__ = ["main", "update_ema", "train_step", "heldout_loss", "save_checkpoint", "find_latest_checkpoint"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from several ints (seed, rank, step ...), distinct for distinct tuples in practice."""
+    h = 0x243F6A8885A308D3
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 % (1 << 64)
+        h ^= h >> 29
+    return h % (1 << 63)
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·model, over all parameters (as DiT)."""
+    ema_p = [p for _, p in sorted(ema.named_parameters())]
+    model_p = [p for _, p in sorted(model.named_parameters())]
+    torch._foreach_lerp_(ema_p, model_p, 1.0 - decay)
+
+
+class EpochSampler:
+    """Sample indices for (step, rank): the global stream of epoch permutations, cut into global batches.
+
+    Stateless — the indices of a step depend only on (seed, step, rank) — so resuming needs no sampler state.
+    """
+
+    def __init__(self, n: int, batch_size: int, world_size: int, seed: int):
+        self.n, self.batch_size, self.world_size, self.seed = n, batch_size, world_size, seed
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = torch.randperm(self.n, generator=torch.Generator().manual_seed(_mix(self.seed, epoch)))
+        return self._perms[epoch]
+
+    def indices(self, step: int, rank: int) -> torch.Tensor:
+        start = (step * self.world_size + rank) * self.batch_size
+        pos = torch.arange(start, start + self.batch_size)
+        out = torch.empty_like(pos)
+        for e in torch.unique(pos // self.n).tolist():
+            sel = pos // self.n == e
+            out[sel] = self._perm(e)[pos[sel] % self.n]
+        return out
+
+
+def train_step(model, diffusion, optimizer, scaler, x, y, t, noise, grid, precision, device):
+    """One optimisation step; returns the mean loss (a float tensor, detached)."""
+    kwargs = {} if grid is None else {"grid": grid}
+    with autocast_context(precision, device):
+        losses = diffusion.training_losses(lambda xt, tt: model(xt, tt, y, **kwargs), x, t, noise)
+    loss = losses["loss"].mean()
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.detach()
+
+
+@torch.no_grad()
+def heldout_loss(model, diffusion, latents, labels, schedule: DensitySchedule | None = None, seed: int = 0,
+                 batch_size: int = 256, term: str = "mse") -> float:
+    """Mean denoising loss (`term` of training_losses: "mse", "vb" or "loss") on held-out latents, in eval mode.
+
+    t is stratified over [0, T) (sample i gets t = (i·T/n + u) with a seeded offset), noise is seeded, and each
+    stage's samples run at that stage's grid, so two models see exactly the same (x_0, t, ε).
+    """
+    was_training = model.training
+    model.eval()
+    n, n_t = len(latents), diffusion.num_timesteps
+    g = torch.Generator().manual_seed(seed)
+    t = ((torch.arange(n, dtype=torch.float64) + torch.rand(n, generator=g, dtype=torch.float64)) * n_t / n).long()
+    t = t.clamp(max=n_t - 1)
+    noise = torch.randn(latents.shape, generator=g)
+    device = next(model.parameters()).device
+    total = 0.0
+    groups = [(k, *schedule.stage_interval(k)) for k in schedule.stages] if schedule else [(None, 0, n_t)]
+    for k, lo, hi in groups:
+        sel = torch.nonzero((t >= lo) & (t < hi)).flatten()
+        kwargs = {} if k is None else {"grid": schedule.grids[k]}
+        for start in range(0, len(sel), batch_size):
+            idx = sel[start:start + batch_size]
+            x, y = latents[idx].float().to(device), labels[idx].to(device)
+            losses = diffusion.training_losses(lambda xt, tt: model(xt, tt, y, **kwargs), x, t[idx].to(device),
+                                               noise[idx].to(device))
+            total += losses[term].double().sum().item()
+    model.train(was_training)
+    return total / n
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file in the same folder, then os.replace: a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def find_latest_checkpoint(out_dir) -> Path | None:
+    ckpts = sorted(Path(out_dir, "checkpoints").glob("[0-9]*.pt"))
+    return ckpts[-1] if ckpts else None
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state.get("cuda"):
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _schedule(args, model):
+    is_flex = hasattr(model, "config") and getattr(model.config, "num_modules", 0) > 0
+    if not is_flex:
+        if args.r_min is not None or args.grid is not None:
+            raise ValueError("--r-min/--r-max/--grid need a FlexDiT model")
+        return None
+    if args.grid is not None:
+        if args.r_min is not None or args.r_max is not None:
+            raise ValueError("give either --r-min/--r-max or --grid, not both")
+        return DensitySchedule.fixed(args.grid, token_grid=model.token_grid)
+    if (args.r_min is None) != (args.r_max is None):
+        raise ValueError("--r-min and --r-max go together")
+    r_min, r_max = (0.61, 0.86) if args.r_min is None else (args.r_min, args.r_max)
+    return DensitySchedule.from_rates(r_min, r_max, model.token_grid)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+# ---------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="flexdit-finetune", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="FlexDiT-XL/2", help="registry name (FlexDiT-XL/2; DiT-* trains a dense DiT)")
+    p.add_argument("--model-args", default=None, help="JSON object of config overrides (tiny models, layer plans)")
+    p.add_argument("--init", default=None,
+                   help="dense DiT checkpoint (converted by the mapping) or FlexDiT checkpoint; none: random")
+    p.add_argument("--init-weights", choices=["ema", "model"], default="ema",
+                   help="which weights of a training checkpoint given to --init")
+    p.add_argument("--data", required=True, help="folder of .npz latent shards (see flexdit.data)")
+    p.add_argument("--image-size", type=int, default=256, help="image side; latents must be image-size / 8")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--out-dir", default="runs/finetune")
+    p.add_argument("--steps", type=int, default=400_000)
+    p.add_argument("--global-batch-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
+    add_schedule_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=100)
+    p.add_argument("--ckpt-every", type=int, default=10_000)
+    p.add_argument("--resume", default="auto",
+                   help="'auto' (latest checkpoint in out-dir, if any), a checkpoint path, or 'none'")
+    p.add_argument("--device", default=None)
+    p.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto",
+                   help="flexdit_kernels backend (auto: Triton on CUDA, the PyTorch reference on the CPU)")
+    p.add_argument("--quiet", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ctx = DistContext(args.device)
+    try:
+        with backend_context(args.backend, ctx.device):
+            return _train(args, ctx)
+    finally:
+        ctx.close()
+
+
+def _train(args, ctx: DistContext):
+    if args.global_batch_size % ctx.world_size:
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the "
+                         f"{ctx.world_size} processes")
+    batch = args.global_batch_size // ctx.world_size
+    if args.image_size % 8:
+        raise ValueError(f"--image-size must be a multiple of 8, got {args.image_size}")
+    out_dir = Path(args.out_dir)
+    resume = None
+    if args.resume == "auto":
+        resume = find_latest_checkpoint(out_dir)
+    elif args.resume not in ("none", "", None):
+        resume = Path(args.resume)
+        if not resume.is_file():
+            raise ValueError(f"--resume {args.resume}: no such checkpoint")
+
+    # --- model (a resumed run rebuilds it from the checkpoint's config) ---
+    overrides = dict(input_size=args.image_size // 8, num_classes=args.num_classes, **parse_model_args(args.model_args))
+    state = None
+    if resume is not None:
+        state = torch.load(resume, map_location="cpu", weights_only=True)
+        model, source = build_model(args.model, resume, weights="model", **overrides)
+        source = f"resumed from {resume} (step {state['step']})"
+    else:
+        model, source = build_model(args.model, args.init, weights=args.init_weights, **overrides)
+    arch, config = model_config(model)
+
+    # --- data, checked before anything trains ---
+    data = LatentShards(args.data, channels=model.in_channels, input_size=model.input_size,
+                        num_classes=config["num_classes"])
+    schedule = _schedule(args, model)
+    if state is not None and state.get("schedule") and schedule is not None \
+            and tuple(state["schedule"]["grids"]) != schedule.grids:
+        raise ValueError(f"--resume: the checkpoint trained with grids {state['schedule']['grids']}, "
+                         f"this run asks for {schedule.grids}")
+
+    model = model.to(ctx.device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.precision == "fp16")
+    step = 0
+    if state is not None:
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["opt"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step = int(state["step"])
+        _set_rng_state(state["rng"])
+        del state
+    net = model
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        net = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+    diffusion = create_diffusion()
+    sampler = EpochSampler(len(data), batch, ctx.world_size, args.seed)
+    n_stages = schedule.num_stages if schedule is not None else 1
+    if ctx.is_main and not args.quiet:
+        n_params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"{arch} {args.model}: {source}; {n_params:.2f} M parameters; {len(data)} latents; "
+              f"batch {batch} x {ctx.world_size} processes; schedule {schedule}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "checkpoints").mkdir(exist_ok=True)
+
+    loss_sum = torch.zeros(n_stages, dtype=torch.float64, device=ctx.device)
+    loss_cnt = torch.zeros(n_stages, dtype=torch.float64, device=ctx.device)
+    t0 = time.time()
+    while step < args.steps:
+        # everything random in this step derives from (seed, rank, step): stage, t, noise, label dropout
+        g = torch.Generator().manual_seed(_mix(args.seed, ctx.rank, step))
+        if schedule is not None:
+            stage, t = schedule.sample_timesteps(batch, g)
+            grid = schedule.grids[stage]
+        else:
+            stage, t, grid = 0, torch.randint(0, diffusion.num_timesteps, (batch,), generator=g), None
+        x, y = data.batch(sampler.indices(step, ctx.rank), device=ctx.device)
+        noise = torch.randn(x.shape, generator=g).to(ctx.device)
+        torch.manual_seed(_mix(args.seed, ctx.rank, step, 1))
+        loss = train_step(net, diffusion, optimizer, scaler, x, y, t.to(ctx.device), noise, grid, args.precision,
+                          ctx.device)
+        update_ema(ema, model, args.ema_decay)
+        step += 1
+        loss_sum[stage] += loss.double()
+        loss_cnt[stage] += 1
+
+        if step % args.log_every == 0 or step == args.steps:
+            if ctx.distributed:
+                import torch.distributed as dist
+                dist.all_reduce(loss_sum)
+                dist.all_reduce(loss_cnt)
+            per_stage = [(s / c).item() if c > 0 else None for s, c in zip(loss_sum, loss_cnt)]
+            mean = (loss_sum.sum() / loss_cnt.sum().clamp(min=1)).item()
+            if not math.isfinite(mean):
+                raise FloatingPointError(f"step {step}: the loss is {mean}")
+            rate = args.log_every / max(time.time() - t0, 1e-9)
+            if ctx.is_main:
+                rec = {"step": step, "loss": mean, "loss_per_stage": per_stage,
+                       "grids": list(schedule.grids) if schedule else None, "steps_per_s": rate}
+                with open(out_dir / "log.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if not args.quiet:
+                    stages = " ".join(f"G{schedule.grids[k]}:{v:.4f}" if v is not None else f"G{schedule.grids[k]}:-"
+                                      for k, v in enumerate(per_stage)) if schedule else ""
+                    print(f"step {step:7d}  loss {mean:.4f}  {stages}  {rate:.2f} steps/s", flush=True)
+            loss_sum.zero_()
+            loss_cnt.zero_()
+            t0 = time.time()
+
+        if step % args.ckpt_every == 0 or step == args.steps:
+            if ctx.is_main:
+                save_checkpoint(out_dir / "checkpoints" / f"{step:07d}.pt", {
+                    "arch": arch, "config": config, "model": model.state_dict(), "ema": ema.state_dict(),
+                    "opt": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                    "schedule": schedule.to_dict() if schedule else None, "args": vars(args),
+                    "rng": _rng_state(),
+                })
+            ctx.barrier()
+    return out_dir
+
+
+if __name__ == "__main__":
+    main()
