@@ -226,6 +226,7 @@ def _train(args, ctx: DistContext):
     # --- model (a resumed run rebuilds it from the checkpoint's config) ---
     overrides = dict(input_size=args.image_size // 8, num_classes=args.num_classes, **parse_model_args(args.model_args))
     state = None
+    torch.manual_seed(args.seed)    # a random initialisation (no --init) is seeded too
     if resume is not None:
         state = torch.load(resume, map_location="cpu", weights_only=True)
         model, source = build_model(args.model, resume, weights="model", **overrides)

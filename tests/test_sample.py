@@ -1,0 +1,133 @@
+"""flexdit-sample: CLI smoke runs (dense → FlexDiT conversion, FlexDiT checkpoints, DDIM, VAE decoding), per-sample
+seeds, torchrun, and at most one torch.compile per density stage."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import flexdit_kernels
+from flexdit import DensitySchedule, create_diffusion, create_model, from_dit, sample_latents
+from flexdit.sample import build_model, main
+
+TINY = dict(depth=6, hidden_size=32, num_heads=2)
+PLAN = dict(num_pool=1, num_modules=1, group=[1, 2, 1, 1], num_top=0)
+COMMON = ["--image-size", "128", "--num-classes", "4", "--classes", "0,1,2,3", "--steps", "4", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def dense_ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("DiT-S/2", input_size=16, num_classes=4, **TINY)
+    # adaLN-Zero starts with a zero output; perturb so that samples depend on the network
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    path = tmp_path_factory.mktemp("ckpt") / "dit.pt"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def _flex_args(dense_ckpt):
+    return ["--model", "FlexDiT-S/2", "--ckpt", str(dense_ckpt), "--model-args", json.dumps({**TINY, **PLAN})]
+
+
+def test_cli_dense_checkpoint_converted(dense_ckpt, tmp_path, capsys):
+    out = tmp_path / "s"
+    main(_flex_args(dense_ckpt) + COMMON + ["--r-min", "0.61", "--r-max", "0.86", "--out-dir", str(out)])
+    text = capsys.readouterr().out
+    assert "converted to FlexDiT" in text and "VAE missing" in text and "grids=(5, 4, 4, 3)" in text
+    with np.load(out / "latents.npz") as z:
+        assert z["latents"].shape == (4, 4, 16, 16) and z["labels"].tolist() == [0, 1, 2, 3]
+        assert np.isfinite(z["latents"]).all()
+
+
+def test_cli_reproducible_across_batch_sizes_and_ddim(dense_ckpt, tmp_path):
+    runs = []
+    for bs in (1, 4):
+        out = tmp_path / f"b{bs}"
+        main(_flex_args(dense_ckpt) + COMMON + ["--grid", "4", "--sampler", "ddim", "--cfg-scale", "2",
+                                                "--batch-size", str(bs), "--seed", "7", "--out-dir", str(out)])
+        with np.load(out / "latents.npz") as z:
+            runs.append(z["latents"])
+    np.testing.assert_allclose(runs[0], runs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_dense_model_and_flexdit_checkpoint(dense_ckpt, tmp_path):
+    main(["--model", "DiT-S/2", "--ckpt", str(dense_ckpt), "--model-args", json.dumps(TINY)] + COMMON
+         + ["--out-dir", str(tmp_path / "dense")])
+    assert (tmp_path / "dense" / "latents.npz").exists()
+    cfg = dict(input_size=16, num_classes=4, **TINY, **PLAN)
+    from flexdit import flexdit_config, save_flexdit
+    flex = from_dit(torch.load(dense_ckpt, weights_only=True), flexdit_config("FlexDiT-S/2", **cfg))
+    save_flexdit(flex, tmp_path / "flex.pt")
+    model, source = build_model("FlexDiT-S/2", tmp_path / "flex.pt")
+    assert "FlexDiT checkpoint" in source
+    for k, v in flex.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+    main(["--model", "FlexDiT-S/2", "--ckpt", str(tmp_path / "flex.pt")] + COMMON + ["--out-dir", str(tmp_path / "f")])
+    assert (tmp_path / "f" / "latents.npz").exists()
+
+
+def test_cli_errors(dense_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="r-min and --r-max"):
+        main(_flex_args(dense_ckpt) + COMMON + ["--r-min", "0.5", "--out-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="FlexDiT"):
+        main(["--model", "DiT-S/2", "--model-args", json.dumps(TINY)] + COMMON + ["--grid", "4",
+                                                                                  "--out-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="grids"):
+        main(_flex_args(dense_ckpt) + COMMON + ["--grid", "9", "--out-dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--classes"):
+        main(_flex_args(dense_ckpt) + COMMON[:-5] + ["--classes", "4", "--out-dir", str(tmp_path)])
+
+
+def test_cli_vae_decodes_pngs(dense_ckpt, tmp_path, capsys):
+    diffusers = pytest.importorskip("diffusers")
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, layers_per_block=1, latent_channels=4,
+                                  down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
+    vae.save_pretrained(tmp_path / "vae")
+    out = tmp_path / "s"
+    main(_flex_args(dense_ckpt) + COMMON + ["--vae", str(tmp_path / "vae"), "--out-dir", str(out)])
+    assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png", "000003.png",
+                                                         "grid.png"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(dense_ckpt, tmp_path):
+    args = _flex_args(dense_ckpt) + COMMON + ["--num-samples", "5", "--batch-size", "2", "--r-min", "0.61",
+                                              "--r-max", "0.86", "--backend", "reference"]
+    main(args + ["--out-dir", str(tmp_path / "one")])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "flexdit.sample"] + args + ["--out-dir", str(tmp_path / "two")]
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    with np.load(tmp_path / "one" / "latents.npz") as a, np.load(tmp_path / "two" / "latents.npz") as b:
+        assert b["indices"].tolist() == [0, 1, 2, 3, 4]
+        np.testing.assert_allclose(a["latents"], b["latents"], rtol=1e-4, atol=1e-5)
+    assert not list((tmp_path / "two").glob("latents_rank*"))
+
+
+@pytest.mark.slow
+def test_compile_at_most_once_per_stage():
+    torch._dynamo.reset()
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    cfg = dict(input_size=16, num_classes=4, **TINY, **PLAN)
+    from flexdit import flexdit_config
+    model = from_dit(create_model("DiT-S/2", input_size=16, num_classes=4, **TINY),
+                     flexdit_config("FlexDiT-S/2", **cfg)).eval()
+    sched = DensitySchedule.from_rates(0.61, 0.86, 8)        # grids (5, 4, 4, 3): three distinct
+    model.forward = torch.compile(model.forward, backend=counting_backend)
+    with flexdit_kernels.backend("reference"):
+        sample_latents(model, create_diffusion(16), torch.tensor([0, 1]), (4, 16, 16), cfg_scale=2.0,
+                       schedule=sched, generator=torch.Generator().manual_seed(0))
+    assert 1 <= len(compiles) <= len(set(sched.grids)), len(compiles)
+    torch._dynamo.reset()
