@@ -23,6 +23,8 @@ setup(
     entry_points={
         "console_scripts": [
             "flexdit-bench=bench.__main__:main",
+            "flexdit-sample=flexdit.sample:main",
+            "flexdit-finetune=flexdit.train:main",
         ],
     },
 )

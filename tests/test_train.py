@@ -16,6 +16,16 @@ TINY = dict(depth=6, hidden_size=32, num_heads=2)
 PLAN = dict(num_pool=1, num_modules=1, group=[1, 2, 1, 1], num_top=0)
 
 
+@pytest.fixture
+def one_thread():
+    """Training on the CPU runs single-threaded: on a shared 2-core machine, two intra-op threads competing with
+    other processes made a tiny step 50x slower (2.5 s instead of 50 ms)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("latents")
@@ -104,7 +114,7 @@ def _ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_checkpoint_contents(data_dir, tmp_path):
+def test_checkpoint_contents(data_dir, tmp_path, one_thread):
     main(_args(data_dir, tmp_path, 2))
     ck = _ckpt(tmp_path / "checkpoints" / "0000002.pt")
     assert ck["arch"] == "FlexDiT" and ck["step"] == 2 and ck["schedule"]["grids"] == [5, 4, 4, 3]
@@ -114,7 +124,7 @@ def test_checkpoint_contents(data_dir, tmp_path):
     assert log[-1]["step"] == 2 and len(log[-1]["loss_per_stage"]) == 4
 
 
-def test_resume_after_interruption_is_exact(data_dir, tmp_path, monkeypatch):
+def test_resume_after_interruption_is_exact(data_dir, tmp_path, monkeypatch, one_thread):
     main(_args(data_dir, tmp_path / "straight", 6))
     calls = {"n": 0}
     real_step = train_mod.train_step
@@ -144,20 +154,20 @@ def test_resume_after_interruption_is_exact(data_dir, tmp_path, monkeypatch):
 # --- the end-to-end proof -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_end_to_end_dense_convert_finetune(tmp_path, capsys):
+def test_end_to_end_dense_convert_finetune(tmp_path, capsys, one_thread):
     """Train a tiny dense DiT on synthetic latents, convert it, fine-tune with the density schedule: the fine-tuned
     FlexDiT's held-out loss comes within 10% of the dense model's; the converted one, untrained, is worse."""
     make_synthetic_shards(tmp_path / "data", n=1024, shard_size=512, num_classes=4, seed=0)
     lat, lab = synthetic_latents(256, num_classes=4, seed=123)
     lat, lab = torch.from_numpy(lat), torch.from_numpy(lab)
-    size = dict(depth=6, hidden_size=64, num_heads=2)
+    size = dict(depth=6, hidden_size=32, num_heads=2)
     common = ["--data", str(tmp_path / "data"), "--image-size", "128", "--num-classes", "4", "--precision", "fp32",
-              "--global-batch-size", "32", "--lr", "2e-3", "--quiet", "--log-every", "50"]
+              "--global-batch-size", "16", "--lr", "2e-3", "--quiet", "--log-every", "100"]
     main(["--model", "DiT-S/2", "--model-args", json.dumps(size), "--out-dir", str(tmp_path / "dense"),
-          "--steps", "200", "--ckpt-every", "200"] + common)
-    dense_ckpt = tmp_path / "dense" / "checkpoints" / "0000200.pt"
+          "--steps", "400", "--ckpt-every", "400"] + common)
+    dense_ckpt = tmp_path / "dense" / "checkpoints" / "0000400.pt"
     main(["--model", "FlexDiT-S/2", "--model-args", json.dumps({**size, **PLAN}), "--init", str(dense_ckpt),
-          "--init-weights", "model", "--out-dir", str(tmp_path / "flex"), "--steps", "100", "--ckpt-every", "100",
+          "--init-weights", "model", "--out-dir", str(tmp_path / "flex"), "--steps", "300", "--ckpt-every", "300",
           "--r-min", "0.61", "--r-max", "0.86"] + common)
     d = create_diffusion()
     sched = DensitySchedule.from_rates(0.61, 0.86, 8)
@@ -165,10 +175,27 @@ def test_end_to_end_dense_convert_finetune(tmp_path, capsys):
         dense, _ = build_model("DiT-S/2", dense_ckpt, weights="model", input_size=16, num_classes=4, **size)
         converted, _ = build_model("FlexDiT-S/2", dense_ckpt, weights="model", input_size=16, num_classes=4,
                                    **size, **PLAN)
-        tuned, _ = build_model("FlexDiT-S/2", tmp_path / "flex" / "checkpoints" / "0000100.pt", weights="model")
+        tuned, _ = build_model("FlexDiT-S/2", tmp_path / "flex" / "checkpoints" / "0000300.pt", weights="model")
         losses = {name: heldout_loss(m, d, lat, lab, None if name == "dense" else sched)
                   for name, m in (("dense", dense), ("converted", converted), ("finetuned", tuned))}
     with capsys.disabled():
         print(f"\nheld-out denoising MSE: {losses}")
     assert losses["finetuned"] <= 1.10 * losses["dense"]
     assert losses["converted"] >= 1.10 * losses["dense"]
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_two_processes(data_dir, tmp_path):
+    """DDP over two CPU processes (gloo): trains, logs per stage across ranks, writes one checkpoint."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+           "-m", "flexdit.train"] + _args(data_dir, tmp_path, 2)
+    subprocess.run(cmd, check=True, env=env, capture_output=True, timeout=300)
+    ck = _ckpt(tmp_path / "checkpoints" / "0000002.pt")
+    assert ck["step"] == 2
+    log = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert log["step"] == 2 and sum(v is not None for v in log["loss_per_stage"]) >= 1
