@@ -311,7 +311,7 @@ def _train(args, ctx: DistContext):
                 with open(out_dir / "log.jsonl", "a") as f:
                     f.write(json.dumps(rec) + "\n")
                 if not args.quiet:
-                    stages = " ".join(f"G{schedule.grids[k]}:{v:.4f}" if v is not None else f"G{schedule.grids[k]}:-"
+                    stages = " ".join(f"s{k}/G{schedule.grids[k]}:" + (f"{v:.4f}" if v is not None else "-")
                                       for k, v in enumerate(per_stage)) if schedule else ""
                     print(f"step {step:7d}  loss {mean:.4f}  {stages}  {rate:.2f} steps/s", flush=True)
             loss_sum.zero_()

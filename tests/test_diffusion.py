@@ -204,3 +204,12 @@ def test_schedule_queried_with_original_timestep(sampler):
 def test_single_step_chain():
     d = GaussianDiffusion(use_timesteps=[999])
     assert d.num_timesteps == 1 and torch.isfinite(d.posterior_log_variance_clipped).all()
+
+
+def test_works_without_tqdm_and_diffusers():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['tqdm'] = None; sys.modules['diffusers'] = None\n"
+            "import flexdit, flexdit.sample, flexdit.train, flexdit.data\n"
+            "assert list(flexdit.create_diffusion(3)._steps(progress=True)) == [2, 1, 0]\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

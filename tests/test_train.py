@@ -131,7 +131,7 @@ def test_resume_after_interruption_is_exact(data_dir, tmp_path, monkeypatch, one
 
     def crashing_step(*a, **k):
         calls["n"] += 1
-        if calls["n"] == 4:                 # dies during step 4, after the step-2 checkpoint... and step 3
+        if calls["n"] == 4:                 # dies in step 4: the last checkpoint is step 2's
             raise KeyboardInterrupt
         return real_step(*a, **k)
 
