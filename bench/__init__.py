@@ -1,0 +1,1 @@
+"""Command-line benchmark harness: `python -m bench`."""
