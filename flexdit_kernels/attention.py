@@ -444,6 +444,10 @@ def _splits(n_programs: int, n_blocks: int, block: int, device: torch.device) ->
 
 
 def _fwd_config(lq: int, lk: int, bh: int, device: torch.device) -> _Config:
+    """Tiles and grid for the forward. Token tiles are powers of two >= 16 (tl.dot's minimum), so few-keys pads Lk
+    (36 -> 64, 100 -> 128) and few queries pad Lq (36 -> 64, 1 -> 16): Triton has no other tile shapes; masked
+    rows/columns are never loaded from memory. NOTE: few-keys uses about 4 programs per SM (unmeasured), each
+    walking several query blocks with one copy of K and V, so at B·H = 512 K/V are read from L2 twice per head."""
     path = attention_path(lq, lk, None)
     if path == "few_keys":
         block_n = max(16, triton.next_power_of_2(lk))

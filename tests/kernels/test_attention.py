@@ -232,7 +232,7 @@ def test_attention_validation_device():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lq, lk", [(64, 1024), (1024, 64), (36, 1024), (1024, 100), (64, 64), (100, 36),
                                     (1024, 1024), (130, 130)])
-def test_attention_full_size_gpu(lq, lk, dtype, monkeypatch):
+def test_attention_full_size_gpu(lq, lk, dtype):
     device = torch.device("cuda")
     q, k, v = _fused_views(32, lq, lk, 16, 72, dtype, device, self_attention=(lq == lk))
     _check_against_torch(q, k, v)
