@@ -27,7 +27,7 @@ def _token_stats(x_base, offs_n, mask_n, stride_x_n, stride_x_c, n_channels, eps
         mask = mask_n[:, None] & mask_c[None, :]
         x = tl.load(x_base + offs_n[:, None] * stride_x_n + offs_c[None, :] * stride_x_c,
                     mask=mask, other=0.0).to(tl.float32)
-        n_chunk = tl.sum(mask_c.to(tl.float32), axis=0)
+        n_chunk = tl.minimum(n_channels - c0, BLOCK_C).to(tl.float32)
         chunk_mean = tl.sum(x, axis=1) / n_chunk
         dev = tl.where(mask, x - chunk_mean[:, None], 0.0)
         chunk_m2 = tl.sum(dev * dev, axis=1)
@@ -51,7 +51,7 @@ def _token_mean_fwd_kernel(
     """One program per (batch, chunk of BLOCK_N tokens): the chunk's sum of normalized tokens, (C,) in fp32, goes to
     its own row of PARTIAL, so the split over tokens needs no atomics and sums in a fixed order. The second sweep
     over the chunk's C channels re-reads what the first just brought into cache, so x crosses HBM once."""
-    n_chunks = tl.cdiv(n_tokens, BLOCK_N)
+    n_chunks = (n_tokens + BLOCK_N - 1) // BLOCK_N  # inline cdiv: tl.cdiv is a jit call, slow when interpreted
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_chunks
     k = pid % n_chunks
@@ -103,7 +103,7 @@ def _token_mean_bwd_kernel(
     """One program per (batch, BLOCK_N tokens): LayerNorm backward with the same upstream g = grad_out / N on every
     token, dx = rstd * (g - mean_c(g) - xhat * mean_c(xhat * g)). Statistics are recomputed from x (the forward
     keeps none); three sweeps over C, the last two served from cache."""
-    n_blocks = tl.cdiv(n_tokens, BLOCK_N)
+    n_blocks = (n_tokens + BLOCK_N - 1) // BLOCK_N  # inline cdiv: tl.cdiv is a jit call, slow when interpreted
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_blocks
     offs_n = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -69,7 +69,7 @@ def _token_pool_bwd_kernel(
     With G <= h, consecutive windows overlap by at most one row, so row r lies in windows
     floor(r*G/h) .. ceil((r+1)*G/h) - 1, at most two of them; a token sums the gradients of at most 2x2 windows,
     each divided by that window's area."""
-    n_blocks = tl.cdiv(n_tokens, BLOCK_N)
+    n_blocks = (n_tokens + BLOCK_N - 1) // BLOCK_N  # inline cdiv: tl.cdiv is a jit call, slow when interpreted
     pid_bn = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     b = pid_bn // n_blocks

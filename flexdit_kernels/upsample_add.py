@@ -26,7 +26,7 @@ def _upsample_add_fwd_kernel(
 ):
     """One program per (batch, block of dense tokens, channel block): read each dense token and its parent, write
     the sum. Parents repeat across neighbouring tokens, so the sparse reads mostly hit the cache."""
-    n_blocks = tl.cdiv(n_tokens, BLOCK_N)
+    n_blocks = (n_tokens + BLOCK_N - 1) // BLOCK_N  # inline cdiv: tl.cdiv is a jit call, slow when interpreted
     pid_bn = tl.program_id(0).to(tl.int64)
     pid_c = tl.program_id(1).to(tl.int64)
     b = pid_bn // n_blocks
