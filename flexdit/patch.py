@@ -341,6 +341,7 @@ class _Record:
     plan: Plan
     schedule: Any
     state: _FlexState
+    outside: Dict[str, torch.Tensor]  # the host's weights outside the blocks (shared with the patch): a snapshot
     signature: Any = None
 
 
@@ -499,8 +500,10 @@ def apply_patch(model, plan=None, schedule=None):
         layers = [DiffusersFlexLayer(b, k, s, state) for b, k, s in zip(blocks, kinds, slots)]
 
     had_forward = "forward" in module.__dict__
+    outside = {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()
+               if not k.startswith(f"{attr}.")}
     rec = _Record(target, attr, blocks, had_forward, module.__dict__.get("forward"), x_name, t_name, patch_size,
-                  plan, schedule, state)
+                  plan, schedule, state, outside)
     rec.signature = inspect.signature(rec.saved_forward if had_forward else type(module).forward.__get__(module))
     setattr(module, attr, FlexPatch(layers, target, plan, schedule))
     module.__dict__[_RECORD] = rec
@@ -511,7 +514,9 @@ def apply_patch(model, plan=None, schedule=None):
 def remove_patch(model):
     """Undo `apply_patch`: the original block list and forward come back untouched; returns `model`.
 
-    A no-op on a model that is not patched. If the patched model was moved or cast, the originals follow.
+    Weights outside the blocks (embedders, final layer), which the patch shares with the host, are reset to their
+    values at patching time, so a fine-tuned patched model returns to the original. A no-op on a model that is not
+    patched. If the patched model was moved or cast, the originals follow.
     """
     module = _host(model)
     rec = module.__dict__.pop(_RECORD, None)
@@ -526,6 +531,11 @@ def remove_patch(model):
         if ref.dtype != orig.dtype and ref.dtype.is_floating_point:
             rec.original.to(ref.dtype)
     setattr(module, rec.attr, rec.original)
+    current = module.state_dict(keep_vars=True)
+    with torch.no_grad():  # embedders and final layer were shared with the patch: undo any fine-tuning of them
+        for key, saved in rec.outside.items():
+            if key in current and not torch.equal(current[key].detach().to(saved.device, saved.dtype), saved):
+                current[key].copy_(saved)
     if rec.had_forward:
         module.forward = rec.saved_forward
     else:
