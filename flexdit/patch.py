@@ -505,7 +505,7 @@ def apply_patch(model, plan=None, schedule=None):
     rec = _Record(target, attr, blocks, had_forward, module.__dict__.get("forward"), x_name, t_name, patch_size,
                   plan, schedule, state, outside)
     rec.signature = inspect.signature(rec.saved_forward if had_forward else type(module).forward.__get__(module))
-    setattr(module, attr, FlexPatch(layers, target, plan, schedule))
+    setattr(module, attr, FlexPatch(layers, target, plan, schedule).train(blocks.training))
     module.__dict__[_RECORD] = rec
     module.forward = types.MethodType(_patched_forward, module)
     return model
