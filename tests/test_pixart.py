@@ -46,7 +46,7 @@ def test_patched_diffusers_pixart_equals_native_flexpixart():
         torch.testing.assert_close(out, flex(x, t, text, mask))
         torch.testing.assert_close(host_out(host, x, t, text, mask), flex(x, t, text, mask, grid=3))
         assert (out - ref).abs().max() > 1e-3  # FlexDiT is not the dense model before fine-tuning
-        torch.testing.assert_close(flex(x, t, text, mask, grid=8).shape, ref.shape)
+        assert flex(x, t, text, mask, grid=8).shape == ref.shape
 
 
 def test_native_flexpixart_mapping_and_degenerate_plan():
@@ -75,7 +75,7 @@ def test_registry_and_refusals():
     assert 600e6 < sum(p.numel() for p in dense.parameters()) < 620e6  # PixArt-α XL/2: about 611 M
     assert isinstance(flex, FlexPixArt) and len(flex.blocks) == 28 and flex.config.grid == 8
     assert flex.kinds[:3] == ["pool", "pool", "gen"] and flex.kinds.count("sparse") == 12
-    assert "plan: P=2, K=4 x (g, s, r, d)=(1, 3, 1, 1), T=2, grid=8" in repr(flex).splitlines()[0] + flex.extra_repr()
+    assert "plan: P=2, K=4 x (g, s, r, d)=(1, 3, 1, 1), T=2, grid=8" in repr(flex)
     with pytest.raises(ValueError, match="unknown model name"):
         create_pixart("PixArt-Huge/2")
     with pytest.raises(ValueError, match="but depth is 6"):
@@ -123,8 +123,8 @@ def test_pixart_pipeline_runs_patched_and_unpatched():
 
 
 def test_flexpixart_kernel_path_equals_references(device):
-    cfg_host = tiny_pixart()
-    flex = flex_pixart_from_pixart(pixart_from_diffusers(cfg_host), pixart_config_from_diffusers(cfg_host, **TOY_PLAN_KW))
+    host = tiny_pixart()
+    flex = flex_pixart_from_pixart(pixart_from_diffusers(host), pixart_config_from_diffusers(host, **TOY_PLAN_KW))
     randomize_(flex, std=0.1, seed=4)  # fusion weights too
     flex = flex.to(device).eval()
     x, t, _ = (v[:1].to(device) for v in toy_inputs())
