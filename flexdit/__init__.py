@@ -10,3 +10,18 @@ __all__ = [
     "from_dit", "map_dense_state_dict", "load_dit_checkpoint", "load_flexdit", "save_flexdit",
     "load_state_dict_strict", "check_state_dict",
 ]
+
+# --- patching existing models in place; PixArt-α (issue 7) ---
+from .diffusers_convert import dit_from_diffusers, dit_state_dict_from_diffusers, use_diffusers_timesteps_
+from .patch import FlexPatch, Plan, apply_patch, build_patched_pair, is_patched, remove_patch
+from .pixart import (FlexPixArt, FlexPixArt_models, PixArt, PixArt_models, PixArtConfig, create_pixart,
+                     flex_pixart_from_pixart, pixart_config_from_diffusers, pixart_from_diffusers,
+                     pixart_state_dict_from_diffusers)
+
+__all__ += [
+    "apply_patch", "remove_patch", "is_patched", "Plan", "FlexPatch", "build_patched_pair",
+    "dit_from_diffusers", "dit_state_dict_from_diffusers", "use_diffusers_timesteps_",
+    "PixArt", "FlexPixArt", "PixArtConfig", "PixArt_models", "FlexPixArt_models", "create_pixart",
+    "flex_pixart_from_pixart", "pixart_config_from_diffusers", "pixart_from_diffusers",
+    "pixart_state_dict_from_diffusers",
+]
