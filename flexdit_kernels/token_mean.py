@@ -259,7 +259,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out):
     (x,) = ctx.saved_tensors
-    return _token_mean_backward_op(grad_out.contiguous(), x, ctx.eps), None
+    # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
+    return _token_mean_backward_op(grad_out, x, ctx.eps), None
 
 
 _token_mean_op.register_autograd(_backward, setup_context=_setup_context)

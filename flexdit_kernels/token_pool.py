@@ -198,7 +198,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
-    return _token_pool_backward_op(grad_out.contiguous(), ctx.hw, ctx.grid), None, None
+    # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
+    return _token_pool_backward_op(grad_out, ctx.hw, ctx.grid), None, None
 
 
 _token_pool_op.register_autograd(_backward, setup_context=_setup_context)

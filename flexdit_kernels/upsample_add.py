@@ -184,7 +184,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
-    grad_out = grad_out.contiguous()
+    # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()), and the dense
+    # gradient is grad_out itself.
     return _upsample_add_backward_op(grad_out, ctx.hw, ctx.grid), grad_out, None, None
 
 

@@ -165,6 +165,13 @@ def test_launchers_bad_device_and_grad():
         mod.token_mean_bwd(torch.randn(2, 8).half(), x)
 
 
+def test_backward_of_sum_reads_stride_zero_gradient(kernels_only):
+    """`.sum()` sends back an expanded (stride-0) gradient; the backward kernel reads it without a copy."""
+    x = torch.randn(2, 12, 8, requires_grad=True)
+    token_mean(x).sum().backward()
+    torch.testing.assert_close(x.grad, token_mean_backward_ref(torch.ones(2, 8), x.detach()), atol=1e-6, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU: bf16 at the model's sizes
 # ----------------------------------------------------------------------------------------------------------------

@@ -169,6 +169,13 @@ def test_launcher_bad_device_and_grad_shape():
         mod.token_pool_bwd(torch.randn(1, 81, 8), (8, 8), 9)
 
 
+def test_backward_of_sum_reads_stride_zero_gradient(kernels_only):
+    """`.sum()` sends back an expanded (stride-0) gradient; the backward kernel reads it without a copy."""
+    x = torch.randn(2, 48, 8, requires_grad=True)
+    token_pool(x, (6, 8), (3, 5)).sum().backward()
+    torch.testing.assert_close(x.grad, token_pool_backward_ref(torch.ones(2, 15, 8), (6, 8), (3, 5)))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU: bf16 at the model's sizes
 # ----------------------------------------------------------------------------------------------------------------

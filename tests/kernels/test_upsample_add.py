@@ -186,6 +186,15 @@ def test_bwd_launcher_bad_input():
         mod.upsample_add_bwd(torch.randn(1, 64, 8, device="meta"), (8, 8), 4)
 
 
+def test_backward_of_sum_reads_stride_zero_gradient(kernels_only):
+    """`.sum()` sends back an expanded (stride-0) gradient; the backward kernel reads it without a copy."""
+    sparse = torch.randn(2, 15, 8, requires_grad=True)
+    dense = torch.randn(2, 48, 8, requires_grad=True)
+    upsample_add(sparse, dense, (6, 8), (3, 5)).sum().backward()
+    torch.testing.assert_close(sparse.grad, upsample_add_backward_ref(torch.ones(2, 48, 8), (6, 8), (3, 5)))
+    torch.testing.assert_close(dense.grad, torch.ones(2, 48, 8))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # GPU: bf16 at the model's sizes
 # ----------------------------------------------------------------------------------------------------------------
