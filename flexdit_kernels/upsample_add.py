@@ -101,7 +101,7 @@ def _block_c(n_channels: int) -> int:
 
 def upsample_add_fwd(sparse: torch.Tensor, dense: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
     """Launch the fused upsample + add. sparse: (B, G_h*G_w, C), dense: (B, h*w, C), any strides (read in place)
-    -> (B, h*w, C) laid out like `torch.empty_like(dense)` (the op's fake impl promises that layout)."""
+    -> (B, h*w, C) contiguous (the op's fake impl promises that layout)."""
     check_tensor("sparse", sparse, 3)
     check_tensor("dense", dense, 3)
     check_same(("dense", "sparse"), (dense, sparse))
@@ -111,7 +111,7 @@ def upsample_add_fwd(sparse: torch.Tensor, dense: torch.Tensor, hw: Grid, grid: 
         raise ValueError(f"sparse {tuple(sparse.shape)} and dense {tuple(dense.shape)} differ in batch or channels")
     check_tokens("sparse", sparse, gh * gw, f"grid {gh}x{gw}")
     b, n, c = dense.shape
-    out = torch.empty_like(dense)
+    out = dense.new_empty(dense.shape)
     if out.numel() == 0:
         return out
     block_c = _block_c(c)
@@ -164,7 +164,7 @@ def _upsample_add_op(sparse: torch.Tensor, dense: torch.Tensor, hw: List[int], g
 
 @_upsample_add_op.register_fake
 def _(sparse, dense, hw, grid):
-    return torch.empty_like(dense)
+    return dense.new_empty(dense.shape)
 
 
 @torch.library.custom_op("flexdit::upsample_add_backward", mutates_args=())
@@ -228,7 +228,7 @@ def parent_index(hw: Sequence[int], grid: Sequence[int], device=None) -> torch.T
 def upsample_add_ref(sparse: torch.Tensor, dense: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
     """Pure-PyTorch upsample_add: gather each dense token's parent, add in fp32."""
     up = sparse.float()[:, parent_index(hw, grid, sparse.device)]
-    return (up + dense.float()).to(dense.dtype)
+    return (up + dense.float()).to(dense.dtype).contiguous()
 
 
 def upsample_add_backward_ref(grad_out: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
