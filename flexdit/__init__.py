@@ -10,3 +10,10 @@ __all__ = [
     "from_dit", "map_dense_state_dict", "load_dit_checkpoint", "load_flexdit", "save_flexdit",
     "load_state_dict_strict", "check_state_dict",
 ]
+
+# --- pipeline (issue 6): density schedule, diffusion, sampling and fine-tuning --------------------------------------
+from . import diffusion  # noqa: E402
+from .diffusion import GaussianDiffusion, create_diffusion, sample_latents  # noqa: E402
+from .schedule import DensitySchedule  # noqa: E402
+
+__all__ += ["diffusion", "DensitySchedule", "GaussianDiffusion", "create_diffusion", "sample_latents"]
