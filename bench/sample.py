@@ -20,8 +20,12 @@ def parse_grids(text: str):
 def run(args, results: Results, device: torch.device) -> None:
     dtype = args.torch_dtype
     latent = args.image_size // 8
-    grids = parse_grids(args.grids)
-    schedule = DensitySchedule(grids, token_grid=latent // int(args.model.split("/")[-1]))
+    token_grid = latent // int(args.model.split("/")[-1])
+    if args.grids:
+        schedule = DensitySchedule(parse_grids(args.grids), token_grid=token_grid)
+    else:   # REFERENCE §3's rule at the paper's 256² operating point
+        schedule = DensitySchedule.from_rates(0.61, 0.86, token_grid)
+    grids = list(schedule.grids)
     dense, flex = build_models(args.model, args.image_size, max(grids), device)
     diffusion = create_diffusion(f"ddim{args.steps}" if args.sampler == "ddim" else str(args.steps))
     y = torch.arange(args.batch_size, device=device) % 1000
