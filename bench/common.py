@@ -220,10 +220,11 @@ def _quantiles(samples: Sequence[float]) -> tuple:
 
 def bench_fn(fn: Callable[[], object], device: torch.device, warmup: int = 25, rep: int = 100,
              grad_to_none: Optional[Sequence[torch.Tensor]] = None, cpu_repeats: int = 5,
-             cpu_warmup: int = 1, wall: bool = False) -> tuple:
+             cpu_warmup: int = 1, wall: bool = False, min_reps: int = 0) -> tuple:
     """(median, p20, p80) ms of fn(); warm-up excluded.
 
-    CUDA: `triton.testing.do_bench` (warmup / rep in ms; it flushes L2 between calls and times with CUDA events).
+    CUDA: `triton.testing.do_bench` (warmup / rep in ms; it flushes L2 between calls and times with CUDA events);
+    `min_reps` stretches rep so that calls longer than rep/min_reps are still timed at least min_reps times.
     CPU, or `wall=True` (seconds-long calls such as a sampling loop): wall-clock over `cpu_repeats` calls after
     `cpu_warmup` calls, synchronizing the device around each (on the CPU: the reference mode, indicative only).
     """
@@ -232,6 +233,9 @@ def bench_fn(fn: Callable[[], object], device: torch.device, warmup: int = 25, r
             from triton.testing import do_bench
         except ImportError:  # pragma: no cover
             return _bench_cuda_events(fn, warmup, rep)
+        if min_reps:
+            est = _estimate_cuda_ms(fn)
+            warmup, rep = max(warmup, 2 * est), max(rep, min_reps * est)
         out = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, quantiles=list(QUANTILES))
         return tuple(float(v) for v in out)
     for _ in range(cpu_warmup):
@@ -244,6 +248,17 @@ def bench_fn(fn: Callable[[], object], device: torch.device, warmup: int = 25, r
         synchronize(device)
         samples.append((time.perf_counter() - t0) * 1e3)
     return _quantiles(samples)
+
+
+def _estimate_cuda_ms(fn) -> float:  # pragma: no cover - GPU only
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
 
 
 def _bench_cuda_events(fn, warmup_ms, rep_ms):  # pragma: no cover - GPU only, used when Triton is absent

@@ -23,13 +23,14 @@ def build_models(name: str, image_size: int, grid: int, device: torch.device, se
     """Dense DiT (DiT init + small random perturbation, so no block is the identity) and FlexDiT from it."""
     latent = image_size // 8
     torch.manual_seed(seed)
-    dense = create_model(name, input_size=latent)
+    with torch.device(device):   # built in place: initialising 675M parameters on the CPU takes tens of seconds
+        dense = create_model(name, input_size=latent)
     with torch.no_grad():
         for p in dense.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p), alpha=0.02)
-    flex = from_dit(dense, flexdit_config(name, input_size=latent, grid=grid))
-    return dense.to(device).eval(), flex.to(device).eval()
+    flex = from_dit(dense, flexdit_config(name, input_size=latent, grid=grid))   # same device as `dense`
+    return dense.eval(), flex.eval()
 
 
 def model_inputs(batch: int, image_size: int, device: torch.device, num_classes: int = 1000, seed: int = 0):
@@ -57,18 +58,20 @@ def per_image_macs(name: str, image_size: int, grid: int) -> Dict[str, int]:
 # Modes
 # ----------------------------------------------------------------------------------------------------------------
 
-def _autocast(device, dtype):
+def _autocast(device, dtype, cache_enabled=True):
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    # CUDA-graph capture needs the autocast weight-cast cache off (the casts become part of the graph).
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def make_forward(model, inputs, kwargs, mode: str, device, dtype, backend: str):
     """A zero-argument callable running one forward in `mode`, and the compile / capture time in seconds."""
     x, t, y = inputs
+    cache = mode != "cuda-graph"
 
     def eager():
-        with torch.no_grad(), _autocast(device, dtype), fk.backend(backend):
+        with torch.no_grad(), _autocast(device, dtype, cache), fk.backend(backend):
             return model(x, t, y, **kwargs)
 
     if mode == "eager":
@@ -146,11 +149,13 @@ def profile_kinds(model: FlexDiT, forward, device, iters: int = 3) -> Dict[str, 
             synchronize(device)
     out = {}
     for evt in prof.key_averages():
-        if not evt.key.startswith("kind:"):
+        # key_averages keeps the CPU-side range and its GPU-side annotation apart (device_type is part of the
+        # key): read only the CPU-side one, whose device time sums the kernels launched inside it.
+        if not evt.key.startswith("kind:") or evt.device_type != torch.autograd.DeviceType.CPU:
             continue
         if device.type == "cuda":
             us = getattr(evt, "device_time_total", None)
-            if us is None:
+            if us is None:  # older PyTorch
                 us = evt.cuda_time_total
         else:
             us = evt.cpu_time_total
@@ -168,7 +173,7 @@ def run(args, results: Results, device: torch.device) -> None:
     case = f"{args.model} {args.image_size}px grid={args.grid}"
     reps = dict(cpu_repeats=args.repeats or 3, cpu_warmup=1)
 
-    ceiling = matmul_tflops(device, dtype if dtype != torch.float32 else torch.float32, results)
+    ceiling = matmul_tflops(device, dtype, results)   # the matmul ceiling in the run's dtype
     dense, flex = build_models(args.model, args.image_size, args.grid, device)
     inputs = model_inputs(args.batch_size, args.image_size, device)
     macs = per_image_macs(args.model, args.image_size, args.grid)
@@ -193,7 +198,7 @@ def run(args, results: Results, device: torch.device) -> None:
 
     for impl, model, kwargs, backend in variants:
         fwd, setup_s = make_forward(model, inputs, kwargs, args.mode, device, dtype, backend)
-        t = bench_fn(fwd, device, warmup=25, rep=200, **reps)
+        t = bench_fn(fwd, device, warmup=25, rep=200, min_reps=20, **reps)
         results.add_timing("model", case, impl, t)
         results.add("model", case, impl, "images/s", args.batch_size / (t[0] * 1e-3), "img/s")
         results.add("model", case, impl, "GMACs", macs[impl] / 1e9, "GMAC/img")
