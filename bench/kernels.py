@@ -184,6 +184,7 @@ class _Runner:
     # --- ops -----------------------------------------------------------------------------------------------------
 
     def token_pool(self, b, side, c, g):
+        self.results.tags["batch"] = b   # rows of this case carry its batch
         hw, grid = (side, side), (g, g)
         case = f"token_pool B={b} N={side}x{side} C={c} G={g}"
         x = torch.randn(b, side * side, c, device=self.device, dtype=self.dtype)
@@ -207,6 +208,7 @@ class _Runner:
         self.memory_bound("token_pool", case, impls, nbytes, "torch", bwd)
 
     def token_mean(self, b, side, c):
+        self.results.tags["batch"] = b   # rows of this case carry its batch
         case = f"token_mean B={b} N={side}x{side} C={c}"
         x = torch.randn(b, side * side, c, device=self.device, dtype=self.dtype)
         reason = check_close("token_mean", fk.token_mean(x, 1e-6), fk.token_mean_ref(x, 1e-6))
@@ -228,6 +230,7 @@ class _Runner:
         self.memory_bound("token_mean", case, impls, nbytes, "torch", bwd)
 
     def upsample_add(self, b, side, c, g):
+        self.results.tags["batch"] = b   # rows of this case carry its batch
         hw, grid = (side, side), (g, g)
         case = f"upsample_add B={b} N={side}x{side} C={c} G={g}"
         s = torch.randn(b, g * g, c, device=self.device, dtype=self.dtype)
@@ -252,6 +255,7 @@ class _Runner:
         self.memory_bound("upsample_add", case, impls, nbytes, "torch", bwd)
 
     def attention(self, b, lq, lk, h, d):
+        self.results.tags["batch"] = b   # rows of this case carry its batch
         case = f"attention B={b} Lq={lq} Lk={lk} H={h} D={d}"
         dev, dt = self.device, self.dtype
 

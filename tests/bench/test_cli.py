@@ -125,3 +125,19 @@ def test_sample_cpu(tmp_path):
     rows = json.loads(jpath.read_text())["rows"]
     got = {(r["impl"], r["metric"]) for r in rows if r["suite"] == "sample"}
     assert {("dense", "images/s"), ("flexdit-ref", "images/s"), ("flexdit-ref", "speedup")} <= got
+
+
+def test_plot_writes_pngs(tmp_path):
+    from bench.plot import main as plot_main
+    jpath = tmp_path / "m.json"
+    assert main(["model", "--device", "cpu", *TINY_MODEL, "--profile", "--json", str(jpath)]) == 0
+    assert plot_main([str(jpath), "--out-dir", str(tmp_path / "plots")]) == 0
+    for name in ("speedup.png", "breakdown.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kernel_rows_carry_their_batch(tmp_path):
+    jpath = tmp_path / "b.json"
+    assert main(["kernels", "--device", "cpu", "--op", "token_mean", "--repeats", "1", "--json", str(jpath)]) == 0
+    rows = [r for r in json.loads(jpath.read_text())["rows"] if r["suite"] == "kernels"]
+    assert rows and all(r["batch"] == int(r["case"].split("B=")[1].split()[0]) for r in rows)
