@@ -271,19 +271,7 @@ class _Runner:
         got = fk.attention(q, k, v)
         reason = check_attention(got, q, k, v)
         if reason is None and self.args.backward:
-            leaves, qkv = make_inputs(True)
-            go = torch.randn(b, lq, h, d, device=dev, dtype=dt)
-            got_g = torch.autograd.grad(fk.attention(*qkv), leaves, go)
-            leaves32 = [t.detach().float().requires_grad_(True) for t in leaves]
-            qkv32 = (leaves32[0][:, :, 0], leaves32[0][:, :, 1], leaves32[0][:, :, 2]) if lq == lk else \
-                (leaves32[0], leaves32[1][:, :, 0], leaves32[1][:, :, 1])
-            want_g = torch.autograd.grad(fk.attention_ref(*qkv32), leaves32, go.float())
-            for i, (g_, w_) in enumerate(zip(got_g, want_g)):   # loose: 3x the dtype's tolerance, fp32 reference
-                atol, rtol = TOLERANCES[dt]
-                err = (g_.float() - w_).abs()
-                if not torch.isfinite(g_).all() or (err > 3 * (atol + rtol * w_.abs()) + 3 * atol).any():
-                    reason = f"attention grad {i}: max abs err {err.max().item():.3g}"
-                    break
+            reason = self._check_attention_grads(make_inputs, b, lq, lk, h, d)
         if reason:
             return self.fail(case, reason)
         path = attention_path(lq, lk)
@@ -324,6 +312,30 @@ class _Runner:
                 res.add("kernels", f"{case} fwd+bwd", impl, "TFLOP/s", 3.5 * fwd_flops / (t[0] * 1e-3) / 1e12,
                         "TFLOP/s")
             self._best_sdpa_speedup(f"{case} fwd+bwd", list(fns))
+
+    def _check_attention_grads(self, make_inputs, b, lq, lk, h, d, factor: float = 3.0) -> Optional[str]:
+        """STYLE's rule for gradients: error vs fp32 at most 3x the error of PyTorch's SDPA in the same dtype."""
+        go = torch.randn(b, lq, h, d, device=self.device, dtype=self.dtype)
+
+        def grads(fn, dtype):
+            leaves, _ = make_inputs(True)
+            leaves = [t.detach().to(dtype).requires_grad_(True) for t in leaves]
+            views = (leaves[0][:, :, 0], leaves[0][:, :, 1], leaves[0][:, :, 2]) if lq == lk else \
+                (leaves[0], leaves[1][:, :, 0], leaves[1][:, :, 1])
+            return torch.autograd.grad(fn(*views), leaves, go.to(dtype))
+
+        torch.manual_seed(1)
+        exact = grads(fk.attention_ref, torch.float32)
+        torch.manual_seed(1)
+        same_dtype = grads(fk.attention_ref, self.dtype)
+        torch.manual_seed(1)
+        got = grads(fk.attention, self.dtype)
+        for i, (g, t, e) in enumerate(zip(got, same_dtype, exact)):
+            err = (g.float() - e).abs().max().item()
+            torch_err = (t.float() - e).abs().max().item()
+            if not math.isfinite(err) or err > factor * torch_err + 1e-5:
+                return f"attention grad {i}: max abs err {err:.3g} > {factor} x PyTorch's {torch_err:.3g} + 1e-5"
+        return None
 
     def _math_fits(self, b, h, lq, lk):
         if self.device.type != "cuda":

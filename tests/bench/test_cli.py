@@ -141,3 +141,12 @@ def test_kernel_rows_carry_their_batch(tmp_path):
     assert main(["kernels", "--device", "cpu", "--op", "token_mean", "--repeats", "1", "--json", str(jpath)]) == 0
     rows = [r for r in json.loads(jpath.read_text())["rows"] if r["suite"] == "kernels"]
     assert rows and all(r["batch"] == int(r["case"].split("B=")[1].split()[0]) for r in rows)
+
+
+def test_wrong_attention_gradient_is_failed(monkeypatch, capsys):
+    """Right forward, wrong backward: caught by the gradient check of --backward."""
+    import flexdit_kernels as fk
+    ref = fk.attention_ref
+    monkeypatch.setattr(fk, "attention", lambda q, k, v, scale=None: ref(q, k, v) + 0.5 * (q - q.detach()))
+    assert main(["kernels", "--device", "cpu", "--op", "attention", "--backward", "--repeats", "1"]) == 1
+    assert "attention grad 0" in capsys.readouterr().out
