@@ -1,7 +1,7 @@
 """`python -m bench model`: dense DiT vs FlexDiT forward (kernels and reference path), MACs, ceilings, profile."""
 import contextlib
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 
