@@ -1,1 +1,1 @@
-"""Command-line benchmark harness: `python -m bench`."""
+"""The FlexDiT benchmark harness: `python -m bench` (kernels, model, sample), FLOP accounting, regression gates."""

@@ -11,6 +11,13 @@ __all__ = [
     "load_state_dict_strict", "check_state_dict",
 ]
 
+# --- pipeline (issue 6): density schedule, diffusion, sampling and fine-tuning --------------------------------------
+from . import diffusion  # noqa: E402
+from .diffusion import GaussianDiffusion, create_diffusion, sample_latents  # noqa: E402
+from .schedule import DensitySchedule  # noqa: E402
+
+__all__ += ["diffusion", "DensitySchedule", "GaussianDiffusion", "create_diffusion", "sample_latents"]
+
 # --- patching existing models in place; PixArt-α (issue 7) ---
 from .diffusers_convert import dit_from_diffusers, dit_state_dict_from_diffusers, use_diffusers_timesteps_
 from .patch import FlexPatch, Plan, apply_patch, build_patched_pair, is_patched, remove_patch
@@ -25,3 +32,8 @@ __all__ += [
     "flex_pixart_from_pixart", "pixart_config_from_diffusers", "pixart_from_diffusers",
     "pixart_state_dict_from_diffusers",
 ]
+
+# --- FLOP accounting (issue 5; fvcore is imported only when counting) ---
+from .flops import MacCount, count_macs  # noqa: E402
+
+__all__ += ["count_macs", "MacCount"]

@@ -1,0 +1,232 @@
+"""Latent datasets for fine-tuning: the shard format, its loader and checks, a synthetic generator, and a converter.
+
+Shard format: a folder of `*.npz` files (read in sorted name order), each holding
+  `latents`  float16 or float32, (n, 4, h, w): VAE latents already multiplied by the VAE scaling factor (0.18215);
+  `labels`   int64 (any integer dtype is accepted), (n,): class indices in [0, num_classes).
+Every shard must have the same (4, h, w). `python -m flexdit.data IMAGE_DIR OUT_DIR --vae VAE_DIR` writes shards from
+an ImageFolder tree (one sub-folder per class, classes sorted by name); it needs diffusers.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["LatentShards", "write_shard", "make_synthetic_shards", "synthetic_latents", "encode_image_folder",
+           "VAE_SCALE"]
+
+VAE_SCALE = 0.18215
+
+
+def write_shard(path, latents, labels) -> None:
+    """Write one shard atomically (temp file + os.replace)."""
+    latents = np.asarray(latents)
+    labels = np.asarray(labels, dtype=np.int64)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, latents=latents, labels=labels)
+    os.replace(tmp, path)
+
+
+class LatentShards:
+    """All shards of a folder, checked and held in memory as one float16 tensor (N, C, h, w) and labels (N,).
+
+    Raises ValueError, before any training, for: a missing or empty folder, a shard that cannot be read or lacks
+    `latents`/`labels`, latents not (n, channels, input_size, input_size), non-finite latents, labels that are not
+    integers, a labels/latents length mismatch, or labels outside [0, num_classes).
+    """
+
+    def __init__(self, root, channels: int = 4, input_size: int | tuple[int, int] | None = None,
+                 num_classes: int | None = None):
+        root = Path(root)
+        if not root.is_dir():
+            raise ValueError(f"data: {root} is not a folder")
+        files = sorted(root.glob("*.npz"))
+        if not files:
+            raise ValueError(f"data: no .npz shards in {root}")
+        if isinstance(input_size, int):
+            input_size = (input_size, input_size)
+        latents, labels = [], []
+        for f in files:
+            lat, lab = self._read(f)
+            if lat.ndim != 4 or lat.shape[1] != channels:
+                raise ValueError(f"data: {f.name}: latents must be (n, {channels}, h, w), got {lat.shape}")
+            if input_size is not None and tuple(lat.shape[2:]) != tuple(input_size):
+                raise ValueError(f"data: {f.name}: latents are {lat.shape[2]}x{lat.shape[3]}, "
+                                 f"the model takes {input_size[0]}x{input_size[1]}")
+            if latents and lat.shape[1:] != latents[0].shape[1:]:
+                raise ValueError(f"data: {f.name}: latent shape {lat.shape[1:]} differs from "
+                                 f"{files[0].name}'s {latents[0].shape[1:]}")
+            if lat.dtype not in (np.float16, np.float32):
+                raise ValueError(f"data: {f.name}: latents must be float16 or float32, got {lat.dtype}")
+            if not np.all(np.isfinite(lat)):
+                raise ValueError(f"data: {f.name}: latents contain NaN or inf")
+            if lab.ndim != 1 or lab.shape[0] != lat.shape[0]:
+                raise ValueError(f"data: {f.name}: labels must be ({lat.shape[0]},), got {lab.shape}")
+            if not np.issubdtype(lab.dtype, np.integer):
+                raise ValueError(f"data: {f.name}: labels must be integers, got {lab.dtype}")
+            if lab.size and (lab.min() < 0 or (num_classes is not None and lab.max() >= num_classes)):
+                raise ValueError(f"data: {f.name}: labels must lie in [0, {num_classes}), "
+                                 f"got values in [{lab.min()}, {lab.max()}]")
+            latents.append(lat.astype(np.float16))
+            labels.append(lab.astype(np.int64))
+        self.latents = torch.from_numpy(np.concatenate(latents))
+        self.labels = torch.from_numpy(np.concatenate(labels))
+        if len(self.labels) == 0:
+            raise ValueError(f"data: the shards in {root} hold no samples")
+        self.files = files
+
+    @staticmethod
+    def _read(f: Path):
+        try:
+            with np.load(f, allow_pickle=False) as z:
+                missing = {"latents", "labels"} - set(z.files)
+                if missing:
+                    raise ValueError(f"data: {f.name}: missing arrays {sorted(missing)} (has {z.files})")
+                return z["latents"], z["labels"]
+        except ValueError:
+            raise
+        except (OSError, EOFError, zipfile.BadZipFile, KeyError) as e:
+            raise ValueError(f"data: {f.name}: cannot read the shard ({type(e).__name__}: {e})") from e
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self, indices: torch.Tensor, device=None, dtype=torch.float32):
+        """(latents (B, C, h, w) as dtype, labels (B,)) for sample indices."""
+        x = self.latents[indices].to(device=device, dtype=dtype)
+        return x, self.labels[indices].to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Synthetic data (tests and the CPU end-to-end proof)
+# ---------------------------------------------------------------------------------------------------------------
+
+def synthetic_latents(n: int, num_classes: int = 4, size: int = 16, channels: int = 4, seed: int = 0,
+                      noise: float = 0.05):
+    """n structured latents (n, channels, size, size) float32 and labels (n,): class c is a 2-D grating whose
+    orientation and frequency depend on c, with a per-channel amplitude pattern, random phase and a little noise.
+    Values stay roughly in [-1, 1]. Seeded (a torch.Generator), so the same seed gives the same arrays."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    coords = torch.arange(size, dtype=torch.float32) / size
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    angle = labels.float() * (torch.pi / num_classes)                           # (n,)
+    freq = 1.0 + (labels % 2).float()                                            # 1 or 2 periods per image
+    phase = torch.rand(n, generator=g) * 2 * torch.pi
+    proj = torch.cos(angle)[:, None, None] * xx + torch.sin(angle)[:, None, None] * yy
+    wave = torch.sin(2 * torch.pi * freq[:, None, None] * proj + phase[:, None, None])   # (n, size, size)
+    ch = torch.arange(channels, dtype=torch.float32)
+    amp = torch.cos(ch[None, :] * (1.0 + labels.float()[:, None]))              # (n, channels), class-dependent
+    x = amp[:, :, None, None] * wave[:, None] * 0.8
+    x = x + noise * torch.randn(x.shape, generator=g)
+    return x.numpy().astype(np.float32), labels.numpy().astype(np.int64)
+
+
+def make_synthetic_shards(root, n: int = 512, shard_size: int = 256, **kwargs) -> list[Path]:
+    """Write `synthetic_latents(n, **kwargs)` as float16 shards of at most `shard_size` samples into `root`."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    lat, lab = synthetic_latents(n, **kwargs)
+    paths = []
+    for i, start in enumerate(range(0, n, shard_size)):
+        p = root / f"shard_{i:05d}.npz"
+        write_shard(p, lat[start:start + shard_size].astype(np.float16), lab[start:start + shard_size])
+        paths.append(p)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Image folder → latent shards (needs diffusers)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _center_crop(img, size: int):
+    """ADM's centre crop: halve with a box filter while large, resize with bicubic, then crop the centre."""
+    from PIL import Image
+    while min(*img.size) >= 2 * size:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = size / min(*img.size)
+    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+    arr = np.array(img)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
+
+def encode_image_folder(image_dir, out_dir, vae_path, image_size: int = 256, shard_size: int = 4096,
+                        batch_size: int = 32, device: str | None = None, flip: bool = False) -> int:
+    """Encode an ImageFolder tree (class sub-folders, sorted) with a local diffusers AutoencoderKL into shards.
+
+    Latents are a sample of the VAE posterior times VAE_SCALE, as in DiT's feature extraction (seeded).
+    With flip=True each image is also stored mirrored. Returns the number of latents written.
+    """
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError as e:
+        raise ImportError("encode_image_folder needs diffusers (pip install flexdit[diffusers])") from e
+    from PIL import Image
+
+    image_dir, out_dir = Path(image_dir), Path(out_dir)
+    classes = sorted(d.name for d in image_dir.iterdir() if d.is_dir())
+    if not classes:
+        raise ValueError(f"image_dir: {image_dir} has no class sub-folders")
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG"}
+    items = [(p, c) for c, name in enumerate(classes) for p in sorted((image_dir / name).rglob("*"))
+             if p.suffix in exts or p.suffix.lower() in exts]
+    if not items:
+        raise ValueError(f"image_dir: no images under {image_dir}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae = AutoencoderKL.from_pretrained(vae_path).to(device).eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buf_lat, buf_lab, shard_idx, total = [], [], 0, 0
+
+    def flush():
+        nonlocal buf_lat, buf_lab, shard_idx
+        if buf_lat:
+            write_shard(out_dir / f"shard_{shard_idx:05d}.npz", np.concatenate(buf_lat), np.concatenate(buf_lab))
+            shard_idx += 1
+            buf_lat, buf_lab = [], []
+
+    g = torch.Generator(device=device).manual_seed(0)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        imgs = np.stack([_center_crop(Image.open(p).convert("RGB"), image_size) for p, _ in chunk])
+        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        labels = np.array([c for _, c in chunk], dtype=np.int64)
+        if flip:
+            x = torch.cat([x, x.flip(-1)])
+            labels = np.concatenate([labels, labels])
+        with torch.no_grad():
+            z = vae.encode(x.to(device)).latent_dist.sample(generator=g) * VAE_SCALE
+        buf_lat.append(z.float().cpu().numpy().astype(np.float16))
+        buf_lab.append(labels)
+        total += len(labels)
+        if sum(len(b) for b in buf_lab) >= shard_size:
+            flush()
+    flush()
+    return total
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m flexdit.data",
+                                description="Encode an ImageFolder tree into FlexDiT latent shards (.npz).")
+    p.add_argument("image_dir")
+    p.add_argument("out_dir")
+    p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema)")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--shard-size", type=int, default=4096)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--flip", action="store_true", help="also store horizontally mirrored copies")
+    p.add_argument("--device", default=None)
+    args = p.parse_args(argv)
+    n = encode_image_folder(args.image_dir, args.out_dir, args.vae, image_size=args.image_size,
+                            shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
+                            flip=args.flip)
+    print(f"wrote {n} latents to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""Gaussian diffusion as DiT trains and samples it (REFERENCE §4): 1000-step linear β, ε-prediction with learned
+variance, DDPM over any respacing and DDIM, classifier-free guidance, and the temporal density schedule.
+
+Timesteps come in two kinds. A *spaced index* i in [0, num_steps) indexes this object's (respaced) chain; the
+*original timestep* timestep_map[i] in [0, 1000) is what the network is conditioned on and what the density
+schedule is queried with. Without respacing the two coincide.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch
+
+from .schedule import DensitySchedule
+
+__all__ = [
+    "GaussianDiffusion", "create_diffusion", "linear_betas", "space_timesteps", "guided_model_fn", "sample_latents",
+    "normal_kl", "discretized_gaussian_log_likelihood", "model_num_classes",
+]
+
+ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schedules and respacing
+# ---------------------------------------------------------------------------------------------------------------
+
+def linear_betas(num_timesteps: int = 1000) -> torch.Tensor:
+    """DiT's β schedule: linear from 1e-4 to 0.02 at 1000 steps (the ends scale by 1000/T otherwise), float64."""
+    scale = 1000.0 / num_timesteps
+    return torch.linspace(scale * 1e-4, scale * 0.02, num_timesteps, dtype=torch.float64)
+
+
+def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
+    """ADM's respacing rule: the original timesteps kept when sampling with fewer steps, ascending.
+
+    section_counts: an int or "250" (one section), "10,15,20" (the range split in equal sections, each strided
+    evenly with its own count, ends included), or "ddimN" (a fixed integer stride giving exactly N steps from 0).
+    """
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            wanted = int(section_counts[len("ddim"):])
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == wanted:
+                    return list(range(0, num_timesteps, stride))
+            raise ValueError(f"section_counts {section_counts!r}: no integer stride gives {wanted} steps "
+                             f"out of {num_timesteps}")
+        section_counts = [int(c) for c in section_counts.split(",")]
+    elif isinstance(section_counts, int):
+        section_counts = [section_counts]
+    n_sections = len(section_counts)
+    base, extra = divmod(num_timesteps, n_sections)
+    kept: list[int] = []
+    start = 0
+    for i, count in enumerate(section_counts):
+        size = base + (1 if i < extra else 0)
+        if not 1 <= count <= size:
+            raise ValueError(f"section_counts: cannot take {count} steps from a section of {size}")
+        stride = 1.0 if count == 1 else (size - 1) / (count - 1)
+        kept.extend(start + round(j * stride) for j in range(count))
+        start += size
+    return sorted(set(kept))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Log-likelihood helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, e^logvar1) ‖ N(mean2, e^logvar2)) elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x):
+    # the tanh approximation of Φ that ADM's decoder likelihood uses
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def discretized_gaussian_log_likelihood(x, means, log_scales):
+    """log P(x) of data in [-1, 1] quantised to 256 bins under N(means, e^(2·log_scales)), elementwise, nats."""
+    centered = x - means
+    inv_std = torch.exp(-log_scales)
+    cdf_plus = _approx_standard_normal_cdf(inv_std * (centered + 1.0 / 255.0))
+    cdf_minus = _approx_standard_normal_cdf(inv_std * (centered - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_minus = torch.log((1.0 - cdf_minus).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_minus).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, log_delta))
+
+
+def _mean_flat(x):
+    return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def _randn(shape, generator, device, dtype=torch.float32):
+    """Gaussian noise drawn on the CPU (so a seed gives the same numbers on every device), then moved.
+
+    generator: None (global RNG), one torch.Generator, or a list of one per sample (per-sample seeds make a sample
+    independent of how samples are split into batches and ranks).
+    """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator: got {len(generator)} generators for a batch of {shape[0]}")
+        noise = torch.stack([torch.randn(shape[1:], generator=g, device=g.device) for g in generator])
+    else:
+        gen_device = generator.device if generator is not None else "cpu"
+        noise = torch.randn(shape, generator=generator, device=gen_device)
+    return noise.to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The diffusion process
+# ---------------------------------------------------------------------------------------------------------------
+
+class GaussianDiffusion:
+    """ε-prediction diffusion with learned-range variance, on a chain respaced to `use_timesteps` (or all steps).
+
+    Every array is indexed by the spaced index; `timestep_map[i]` is the original timestep of spaced index i.
+    """
+
+    def __init__(self, betas: torch.Tensor | None = None, use_timesteps: Iterable[int] | None = None):
+        base_betas = linear_betas(1000) if betas is None else torch.as_tensor(betas, dtype=torch.float64)
+        self.original_num_timesteps = len(base_betas)
+        base_acp = torch.cumprod(1.0 - base_betas, dim=0)
+        if use_timesteps is None:
+            kept = list(range(len(base_betas)))
+        else:
+            kept = sorted(set(int(t) for t in use_timesteps))
+            if not kept or kept[0] < 0 or kept[-1] >= len(base_betas):
+                raise ValueError(f"use_timesteps must be non-empty and inside [0, {len(base_betas)})")
+        # respaced chain: ᾱ at the kept steps is unchanged; β_i = 1 − ᾱ_i / ᾱ_{i-1}
+        acp_kept = base_acp[kept]
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), acp_kept[:-1]])
+        betas = 1.0 - acp_kept / prev
+        self.timestep_map = torch.tensor(kept, dtype=torch.long)
+        self.betas = betas
+        self.num_timesteps = len(betas)
+
+        alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(alphas, dim=0)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
+        # q(x_{t-1} | x_t, x_0)
+        self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # the variance is 0 at t = 0: clip its log to the next value (as ADM)
+        if self.num_timesteps > 1:
+            clipped = torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
+        else:
+            clipped = betas.clone()
+        self.posterior_log_variance_clipped = clipped.log()
+        self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        self.log_betas = betas.log()
+
+    @staticmethod
+    def _at(arr: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """arr[t] as x's dtype and device, broadcastable against x: (B, 1, 1, 1)."""
+        return arr.to(t.device)[t].to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+    def original_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The original timestep (what the network and the density schedule see) of spaced indices t."""
+        return self.timestep_map.to(t.device)[t]
+
+    # --- forward process ------------------------------------------------------------------------------------------
+
+    def q_sample(self, x_start, t, noise):
+        """x_t = √ᾱ_t·x_0 + √(1 − ᾱ_t)·ε."""
+        return self._at(self.sqrt_alphas_cumprod, t, x_start) * x_start + \
+            self._at(self.sqrt_one_minus_alphas_cumprod, t, x_start) * noise
+
+    def q_posterior(self, x_start, x_t, t):
+        """Mean and log-variance of q(x_{t-1} | x_t, x_0)."""
+        mean = self._at(self.posterior_mean_coef1, t, x_t) * x_start + self._at(self.posterior_mean_coef2, t, x_t) * x_t
+        return mean, self._at(self.posterior_log_variance_clipped, t, x_t)
+
+    # --- reverse process ------------------------------------------------------------------------------------------
+
+    def p_mean_variance(self, model_output, x, t, clip_denoised: bool = False):
+        """From the network output (B, 2C, ...) = [ε, v]: mean, log-variance of p(x_{t-1} | x_t), predicted x_0.
+
+        Learned range: log σ² = f·log β_t + (1 − f)·log β̃_t with f = (v + 1)/2.
+        """
+        c = x.shape[1]
+        if model_output.shape[1] != 2 * c:
+            raise ValueError(f"model_output must have 2x{c} channels (eps and variance), got {model_output.shape[1]}")
+        eps, v = model_output[:, :c], model_output[:, c:]
+        min_log = self._at(self.posterior_log_variance_clipped, t, x)
+        max_log = self._at(self.log_betas, t, x)
+        frac = (v + 1.0) / 2.0
+        log_var = frac * max_log + (1.0 - frac) * min_log
+        x0 = self._at(self.sqrt_recip_alphas_cumprod, t, x) * x - self._at(self.sqrt_recipm1_alphas_cumprod, t, x) * eps
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+        mean, _ = self.q_posterior(x0, x, t)
+        return mean, log_var, x0
+
+    def _eps_from_x0(self, x_t, t, x0):
+        return (self._at(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / \
+            self._at(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+
+    # --- training -------------------------------------------------------------------------------------------------
+
+    def vb_terms(self, model_output, x_start, x_t, t):
+        """Variational-bound term per sample, in bits: KL(q ‖ p) for t > 0, decoder NLL at t = 0."""
+        true_mean, true_log_var = self.q_posterior(x_start, x_t, t)
+        mean, log_var, _ = self.p_mean_variance(model_output, x_t, t)
+        kl = _mean_flat(normal_kl(true_mean, true_log_var, mean, log_var)) / math.log(2.0)
+        nll = -_mean_flat(discretized_gaussian_log_likelihood(x_start, mean, 0.5 * log_var)) / math.log(2.0)
+        return torch.where(t == 0, nll, kl)
+
+    def training_losses(self, model_fn: ModelFn, x_start, t, noise=None) -> dict[str, torch.Tensor]:
+        """DiT's hybrid loss per sample: MSE(ε) + vb·T/1000, the vb term seeing the predicted ε detached.
+
+        model_fn(x_t, original_t) → (B, 2C, ...); t are spaced indices (original timesteps without respacing).
+        Returns {"loss", "mse", "vb"}, each (B,).
+        """
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_t = self.q_sample(x_start, t, noise)
+        out = model_fn(x_t, self.original_timestep(t)).float()
+        c = x_start.shape[1]
+        if out.shape[1] != 2 * c:
+            raise ValueError(f"the model must predict eps and variance ({2 * c} channels), got {out.shape[1]}")
+        eps = out[:, :c]
+        mse = _mean_flat((noise - eps) ** 2)
+        # the vb term trains only the variance: the mean (through ε) is learned by the MSE alone
+        frozen = torch.cat([eps.detach(), out[:, c:]], dim=1)
+        vb = self.vb_terms(frozen, x_start, x_t, t) * (self.num_timesteps / 1000.0)
+        return {"loss": mse + vb, "mse": mse, "vb": vb}
+
+    # --- sampling -------------------------------------------------------------------------------------------------
+
+    def _steps(self, progress: bool):
+        steps = list(range(self.num_timesteps))[::-1]
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+                return tqdm(steps, desc="sampling", leave=False)
+            except ImportError:
+                pass
+        return steps
+
+    @torch.no_grad()
+    def p_sample_loop(self, model_fn: ModelFn, noise: torch.Tensor, generator=None, progress: bool = False,
+                      clip_denoised: bool = False) -> torch.Tensor:
+        """Ancestral (DDPM) sampling from x_T = noise down to x_0, with the learned variance."""
+        x = noise
+        b = x.shape[0]
+        for i in self._steps(progress):
+            t = torch.full((b,), i, device=x.device, dtype=torch.long)
+            out = model_fn(x, self.original_timestep(t)).float()
+            mean, log_var, _ = self.p_mean_variance(out, x, t, clip_denoised=clip_denoised)
+            if i > 0:
+                x = mean + torch.exp(0.5 * log_var) * _randn(x.shape, generator, x.device, x.dtype)
+            else:
+                x = mean
+        return x
+
+    @torch.no_grad()
+    def ddim_sample_loop(self, model_fn: ModelFn, noise: torch.Tensor, eta: float = 0.0, generator=None,
+                         progress: bool = False, clip_denoised: bool = False) -> torch.Tensor:
+        """DDIM sampling; η = 0 is deterministic given the starting noise, η = 1 matches DDPM's marginals."""
+        x = noise
+        b = x.shape[0]
+        for i in self._steps(progress):
+            t = torch.full((b,), i, device=x.device, dtype=torch.long)
+            out = model_fn(x, self.original_timestep(t)).float()
+            _, _, x0 = self.p_mean_variance(out, x, t, clip_denoised=clip_denoised)
+            eps = self._eps_from_x0(x, t, x0)
+            a_bar = self._at(self.alphas_cumprod, t, x)
+            a_bar_prev = self._at(self.alphas_cumprod_prev, t, x)
+            sigma = eta * ((1 - a_bar_prev) / (1 - a_bar)).sqrt() * (1 - a_bar / a_bar_prev).sqrt()
+            x = x0 * a_bar_prev.sqrt() + (1 - a_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+            if i > 0 and eta > 0:
+                x = x + sigma * _randn(x.shape, generator, x.device, x.dtype)
+        return x
+
+
+def create_diffusion(timestep_respacing=None, num_timesteps: int = 1000) -> GaussianDiffusion:
+    """DiT's diffusion. timestep_respacing: None / "" (all steps, for training), an int or "250", or "ddimN"."""
+    betas = linear_betas(num_timesteps)
+    if timestep_respacing in (None, ""):
+        return GaussianDiffusion(betas)
+    return GaussianDiffusion(betas, use_timesteps=space_timesteps(num_timesteps, timestep_respacing))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Guidance, density schedule, and the sampling entry point
+# ---------------------------------------------------------------------------------------------------------------
+
+def model_num_classes(model) -> int:
+    """num_classes of a DiT / FlexDiT (also through torch.compile or DDP wrappers); the null label's index."""
+    model = getattr(model, "module", model)
+    cfg = getattr(model, "config", None)
+    if cfg is not None and getattr(cfg, "num_classes", None) is not None:
+        return int(cfg.num_classes)
+    emb = getattr(model, "y_embedder", None)
+    if emb is not None:
+        if getattr(emb, "num_classes", None) is not None:
+            return int(emb.num_classes)
+        return int(emb.embedding_table.num_embeddings) - 1
+    raise ValueError("null_class: cannot infer num_classes from the model; pass null_class")
+
+
+def guided_model_fn(model, y: torch.Tensor, cfg_scale: float = 1.0, schedule: DensitySchedule | None = None,
+                    null_class: int | None = None, cfg_channels: int = 3, use_cfg: bool | None = None) -> ModelFn:
+    """Wrap a DiT / FlexDiT as model_fn(x, original_t) for the samplers.
+
+    With a schedule, the grid side of the current ORIGINAL timestep is passed as `grid=` (a FlexDiT); without one,
+    the model is called without a grid (a dense DiT, or a FlexDiT at its configured grid).
+    Guidance follows DiT: the batch [x; x] with labels [y; null] goes through `forward_with_cfg`, which mixes
+    the first `cfg_channels` channels; the first half is returned, so the sampler's state stays (B, ...).
+    `use_cfg` defaults to cfg_scale != 1 (at scale 1 the guided ε equals the conditional one).
+    """
+    if use_cfg is None:
+        use_cfg = cfg_scale != 1.0
+    if null_class is None:
+        null_class = model_num_classes(model)
+    y_null = torch.full_like(y, null_class)
+
+    def fn(x, t):
+        kwargs = {} if schedule is None else {"grid": schedule.grid(int(t[0]) if t.ndim else int(t))}
+        if use_cfg:
+            b = x.shape[0]
+            out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]),
+                                         cfg_scale, cfg_channels=cfg_channels, **kwargs)
+            return out[:b]
+        return model(x, t, y, **kwargs)
+
+    return fn
+
+
+def sample_latents(model, diffusion: GaussianDiffusion, y: torch.Tensor, latent_shape: Sequence[int], *,
+                   cfg_scale: float = 4.0, schedule: DensitySchedule | None = None, sampler: str = "ddpm",
+                   eta: float = 0.0, generator=None, noise: torch.Tensor | None = None, cfg_channels: int = 3,
+                   null_class: int | None = None, progress: bool = False) -> torch.Tensor:
+    """Class-conditional latents (B, *latent_shape) for labels y (B,).
+
+    generator: one torch.Generator, or a list of one per sample (then sample i depends only on its own seed).
+    Noise is drawn on the CPU and moved to y's device.
+    """
+    if sampler not in ("ddpm", "ddim"):
+        raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    shape = (y.shape[0], *latent_shape)
+    if noise is None:
+        noise = _randn(shape, generator, y.device)
+    fn = guided_model_fn(model, y, cfg_scale, schedule=schedule, null_class=null_class, cfg_channels=cfg_channels)
+    if sampler == "ddpm":
+        return diffusion.p_sample_loop(fn, noise, generator=generator, progress=progress)
+    return diffusion.ddim_sample_loop(fn, noise, eta=eta, generator=generator, progress=progress)
