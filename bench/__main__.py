@@ -5,6 +5,7 @@ Exit status: 0 fine, 1 a kernel gave wrong numbers or a speed ratio regressed, 2
 (unknown flag, --device cuda without a GPU, a baseline for another GPU).
 """
 import argparse
+import importlib.util
 import sys
 from typing import List, Optional
 
@@ -66,8 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--backward", action="store_true", help="also time forward+backward")
 
     m = sub.add_parser("model", parents=[common], help="dense DiT vs FlexDiT forward (default command)")
-    m.add_argument("--model", default=None, help="dense registry name, e.g. DiT-XL/2 (default; DiT-S/2 on the CPU)")
-    m.add_argument("--image-size", type=int, choices=(256, 512), default=None, help="pixels; latent = image/8")
+    m.add_argument("--model", default=None,
+                   help="dense registry name, e.g. DiT-XL/2 (default; DiT-S/2 on the CPU), or a diffusers model "
+                        "patched in place: pixart-alpha, diffusers-dit (needs diffusers)")
+    m.add_argument("--image-size", type=int, choices=(256, 512, 1024), default=None,
+                   help="pixels; latent = image/8")
     m.add_argument("--batch-size", type=_positive_int, default=None)
     m.add_argument("--grid", type=_positive_int, default=None, help="FlexDiT sparse grid side G (default 8)")
     m.add_argument("--mode", choices=("eager", "compile", "cuda-graph"), default="eager",
@@ -104,6 +108,16 @@ def _resolve(args, defaults, on_cpu):
 
 def _validate(parser, args, device):
     from flexdit import DiT_models, flexdit_config
+    from .model import PATCH_TARGETS
+    if args.command == "model" and args.model in PATCH_TARGETS:
+        if args.profile:
+            parser.error(f"--profile needs a registry model, not {args.model!r}")
+        if importlib.util.find_spec("diffusers") is None:
+            parser.error(f"--model {args.model} needs diffusers: pip install 'flexdit[diffusers]'")
+        side = args.image_size // 8 // 2
+        if args.grid > side:
+            parser.error(f"--grid {args.grid}: larger than the token grid {side}x{side}")
+        return
     if args.command in ("model", "sample"):
         if args.model not in DiT_models:
             parser.error(f"--model {args.model!r} is not a dense registry name; known: "

@@ -33,6 +33,22 @@ def build_models(name: str, image_size: int, grid: int, device: torch.device, se
     return dense.eval(), flex.eval()
 
 
+# Hosts patched in place by `flexdit.apply_patch` (diffusers models at real size, random weights).
+PATCH_TARGETS = ("pixart-alpha", "diffusers-dit")
+PATCH_OVERRIDES: Dict[str, object] = {}   # diffusers config fields replaced in every build (tests: tiny models)
+
+
+def build_patched_models(name: str, image_size: int, grid: int, device: torch.device):
+    """(dense, patched, inputs kwargs builder) for a patch target; the patched model uses the decided plan."""
+    from flexdit.patch import build_patched_pair
+    plan = {"grid": grid}
+    layers = PATCH_OVERRIDES.get("num_layers", 28)
+    from flexdit.models import FLEX_PLANS
+    if layers in FLEX_PLANS:
+        plan.update(FLEX_PLANS[layers])
+    return build_patched_pair(name, image_size, device=device, plan=plan, config_overrides=dict(PATCH_OVERRIDES))
+
+
 def model_inputs(batch: int, image_size: int, device: torch.device, num_classes: int = 1000, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     latent = image_size // 8
@@ -66,13 +82,13 @@ def _autocast(device, dtype, cache_enabled=True):
 
 
 def make_forward(model, inputs, kwargs, mode: str, device, dtype, backend: str):
-    """A zero-argument callable running one forward in `mode`, and the compile / capture time in seconds."""
-    x, t, y = inputs
+    """A zero-argument callable running one forward `model(*inputs, **kwargs)` in `mode`, and the compile / capture
+    time in seconds."""
     cache = mode != "cuda-graph"
 
     def eager():
         with torch.no_grad(), _autocast(device, dtype, cache), fk.backend(backend):
-            return model(x, t, y, **kwargs)
+            return model(*inputs, **kwargs)
 
     if mode == "eager":
         return eager, None
@@ -81,7 +97,7 @@ def make_forward(model, inputs, kwargs, mode: str, device, dtype, backend: str):
 
         def run():
             with torch.no_grad(), _autocast(device, dtype), fk.backend(backend):
-                return compiled(x, t, y, **kwargs)
+                return compiled(*inputs, **kwargs)
 
         start = time.perf_counter()
         run()
@@ -97,7 +113,7 @@ def make_forward(model, inputs, kwargs, mode: str, device, dtype, backend: str):
         torch.cuda.current_stream(device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            eager()                  # static inputs x, t, y: the replay reads them in place
+            eager()                  # static inputs: the replay reads them in place
         synchronize(device)
         return graph.replay, time.perf_counter() - start
     raise ValueError(f"unknown mode {mode!r}")
@@ -174,21 +190,27 @@ def run(args, results: Results, device: torch.device) -> None:
     reps = dict(cpu_repeats=args.repeats or 3, cpu_warmup=1)
 
     ceiling = matmul_tflops(device, dtype, results)   # the matmul ceiling in the run's dtype
-    dense, flex = build_models(args.model, args.image_size, args.grid, device)
-    inputs = model_inputs(args.batch_size, args.image_size, device)
-    macs = per_image_macs(args.model, args.image_size, args.grid)
-    macs["flexdit-ref"] = macs["flexdit"]
+    if args.model in PATCH_TARGETS:
+        dense, flex, make_inputs = build_patched_models(args.model, args.image_size, args.grid, device)
+        inputs, dense_kw = (), make_inputs(args.batch_size)
+        flex_kw = dense_kw
+        macs = None   # fvcore cannot trace the diffusers models' keyword-only forward: no MAC columns
+    else:
+        dense, flex = build_models(args.model, args.image_size, args.grid, device)
+        inputs, dense_kw, flex_kw = model_inputs(args.batch_size, args.image_size, device), {}, {"grid": args.grid}
+        macs = per_image_macs(args.model, args.image_size, args.grid)
+        macs["flexdit-ref"] = macs["flexdit"]
 
-    variants = [("dense", dense, {}, fk.get_backend()),
-                ("flexdit-ref", flex, {"grid": args.grid}, "reference")]
+    variants = [("dense", dense, dense_kw, fk.get_backend()),
+                ("flexdit-ref", flex, flex_kw, "reference")]
     if not on_cpu:   # on the CPU "auto" would be the reference (or the Triton interpreter): not a measurement
-        variants.insert(1, ("flexdit", flex, {"grid": args.grid}, "auto"))
+        variants.insert(1, ("flexdit", flex, flex_kw, "auto"))
 
     # The kernels are checked against the reference before anything is timed (same model, same inputs).
     if not on_cpu:
-        fwd_k, _ = make_forward(flex, inputs, {"grid": args.grid}, "eager", device, dtype, "auto")
-        fwd_r, _ = make_forward(flex, inputs, {"grid": args.grid}, "eager", device, dtype, "reference")
-        got, want = fwd_k().float(), fwd_r().float()
+        fwd_k, _ = make_forward(flex, inputs, flex_kw, "eager", device, dtype, "auto")
+        fwd_r, _ = make_forward(flex, inputs, flex_kw, "eager", device, dtype, "reference")
+        got, want = _prediction(fwd_k()).float(), _prediction(fwd_r()).float()
         err = (got - want).abs().max().item()
         scale = want.abs().max().item() + 1e-6
         if not torch.isfinite(got).all() or err > (1e-4 if dtype == torch.float32 else 5e-2) * scale:
@@ -201,10 +223,11 @@ def run(args, results: Results, device: torch.device) -> None:
         t = bench_fn(fwd, device, warmup=25, rep=200, min_reps=20, **reps)
         results.add_timing("model", case, impl, t)
         results.add("model", case, impl, "images/s", args.batch_size / (t[0] * 1e-3), "img/s")
-        results.add("model", case, impl, "GMACs", macs[impl] / 1e9, "GMAC/img")
-        tflops = 2 * macs[impl] * args.batch_size / (t[0] * 1e-3) / 1e12
-        results.add("model", case, impl, "TFLOP/s", tflops, "TFLOP/s")
-        results.add("model", case, impl, "frac_matmul", tflops / ceiling)
+        if macs is not None:
+            results.add("model", case, impl, "GMACs", macs[impl] / 1e9, "GMAC/img")
+            tflops = 2 * macs[impl] * args.batch_size / (t[0] * 1e-3) / 1e12
+            results.add("model", case, impl, "TFLOP/s", tflops, "TFLOP/s")
+            results.add("model", case, impl, "frac_matmul", tflops / ceiling)
         if setup_s is not None:
             results.add("model", case, impl, "compile_s" if args.mode == "compile" else "capture_s", setup_s, "s")
         mem = peak_memory_mib(fwd, device)
@@ -232,6 +255,11 @@ def run(args, results: Results, device: torch.device) -> None:
             other = total - sum(shares.values())
             results.add("profile", f"{case} {impl}", "other", "ms", other, "ms", note="outside the layer ranges")
             results.add("profile", f"{case} {impl}", "other", "share", other / total)
+
+
+def _prediction(out):
+    """The predicted tensor of a forward: diffusers models return a tuple with return_dict=False."""
+    return out[0] if isinstance(out, tuple) else out
 
 
 def table(results: Results) -> str:

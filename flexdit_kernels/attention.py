@@ -623,6 +623,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     if lq == 0 or k.shape[1] == 0:
         raise ValueError(f"q and k need at least one token, got Lq={lq}, Lk={k.shape[1]}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if q.device.type == "meta":
+        return _attention_op(q, k, v, scale)[0]        # shape-only tracing (FLOP counts) sees the op by name
     if not use_triton(q, k, v) or attention_path(lq, k.shape[1]) == "sdpa":
         # PyTorch SDPA with its own autograd (cuDNN / flash backward on GPU): dense shapes on the Triton backend,
         # every shape on the reference backend (which so skips the log-sum-exp the Triton backward needs).

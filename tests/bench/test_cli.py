@@ -150,3 +150,28 @@ def test_wrong_attention_gradient_is_failed(monkeypatch, capsys):
     monkeypatch.setattr(fk, "attention", lambda q, k, v, scale=None: ref(q, k, v) + 0.5 * (q - q.detach()))
     assert main(["kernels", "--device", "cpu", "--op", "attention", "--backward", "--repeats", "1"]) == 1
     assert "attention grad 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("target", ["pixart-alpha", "diffusers-dit"])
+def test_model_patched_diffusers_targets(target, monkeypatch, tmp_path):
+    pytest.importorskip("diffusers")
+    import bench.model
+    # A tiny host (the real sizes are 28 layers of 1152 channels); 4 layers take the plan P=1, K=1 x (1,1,1,0), T=0.
+    tiny = dict(num_layers=4, num_attention_heads=2, attention_head_dim=16)
+    if target == "pixart-alpha":
+        tiny.update(cross_attention_dim=32, caption_channels=16)
+    monkeypatch.setattr(bench.model, "PATCH_OVERRIDES", tiny)
+    monkeypatch.setitem(__import__("flexdit.models", fromlist=["FLEX_PLANS"]).FLEX_PLANS, 4,
+                        dict(num_pool=1, num_modules=1, group=(1, 1, 1, 0), num_top=0))
+    jpath = tmp_path / "p.json"
+    assert main(["model", "--device", "cpu", "--model", target, "--image-size", "256", "--grid", "4",
+                 "--repeats", "1", "--json", str(jpath)]) == 0
+    rows = json.loads(jpath.read_text())["rows"]
+    got = {(r["impl"], r["metric"]) for r in rows if r["suite"] == "model"}
+    assert {("dense", "ms"), ("flexdit-ref", "ms"), ("flexdit-ref", "speedup")} <= got
+
+
+def test_model_patched_target_refuses_profile(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["model", "--device", "cpu", "--model", "pixart-alpha", "--profile"])
+    assert exc.value.code == 2
