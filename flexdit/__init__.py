@@ -17,3 +17,23 @@ from .diffusion import GaussianDiffusion, create_diffusion, sample_latents  # no
 from .schedule import DensitySchedule  # noqa: E402
 
 __all__ += ["diffusion", "DensitySchedule", "GaussianDiffusion", "create_diffusion", "sample_latents"]
+
+# --- patching existing models in place; PixArt-α (issue 7) ---
+from .diffusers_convert import dit_from_diffusers, dit_state_dict_from_diffusers, use_diffusers_timesteps_
+from .patch import FlexPatch, Plan, apply_patch, build_patched_pair, is_patched, remove_patch
+from .pixart import (FlexPixArt, FlexPixArt_models, PixArt, PixArt_models, PixArtConfig, create_pixart,
+                     flex_pixart_from_pixart, pixart_config_from_diffusers, pixart_from_diffusers,
+                     pixart_state_dict_from_diffusers)
+
+__all__ += [
+    "apply_patch", "remove_patch", "is_patched", "Plan", "FlexPatch", "build_patched_pair",
+    "dit_from_diffusers", "dit_state_dict_from_diffusers", "use_diffusers_timesteps_",
+    "PixArt", "FlexPixArt", "PixArtConfig", "PixArt_models", "FlexPixArt_models", "create_pixart",
+    "flex_pixart_from_pixart", "pixart_config_from_diffusers", "pixart_from_diffusers",
+    "pixart_state_dict_from_diffusers",
+]
+
+# --- FLOP accounting (issue 5; fvcore is imported only when counting) ---
+from .flops import MacCount, count_macs  # noqa: E402
+
+__all__ += ["count_macs", "MacCount"]

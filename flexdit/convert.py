@@ -19,29 +19,35 @@ def map_dense_state_dict(state_dict: Mapping[str, torch.Tensor], config: FlexDiT
     """FlexDiT state dict from a dense one: Poolingformers keep the V rows of qkv, cross layers split Q and KV,
     recovery layers get W1 = 0, W2 = I; everything else is copied by name (cloned, never shared)."""
     check_state_dict(dense_shapes(config), state_dict, what="dense DiT state dict")
-    c = config.hidden_size
-    out = {k: v.clone() for k, v in state_dict.items() if not k.startswith("blocks.")}
-    for i, kind in enumerate(config.layer_kinds()):
-        prefix = f"blocks.{i}."
+    return map_dense_blocks(state_dict, config.layer_kinds(), config.hidden_size)
+
+
+def map_dense_blocks(state_dict: Mapping[str, torch.Tensor], kinds, hidden_size: int, prefix: str = "blocks."):
+    """The block-by-block REFERENCE §2 mapping on any state dict whose blocks hold `attn.qkv` and `attn.proj`
+    (DiT, PixArt-α): `prefix{i}.` becomes layer i of `kinds`; other keys (in or outside the blocks) are cloned."""
+    c = hidden_size
+    out = {k: v.clone() for k, v in state_dict.items() if not k.startswith(prefix)}
+    for i, kind in enumerate(kinds):
+        block_prefix = f"{prefix}{i}."
         for key, value in state_dict.items():
-            if not key.startswith(prefix):
+            if not key.startswith(block_prefix):
                 continue
-            name = key[len(prefix):]
+            name = key[len(block_prefix):]
             if name.startswith("attn.qkv.") and kind != "sparse" and kind != "dense":
                 suffix = name[len("attn.qkv."):]  # weight or bias: rows are [q; k; v]
                 if kind == "pool":
-                    out[f"{prefix}attn.v.{suffix}"] = value[2 * c:3 * c].clone()
+                    out[f"{block_prefix}attn.v.{suffix}"] = value[2 * c:3 * c].clone()
                 else:
-                    out[f"{prefix}attn.q.{suffix}"] = value[:c].clone()
-                    out[f"{prefix}attn.kv.{suffix}"] = value[c:3 * c].clone()
+                    out[f"{block_prefix}attn.q.{suffix}"] = value[:c].clone()
+                    out[f"{block_prefix}attn.kv.{suffix}"] = value[c:3 * c].clone()
             else:
                 out[key] = value.clone()
         if kind == "recover":
-            ref = state_dict[f"{prefix}attn.proj.weight"]
-            out[f"{prefix}fuse_sparse.weight"] = torch.zeros(c, c, dtype=ref.dtype, device=ref.device)
-            out[f"{prefix}fuse_sparse.bias"] = torch.zeros(c, dtype=ref.dtype, device=ref.device)
-            out[f"{prefix}fuse_dense.weight"] = torch.eye(c, dtype=ref.dtype, device=ref.device)
-            out[f"{prefix}fuse_dense.bias"] = torch.zeros(c, dtype=ref.dtype, device=ref.device)
+            ref = state_dict[f"{block_prefix}attn.proj.weight"]
+            out[f"{block_prefix}fuse_sparse.weight"] = torch.zeros(c, c, dtype=ref.dtype, device=ref.device)
+            out[f"{block_prefix}fuse_sparse.bias"] = torch.zeros(c, dtype=ref.dtype, device=ref.device)
+            out[f"{block_prefix}fuse_dense.weight"] = torch.eye(c, dtype=ref.dtype, device=ref.device)
+            out[f"{block_prefix}fuse_dense.bias"] = torch.zeros(c, dtype=ref.dtype, device=ref.device)
     return out
 
 

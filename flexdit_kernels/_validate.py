@@ -3,6 +3,8 @@ from typing import Sequence, Tuple, Union
 
 import torch
 
+from ._dispatch import interpreting
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -47,3 +49,24 @@ def check_grid(x: torch.Tensor, hw, grid, n_dim: int = 1) -> Tuple[Tuple[int, in
     if gh > h or gw > w:
         raise ValueError(f"grid {gh}x{gw} is larger than the token grid {h}x{w}")
     return (h, w), (gh, gw)
+
+
+def check_grid_sizes(hw, grid) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """Validate a token grid `hw` and a sparse `grid` no larger than it, without a tensor to count tokens from."""
+    h, w = pair("hw", hw)
+    gh, gw = pair("grid", grid)
+    if gh > h or gw > w:
+        raise ValueError(f"grid {gh}x{gw} is larger than the token grid {h}x{w}")
+    return (h, w), (gh, gw)
+
+
+def check_tokens(name: str, t: torch.Tensor, count: int, what: str, n_dim: int = 1) -> None:
+    """t.shape[n_dim] equals `count`, the token count implied by `what` (a grid, for the message)."""
+    if t.shape[n_dim] != count:
+        raise ValueError(f"{name} has {t.shape[n_dim]} tokens but {what} needs {count}")
+
+
+def check_kernel_device(name: str, t: torch.Tensor) -> None:
+    """A Triton launcher needs CUDA tensors, or CPU tensors when the interpreter runs the kernels."""
+    if not (t.is_cuda or (t.device.type == "cpu" and interpreting())):
+        raise ValueError(f"{name} is on {t.device}; Triton kernels need CUDA (or the CPU with TRITON_INTERPRET=1)")

@@ -1,0 +1,1 @@
+"""The FlexDiT benchmark harness: `python -m bench` (kernels, model, sample), FLOP accounting, regression gates."""

@@ -1,0 +1,228 @@
+"""FlexDiT benchmark harness: `python -m bench [kernels|model|sample] ...` (see docs/bench.md).
+
+With no arguments: `model` at its defaults on a GPU; on a machine without one, a small CPU reference run.
+Exit status: 0 fine, 1 a kernel gave wrong numbers or a speed ratio regressed, 2 bad arguments or configuration
+(unknown flag, --device cuda without a GPU, a baseline for another GPU).
+"""
+import argparse
+import importlib.util
+import sys
+from typing import List, Optional
+
+import torch
+
+from . import gates
+from .common import DTYPES, Results, env_tags, has_gpu, write_csv, write_json
+
+SUBCOMMANDS = ("kernels", "model", "sample")
+
+# Defaults that depend on where the run happens: (GPU, CPU).
+MODEL_DEFAULTS = {"model": ("DiT-XL/2", "DiT-S/2"), "image_size": (512, 256), "batch_size": (32, 1),
+                  "dtype": ("bf16", "fp32"), "grid": (8, 8)}
+SAMPLE_DEFAULTS = {"model": ("DiT-XL/2", "DiT-S/2"), "image_size": (256, 256), "batch_size": (8, 1),
+                   "dtype": ("bf16", "fp32"), "steps": (50, 3)}
+KERNEL_DEFAULTS = {"dtype": ("bf16", "fp32")}
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _tolerance(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"tolerance is a fraction in [0, 1), got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    g = common.add_argument_group("run and output")
+    g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="auto: the GPU when present; cpu: a small reference-path run (indicative only)")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                   help="bf16 / fp16 (autocast for models) or fp32 (default: bf16 on a GPU, fp32 on the CPU)")
+    g.add_argument("--repeats", type=_positive_int, default=None, help="timed calls on the CPU / sampling loops")
+    g.add_argument("--json", metavar="PATH", help="write long-format rows (one measurement each) as JSON")
+    g.add_argument("--csv", metavar="PATH", help="write the same rows as CSV")
+    g.add_argument("--write-baseline", metavar="PATH", help="write this run's speed ratios as a baseline file")
+    g.add_argument("--check", metavar="PATH", help="fail (exit 1) when a ratio is more than the tolerance below "
+                                                   "this baseline (e.g. bench/baselines/nvidia-h200.json)")
+    g.add_argument("--tolerance", type=_tolerance, default=None,
+                   help=f"allowed drop below a baseline ratio (default: the baseline's, else "
+                        f"{gates.DEFAULT_TOLERANCE:.0%})")
+
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="{kernels,model,sample}")
+
+    k = sub.add_parser("kernels", parents=[common], help="each flexdit_kernels op vs the PyTorch path it replaces")
+    k.add_argument("--op", choices=("token_pool", "token_mean", "upsample_add", "attention", "all"), default="all")
+    k.add_argument("--backward", action="store_true", help="also time forward+backward")
+
+    m = sub.add_parser("model", parents=[common], help="dense DiT vs FlexDiT forward (default command)")
+    m.add_argument("--model", default=None,
+                   help="dense registry name, e.g. DiT-XL/2 (default; DiT-S/2 on the CPU), or a diffusers model "
+                        "patched in place: pixart-alpha, diffusers-dit (needs diffusers)")
+    m.add_argument("--image-size", type=int, choices=(256, 512, 1024), default=None,
+                   help="pixels; latent = image/8")
+    m.add_argument("--batch-size", type=_positive_int, default=None)
+    m.add_argument("--grid", type=_positive_int, default=None, help="FlexDiT sparse grid side G (default 8)")
+    m.add_argument("--mode", choices=("eager", "compile", "cuda-graph"), default="eager",
+                   help="compile: torch.compile (compile time reported apart); cuda-graph: replay (CUDA only)")
+    m.add_argument("--profile", action="store_true", help="FlexDiT time by layer kind (PyTorch profiler)")
+
+    s = sub.add_parser("sample", parents=[common], help="sampling loop with guidance, dense vs FlexDiT")
+    s.add_argument("--model", default=None)
+    s.add_argument("--image-size", type=int, choices=(256, 512), default=None)
+    s.add_argument("--batch-size", type=_positive_int, default=None, help="images (the model sees 2x: guidance)")
+    s.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default 50; 3 on the CPU)")
+    s.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
+    s.add_argument("--cfg-scale", type=float, default=4.0)
+    s.add_argument("--grids", default=None,
+                   help="FlexDiT grid side per stage, least noisy first, e.g. 10,9,8,6 (default: the 4-stage "
+                        "rule at r in [0.61, 0.86])")
+    return parser
+
+
+def _split_default(argv: List[str]):
+    """Insert the default sub-command when none is named; True when it was inserted."""
+    if any(a in ("-h", "--help") for a in argv[:1]):
+        return argv, False
+    if not argv or argv[0] not in SUBCOMMANDS:
+        return ["model"] + argv, True
+    return argv, False
+
+
+def _resolve(args, defaults, on_cpu):
+    for name, (gpu_value, cpu_value) in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, cpu_value if on_cpu else gpu_value)
+
+
+def _validate(parser, args, device):
+    from flexdit import DiT_models, flexdit_config
+    from .model import PATCH_TARGETS
+    if args.command == "model" and args.model in PATCH_TARGETS:
+        if args.profile:
+            parser.error(f"--profile needs a registry model, not {args.model!r}")
+        if importlib.util.find_spec("diffusers") is None:
+            parser.error(f"--model {args.model} needs diffusers: pip install 'flexdit[diffusers]'")
+        side = args.image_size // 8 // 2
+        if args.grid > side:
+            parser.error(f"--grid {args.grid}: larger than the token grid {side}x{side}")
+        return
+    if args.command in ("model", "sample"):
+        if args.model not in DiT_models:
+            parser.error(f"--model {args.model!r} is not a dense registry name; known: "
+                         f"{', '.join(sorted(DiT_models))}")
+    if args.command == "model":
+        if args.mode == "cuda-graph" and device.type != "cuda":
+            parser.error("--mode cuda-graph needs a CUDA GPU")
+        try:
+            flexdit_config(args.model, input_size=args.image_size // 8, grid=args.grid)
+        except ValueError as err:
+            parser.error(f"--grid {args.grid}: {err}")
+    if args.command == "sample":
+        from .sample import parse_grids
+        try:
+            grids = parse_grids(args.grids) if args.grids else None
+        except ValueError:
+            parser.error(f"--grids must be comma-separated integers, got {args.grids!r}")
+        side = args.image_size // 8 // int(args.model.split("/")[-1])
+        if grids is not None and (not grids or min(grids) < 1 or max(grids) > side):
+            parser.error(f"--grids {args.grids}: every side must be in 1..{side} (the token grid)")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    full_argv, default_run = _split_default(argv)
+    args = parser.parse_args(full_argv)
+
+    if args.device == "cuda" and not has_gpu():
+        parser.error("--device cuda: no CUDA GPU is available (torch.cuda.is_available() is False)")
+    on_cpu = args.device == "cpu" or (args.device == "auto" and not has_gpu())
+    device = torch.device("cpu" if on_cpu else "cuda")
+
+    if on_cpu and args.device == "auto" and not default_run:
+        print(f"no GPU: torch.cuda.is_available() is False on this machine, so `{args.command}` has nothing to "
+              f"measure. Pass --device cpu for a tiny run of the reference path (indicative only).")
+        return 0
+    _resolve(args, {"kernels": KERNEL_DEFAULTS, "model": MODEL_DEFAULTS, "sample": SAMPLE_DEFAULTS}[args.command],
+             on_cpu)
+    if on_cpu and default_run:
+        why = ("no CUDA GPU found (torch.cuda.is_available() is False)" if args.device == "auto"
+               else "--device cpu")
+        print(f"CPU reference mode ({why}): a small run of {args.model} at {args.image_size}x{args.image_size}, "
+              f"batch {args.batch_size}, {args.dtype}, {args.mode}, dense DiT vs FlexDiT on its PyTorch reference "
+              f"path (no kernels). Times are indicative only; the real measurement needs a GPU.")
+    _validate(parser, args, device)
+    args.torch_dtype = DTYPES[args.dtype]
+
+    tags = env_tags(device)
+    tags.update(dtype=args.dtype, mode=getattr(args, "mode", "eager"), batch=getattr(args, "batch_size", 0) or 0,
+                device=device.type)
+    results = Results(tags=tags)
+
+    baseline = None
+    if args.check:
+        try:
+            baseline = gates.load_baseline(args.check)
+            if baseline["gpu"] != tags["gpu"]:
+                raise gates.BaselineError(f"baseline {args.check} is for GPU {baseline['gpu']!r}, but this run is "
+                                          f"on {tags['gpu']!r}")
+        except gates.BaselineError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+    if args.command == "kernels":
+        from . import kernels as suite
+    elif args.command == "model":
+        from . import model as suite
+    else:
+        from . import sample as suite
+    suite.run(args, results, device)
+
+    print(f"device: {tags['gpu']} | torch {tags['torch']} | triton {tags['triton']} | flexdit {tags['flexdit']} | "
+          f"dtype {args.dtype} | mode {tags['mode']}")
+    print(suite.table(results))
+    for note in results.notes:
+        print(f"note: {note}")
+    for failure in results.failures:
+        print(f"FAILED (not timed, not reported): {failure}")
+
+    if args.json:
+        write_json(results, args.json, full_argv)
+    if args.csv:
+        write_csv(results, args.csv)
+
+    rc = 1 if results.failures else 0
+    if args.write_baseline:
+        if results.failures:
+            print("error: not writing a baseline from a run with FAILED kernels", file=sys.stderr)
+        else:
+            try:
+                payload = gates.write_baseline(results, args.write_baseline, full_argv,
+                                               args.tolerance if args.tolerance is not None
+                                               else gates.DEFAULT_TOLERANCE)
+                print(f"wrote baseline {args.write_baseline} ({len(payload['ratios'])} ratios, GPU {payload['gpu']})")
+            except gates.BaselineError as err:
+                print(f"error: {err}", file=sys.stderr)
+                rc = max(rc, 2)
+    if baseline is not None:
+        report = gates.check(results, baseline, args.check, args.tolerance)
+        print(report.text())
+        if not report.ok:
+            rc = max(rc, 1)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

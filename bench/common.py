@@ -1,0 +1,341 @@
+"""Shared pieces of the harness: environment tags, timers, measured ceilings, result rows, table/JSON/CSV output."""
+import csv
+import json
+import math
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+QUANTILES = (0.5, 0.2, 0.8)  # median, 20th and 80th percentile
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------------------------------
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's marketing name ("NVIDIA H200"), or "cpu"."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def gpu_slug(name: str) -> str:
+    """File-name form of a device name: "NVIDIA H100 80GB HBM3" → "nvidia-h100-80gb-hbm3"."""
+    out = "".join(ch.lower() if ch.isalnum() else "-" for ch in name)
+    while "--" in out:
+        out = out.replace("--", "-")
+    return out.strip("-")
+
+
+def versions() -> Dict[str, str]:
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:  # pragma: no cover
+        triton_version = "none"
+    import flexdit
+    return {"torch": torch.__version__, "triton": triton_version, "flexdit": flexdit.__version__}
+
+
+def env_tags(device: torch.device) -> Dict[str, str]:
+    return {"gpu": device_name(device), **versions()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows (long format: one measured value per row)
+# ----------------------------------------------------------------------------------------------------------------
+
+ROW_FIELDS = ("suite", "case", "impl", "metric", "value", "unit", "gpu", "torch", "triton", "flexdit", "dtype",
+              "batch", "mode", "note")
+
+
+@dataclass
+class Row:
+    """One measurement. `suite`: kernels/model/sample/ceiling; `case`: the shape or configuration; `impl`: which
+    implementation (flexdit, torch, sdpa-flash, dense, flexdit-ref, ...); `metric`: ms, ms_p20, ms_p80, GB/s,
+    TFLOP/s, frac_copy_bw, frac_matmul, images/s, speedup, GMACs, peak_MiB, share, compile_s, ..."""
+
+    suite: str
+    case: str
+    impl: str
+    metric: str
+    value: float
+    unit: str = ""
+    gpu: str = ""
+    torch: str = ""
+    triton: str = ""
+    flexdit: str = ""
+    dtype: str = ""
+    batch: int = 0
+    mode: str = ""
+    note: str = ""
+
+    def key(self) -> str:
+        """Identity of a measurement across runs (used by the regression gates)."""
+        return f"{self.suite}|{self.case}|{self.impl}|{self.metric}"
+
+
+@dataclass
+class Results:
+    """Rows of one run plus its tags; failures are kernels that gave wrong numbers (reported, never timed)."""
+
+    tags: Dict[str, str]
+    rows: List[Row] = field(default_factory=list)
+    failures: List[str] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)
+
+    def add(self, suite, case, impl, metric, value, unit="", **extra) -> Row:
+        fields = {**{k: v for k, v in self.tags.items() if k in ROW_FIELDS}, **extra}
+        row = Row(suite=suite, case=case, impl=impl, metric=metric, value=float(value), unit=unit, **fields)
+        self.rows.append(row)
+        return row
+
+    def add_timing(self, suite, case, impl, times: Sequence[float], **extra):
+        """times = (median, p20, p80) in ms."""
+        med, p20, p80 = times
+        self.add(suite, case, impl, "ms", med, "ms", **extra)
+        self.add(suite, case, impl, "ms_p20", p20, "ms", **extra)
+        self.add(suite, case, impl, "ms_p80", p80, "ms", **extra)
+
+    def get(self, suite, case, impl, metric) -> Optional[float]:
+        for row in self.rows:
+            if (row.suite, row.case, row.impl, row.metric) == (suite, case, impl, metric):
+                return row.value
+        return None
+
+
+def write_json(results: Results, path: str, argv: Sequence[str]) -> None:
+    payload = {"format": 1, "argv": list(argv), "tags": results.tags, "failures": results.failures,
+               "notes": results.notes, "rows": [asdict(r) for r in results.rows]}
+    _makedirs(path)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=1)
+
+
+def write_csv(results: Results, path: str) -> None:
+    _makedirs(path)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
+        writer.writeheader()
+        for r in results.rows:
+            writer.writerow(asdict(r))
+
+
+def read_rows(path: str) -> List[Row]:
+    with open(path, encoding="utf-8") as f:
+        payload = json.load(f)
+    return [Row(**r) for r in payload["rows"]]
+
+
+def _makedirs(path):
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Table
+# ----------------------------------------------------------------------------------------------------------------
+
+def _fmt(v: Optional[float]) -> str:
+    if v is None:
+        return "-"
+    if v == 0:
+        return "0"
+    a = abs(v)
+    if a >= 1000:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:.1f}"
+    if a >= 1:
+        return f"{v:.3g}" if a < 10 else f"{v:.2f}".rstrip("0").rstrip(".")
+    return f"{v:.3f}"
+
+
+def format_table(results: Results, suite: str, columns: Sequence[str], title: str = "") -> str:
+    """One line per (case, impl) of a suite, one column per metric; "ms" shown as "median [p20, p80]"."""
+    groups: Dict[tuple, Dict[str, Row]] = {}
+    for row in results.rows:
+        if row.suite == suite:
+            groups.setdefault((row.case, row.impl), {})[row.metric] = row
+    if not groups:
+        return ""
+    header = ["case", "impl"] + list(columns)
+    lines = []
+    for (case, impl), metrics in groups.items():
+        cells = [case, impl]
+        for col in columns:
+            if col == "ms" and "ms" in metrics:
+                med = metrics["ms"].value
+                p20 = metrics.get("ms_p20")
+                p80 = metrics.get("ms_p80")
+                cell = _fmt(med)
+                if p20 is not None and p80 is not None:
+                    cell += f" [{_fmt(p20.value)}, {_fmt(p80.value)}]"
+                cells.append(cell)
+            elif col in metrics:
+                cells.append(_fmt(metrics[col].value))
+            else:
+                cells.append("-")
+        note = next((r.note for r in metrics.values() if r.note), "")
+        if note:
+            cells[1] = f"{impl} ({note})"
+        lines.append(cells)
+    keep = [i for i in range(len(header)) if i < 2 or any(cells[i] != "-" for cells in lines)]
+    header = [header[i] for i in keep]
+    lines = [[cells[i] for i in keep] for cells in lines]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    out = [title] if title else []
+    out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    out.append("  ".join("-" * w for w in widths))
+    for cells in lines:
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)))
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Timers
+# ----------------------------------------------------------------------------------------------------------------
+
+def _quantiles(samples: Sequence[float]) -> tuple:
+    s = sorted(samples)
+
+    def q(p):  # linear interpolation, as torch.quantile
+        pos = p * (len(s) - 1)
+        lo, hi = math.floor(pos), math.ceil(pos)
+        return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+    return tuple(q(p) for p in QUANTILES)
+
+
+def bench_fn(fn: Callable[[], object], device: torch.device, warmup: int = 25, rep: int = 100,
+             grad_to_none: Optional[Sequence[torch.Tensor]] = None, cpu_repeats: int = 5,
+             cpu_warmup: int = 1, wall: bool = False, min_reps: int = 0) -> tuple:
+    """(median, p20, p80) ms of fn(); warm-up excluded.
+
+    CUDA: `triton.testing.do_bench` (warmup / rep in ms; it flushes L2 between calls and times with CUDA events);
+    `min_reps` stretches rep so that calls longer than rep/min_reps are still timed at least min_reps times.
+    CPU, or `wall=True` (seconds-long calls such as a sampling loop): wall-clock over `cpu_repeats` calls after
+    `cpu_warmup` calls, synchronizing the device around each (on the CPU: the reference mode, indicative only).
+    """
+    if device.type == "cuda" and not wall:
+        try:
+            from triton.testing import do_bench
+        except ImportError:  # pragma: no cover
+            return _bench_cuda_events(fn, warmup, rep)
+        if min_reps:
+            est = _estimate_cuda_ms(fn)
+            warmup, rep = max(warmup, 2 * est), max(rep, min_reps * est)
+        out = do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, quantiles=list(QUANTILES))
+        return tuple(float(v) for v in out)
+    for _ in range(cpu_warmup):
+        fn()
+    samples = []
+    for _ in range(max(1, cpu_repeats)):
+        synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return _quantiles(samples)
+
+
+def _estimate_cuda_ms(fn) -> float:  # pragma: no cover - GPU only
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def _bench_cuda_events(fn, warmup_ms, rep_ms):  # pragma: no cover - GPU only, used when Triton is absent
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end) / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / est))):
+        fn()
+    samples = []
+    for _ in range(max(5, int(rep_ms / est))):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        samples.append(s.elapsed_time(e))
+    return _quantiles(samples)
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
+    """Peak allocated memory of one call of fn (CUDA only; None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def synchronize(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ceilings measured in the same run
+# ----------------------------------------------------------------------------------------------------------------
+
+def copy_bandwidth(device: torch.device, results: Optional[Results] = None, nbytes: int = 2**30) -> float:
+    """Device-to-device copy bandwidth in GB/s (bytes read + bytes written per second), 1 GiB buffers on CUDA."""
+    if device.type != "cuda":
+        nbytes = 2**26
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    ms = bench_fn(lambda: dst.copy_(src), device, cpu_repeats=5)
+    gbps = 2 * nbytes / (ms[0] * 1e-3) / 1e9
+    if results is not None:
+        case = f"copy {nbytes // 2**20} MiB"
+        results.add_timing("ceiling", case, "torch.copy_", ms)
+        results.add("ceiling", case, "torch.copy_", "GB/s", gbps, "GB/s")
+    del src, dst
+    return gbps
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, results: Optional[Results] = None,
+                  n: int = 8192) -> float:
+    """Achieved TFLOP/s of an n³ matmul in `dtype` (8192³ on CUDA, fp32 1024³ on the CPU)."""
+    if device.type != "cuda":
+        n, dtype = 1024, torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    ms = bench_fn(lambda: a @ b, device, cpu_repeats=5)
+    tflops = 2 * n ** 3 / (ms[0] * 1e-3) / 1e12
+    if results is not None:
+        case = f"matmul {n}^3 {str(dtype).replace('torch.', '')}"
+        results.add_timing("ceiling", case, "torch.matmul", ms)
+        results.add("ceiling", case, "torch.matmul", "TFLOP/s", tflops, "TFLOP/s")
+    return tflops
+
+
+def median(values):
+    return statistics.median(values)

@@ -1,0 +1,95 @@
+"""Charts from a `python -m bench ... --json PATH` file (matplotlib, PNG).
+
+    python -m bench.plot results.json [more.json ...] --out-dir plots/
+
+speedup.png: every speedup row (kernels over the PyTorch path / best SDPA backend, FlexDiT over dense), one bar
+each, with the 1x line. breakdown.png: FlexDiT time by layer kind (from `model --profile`), one stacked bar per
+implementation. A chart whose rows are absent is skipped with a message.
+"""
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+from .common import Row, read_rows
+
+KIND_ORDER = ("embedding", "Poolingformer", "generation", "sparse", "recovery", "dense", "final", "other")
+
+
+def _pyplot():
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # pragma: no cover
+        raise SystemExit("bench.plot needs matplotlib: pip install matplotlib (or the 'bench' extra)") from err
+    return plt
+
+
+def plot_speedups(rows: List[Row], path: str) -> Optional[str]:
+    rows = [r for r in rows if r.metric == "speedup"]
+    if not rows:
+        return None
+    plt = _pyplot()
+    labels = [f"{r.case} | {r.impl}" + (f" [{r.gpu}]" if r.gpu else "") for r in rows]
+    values = [r.value for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.5))
+    colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
+    ax.barh(range(len(rows)), values, color=colors)
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup (x) over the PyTorch path / best SDPA / dense DiT")
+    for i, v in enumerate(values):
+        ax.text(v, i, f" {v:.2f}x", va="center", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_breakdown(rows: List[Row], path: str) -> Optional[str]:
+    rows = [r for r in rows if r.suite == "profile" and r.metric == "ms"]
+    if not rows:
+        return None
+    plt = _pyplot()
+    groups = sorted({r.case for r in rows})
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(groups) + 1.8))
+    left = [0.0] * len(groups)
+    for kind in KIND_ORDER:
+        widths = [sum(r.value for r in rows if r.case == g and r.impl == kind) for g in groups]
+        if not any(widths):
+            continue
+        ax.barh(range(len(groups)), widths, left=left, label=kind)
+        left = [a + b for a, b in zip(left, widths)]
+    ax.set_yticks(range(len(groups)))
+    ax.set_yticklabels(groups, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms per forward")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title("FlexDiT time by layer kind")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json", nargs="+", help="files written by `python -m bench ... --json`")
+    parser.add_argument("--out-dir", default=".", help="where the PNGs go")
+    args = parser.parse_args(argv)
+    rows: List[Row] = []
+    for path in args.json:
+        rows.extend(read_rows(path))
+    os.makedirs(args.out_dir, exist_ok=True)
+    for name, fn in (("speedup.png", plot_speedups), ("breakdown.png", plot_breakdown)):
+        out = fn(rows, os.path.join(args.out_dir, name))
+        print(f"wrote {out}" if out else f"skipped {name}: no matching rows in the input")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""The harness itself on the CPU: argument errors, output schema, the default run, sampling and the profile."""
+import csv
+import json
+
+import pytest
+import torch
+
+from bench.__main__ import main
+from bench.common import ROW_FIELDS
+
+NO_GPU = not torch.cuda.is_available()
+needs_no_gpu = pytest.mark.skipif(not NO_GPU, reason="checks the behaviour of a machine without a GPU")
+TINY_MODEL = ["--model", "DiT-S/8", "--image-size", "256", "--grid", "2", "--repeats", "1"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["--no-such-flag"],
+    ["model", "--image-size", "300"],
+    ["model", "--batch-size", "0"],
+    ["model", "--device", "cpu", "--model", "DiT-Q/2"],
+    ["model", "--device", "cpu", "--model", "DiT-S/8", "--grid", "5"],   # 256px / 8 / 8 = 4x4 tokens
+    ["model", "--device", "cpu", "--mode", "cuda-graph"],
+    ["kernels", "--op", "softmax"],
+    ["sample", "--device", "cpu", "--grids", "8,x"],
+    ["sample", "--device", "cpu", "--model", "DiT-S/8", "--grids", "5"],
+    ["model", "--tolerance", "1.5"],
+])
+def test_argument_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+@needs_no_gpu
+def test_device_cuda_without_gpu_is_an_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "cuda"])
+    assert exc.value.code == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+@needs_no_gpu
+@pytest.mark.parametrize("command", ["kernels", "model", "sample"])
+def test_gpu_commands_without_gpu_exit_0(command, capsys):
+    assert main([command]) == 0
+    assert "no GPU" in capsys.readouterr().out
+
+
+@needs_no_gpu
+def test_default_run_is_cpu_reference_mode(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "CPU reference mode" in out and "no CUDA GPU" in out
+    assert "dense" in out and "flexdit-ref" in out and "speedup" in out
+
+
+def test_json_and_csv_schema(tmp_path):
+    jpath, cpath = tmp_path / "out.json", tmp_path / "out.csv"
+    rc = main(["kernels", "--device", "cpu", "--op", "token_pool", "--repeats", "1", "--json", str(jpath),
+               "--csv", str(cpath)])
+    assert rc == 0
+    payload = json.loads(jpath.read_text())
+    assert payload["format"] == 1 and payload["failures"] == []
+    assert payload["tags"]["gpu"] == "cpu" and payload["tags"]["torch"] == torch.__version__
+    rows = payload["rows"]
+    assert rows and all(set(r) == set(ROW_FIELDS) for r in rows)
+    assert all(r["gpu"] == "cpu" and r["dtype"] == "fp32" and r["triton"] and r["flexdit"] for r in rows)
+    metrics = {(r["impl"], r["metric"]) for r in rows if r["suite"] == "kernels"}
+    for metric in ("ms", "ms_p20", "ms_p80", "GB/s", "frac_copy_bw"):
+        assert ("flexdit-ref", metric) in metrics and ("torch", metric) in metrics
+    assert ("flexdit-ref", "speedup") in metrics
+    assert any(r["suite"] == "ceiling" and r["metric"] == "GB/s" for r in rows)
+    for r in rows:
+        if r["metric"] == "ms":
+            p20 = next(x["value"] for x in rows if x["case"] == r["case"] and x["impl"] == r["impl"]
+                       and x["metric"] == "ms_p20")
+            assert p20 <= r["value"]
+    with open(cpath, newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert tuple(csv_rows[0]) == ROW_FIELDS and len(csv_rows) == len(rows)
+
+
+def test_kernels_cpu_all_ops_with_backward(tmp_path):
+    jpath = tmp_path / "k.json"
+    assert main(["kernels", "--device", "cpu", "--backward", "--repeats", "1", "--json", str(jpath)]) == 0
+    rows = json.loads(jpath.read_text())["rows"]
+    cases = {r["case"] for r in rows if r["suite"] == "kernels"}
+    for op in ("token_pool", "token_mean", "upsample_add", "attention"):
+        assert any(c.startswith(op) and c.endswith(" fwd") for c in cases), op
+        assert any(c.startswith(op) and c.endswith(" fwd+bwd") for c in cases), op
+    attn = [r for r in rows if r["case"].startswith("attention") and r["metric"] == "TFLOP/s"]
+    assert any(r["impl"].startswith("sdpa-") for r in attn)
+
+
+def test_wrong_kernel_is_failed_and_not_reported(monkeypatch, tmp_path, capsys):
+    import flexdit_kernels as fk
+    monkeypatch.setattr(fk, "token_mean", lambda x, eps=1e-6: fk.token_mean_ref(x, eps) + 1.0)
+    jpath = tmp_path / "bad.json"
+    rc = main(["kernels", "--device", "cpu", "--op", "token_mean", "--repeats", "1", "--json", str(jpath)])
+    assert rc == 1
+    assert "FAILED" in capsys.readouterr().out
+    payload = json.loads(jpath.read_text())
+    assert payload["failures"] and not any(r["suite"] == "kernels" for r in payload["rows"])
+
+
+def test_model_profile_by_layer_kind(tmp_path):
+    jpath = tmp_path / "m.json"
+    assert main(["model", "--device", "cpu", *TINY_MODEL, "--profile", "--json", str(jpath)]) == 0
+    rows = json.loads(jpath.read_text())["rows"]
+    model = {(r["impl"], r["metric"]): r["value"] for r in rows if r["suite"] == "model"}
+    assert model[("dense", "GMACs")] > model[("flexdit-ref", "GMACs")] > 0
+    assert ("flexdit-ref", "speedup") in model and ("dense", "frac_matmul") in model
+    shares = {r["impl"]: r["value"] for r in rows if r["suite"] == "profile" and r["metric"] == "share"}
+    for kind in ("Poolingformer", "generation", "sparse", "recovery", "dense", "final"):
+        assert kind in shares, kind
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_sample_cpu(tmp_path):
+    jpath = tmp_path / "s.json"
+    rc = main(["sample", "--device", "cpu", "--model", "DiT-S/8", "--steps", "2", "--batch-size", "2",
+               "--json", str(jpath)])
+    assert rc == 0
+    rows = json.loads(jpath.read_text())["rows"]
+    got = {(r["impl"], r["metric"]) for r in rows if r["suite"] == "sample"}
+    assert {("dense", "images/s"), ("flexdit-ref", "images/s"), ("flexdit-ref", "speedup")} <= got
+
+
+def test_plot_writes_pngs(tmp_path):
+    from bench.plot import main as plot_main
+    jpath = tmp_path / "m.json"
+    assert main(["model", "--device", "cpu", *TINY_MODEL, "--profile", "--json", str(jpath)]) == 0
+    assert plot_main([str(jpath), "--out-dir", str(tmp_path / "plots")]) == 0
+    for name in ("speedup.png", "breakdown.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kernel_rows_carry_their_batch(tmp_path):
+    jpath = tmp_path / "b.json"
+    assert main(["kernels", "--device", "cpu", "--op", "token_mean", "--repeats", "1", "--json", str(jpath)]) == 0
+    rows = [r for r in json.loads(jpath.read_text())["rows"] if r["suite"] == "kernels"]
+    assert rows and all(r["batch"] == int(r["case"].split("B=")[1].split()[0]) for r in rows)
+
+
+def test_wrong_attention_gradient_is_failed(monkeypatch, capsys):
+    """Right forward, wrong backward: caught by the gradient check of --backward."""
+    import flexdit_kernels as fk
+    ref = fk.attention_ref
+    monkeypatch.setattr(fk, "attention", lambda q, k, v, scale=None: ref(q, k, v) + 0.5 * (q - q.detach()))
+    assert main(["kernels", "--device", "cpu", "--op", "attention", "--backward", "--repeats", "1"]) == 1
+    assert "attention grad 0" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("target", ["pixart-alpha", "diffusers-dit"])
+def test_model_patched_diffusers_targets(target, monkeypatch, tmp_path):
+    pytest.importorskip("diffusers")
+    import bench.model
+    # A tiny host (the real sizes are 28 layers of 1152 channels); 4 layers take the plan P=1, K=1 x (1,1,1,0), T=0.
+    tiny = dict(num_layers=4, num_attention_heads=2, attention_head_dim=16)
+    if target == "pixart-alpha":
+        tiny.update(cross_attention_dim=32, caption_channels=16)
+    monkeypatch.setattr(bench.model, "PATCH_OVERRIDES", tiny)
+    monkeypatch.setitem(__import__("flexdit.models", fromlist=["FLEX_PLANS"]).FLEX_PLANS, 4,
+                        dict(num_pool=1, num_modules=1, group=(1, 1, 1, 0), num_top=0))
+    jpath = tmp_path / "p.json"
+    assert main(["model", "--device", "cpu", "--model", target, "--image-size", "256", "--grid", "4",
+                 "--repeats", "1", "--json", str(jpath)]) == 0
+    rows = json.loads(jpath.read_text())["rows"]
+    got = {(r["impl"], r["metric"]) for r in rows if r["suite"] == "model"}
+    assert {("dense", "ms"), ("flexdit-ref", "ms"), ("flexdit-ref", "speedup")} <= got
+
+
+def test_model_patched_target_refuses_profile(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["model", "--device", "cpu", "--model", "pixart-alpha", "--profile"])
+    assert exc.value.code == 2

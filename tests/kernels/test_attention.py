@@ -1,0 +1,255 @@
+"""attention: every Triton path (few-keys, split-K, flash loop) against an fp64 reference, with the error bound set by
+PyTorch's own error in the same dtype (2x forward, 3x backward); routing, strides, validation, torch.compile."""
+import importlib
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from flexdit_kernels import attention, attention_ref, backend
+
+A = importlib.import_module("flexdit_kernels.attention")   # the module (the package re-exports the function)
+
+SHAPES = [(64, 256), (256, 64), (36, 100), (100, 36), (1, 64), (64, 1), (130, 130)]
+EXPECTED_PATH = {(64, 256): "split_k", (256, 64): "few_keys", (36, 100): "few_keys", (100, 36): "few_keys",
+                 (1, 64): "few_keys", (64, 1): "few_keys", (130, 130): "flash"}
+# An absolute floor under PyTorch's error, so that fp32 does not fail on ~1e-7 rounding noise.
+FLOOR = {torch.float32: 2e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+
+
+@pytest.fixture(autouse=True)
+def _triton_everywhere(monkeypatch):
+    """Keep every shape on Triton (no SDPA routing) unless a test says otherwise."""
+    monkeypatch.setattr(A, "SDPA_MIN_TOKENS", None)
+
+
+def _fused_views(b, lq, lk, h, d, dtype, device, self_attention=False):
+    """q, k, v as views of a fused projection output: qkv.view(B, N, 3, H, D)[:, :, i] (or q + kv for cross)."""
+    if self_attention:
+        qkv = torch.randn(b, lq, 3 * h * d, device=device, dtype=dtype).view(b, lq, 3, h, d)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q = torch.randn(b, lq, 3 * h * d, device=device, dtype=dtype).view(b, lq, 3, h, d)[:, :, 0]
+    kv = torch.randn(b, lk, 2 * h * d, device=device, dtype=dtype).view(b, lk, 2, h, d)
+    return q, kv[:, :, 0], kv[:, :, 1]
+
+
+def _fwd_bwd(fn, q, k, v, grad_out):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+def _sdpa(q, k, v):
+    return attention_ref(q, k, v)
+
+
+def _err(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+def _check_against_torch(q, k, v, fwd_factor=2.0, bwd_factor=3.0):
+    """Kernel error vs fp64 <= factor x (PyTorch's error in the same dtype vs fp64) + floor, output and gradients."""
+    dtype = q.dtype
+    grad_out = torch.randn(q.shape, device=q.device, dtype=dtype)
+    exact = _fwd_bwd(_sdpa, q.double(), k.double(), v.double(), grad_out.double())
+    torch_res = _fwd_bwd(_sdpa, q, k, v, grad_out)
+    ours = _fwd_bwd(attention, q, k, v, grad_out)
+    assert ours[0].shape == q.shape and ours[0].is_contiguous() and ours[0].dtype == dtype
+    for name, o, t, e, factor in zip(("out", "dq", "dk", "dv"), ours, torch_res, exact,
+                                     (fwd_factor, bwd_factor, bwd_factor, bwd_factor)):
+        assert o.shape == e.shape and o.dtype == dtype, name
+        bound = factor * _err(t, e) + FLOOR[dtype] * max(1.0, e.abs().max().item())
+        assert _err(o, e) <= bound, f"{name}: error {_err(o, e):.3g} > bound {bound:.3g}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paths and configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_attention_path_routing(monkeypatch):
+    for (lq, lk), path in EXPECTED_PATH.items():
+        assert A.attention_path(lq, lk) == path
+    monkeypatch.setattr(A, "SDPA_MIN_TOKENS", 256)
+    assert A.attention_path(1024, 1024) == "sdpa"
+    assert A.attention_path(256, 256) == "sdpa"
+    assert A.attention_path(1024, 64) == "few_keys" and A.attention_path(64, 1024) == "split_k"
+    assert A.attention_path(130, 130) == "flash"
+    assert A.attention_path(1024, 1024, sdpa_min_tokens=None) == "flash"
+
+
+@pytest.mark.parametrize("d, tiles", [(8, (16, 0)), (16, (16, 0)), (24, (32, 0)), (40, (32, 16)), (56, (64, 0)),
+                                      (64, (64, 0)), (72, (64, 16)), (80, (64, 16)), (88, (64, 32)),
+                                      (96, (64, 32)), (104, (128, 0)), (128, (128, 0))])
+def test_head_dim_tiles(d, tiles):
+    assert A._head_dim_tiles(d) == tiles
+
+
+def test_split_k_fills_the_gpu():
+    cpu = torch.device("cpu")
+    many, few = A._fwd_config(64, 1024, 512, cpu), A._fwd_config(64, 1024, 16, cpu)
+    assert many.path == few.path == "split_k"
+    assert few.n_splits > many.n_splits >= 1
+    assert few.n_splits * 16 >= 132 and many.n_splits * 512 >= 132
+    assert few.chunk % few.block_n == 0 and (few.n_splits - 1) * few.chunk < 1024   # every split non-empty
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Numerics on every path
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("d", [64, 72])
+@pytest.mark.parametrize("lq, lk", SHAPES)
+def test_attention_matches_fp64(lq, lk, d, dtype, device):
+    b, h = (1, 2) if lq * lk > 10_000 else (2, 2)                      # interpreter time
+    cfg = A._fwd_config(lq, lk, b * h, device)                           # what the launcher will run
+    assert A.attention_path(lq, lk) == cfg.path == EXPECTED_PATH[(lq, lk)]
+    if cfg.path == "split_k":
+        assert cfg.n_splits > 1                                          # the combine kernel runs
+    q, k, v = _fused_views(b, lq, lk, h, d, dtype, device, self_attention=(lq == lk))
+    _check_against_torch(q, k, v)
+
+
+def test_split_k_single_split(monkeypatch, device):
+    """With a GPU full of programs the split-K path runs one split (no combine, no dq split)."""
+    monkeypatch.setattr(A, "_num_sms", lambda dev: 1)
+    assert A._fwd_config(64, 256, 4, device).n_splits == 1
+    q, k, v = _fused_views(2, 64, 256, 2, 72, torch.float32, device)
+    _check_against_torch(q, k, v)
+
+
+@pytest.mark.parametrize("d", [8, 40, 128])
+def test_other_head_dims(d, device):
+    q, k, v = _fused_views(1, 40, 150, 2, d, torch.float16, device)
+    _check_against_torch(q, k, v)
+
+
+def test_arbitrary_strides(device):
+    """q from a (B, H, L, D) buffer, k with a head-dim stride of 2, v reversed along tokens: no copies needed."""
+    b, lq, lk, h, d = 1, 48, 70, 2, 72
+    q = torch.randn(b, h, lq, d, device=device).transpose(1, 2)
+    k = torch.randn(b, lk, h, 2 * d, device=device)[..., ::2]
+    v = torch.randn(b, lk, h, d, device=device).flip(1)
+    assert q.stride(-1) == 1 and k.stride(-1) == 2
+    _check_against_torch(q, k, v)
+
+
+def test_custom_scale(device):
+    q, k, v = _fused_views(1, 20, 200, 2, 72, torch.float32, device)
+    torch.testing.assert_close(attention(q, k, v, scale=0.3), attention_ref(q, k, v, 0.3), atol=2e-6, rtol=1e-5)
+
+
+@settings(max_examples=8, deadline=None)
+@given(lq=st.integers(1, 140), lk=st.integers(1, 200), d8=st.integers(1, 16), h=st.integers(1, 2))
+def test_attention_property(lq, lk, d8, h):
+    torch.manual_seed(lq * 1000 + lk)
+    q, k, v = _fused_views(1, lq, lk, h, 8 * d8, torch.float32, torch.device("cpu"))
+    torch.testing.assert_close(attention(q, k, v), attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Routing, backends, torch.compile
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_dense_routes_to_sdpa(monkeypatch, device):
+    monkeypatch.setattr(A, "SDPA_MIN_TOKENS", 256)
+
+    def fail(*args):
+        raise AssertionError("the Triton forward must not run for a dense shape routed to SDPA")
+
+    monkeypatch.setattr(A, "attention_fwd", fail)
+    q, k, v = _fused_views(1, 300, 300, 2, 72, torch.float32, device, self_attention=True)
+    with backend("triton"):
+        _check_against_torch(q, k, v)
+
+
+def test_reference_backend(device):
+    q, k, v = _fused_views(1, 30, 90, 2, 72, torch.float32, device)
+    with backend("reference"):
+        _check_against_torch(q, k, v)
+        _, lse = A._attention_op(q, k, v, 72 ** -0.5)
+    with backend("triton"):
+        _, lse_triton = A._attention_op(q, k, v, 72 ** -0.5)
+    torch.testing.assert_close(lse_triton, lse, atol=1e-5, rtol=1e-5)
+
+
+def test_torch_compile_fullgraph(device):
+    q, k, v = _fused_views(1, 36, 100, 2, 72, torch.float32, device)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+
+    def f(q, k, v):
+        return attention(q, k, v).reshape(1, 36, -1).square().sum()
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_ref = f(q, k, v)
+    grads_ref = torch.autograd.grad(loss_ref, (q, k, v))
+    torch.testing.assert_close(loss, loss_ref)
+    for g, r in zip(grads, grads_ref):
+        torch.testing.assert_close(g, r)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation
+# ----------------------------------------------------------------------------------------------------------------
+
+def _t(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((_t(2, 8, 2, 64)[0], _t(2, 8, 2, 64), _t(2, 8, 2, 64)), "q must have rank 4"),
+    ((_t(2, 8, 2, 64), _t(2, 8, 2, 64).long(), _t(2, 8, 2, 64)), "k must have dtype"),
+    ((_t(2, 8, 2, 64), _t(2, 8, 2, 64), _t(2, 8, 2, 64, dtype=torch.float16)), "v has dtype"),
+    ((_t(2, 8, 2, 64), _t(3, 8, 2, 64), _t(3, 8, 2, 64)), "k has batch 3"),
+    ((_t(2, 8, 2, 64), _t(2, 8, 4, 64), _t(2, 8, 4, 64)), "k has 4 heads"),
+    ((_t(2, 8, 2, 64), _t(2, 8, 2, 72), _t(2, 8, 2, 72)), "k has head dim 72"),
+    ((_t(2, 8, 2, 64), _t(2, 8, 2, 64), _t(2, 9, 2, 64)), "k .* and v .* must have the same shape"),
+    ((_t(2, 8, 2, 60), _t(2, 8, 2, 60), _t(2, 8, 2, 60)), r"head dim \(q.shape\[3\]\) must be a multiple of 8"),
+    ((_t(2, 8, 2, 136), _t(2, 8, 2, 136), _t(2, 8, 2, 136)), r"head dim \(q.shape\[3\]\)"),
+    ((_t(2, 0, 2, 64), _t(2, 8, 2, 64), _t(2, 8, 2, 64)), "at least one token"),
+    (("q", _t(2, 8, 2, 64), _t(2, 8, 2, 64)), "q must be a torch.Tensor"),
+])
+def test_attention_validation(args, match):
+    with pytest.raises(ValueError, match=match):
+        attention(*args)
+
+
+def test_attention_validation_device():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a second device type")
+    q = _t(2, 8, 2, 64)
+    with pytest.raises(ValueError, match="k is on"):
+        attention(q, q.cuda(), q.cuda())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: FlexDiT's shapes at full size in bf16 (DiT-XL/2 at 512²: B = 32 with guidance, 16 heads, D = 72)
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lq, lk", [(64, 1024), (1024, 64), (36, 1024), (1024, 100), (64, 64), (100, 36),
+                                    (1024, 1024), (130, 130)])
+def test_attention_full_size_gpu(lq, lk, dtype):
+    device = torch.device("cuda")
+    q, k, v = _fused_views(32, lq, lk, 16, 72, dtype, device, self_attention=(lq == lk))
+    _check_against_torch(q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bh", [(1, 16), (32, 16)])
+def test_split_k_small_batch_gpu(bh):
+    device = torch.device("cuda")
+    q, k, v = _fused_views(bh[0], 64, 1024, bh[1], 72, torch.bfloat16, device)
+    cfg = A._fwd_config(64, 1024, bh[0] * bh[1], device)
+    assert cfg.path == "split_k" and (cfg.n_splits > 1 or bh[0] * bh[1] >= 4 * A._num_sms(device))
+    _check_against_torch(q, k, v)
+
+
+@pytest.mark.gpu
+def test_dense_sdpa_route_gpu(monkeypatch):
+    monkeypatch.setattr(A, "SDPA_MIN_TOKENS", 256)
+    q, k, v = _fused_views(32, 1024, 1024, 16, 72, torch.bfloat16, torch.device("cuda"), self_attention=True)
+    _check_against_torch(q, k, v)

@@ -1,0 +1,196 @@
+"""token_pool: the Triton kernels (interpreter on CPU) against token_pool_ref, and the ref against PyTorch's pooling."""
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexdit_kernels import token_pool, token_pool_backward_ref, token_pool_ref
+
+# The package re-exports the function under the module's name, so fetch the module itself.
+mod = importlib.import_module("flexdit_kernels.token_pool")
+
+DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
+
+
+def _ids(case):
+    b, hw, grid, c = case
+    return f"B{b}-{hw[0]}x{hw[1]}-to-{grid[0]}x{grid[1]}-C{c}"
+
+
+# (B, (h, w), (G_h, G_w), C): divisible, non-divisible, overlapping windows, non-square, identity, G = 1, C = 1152.
+CASES = [
+    (3, (16, 16), (6, 6), 40),
+    (1, (16, 16), (8, 8), 40),
+    (1, (16, 16), (10, 10), 40),
+    (1, (32, 32), (8, 8), 40),
+    (1, (32, 32), (10, 10), 40),
+    (1, (32, 32), (20, 20), 40),
+    (3, (12, 20), (5, 7), 40),
+    (1, (12, 20), (12, 20), 40),
+    (3, (16, 16), (1, 1), 40),
+    (1, (8, 8), (3, 3), 1152),
+]
+# Every case in fp32; fp16 on the awkward ones only, to keep the interpreter run short.
+FP16_CASES = {0, 6, 9}
+KERNEL_PARAMS = [pytest.param(case, *dt, id=f"{_ids(case)}-{str(dt[0])[6:]}")
+                 for k, case in enumerate(CASES) for dt in DTYPES if dt[0] == torch.float32 or k in FP16_CASES]
+
+
+def _grads_via_ref(x, hw, grid, grad_out):
+    """Output and input gradient of the reference, through autograd (not through token_pool_backward_ref)."""
+    xr = x.detach().clone().requires_grad_()
+    out = token_pool_ref(xr, hw, grid)
+    out.backward(grad_out)
+    return out, xr.grad
+
+
+@pytest.fixture
+def kernels_only(monkeypatch):
+    """Make the custom ops' reference branch fail, so a passing test proves the Triton kernels ran."""
+    def boom(*args, **kwargs):
+        raise AssertionError("reference called where the Triton kernel should run")
+    monkeypatch.setattr(mod, "token_pool_ref", boom)
+    monkeypatch.setattr(mod, "token_pool_backward_ref", boom)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Kernels against the reference
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case, dtype, atol, rtol", KERNEL_PARAMS)
+def test_public_op_runs_kernels(case, dtype, atol, rtol, kernels_only):
+    b, hw, grid, c = case
+    x = torch.randn(b, hw[0] * hw[1], c, dtype=dtype)
+    grad_out = torch.randn(b, grid[0] * grid[1], c, dtype=dtype)
+    ref_out, ref_dx = _grads_via_ref(x, hw, grid, grad_out)
+
+    xk = x.clone().requires_grad_()
+    out = token_pool(xk, hw, grid)
+    out.backward(grad_out)
+    assert out.dtype == dtype and out.shape == ref_out.shape
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(xk.grad, ref_dx, atol=atol, rtol=rtol)
+    torch.testing.assert_close(xk.grad, token_pool_backward_ref(grad_out, hw, grid), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+def test_launchers_strided_inputs(dtype, atol, rtol):
+    """The launchers read strided x and grad_out in place: a channel slice and a batch-minor layout."""
+    hw, grid, c = (12, 20), (5, 7), 24
+    big = torch.randn(2, 240, 2 * c, dtype=dtype)
+    x = big[:, :, 5:5 + c]                                               # non-contiguous channel slice
+    torch.testing.assert_close(mod.token_pool_fwd(x, hw, grid), token_pool_ref(x, hw, grid), atol=atol, rtol=rtol)
+    grad_out = torch.randn(35, 2, c, dtype=dtype).transpose(0, 1)       # (B, M, C) with the batch stride smallest
+    torch.testing.assert_close(mod.token_pool_bwd(grad_out, hw, grid), token_pool_backward_ref(grad_out, hw, grid),
+                               atol=atol, rtol=rtol)
+
+
+@settings(max_examples=8, deadline=None)
+@given(h=st.integers(1, 9), w=st.integers(1, 9), gh_frac=st.floats(0, 1), gw_frac=st.floats(0, 1),
+       c=st.integers(1, 20), b=st.integers(1, 2))
+def test_property_random_grids(h, w, gh_frac, gw_frac, c, b):
+    gh, gw = 1 + round(gh_frac * (h - 1)), 1 + round(gw_frac * (w - 1))
+    x = torch.randn(b, h * w, c)
+    grad_out = torch.randn(b, gh * gw, c)
+    torch.testing.assert_close(mod.token_pool_fwd(x, (h, w), (gh, gw)), token_pool_ref(x, (h, w), (gh, gw)))
+    torch.testing.assert_close(mod.token_pool_bwd(grad_out, (h, w), (gh, gw)),
+                               token_pool_backward_ref(grad_out, (h, w), (gh, gw)))
+
+
+def test_torch_compile_fullgraph():
+    x = torch.randn(2, 48, 8, requires_grad=True)
+    grad_out = torch.randn(2, 15, 8)
+    compiled = torch.compile(lambda t: token_pool(t, (6, 8), (3, 5)) * 2, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.backward(grad_out)
+    ref_out, ref_dx = _grads_via_ref(x, (6, 8), (3, 5), grad_out * 2)
+    torch.testing.assert_close(out, ref_out * 2)
+    torch.testing.assert_close(x.grad, ref_dx)
+
+
+def test_opcheck():
+    """Schema, fake impl (shape, dtype, strides) and autograd registration agree with the real op."""
+    x = torch.randn(2, 20, 8, requires_grad=True)
+    torch.library.opcheck(torch.ops.flexdit.token_pool.default, (x, [4, 5], [3, 2]))
+    torch.library.opcheck(torch.ops.flexdit.token_pool_backward.default, (torch.randn(2, 6, 8), [4, 5], [3, 2]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference against an independent formulation
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("hw, grid", [((16, 16), (6, 6)), ((16, 16), (10, 10)), ((32, 32), (10, 10)),
+                                      ((32, 32), (8, 8)), ((12, 20), (5, 7)), ((16, 16), (16, 16)),
+                                      ((16, 16), (1, 1)), ((7, 13), (4, 9))])
+def test_ref_matches_adaptive_avg_pool2d(hw, grid):
+    b, c = 2, 12
+    x = torch.randn(b, hw[0] * hw[1], c, requires_grad=True)
+    grad_out = torch.randn(b, grid[0] * grid[1], c)
+    image = x.transpose(1, 2).reshape(b, c, *hw)                        # token-major -> (B, C, h, w)
+    expected = F.adaptive_avg_pool2d(image, grid).flatten(2).transpose(1, 2)
+    (expected_dx,) = torch.autograd.grad(expected, x, grad_out)
+    torch.testing.assert_close(token_pool_ref(x.detach(), hw, grid), expected.detach())
+    torch.testing.assert_close(token_pool_backward_ref(grad_out, hw, grid), expected_dx)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bad input
+# ----------------------------------------------------------------------------------------------------------------
+
+BAD_CALLS = [
+    ("rank", lambda f: f(torch.randn(64, 8), (8, 8), 4), "x"),
+    ("dtype", lambda f: f(torch.randn(1, 64, 8).double(), (8, 8), 4), "x"),
+    ("int dtype", lambda f: f(torch.ones(1, 64, 8, dtype=torch.int32), (8, 8), 4), "x"),
+    ("grid too large", lambda f: f(torch.randn(1, 64, 8), (8, 8), 9), "grid"),
+    ("grid too large in w", lambda f: f(torch.randn(1, 64, 8), (4, 16), (2, 17)), "grid"),
+    ("hw != N", lambda f: f(torch.randn(1, 60, 8), (8, 8), 4), "hw"),
+    ("grid zero", lambda f: f(torch.randn(1, 64, 8), (8, 8), 0), "grid"),
+    ("grid not a pair", lambda f: f(torch.randn(1, 64, 8), (8, 8), "a"), "grid"),
+    ("not a tensor", lambda f: f([[1.0]], (1, 1), 1), "x"),
+]
+
+
+@pytest.mark.parametrize("fn", [token_pool, mod.token_pool_fwd], ids=["public", "launcher"])
+@pytest.mark.parametrize("what, call, name", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_bad_input_raises(fn, what, call, name):
+    with pytest.raises(ValueError, match=name):
+        call(fn)
+
+
+def test_launcher_bad_device_and_grad_shape():
+    with pytest.raises(ValueError, match="x is on meta"):
+        mod.token_pool_fwd(torch.randn(1, 64, 8, device="meta"), (8, 8), 4)
+    with pytest.raises(ValueError, match="grad_out has 15 tokens"):
+        mod.token_pool_bwd(torch.randn(1, 15, 8), (8, 8), 4)
+    with pytest.raises(ValueError, match="grid"):
+        mod.token_pool_bwd(torch.randn(1, 81, 8), (8, 8), 9)
+
+
+def test_backward_of_sum_reads_stride_zero_gradient(kernels_only):
+    """`.sum()` sends back an expanded (stride-0) gradient; the backward kernel reads it without a copy."""
+    x = torch.randn(2, 48, 8, requires_grad=True)
+    token_pool(x, (6, 8), (3, 5)).sum().backward()
+    torch.testing.assert_close(x.grad, token_pool_backward_ref(torch.ones(2, 15, 8), (6, 8), (3, 5)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: bf16 at the model's sizes
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("hw, grid", [((32, 32), (8, 8)), ((32, 32), (10, 10)), ((16, 16), (6, 6))])
+def test_gpu_bf16_model_sizes(hw, grid):
+    b, c = 8, 1152
+    x = torch.randn(b, hw[0] * hw[1], c, device="cuda", dtype=torch.bfloat16)
+    grad_out = torch.randn(b, grid[0] * grid[1], c, device="cuda", dtype=torch.bfloat16)
+    out = mod.token_pool_fwd(x, hw, grid)
+    torch.testing.assert_close(out, token_pool_ref(x, hw, grid), atol=1e-2, rtol=1e-2)
+    dx = mod.token_pool_bwd(grad_out, hw, grid)
+    torch.testing.assert_close(dx, token_pool_backward_ref(grad_out, hw, grid), atol=1e-2, rtol=1e-2)
+    assert torch.equal(mod.token_pool_bwd(grad_out, hw, grid), dx)           # no atomics: bitwise repeatable
+    xk = x.clone().requires_grad_()
+    token_pool(xk, hw, grid).backward(grad_out)
+    torch.testing.assert_close(xk.grad, dx, atol=0, rtol=0)

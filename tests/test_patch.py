@@ -1,0 +1,283 @@
+"""apply_patch / remove_patch on the project's DiT, diffusers' DiT and PixArt-α, at toy size."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import flexdit
+import flexdit_kernels as fk
+from flexdit.patch import FlexPatch, Plan, apply_patch, build_patched_pair, is_patched, remove_patch
+
+from .models.helpers import TOY, randomize_, toy_config, toy_dit, toy_inputs
+
+diffusers = pytest.importorskip("diffusers")
+
+TOY_PLAN = Plan(num_pool=1, num_modules=1, group=(1, 2, 1, 1), num_top=0, grid=3)
+DENSE_PLAN = Plan(num_pool=0, num_modules=0, group=(1, 3, 1, 1), num_top=TOY["depth"], grid=3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tiny hosts (shared with test_pixart.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+def tiny_diffusers_dit(num_classes=10):
+    """A diffusers DiT as converted checkpoints are: one timestep/class embedder copied into every block."""
+    m = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                        num_layers=TOY["depth"], sample_size=16, patch_size=2,
+                                        num_embeds_ada_norm=num_classes, norm_eps=1e-6)
+    randomize_(m)
+    with torch.no_grad():
+        emb = m.transformer_blocks[0].norm1.emb.state_dict()
+        for block in m.transformer_blocks[1:]:
+            block.norm1.emb.load_state_dict(emb)
+    return m.eval()
+
+
+def tiny_pixart():
+    m = diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8,
+                                           num_layers=TOY["depth"], cross_attention_dim=32, caption_channels=24,
+                                           sample_size=16, patch_size=2)
+    return randomize_(m, std=0.1).eval()
+
+
+def caption(batch=2, length=7, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(batch, length, 24, generator=g)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[-1, length // 2:] = 0
+    return y, mask
+
+
+def call(model, target, x, t, y):
+    """One forward of a host of kind `target` on toy inputs (labels y for DiTs, captions for PixArt)."""
+    if target == "dit":
+        return model(x, t, y)
+    if target == "diffusers-dit":
+        return model(x, timestep=t, class_labels=y).sample
+    text, mask = caption(len(x))
+    return model(x, encoder_hidden_states=text, encoder_attention_mask=mask, timestep=t,
+                 added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+
+
+HOSTS = {"dit": toy_dit, "diffusers-dit": tiny_diffusers_dit, "pixart-alpha": tiny_pixart}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Equivalences
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_patched_dit_equals_from_dit():
+    dit = toy_dit()
+    x, t, y = toy_inputs()
+    flex = flexdit.from_dit(dit, toy_config()).eval()
+    apply_patch(dit, TOY_PLAN)
+    with fk.backend("reference"), torch.no_grad():
+        torch.testing.assert_close(dit(x, t, y), flex(x, t, y), rtol=0, atol=0)
+        # DiT's sampler calls self.forward directly (forward_with_cfg): the patch must see those calls too.
+        xx, tt, yy = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, 10)])
+        torch.testing.assert_close(dit.forward_with_cfg(xx, tt, yy, 1.5), flex.forward_with_cfg(xx, tt, yy, 1.5))
+    assert "FlexDiT patch of a dit: P=1, K=1 x (g, s, r, d)=(1, 2, 1, 1), T=0, grid=3" in str(dit)
+
+
+def test_patched_diffusers_dit_equals_flexdit_from_converted_weights():
+    from flexdit.diffusers_convert import dit_from_diffusers, use_diffusers_timesteps_
+    host = tiny_diffusers_dit()
+    x, t, y = toy_inputs()
+    dense = dit_from_diffusers(host).eval()
+    flex = use_diffusers_timesteps_(flexdit.from_dit(dense, toy_config())).eval()
+    with fk.backend("reference"), torch.no_grad():
+        torch.testing.assert_close(dense(x, t, y), call(host, "diffusers-dit", x, t, y))
+        apply_patch(host, TOY_PLAN)
+        torch.testing.assert_close(call(host, "diffusers-dit", x, t, y), flex(x, t, y))
+
+
+@pytest.mark.parametrize("target", sorted(HOSTS))
+def test_degenerate_plan_equals_unpatched(target):
+    host = HOSTS[target]()
+    x, t, y = toy_inputs()
+    with fk.backend("reference"), torch.no_grad():
+        ref = call(host, target, x, t, y)
+        apply_patch(host, DENSE_PLAN)
+        torch.testing.assert_close(call(host, target, x, t, y), ref, rtol=0, atol=0)
+
+
+def test_schedule_selects_the_grid_per_call():
+    class Stages:  # duck-typed DensitySchedule: more tokens late in sampling (small t)
+        def grid(self, t):
+            g = torch.where(torch.as_tensor(t) < 500, 4, 2)
+            return int(g) if g.dim() == 0 else g
+
+    dit = toy_dit()
+    flex = flexdit.from_dit(dit, toy_config()).eval()
+    apply_patch(dit, TOY_PLAN, schedule=Stages())
+    x, _, y = toy_inputs()
+    with fk.backend("reference"), torch.no_grad():
+        for step, grid in ((900, 2), (100, 4)):
+            t = torch.full((2,), step)
+            torch.testing.assert_close(dit(x, t, y), flex(x, t, y, grid=grid), rtol=0, atol=0)
+        with pytest.raises(ValueError, match="different grids"):
+            dit(x, torch.tensor([100, 900]), y)
+        apply_patch(dit, TOY_PLAN, schedule=(2, 4))  # a fixed (G_h, G_w)
+        torch.testing.assert_close(dit(x, torch.full((2,), 5), y), flex(x, torch.full((2,), 5), y, grid=(2, 4)))
+
+
+def test_patched_layers_are_built_with_the_kernels(device):
+    """The patched diffusers DiT through the Triton kernels (the interpreter on a CPU) equals the references."""
+    host = tiny_diffusers_dit().to(device)
+    apply_patch(host, TOY_PLAN)
+    x, t, y = (v[:1].to(device) for v in toy_inputs())
+    with torch.no_grad():
+        with fk.backend("reference"):
+            ref = call(host, "diffusers-dit", x, t, y)
+        out = call(host, "diffusers-dit", x, t, y)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# remove_patch, idempotence, copies
+# ----------------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("target", sorted(HOSTS))
+def test_remove_patch_restores_bit_identical_and_clean(target):
+    host = HOSTS[target]()
+    attr = "blocks" if target == "dit" else "transformer_blocks"
+    blocks = getattr(host, attr)
+    before = {k: v.clone() for k, v in host.state_dict().items()}
+    x, t, y = toy_inputs()
+    with fk.backend("reference"):
+        with torch.no_grad():
+            ref = call(host, target, x, t, y)
+        apply_patch(host, TOY_PLAN)
+        assert is_patched(host) and isinstance(getattr(host, attr), FlexPatch)
+        # Fine-tune the patched model a step: the original blocks must not see it.
+        opt = torch.optim.SGD(host.parameters(), lr=0.1)
+        call(host, target, x, t, y).square().mean().backward()
+        opt.step()
+        remove_patch(host)
+        with torch.no_grad():
+            out = call(host, target, x, t, y)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    assert getattr(host, attr) is blocks and not is_patched(host)
+    assert "forward" not in host.__dict__ and not hasattr(host, "_flexdit_patch")
+    assert not (host._forward_hooks or host._forward_pre_hooks)
+    after = host.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[k], v) for k, v in before.items())
+    assert "FlexPatch" not in str(host) and "FlexDiT patch" not in str(host)
+    remove_patch(host)  # a no-op on an unpatched model
+
+
+@pytest.mark.parametrize("target", ["dit", "pixart-alpha"])
+def test_patching_twice_equals_patching_once(target):
+    host = HOSTS[target]()
+    attr = "blocks" if target == "dit" else "transformer_blocks"
+    blocks = getattr(host, attr)
+    x, t, y = toy_inputs()
+    with fk.backend("reference"), torch.no_grad():
+        once = call(apply_patch(host, TOY_PLAN), target, x, t, y)
+        apply_patch(host, DENSE_PLAN)  # a different plan first: the second patch must start from the original
+        twice = call(apply_patch(host, TOY_PLAN), target, x, t, y)
+    torch.testing.assert_close(twice, once, rtol=0, atol=0)
+    assert host._flexdit_patch.original is blocks
+    assert sum(isinstance(m, FlexPatch) for m in host.modules()) == 1
+
+
+def test_deepcopy_and_device_moves_follow_the_patch():
+    dit = apply_patch(toy_dit(), TOY_PLAN)
+    twin = copy.deepcopy(dit)
+    x, t, y = toy_inputs()
+    with fk.backend("reference"), torch.no_grad():
+        torch.testing.assert_close(twin(x, t, y), dit(x, t, y), rtol=0, atol=0)
+        remove_patch(twin.double())
+        assert twin.blocks[0].attn.qkv.weight.dtype == torch.float64  # the originals follow a cast
+        assert is_patched(dit) and not is_patched(twin)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Refusals
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_bad_inputs_are_refused():
+    dit = toy_dit()
+    with pytest.raises(ValueError, match="no decided FlexDiT plan for depth 6"):
+        apply_patch(dit)
+    with pytest.raises(ValueError, match="but depth is 6"):
+        apply_patch(dit, Plan(2, 4, (1, 3, 1, 1), 2))
+    with pytest.raises(ValueError, match="at most the token grid 8x8"):
+        apply_patch(dit, Plan(1, 1, (1, 2, 1, 1), 0, grid=9))
+    with pytest.raises(ValueError, match="at most the token grid 8x8"):
+        apply_patch(dit, TOY_PLAN, schedule=12)
+    with pytest.raises(ValueError, match="unsupported block types"):
+        apply_patch(flexdit.from_dit(dit, toy_config()), TOY_PLAN)  # already FlexDiT
+    with pytest.raises(ValueError, match="unsupported model"):
+        apply_patch(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="plan has unknown keys"):
+        apply_patch(dit, {"num_pool": 1, "pool": 2})
+    assert not is_patched(dit)
+
+    class TooFine:
+        def grid(self, t):
+            return 16
+
+    apply_patch(dit, TOY_PLAN, schedule=TooFine())
+    with pytest.raises(ValueError, match="at most the token grid"):
+        dit(*toy_inputs())
+    host = tiny_diffusers_dit()
+    host.transformer_blocks[2] = nn.Identity()
+    with pytest.raises(ValueError, match=r"unsupported block types \['Identity'\]"):
+        apply_patch(host, TOY_PLAN)
+
+
+def test_plans_from_dicts_and_configs():
+    dit = toy_dit()
+    x, t, y = toy_inputs()
+    with fk.backend("reference"), torch.no_grad():
+        a = apply_patch(dit, dict(num_pool=1, num_modules=1, group=(1, 2, 1, 1), num_top=0, grid=3))(x, t, y)
+        b = apply_patch(dit, toy_config())(x, t, y)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert Plan.for_depth(28, (4, 4)) == Plan(2, 4, (1, 3, 1, 1), 2, 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pipelines and the bench pair
+# ----------------------------------------------------------------------------------------------------------------
+
+def tiny_vae():
+    return diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, layers_per_block=1,
+                                   norm_num_groups=8).eval()
+
+
+def test_dit_pipeline_runs_patched_and_unpatched():
+    pipe = diffusers.DiTPipeline(transformer=tiny_diffusers_dit(num_classes=1000), vae=tiny_vae(),
+                                 scheduler=diffusers.DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+
+    def sample():
+        return pipe([1, 2], num_inference_steps=2, guidance_scale=2.0, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    with fk.backend("reference"):
+        dense = sample()
+        apply_patch(pipe, TOY_PLAN)
+        assert is_patched(pipe.transformer)
+        flex = sample()
+        remove_patch(pipe)
+        restored = sample()
+    assert flex.shape == dense.shape == (2, 32, 32, 3) and bool((abs(flex - dense) > 1e-4).any())
+    assert (restored == dense).all()
+
+
+def test_build_patched_pair_tiny():
+    tiny = dict(num_layers=12, num_attention_heads=2, attention_head_dim=16)
+    for target, extra in (("diffusers-dit", {}), ("pixart-alpha", dict(cross_attention_dim=32, caption_channels=24))):
+        dense, patched, make_inputs = build_patched_pair(target, 64, "cpu", torch.float32,
+                                                         config_overrides={**tiny, **extra})
+        assert is_patched(patched) and not is_patched(dense)
+        assert patched.transformer_blocks.plan == Plan(1, 2, (1, 2, 1, 1), 1, 4)
+        inputs = make_inputs(2)
+        with fk.backend("reference"), torch.no_grad():
+            a, b = dense(**inputs)[0], patched(**inputs)[0]
+        assert a.shape == b.shape == (2, 8, 8, 8) and torch.isfinite(b).all()
+    with pytest.raises(ValueError, match="target must be"):
+        build_patched_pair("unet", 64)
