@@ -1,39 +1,33 @@
 """FlexDiT: Diffusion Transformers with dynamic token density (arXiv 2412.06028)."""
-from .checkpoint import check_state_dict, load_dit_checkpoint, load_flexdit, load_state_dict_strict, save_flexdit
+from . import diffusion
+from .checkpoint import (check_state_dict, load_dit_checkpoint, load_flexdit, load_state_dict_strict,
+                         read_checkpoint, save_flexdit)
 from .convert import from_dit, map_dense_state_dict
-from .models import (DiT, DiT_models, FlexDiT, FlexDiT_models, FlexDiTConfig, create_model, flexdit_config)
-
-__version__ = "0.1.0"
-
-__all__ = [
-    "DiT", "FlexDiT", "FlexDiTConfig", "DiT_models", "FlexDiT_models", "create_model", "flexdit_config",
-    "from_dit", "map_dense_state_dict", "load_dit_checkpoint", "load_flexdit", "save_flexdit",
-    "load_state_dict_strict", "check_state_dict",
-]
-
-# --- pipeline (issue 6): density schedule, diffusion, sampling and fine-tuning --------------------------------------
-from . import diffusion  # noqa: E402
-from .diffusion import GaussianDiffusion, create_diffusion, sample_latents  # noqa: E402
-from .schedule import DensitySchedule  # noqa: E402
-
-__all__ += ["diffusion", "DensitySchedule", "GaussianDiffusion", "create_diffusion", "sample_latents"]
-
-# --- patching existing models in place; PixArt-α (issue 7) ---
 from .diffusers_convert import dit_from_diffusers, dit_state_dict_from_diffusers, use_diffusers_timesteps_
+from .diffusion import GaussianDiffusion, create_diffusion, sample_latents
+from .flops import MacCount, count_macs  # fvcore is imported only when counting
+from .models import DiT, DiT_models, FlexDiT, FlexDiT_models, FlexDiTConfig, create_model, flexdit_config
 from .patch import FlexPatch, Plan, apply_patch, build_patched_pair, is_patched, remove_patch
 from .pixart import (FlexPixArt, FlexPixArt_models, PixArt, PixArt_models, PixArtConfig, create_pixart,
                      flex_pixart_from_pixart, pixart_config_from_diffusers, pixart_from_diffusers,
                      pixart_state_dict_from_diffusers)
+from .schedule import DensitySchedule
 
-__all__ += [
+__version__ = "0.1.0"
+
+__all__ = [
+    # models, conversion, checkpoints
+    "DiT", "FlexDiT", "FlexDiTConfig", "DiT_models", "FlexDiT_models", "create_model", "flexdit_config",
+    "from_dit", "map_dense_state_dict", "load_dit_checkpoint", "load_flexdit", "save_flexdit", "read_checkpoint",
+    "load_state_dict_strict", "check_state_dict",
+    # density schedule, diffusion, sampling
+    "DensitySchedule", "diffusion", "GaussianDiffusion", "create_diffusion", "sample_latents",
+    # patching models in place; PixArt-α
     "apply_patch", "remove_patch", "is_patched", "Plan", "FlexPatch", "build_patched_pair",
     "dit_from_diffusers", "dit_state_dict_from_diffusers", "use_diffusers_timesteps_",
     "PixArt", "FlexPixArt", "PixArtConfig", "PixArt_models", "FlexPixArt_models", "create_pixart",
     "flex_pixart_from_pixart", "pixart_config_from_diffusers", "pixart_from_diffusers",
     "pixart_state_dict_from_diffusers",
+    # FLOP accounting
+    "count_macs", "MacCount",
 ]
-
-# --- FLOP accounting (issue 5; fvcore is imported only when counting) ---
-from .flops import MacCount, count_macs  # noqa: E402
-
-__all__ += ["count_macs", "MacCount"]

@@ -8,7 +8,8 @@ import torch.nn as nn
 StateDict = Dict[str, torch.Tensor]
 
 
-def _read(path: Union[str, os.PathLike]):
+def read_checkpoint(path: Union[str, os.PathLike]):
+    """The object stored in a `.pt` (loaded with `weights_only=True`) or `.safetensors` file, on the CPU."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"path {path!r} is not a file")
@@ -24,7 +25,7 @@ def _read(path: Union[str, os.PathLike]):
 def load_dit_checkpoint(path) -> StateDict:
     """State dict of a dense DiT from a published-format `.pt` (plain state dict, e.g. DiT-XL-2-256x256.pt) or
     `.safetensors` file. A DiT training checkpoint ({"model", "ema", ...}) yields its EMA weights."""
-    obj = _read(path)
+    obj = read_checkpoint(path)
     if isinstance(obj, Mapping) and "pos_embed" not in obj:
         for key in ("ema", "model", "state_dict"):
             if isinstance(obj.get(key), Mapping):
@@ -71,7 +72,7 @@ def save_flexdit(model, path) -> None:
 def load_flexdit(path, map_location="cpu"):
     """Read a FlexDiT written by `save_flexdit` (or a training checkpoint with "config" and "ema"/"model")."""
     from .models import FlexDiT, FlexDiTConfig
-    obj = _read(path)
+    obj = read_checkpoint(path)
     if not isinstance(obj, Mapping) or "config" not in obj:
         raise ValueError(f"{os.fspath(path)!r} is not a FlexDiT checkpoint (no 'config' entry)")
     model = FlexDiT(FlexDiTConfig(**obj["config"]))

@@ -45,7 +45,7 @@ def build_model(name: str, ckpt=None, weights: str = "ema", **overrides):
     flex = name.startswith("FlexDiT")
     if ckpt is None:
         return create_model(name, **overrides), "random initialisation"
-    obj = checkpoint._read(ckpt)
+    obj = checkpoint.read_checkpoint(ckpt)
     what = os.fspath(ckpt)
     if isinstance(obj, Mapping) and "config" in obj:
         key = weights if weights in obj else "model"

@@ -10,6 +10,8 @@ import torch
 HAS_GPU = torch.cuda.is_available()
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Toy-size tensors: one thread avoids the synchronisation cost that dominates tiny CPU ops (and is deterministic).
+    torch.set_num_threads(1)
 
 
 def pytest_configure(config):
