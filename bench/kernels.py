@@ -9,7 +9,6 @@ attention    vs every SDPA backend that takes the shape, fed from the fused-proj
 
 Each kernel is checked against its `*_ref` before it is timed; a wrong kernel is reported FAILED and never timed.
 """
-import importlib
 import itertools
 import math
 from typing import Callable, Dict, List, Optional, Tuple
@@ -70,18 +69,6 @@ def torch_attention(q, k, v, backend=None):
         with sdpa_kernel([backend]):
             out = F.scaled_dot_product_attention(qt, kt, vt)
     return out.transpose(1, 2).reshape(b, lq, h * d)
-
-
-def attention_path(lq: int, lk: int) -> str:
-    """The kernel path flexdit_kernels chooses for (Lq, Lk), when the attention module names it."""
-    mod = importlib.import_module("flexdit_kernels.attention")
-    fn = getattr(mod, "attention_path", None) or getattr(fk, "attention_path", None)
-    if fn is None:
-        return ""
-    try:
-        return str(fn(lq, lk))
-    except Exception as err:  # a naming helper must never stop a benchmark
-        return f"? ({type(err).__name__})"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -274,7 +261,7 @@ class _Runner:
             reason = self._check_attention_grads(make_inputs, b, lq, lk, h, d)
         if reason:
             return self.fail(case, reason)
-        path = attention_path(lq, lk)
+        path = fk.attention_path(lq, lk)
         fwd_flops = 2 * b * h * lq * lk * (d + d)
         impls = {self.flex_impl: lambda: fk.attention(q, k, v).reshape(b, lq, h * d)}
         skipped = []

@@ -4,7 +4,6 @@ Parameter names follow the original PixArt-α repository (`t_block`, `blocks.i.s
 `blocks.i.cross_attn.q_linear` ...); `pixart_state_dict_from_diffusers` reads a diffusers `PixArtTransformer2DModel`.
 In FlexPixArt every layer keeps its caption cross-attention, applied to whichever tokens it holds (sparse or dense).
 """
-import dataclasses
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional, Tuple, Union
 
