@@ -19,15 +19,6 @@ PLAN = dict(num_pool=1, num_modules=1, group=[1, 2, 1, 1], num_top=0)
 COMMON = ["--image-size", "128", "--num-classes", "4", "--classes", "0,1,2,3", "--steps", "4", "--no-progress"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded: on a shared 2-core CPU, competing intra-op threads slow tiny models down many times."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def dense_ckpt(tmp_path_factory):
     torch.manual_seed(0)

@@ -16,16 +16,6 @@ TINY = dict(depth=6, hidden_size=32, num_heads=2)
 PLAN = dict(num_pool=1, num_modules=1, group=[1, 2, 1, 1], num_top=0)
 
 
-@pytest.fixture
-def one_thread():
-    """Training on the CPU runs single-threaded: on a shared 2-core machine, two intra-op threads competing with
-    other processes made a tiny step 50x slower (2.5 s instead of 50 ms)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("latents")
@@ -114,7 +104,7 @@ def _ckpt(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_checkpoint_contents(data_dir, tmp_path, one_thread):
+def test_checkpoint_contents(data_dir, tmp_path):
     main(_args(data_dir, tmp_path, 2))
     ck = _ckpt(tmp_path / "checkpoints" / "0000002.pt")
     assert ck["arch"] == "FlexDiT" and ck["step"] == 2 and ck["schedule"]["grids"] == [5, 4, 4, 3]
@@ -124,7 +114,7 @@ def test_checkpoint_contents(data_dir, tmp_path, one_thread):
     assert log[-1]["step"] == 2 and len(log[-1]["loss_per_stage"]) == 4
 
 
-def test_resume_after_interruption_is_exact(data_dir, tmp_path, monkeypatch, one_thread):
+def test_resume_after_interruption_is_exact(data_dir, tmp_path, monkeypatch):
     main(_args(data_dir, tmp_path / "straight", 6))
     calls = {"n": 0}
     real_step = train_mod.train_step
@@ -154,7 +144,7 @@ def test_resume_after_interruption_is_exact(data_dir, tmp_path, monkeypatch, one
 # --- the end-to-end proof -------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
-def test_end_to_end_dense_convert_finetune(tmp_path, capsys, one_thread):
+def test_end_to_end_dense_convert_finetune(tmp_path, capsys):
     """Train a tiny dense DiT on synthetic latents, convert it, fine-tune with the density schedule: the fine-tuned
     FlexDiT's held-out loss comes within 10% of the dense model's; the converted one, untrained, is worse."""
     make_synthetic_shards(tmp_path / "data", n=1024, shard_size=512, num_classes=4, seed=0)
