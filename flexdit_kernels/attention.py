@@ -306,8 +306,8 @@ def _attention_bwd_dkdv_kernel(
                 _store_rows(DQP, tl.dot(dsc, k1, input_precision=PRECISION) * scale, offs_m, offs_d1,
                             stride_dqm, stride_dqd, lq, HEAD_DIM)
 
-    DK += pid_s * stride_dks + b * stride_dkb + h * stride_dkh
-    DV += pid_s * stride_dks + b * stride_dkb + h * stride_dkh
+    DK += pid_s.to(tl.int64) * stride_dks + b * stride_dkb + h * stride_dkh
+    DV += pid_s.to(tl.int64) * stride_dks + b * stride_dkb + h * stride_dkh
     _store_rows(DK, dk0 * scale, offs_n, offs_d0, stride_dkn, stride_dkd, lk, HEAD_DIM)
     _store_rows(DV, dv0, offs_n, offs_d0, stride_dkn, stride_dkd, lk, HEAD_DIM)
     if HAS_TAIL:
@@ -371,7 +371,7 @@ def _attention_bwd_dq_kernel(
         if HAS_TAIL:
             dq1 += tl.dot(ds, tl.trans(kt1), input_precision=PRECISION)
 
-    DQ += pid_s * stride_dqs + b * stride_dqb + h * stride_dqh
+    DQ += pid_s.to(tl.int64) * stride_dqs + b * stride_dqb + h * stride_dqh
     _store_rows(DQ, dq0 * scale, offs_m, offs_d0, stride_dqm, stride_dqd, lq, HEAD_DIM)
     if HAS_TAIL:
         _store_rows(DQ, dq1 * scale, offs_m, offs_d1, stride_dqm, stride_dqd, lq, HEAD_DIM)
