@@ -107,7 +107,7 @@ def _record_all(full):
     os.environ["TRITON_INTERPRET"] = "1"
     att, tm, tp, ua = mods
 
-    dtypes = (torch.float32, torch.float16, torch.bfloat16) if full else (torch.bfloat16, torch.float32)
+    dtypes = (torch.float32, torch.float16, torch.bfloat16) if full else (torch.bfloat16,)
     hws = HW if full else (32,)
     grids = GRIDS if full else (10,)
     batches = BATCHES if full else (1,)
@@ -245,7 +245,8 @@ def _run(tmp_path, *args):
 
 
 def test_compile_sm90_representative(tmp_path):
-    """bf16 and fp32 (tf32 / ieee dots), 32x32 tokens, G = 10, D = 72, B = 1: every kernel, each attention path."""
+    """bf16, 32x32 tokens, G = 10, D = 72, B = 1: every kernel, each attention path (~25 s on 2 cores). fp32 is
+    left to the opt-in test: its ieee-precision dots take minutes to compile (the fused-dq backward alone ~250 s)."""
     report = _run(tmp_path, "--jobs", "2")
     assert {v["kernel"] for v in report["variants"]} == ALL_KERNELS
 
