@@ -9,10 +9,10 @@ from hypothesis import strategies as st
 
 from flexdit_kernels import token_pool, token_pool_backward_ref, token_pool_ref
 
+from .grid_cases import DTYPES, kernel_params
+
 # The package re-exports the function under the module's name, so fetch the module itself.
 mod = importlib.import_module("flexdit_kernels.token_pool")
-
-DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
 
 
 def _ids(case):
@@ -20,23 +20,7 @@ def _ids(case):
     return f"B{b}-{hw[0]}x{hw[1]}-to-{grid[0]}x{grid[1]}-C{c}"
 
 
-# (B, (h, w), (G_h, G_w), C): divisible, non-divisible, overlapping windows, non-square, identity, G = 1, C = 1152.
-CASES = [
-    (3, (16, 16), (6, 6), 40),
-    (1, (16, 16), (8, 8), 40),
-    (1, (16, 16), (10, 10), 40),
-    (1, (32, 32), (8, 8), 40),
-    (1, (32, 32), (10, 10), 40),
-    (1, (32, 32), (20, 20), 40),
-    (3, (12, 20), (5, 7), 40),
-    (1, (12, 20), (12, 20), 40),
-    (3, (16, 16), (1, 1), 40),
-    (1, (8, 8), (3, 3), 1152),
-]
-# Every case in fp32; fp16 on the awkward ones only, to keep the interpreter run short.
-FP16_CASES = {0, 6, 9}
-KERNEL_PARAMS = [pytest.param(case, *dt, id=f"{_ids(case)}-{str(dt[0])[6:]}")
-                 for k, case in enumerate(CASES) for dt in DTYPES if dt[0] == torch.float32 or k in FP16_CASES]
+KERNEL_PARAMS = kernel_params(_ids)
 
 
 def _grads_via_ref(x, hw, grid, grad_out):

@@ -1,0 +1,27 @@
+"""The dense-grid / sparse-grid cases shared by the token_pool and upsample_add kernel tests."""
+import pytest
+import torch
+
+DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
+
+# (B, (h, w), (G_h, G_w), C): divisible, non-divisible, overlapping windows, non-square, identity, G = 1, C = 1152.
+CASES = [
+    (3, (16, 16), (6, 6), 40),
+    (1, (16, 16), (8, 8), 40),
+    (1, (16, 16), (10, 10), 40),
+    (1, (32, 32), (8, 8), 40),
+    (1, (32, 32), (10, 10), 40),
+    (1, (32, 32), (20, 20), 40),
+    (3, (12, 20), (5, 7), 40),
+    (1, (12, 20), (12, 20), 40),
+    (3, (16, 16), (1, 1), 40),
+    (1, (8, 8), (3, 3), 1152),
+]
+# Every case in fp32; fp16 on the awkward ones only, to keep the interpreter run short.
+FP16_CASES = {0, 6, 9}
+
+
+def kernel_params(ids):
+    """pytest params (case, dtype, atol, rtol), named by `ids(case)` and the dtype."""
+    return [pytest.param(case, *dt, id=f"{ids(case)}-{str(dt[0])[6:]}")
+            for k, case in enumerate(CASES) for dt in DTYPES if dt[0] == torch.float32 or k in FP16_CASES]
