@@ -1,9 +1,9 @@
 """Triton kernels for FlexDiT, each beside its pure-PyTorch reference, registered as `torch.ops.flexdit.*`."""
 from ._dispatch import backend, get_backend, interpreting, set_backend, use_triton
-from .attention import attention, attention_backward_ref, attention_path, attention_ref
-from .token_mean import token_mean, token_mean_backward_ref, token_mean_ref
-from .token_pool import pool_matrix, token_pool, token_pool_backward_ref, token_pool_ref
-from .upsample_add import parent_index, upsample_add, upsample_add_backward_ref, upsample_add_ref
+from ._attention import attention, attention_backward_ref, attention_path, attention_ref
+from ._token_mean import token_mean, token_mean_backward_ref, token_mean_ref
+from ._token_pool import pool_matrix, token_pool, token_pool_backward_ref, token_pool_ref
+from ._upsample_add import parent_index, upsample_add, upsample_add_backward_ref, upsample_add_ref
 
 __all__ = [
     "attention", "attention_ref", "attention_backward_ref", "attention_path",

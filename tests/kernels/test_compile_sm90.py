@@ -98,7 +98,7 @@ def _record_all(full):
     import flexdit_kernels  # noqa: F401 - the package imports the four op modules
 
     sink = {}
-    mods = [sys.modules[f"flexdit_kernels.{m}"] for m in ("attention", "token_mean", "token_pool", "upsample_add")]
+    mods = [sys.modules[f"flexdit_kernels._{m}"] for m in ("attention", "token_mean", "token_pool", "upsample_add")]
     for mod in mods:
         for name, obj in list(vars(mod).items()):
             if hasattr(obj, "params") and hasattr(obj, "fn") and name.endswith("_kernel"):

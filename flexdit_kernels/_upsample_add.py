@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ._dispatch import use_triton
 from ._validate import check_grid, check_kernel_device, check_same, check_tensor, check_tokens
-from .token_pool import Grid
+from ._token_pool import Grid
 
 
 # ----------------------------------------------------------------------------------------------------------------
