@@ -40,13 +40,9 @@ PATCH_OVERRIDES: Dict[str, object] = {}   # diffusers config fields replaced in 
 
 def build_patched_models(name: str, image_size: int, grid: int, device: torch.device):
     """(dense, patched, inputs kwargs builder) for a patch target; the patched model uses the decided plan."""
-    from flexdit.patch import build_patched_pair
-    plan = {"grid": grid}
-    layers = PATCH_OVERRIDES.get("num_layers", 28)
-    from flexdit.models import FLEX_PLANS
-    if layers in FLEX_PLANS:
-        plan.update(FLEX_PLANS[layers])
-    return build_patched_pair(name, image_size, device=device, plan=plan, config_overrides=dict(PATCH_OVERRIDES))
+    from .fixtures import build_patched_pair
+    return build_patched_pair(name, image_size, device=device, plan={"grid": grid},
+                              config_overrides=dict(PATCH_OVERRIDES))
 
 
 def model_inputs(batch: int, image_size: int, device: torch.device, num_classes: int = 1000, seed: int = 0):

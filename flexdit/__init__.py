@@ -2,15 +2,16 @@
 from . import diffusion
 from .checkpoint import (check_state_dict, load_dit_checkpoint, load_flexdit, load_state_dict_strict,
                          read_checkpoint, save_flexdit)
-from .convert import from_dit, map_dense_state_dict
-from .diffusers_convert import dit_from_diffusers, dit_state_dict_from_diffusers, use_diffusers_timesteps_
+from .convert import flex_pixart_from_pixart, from_dit, map_dense_state_dict
+from .diffusers_convert import (dit_from_diffusers, dit_state_dict_from_diffusers, pixart_config_from_diffusers,
+                                pixart_from_diffusers, pixart_state_dict_from_diffusers, use_diffusers_timesteps_)
 from .diffusion import GaussianDiffusion, create_diffusion, sample_latents
 from .flops import MacCount, count_macs  # fvcore is imported only when counting
 from .models import DiT, DiT_models, FlexDiT, FlexDiT_models, FlexDiTConfig, create_model, flexdit_config
-from .patch import FlexPatch, Plan, apply_patch, build_patched_pair, is_patched, remove_patch
-from .pixart import (FlexPixArt, FlexPixArt_models, PixArt, PixArt_models, PixArtConfig, create_pixart,
-                     flex_pixart_from_pixart, pixart_config_from_diffusers, pixart_from_diffusers,
-                     pixart_state_dict_from_diffusers)
+from .patch import FlexPatch, apply_patch, is_patched, remove_patch
+from .pixart import FlexPixArt, FlexPixArt_models, PixArt, PixArt_models, PixArtConfig, create_pixart
+from .plan import Plan, parse_grid
+from .router import FlexLayer, RouteState
 from .schedule import DensitySchedule
 
 __version__ = "0.1.0"
@@ -23,7 +24,8 @@ __all__ = [
     # density schedule, diffusion, sampling
     "DensitySchedule", "diffusion", "GaussianDiffusion", "create_diffusion", "sample_latents",
     # patching models in place; PixArt-α
-    "apply_patch", "remove_patch", "is_patched", "Plan", "FlexPatch", "build_patched_pair",
+    "Plan", "parse_grid", "FlexLayer", "RouteState",
+    "apply_patch", "remove_patch", "is_patched", "FlexPatch",
     "dit_from_diffusers", "dit_state_dict_from_diffusers", "use_diffusers_timesteps_",
     "PixArt", "FlexPixArt", "PixArtConfig", "PixArt_models", "FlexPixArt_models", "create_pixart",
     "flex_pixart_from_pixart", "pixart_config_from_diffusers", "pixart_from_diffusers",

@@ -75,7 +75,7 @@ def load_flexdit(path, map_location="cpu"):
     obj = read_checkpoint(path)
     if not isinstance(obj, Mapping) or "config" not in obj:
         raise ValueError(f"{os.fspath(path)!r} is not a FlexDiT checkpoint (no 'config' entry)")
-    model = FlexDiT(FlexDiTConfig(**obj["config"]))
+    model = FlexDiT(FlexDiTConfig.from_dict(obj["config"]))
     weights = obj.get("ema", obj.get("model"))
     if weights is None:
         raise ValueError(f"{os.fspath(path)!r} has no 'model' or 'ema' weights")

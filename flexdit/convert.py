@@ -1,4 +1,5 @@
-"""Dense DiT → FlexDiT by the weight mapping of REFERENCE §2: block i becomes layer i of the plan."""
+"""Dense checkpoints of the project's layouts (DiT, PixArt-α) → FlexDiT by the paper's weight mapping: block i becomes
+layer i of the plan."""
 from typing import Mapping, Union
 
 import torch
@@ -6,6 +7,7 @@ import torch.nn as nn
 
 from .checkpoint import check_state_dict, load_state_dict_strict
 from .models import DiT, FlexDiT, FlexDiTConfig
+from .pixart import FlexPixArt, PixArtConfig
 
 
 def dense_shapes(config: FlexDiTConfig):
@@ -23,7 +25,7 @@ def map_dense_state_dict(state_dict: Mapping[str, torch.Tensor], config: FlexDiT
 
 
 def map_dense_blocks(state_dict: Mapping[str, torch.Tensor], kinds, hidden_size: int, prefix: str = "blocks."):
-    """The block-by-block REFERENCE §2 mapping on any state dict whose blocks hold `attn.qkv` and `attn.proj`
+    """The paper's block-by-block mapping on any state dict whose blocks hold `attn.qkv` and `attn.proj`
     (DiT, PixArt-α): `prefix{i}.` becomes layer i of `kinds`; other keys (in or outside the blocks) are cloned."""
     c = hidden_size
     out = {k: v.clone() for k, v in state_dict.items() if not k.startswith(prefix)}
@@ -52,7 +54,7 @@ def map_dense_blocks(state_dict: Mapping[str, torch.Tensor], kinds, hidden_size:
 
 
 def from_dit(dit_or_state_dict: Union[nn.Module, Mapping[str, torch.Tensor]], config: FlexDiTConfig) -> FlexDiT:
-    """Build a FlexDiT from a dense DiT (module or published-format state dict) by the REFERENCE mapping.
+    """Build a FlexDiT from a dense DiT (module or published-format state dict) by the paper's weight mapping.
 
     The result lives on the source's device and dtype and shares no storage with it. Fine-tune before sampling.
     """
@@ -70,4 +72,16 @@ def from_dit(dit_or_state_dict: Union[nn.Module, Mapping[str, torch.Tensor]], co
         model = FlexDiT(config)
     load_state_dict_strict(model, mapped, what="converted state dict", assign=True)
     model.pos_embed.requires_grad_(False)
+    return model
+
+
+def flex_pixart_from_pixart(pixart_or_state_dict: Union[nn.Module, Mapping[str, torch.Tensor]],
+                            config: PixArtConfig) -> FlexPixArt:
+    """FlexPixArt by the the paper's weight mapping from a dense PixArt (module or state dict); shares no storage."""
+    sd = pixart_or_state_dict.state_dict() if isinstance(pixart_or_state_dict, nn.Module) else pixart_or_state_dict
+    mapped = map_dense_blocks(sd, config.layer_kinds(), config.hidden_size)
+    with torch.device("meta"):
+        model = FlexPixArt(config)
+    load_state_dict_strict(model, mapped, what="converted PixArt state dict", assign=True)
+    model.reset_pos_embed(next(iter(mapped.values())).device)
     return model

@@ -1,4 +1,5 @@
-"""diffusers `DiTTransformer2DModel` → the published DiT layout (the inverse of diffusers' convert_dit_to_diffusers).
+"""diffusers models → the project's layouts: `DiTTransformer2DModel` → the published DiT layout (the inverse of
+diffusers' convert_dit_to_diffusers), `PixArtTransformer2DModel` → the original PixArt-α layout.
 
 Two differences of diffusers' DiT are kept visible rather than hidden: its timestep frequencies are
 exp(−ln(10000)·k/127) (`downscale_freq_shift=1`; DiT uses /128), reproduced by `DiffusersTimestepEmbedder`, and its
@@ -12,8 +13,11 @@ from typing import Dict
 import torch
 import torch.nn as nn
 
+from .checkpoint import load_state_dict_strict
 from .layers import TimestepEmbedder
 from .models import DiT
+from .pixart import PixArt, PixArtConfig
+from .plan import DECIDED_PLANS, Plan
 
 
 class DiffusersTimestepEmbedder(TimestepEmbedder):
@@ -94,3 +98,70 @@ def dit_from_diffusers(model: nn.Module) -> DiT:
     dit.load_state_dict(sd, strict=True, assign=True)
     dit.pos_embed.requires_grad_(False)
     return use_diffusers_timesteps_(dit)
+
+
+def pixart_config_from_diffusers(model: nn.Module, **plan) -> PixArtConfig:
+    """PixArtConfig of a diffusers `PixArtTransformer2DModel` (plan fields from `plan`, else the decided plan)."""
+    cfg = model.config
+    c = cfg.num_attention_heads * cfg.attention_head_dim
+    out_channels = cfg.out_channels or cfg.in_channels
+    problems = [msg for bad, msg in (
+        (model.use_additional_conditions, "resolution/aspect-ratio conditions (the 1024² model)"),
+        (cfg.caption_channels is None, "no caption projection"),
+        (cfg.cross_attention_dim != c, f"cross_attention_dim {cfg.cross_attention_dim} != hidden {c}"),
+        (cfg.norm_elementwise_affine, "affine LayerNorms"),
+        (out_channels not in (cfg.in_channels, 2 * cfg.in_channels), f"out_channels {out_channels}"),
+    ) if bad]
+    if problems:
+        raise ValueError(f"unsupported PixArtTransformer2DModel: {'; '.join(problems)}")
+    side = cfg.sample_size
+    token_grid = (side // cfg.patch_size, side // cfg.patch_size)
+    plan = Plan.for_depth(cfg.num_layers, token_grid, **plan) if cfg.num_layers in DECIDED_PLANS or plan \
+        else Plan.dense(cfg.num_layers)
+    return PixArtConfig(input_size=side, patch_size=cfg.patch_size, in_channels=cfg.in_channels, hidden_size=c,
+                        depth=cfg.num_layers, num_heads=cfg.num_attention_heads,
+                        mlp_ratio=model.transformer_blocks[0].ff.net[0].proj.out_features / c,
+                        caption_channels=cfg.caption_channels, learn_sigma=out_channels == 2 * cfg.in_channels,
+                        interpolation_scale=cfg.interpolation_scale or max(side // 64, 1), plan=plan)
+
+
+def pixart_state_dict_from_diffusers(model_or_state_dict) -> Dict[str, torch.Tensor]:
+    """Original-layout PixArt-α state dict (cloned) from a diffusers `PixArtTransformer2DModel` or its state dict."""
+    sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
+    out = {}
+
+    def lin(src, dst):
+        out[f"{dst}.weight"], out[f"{dst}.bias"] = sd[f"{src}.weight"], sd[f"{src}.bias"]
+
+    lin("pos_embed.proj", "x_embedder.proj")
+    lin("adaln_single.emb.timestep_embedder.linear_1", "t_embedder.mlp.0")
+    lin("adaln_single.emb.timestep_embedder.linear_2", "t_embedder.mlp.2")
+    lin("adaln_single.linear", "t_block.1")
+    lin("caption_projection.linear_1", "y_embedder.y_proj.fc1")
+    lin("caption_projection.linear_2", "y_embedder.y_proj.fc2")
+    depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+    for i in range(depth):
+        b, o = f"transformer_blocks.{i}.", f"blocks.{i}."
+        out[o + "scale_shift_table"] = sd[b + "scale_shift_table"]
+        for part in ("weight", "bias"):
+            out[o + f"attn.qkv.{part}"] = torch.cat([sd[b + f"attn1.to_{n}.{part}"] for n in "qkv"])
+            out[o + f"cross_attn.kv_linear.{part}"] = torch.cat([sd[b + f"attn2.to_{n}.{part}"] for n in "kv"])
+        lin(b + "attn1.to_out.0", o + "attn.proj")
+        lin(b + "attn2.to_q", o + "cross_attn.q_linear")
+        lin(b + "attn2.to_out.0", o + "cross_attn.proj")
+        lin(b + "ff.net.0.proj", o + "mlp.fc1")
+        lin(b + "ff.net.2", o + "mlp.fc2")
+    out["final_layer.scale_shift_table"] = sd["scale_shift_table"]
+    lin("proj_out", "final_layer.linear")
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def pixart_from_diffusers(model: nn.Module) -> PixArt:
+    """The project's dense PixArt from a diffusers `PixArtTransformer2DModel` (same function; no shared storage)."""
+    cfg = pixart_config_from_diffusers(model)
+    sd = pixart_state_dict_from_diffusers(model)
+    with torch.device("meta"):
+        pixart = PixArt(cfg)
+    load_state_dict_strict(pixart, sd, what="converted diffusers PixArt state dict", assign=True)
+    pixart.reset_pos_embed(sd["x_embedder.proj.weight"].device)
+    return pixart

@@ -1,7 +1,7 @@
 """Multiply-accumulate (MAC) counting for DiT and FlexDiT on fvcore, with handles for attention and flexdit ops.
 
 DiT papers call MACs "FLOPs"; fvcore counts one fused multiply-add as one "flop", so its totals are MACs.
-Counting rules (REFERENCE §6):
+Counting rules:
 - `aten::scaled_dot_product_attention` and `flexdit::attention`: B·H·Lq·Lk·(d_qk + d_v) (q·kᵀ plus p·v).
   fvcore would otherwise record SDPA as zero.
 - The other flexdit ops are counted exactly as fvcore counts the plain-PyTorch path each one replaces, so that a
@@ -13,7 +13,8 @@ Counting rules (REFERENCE §6):
 
 With these rules DiT-XL/2 is 118.69 G MACs at 256² and 524.81 G at 512² (the paper: 118.6 G, 524.6 G), and
 FlexDiT-XL/2 at 512² with an 8×8 grid is ≈ 222.7 G: this model applies W1 before the upsampling and the
-Poolingformer's V/proj on the token mean (REFERENCE §6: "about 223 G"; the paper's counting gives 233.5 G).
+Poolingformer's V/proj on the token mean (the paper's counting, W1 after the upsampling and V/proj on every token,
+gives 233.5 G).
 
 Models and inputs may live on the meta device (no memory, no compute: the fast way to count a 675M-parameter
 model). fvcore traces with `torch.jit`, and PyTorch's meta convolution fails under the tracer, so on meta tensors

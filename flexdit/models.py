@@ -6,47 +6,38 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-import flexdit_kernels as fk
-
-from .layers import (Attention, CrossAttention, LabelEmbedder, Mlp, PatchEmbed, PoolingAttention,
-                     TimestepEmbedder, get_2d_sincos_pos_embed, modulate, to_pair)
-
-GridLike = Union[int, Tuple[int, int]]
+from .layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate, to_pair
+from .plan import GridLike, Plan, Slot, parse_grid, split_plan_fields
+from .router import FlexLayer, RouteState
 
 
 #################################################################################
 #                                 Core DiT Blocks                               #
 #################################################################################
 
-class _AdaLNBlock(nn.Module):
-    """Shared parts of every block: the affine-free LayerNorms, the MLP and the 6-way adaLN-Zero modulation."""
+class DiTBlock(FlexLayer):
+    """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning, as any FlexDiT layer kind.
 
-    def __init__(self, hidden_size, mlp_ratio):
-        super().__init__()
+    kind "dense" (the default) is DiT's block; "pool", "gen" and "recover" swap its attention for the Poolingformer,
+    sparse-generation and dense-recovery forms (see `FlexLayer`). The parameter names are DiT's.
+    """
+
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, use_kernel=False, slot: Slot = Slot("dense"),
+                 state: Optional[RouteState] = None):
+        super().__init__(slot, state)
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.build_attention(hidden_size, num_heads, use_kernel)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
-    def modulation(self, c):
+    def forward(self, x, c):
+        """x: (B, L, C) tokens, c: (B, C) conditioning -> the next layer's tokens."""
+        return self.route(x, c)
+
+    def modulation(self, x, c):
         """shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, C)."""
         return self.adaLN_modulation(c).chunk(6, dim=1)
-
-    def mlp_residual(self, x, shift, scale, gate):
-        return x + gate.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift, scale))
-
-
-class DiTBlock(_AdaLNBlock):
-    """A DiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
-
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, use_kernel=False):
-        super().__init__(hidden_size, mlp_ratio)
-        self.attn = Attention(hidden_size, num_heads, use_kernel=use_kernel)
-
-    def forward(self, x, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
-        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
-        return self.mlp_residual(x, shift_mlp, scale_mlp, gate_mlp)
 
 
 class FinalLayer(nn.Module):
@@ -61,69 +52,6 @@ class FinalLayer(nn.Module):
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
-
-
-#################################################################################
-#                                 FlexDiT Blocks                                #
-#################################################################################
-
-class PoolingBlock(_AdaLNBlock):
-    """Poolingformer layer: attention replaced by global average pooling of the values, O(N·C)."""
-
-    def __init__(self, hidden_size, num_heads=None, mlp_ratio=4.0):
-        super().__init__(hidden_size, mlp_ratio)
-        self.attn = PoolingAttention(hidden_size)
-
-    def forward(self, x, c):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
-        # mean_n(modulate(LN(x_n))) = mean_n(LN(x_n)) * (1 + scale) + shift: one pooled vector per sample.
-        u_mean = fk.token_mean(x, self.norm1.eps) * (1 + scale_msa) + shift_msa  # (B, C)
-        x = x + (gate_msa * self.attn(u_mean)).unsqueeze(1)                        # broadcast to all N tokens
-        return self.mlp_residual(x, shift_mlp, scale_mlp, gate_mlp)
-
-
-class CrossDiTBlock(_AdaLNBlock):
-    """Sparse-token generation: pooled queries attend to the dense tokens; one LN and adaLN for both streams."""
-
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
-        super().__init__(hidden_size, mlp_ratio)
-        self.attn = CrossAttention(hidden_size, num_heads)
-
-    def forward(self, xs, x, c):
-        """xs: (B, M, C) sparse queries, x: (B, N, C) dense keys/values, c: (B, C) → (B, M, C)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
-        q_in = modulate(self.norm1(xs), shift_msa, scale_msa)
-        kv_in = modulate(self.norm1(x), shift_msa, scale_msa)
-        xs = xs + gate_msa.unsqueeze(1) * self.attn(q_in, kv_in)
-        return self.mlp_residual(xs, shift_mlp, scale_mlp, gate_mlp)
-
-
-class RecoveryBlock(_AdaLNBlock):
-    """Dense recovery: upsampled sparse tokens fused with the dense skip, then dense queries attend to the sparse."""
-
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0):
-        super().__init__(hidden_size, mlp_ratio)
-        self.attn = CrossAttention(hidden_size, num_heads)
-        self.fuse_sparse = nn.Linear(hidden_size, hidden_size)  # W1, applied to the M sparse tokens
-        self.fuse_dense = nn.Linear(hidden_size, hidden_size)   # W2, applied to the N dense tokens
-
-    def reset_fusion(self):
-        """W1 = 0, W2 = I (zero biases): the fused tokens equal the dense skip at initialisation."""
-        nn.init.zeros_(self.fuse_sparse.weight)
-        nn.init.zeros_(self.fuse_sparse.bias)
-        with torch.no_grad():
-            self.fuse_dense.weight.copy_(torch.eye(self.fuse_dense.weight.shape[0]))
-        nn.init.zeros_(self.fuse_dense.bias)
-
-    def forward(self, xs, x, c, hw, grid):
-        """xs: (B, M, C) sparse, x: (B, N, C) dense skip, c: (B, C) → (B, N, C)."""
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
-        # W1·upsample(X_s) = upsample(W1·X_s): W1 runs on M tokens, the upsample is fused with the add.
-        xm = fk.upsample_add(self.fuse_sparse(xs), self.fuse_dense(x), hw, grid)  # (B, N, C)
-        q_in = modulate(self.norm1(xm), shift_msa, scale_msa)
-        kv_in = modulate(self.norm1(xs), shift_msa, scale_msa)
-        xm = xm + gate_msa.unsqueeze(1) * self.attn(q_in, kv_in)
-        return self.mlp_residual(xm, shift_mlp, scale_mlp, gate_mlp)
 
 
 #################################################################################
@@ -240,12 +168,9 @@ class DiT(_DiTShell):
 #                                   FlexDiT                                     #
 #################################################################################
 
-LAYER_KINDS = ("pool", "gen", "sparse", "recover", "dense")
-
-
 @dataclass
-class FlexDiTConfig:
-    """A dense DiT's size plus FlexDiT's layer plan: P Poolingformers, K × (g, s, r, d) modules, T top blocks."""
+class BackboneConfig:
+    """A DiT-style backbone's size and the FlexDiT `Plan` it runs (default: the decided plan for its depth)."""
 
     input_size: Union[int, Tuple[int, int]] = 32
     patch_size: int = 2
@@ -254,63 +179,51 @@ class FlexDiTConfig:
     depth: int = 28
     num_heads: int = 16
     mlp_ratio: float = 4.0
-    class_dropout_prob: float = 0.1
-    num_classes: int = 1000
     learn_sigma: bool = True
-    num_pool: int = 2
-    num_modules: int = 4
-    group: Tuple[int, int, int, int] = (1, 3, 1, 1)
-    num_top: int = 2
-    grid: Union[int, Tuple[int, int]] = 8
+    plan: Optional[Plan] = None
 
     def __post_init__(self):
-        self.group = tuple(int(v) for v in self.group)
         if isinstance(self.input_size, (list, tuple)):
             self.input_size = tuple(int(v) for v in self.input_size)
-        if isinstance(self.grid, (list, tuple)):
-            self.grid = tuple(int(v) for v in self.grid)
-        if len(self.group) != 4 or min(self.group) < 0:
-            raise ValueError(f"group must be four non-negative ints (g, s, r, d), got {self.group}")
-        if min(self.num_pool, self.num_modules, self.num_top) < 0:
-            raise ValueError("num_pool, num_modules and num_top must be non-negative")
-        if self.num_modules and self.group[2] < 1:
-            raise ValueError(f"group needs at least one recovery block (r >= 1), got {self.group}")
-        total = self.num_pool + self.num_modules * sum(self.group) + self.num_top
-        if total != self.depth:
-            raise ValueError(f"layer plan P={self.num_pool} + K={self.num_modules} x {self.group} + "
-                             f"T={self.num_top} = {total} layers, but depth is {self.depth}")
         h, w = to_pair(self.input_size)
-        if self.num_modules:
-            _check_grid(self.grid, (h // self.patch_size, w // self.patch_size))
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"input_size {h}x{w} is not divisible by patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        self.plan = Plan.coerce(self.plan, self.depth, self.token_grid)
+
+    @property
+    def token_grid(self) -> Tuple[int, int]:
+        h, w = to_pair(self.input_size)
+        return h // self.patch_size, w // self.patch_size
+
+    def layer_kinds(self) -> List[str]:
+        return self.plan.layer_kinds()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        """A config from `to_dict()`'s output, or from a flat dict whose plan fields stand beside the sizes."""
+        plan_kw, rest = split_plan_fields(d)
+        if plan_kw:
+            rest["plan"] = {**(rest.get("plan") or {}), **plan_kw}
+        return cls(**rest)
+
+
+@dataclass
+class FlexDiTConfig(BackboneConfig):
+    """A class-conditional DiT's size plus FlexDiT's layer plan."""
+
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
 
     def dit_kwargs(self) -> dict:
         """Constructor arguments of the dense DiT this FlexDiT is built from."""
         names = ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
                  "class_dropout_prob", "num_classes", "learn_sigma")
         return {n: getattr(self, n) for n in names}
-
-    def layer_kinds(self) -> List[str]:
-        """Kind of each block, in order: pool, then K × (gen, sparse, recover, dense), then dense (top)."""
-        g, s, r, d = self.group
-        module = ["gen"] * g + ["sparse"] * s + ["recover"] * r + ["dense"] * d
-        return ["pool"] * self.num_pool + module * self.num_modules + ["dense"] * self.num_top
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def _check_grid(grid, token_grid) -> Tuple[int, int]:
-    if isinstance(grid, bool) or not isinstance(grid, (int, tuple, list)):
-        raise ValueError(f"grid must be an int or a pair of ints, got {grid!r}")
-    gh, gw = to_pair(grid)
-    h, w = token_grid
-    if not (1 <= gh <= h and 1 <= gw <= w):
-        raise ValueError(f"grid {gh}x{gw} must be at least 1x1 and at most the token grid {h}x{w}")
-    return gh, gw
-
-
-_BLOCKS = {"pool": PoolingBlock, "gen": CrossDiTBlock, "sparse": DiTBlock, "recover": RecoveryBlock,
-           "dense": DiTBlock}
 
 
 class FlexDiT(_DiTShell):
@@ -322,46 +235,31 @@ class FlexDiT(_DiTShell):
                          cfg.class_dropout_prob, cfg.num_classes, cfg.learn_sigma)
         self.config = cfg
         self.kinds = cfg.layer_kinds()
-        module_len = sum(cfg.group)
-        self.module_starts = {cfg.num_pool + k * module_len for k in range(cfg.num_modules)}
-        self.blocks = nn.ModuleList()
-        for kind in self.kinds:
-            kwargs = {"use_kernel": True} if _BLOCKS[kind] is DiTBlock else {}
-            self.blocks.append(_BLOCKS[kind](cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, **kwargs))
+        self.route_state = RouteState()
+        self.blocks = nn.ModuleList([DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, use_kernel=True,
+                                              slot=slot, state=self.route_state) for slot in cfg.plan.slots()])
         self.initialize_weights()
 
     def initialize_weights(self):
         super().initialize_weights()
         for block in self.blocks:
-            if isinstance(block, RecoveryBlock):
+            if block.kind == "recover":
                 block.reset_fusion()
 
     def extra_repr(self):
-        cfg = self.config
-        return (f"plan: P={cfg.num_pool}, K={cfg.num_modules} x (g, s, r, d)={cfg.group}, T={cfg.num_top}, "
-                f"grid={cfg.grid}")
+        return f"plan: {self.config.plan}"
 
     def forward(self, x, t, y, grid: Optional[GridLike] = None):
-        """x: (B, C_in, H, W), t: (B,), y: (B,), grid: sparse grid side G or (G_h, G_w) (default config.grid).
+        """x: (B, C_in, H, W), t: (B,), y: (B,), grid: sparse grid G, (G_h, G_w) or "GhxGw" (default: the plan's).
 
         Returns (B, out_channels, H, W). The grid may change from call to call (temporal density schedule).
         """
         hw = self.token_grid
-        grid = _check_grid(self.config.grid if grid is None else grid, hw) if self.config.num_modules else None
-        x, c = self.embed(x, t, y)                       # (B, N, C)
-        for i, (kind, block) in enumerate(zip(self.kinds, self.blocks)):
-            if i in self.module_starts:
-                dense_in = x                             # the module's dense input: keys of gen, skip of recovery
-                xs = fk.token_pool(x, hw, grid)          # (B, M, C)
-            if kind == "gen":
-                xs = block(xs, dense_in, c)              # (B, M, C)
-            elif kind == "sparse":
-                xs = block(xs, c)                        # (B, M, C)
-            elif kind == "recover":
-                x = block(xs, x, c, hw, grid)            # (B, N, C)
-            else:
-                x = block(x, c)                          # (B, N, C)
-        x = self.final_layer(x, c)                       # (B, N, p*p*out)
+        grid = parse_grid(self.config.plan.grid if grid is None else grid, hw) if self.config.plan.num_modules \
+            else None
+        x, c = self.embed(x, t, y)                                      # (B, N, C)
+        x = self.route_state.run(self.blocks, x, hw, grid, c)           # (B, N, C)
+        x = self.final_layer(x, c)                                      # (B, N, p*p*out)
         return self.unpatchify(x)
 
 
@@ -374,13 +272,6 @@ DiT_SIZES = {
     "B": dict(depth=12, hidden_size=768, num_heads=12),
     "L": dict(depth=24, hidden_size=1024, num_heads=16),
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
-}
-
-# Decided layer plans by depth (REFERENCE §2): (P, K, (g, s, r, d), T).
-FLEX_PLANS = {
-    28: dict(num_pool=2, num_modules=4, group=(1, 3, 1, 1), num_top=2),
-    24: dict(num_pool=2, num_modules=4, group=(1, 2, 1, 1), num_top=2),
-    12: dict(num_pool=1, num_modules=2, group=(1, 2, 1, 1), num_top=1),
 }
 
 DiT_models = {f"DiT-{s}/{p}": dict(patch_size=p, **kw) for s, kw in DiT_SIZES.items() for p in (2, 4, 8)}
@@ -396,15 +287,19 @@ def _lookup(name, table):
 def flexdit_config(name: str, **overrides) -> FlexDiTConfig:
     """The decided FlexDiT config for a registry name ("FlexDiT-XL/2", or the dense name "DiT-XL/2").
 
-    The default sparse grid is 8x8, or the whole token grid when that is smaller.
+    `overrides` replace size fields, and plan fields (num_pool, num_modules, group, num_top, grid) replace those of
+    the decided plan (grid 8x8, clamped to the token grid); or pass a whole `plan=Plan(...)`.
     """
     key = name if name.startswith("Flex") else f"Flex{name}"
     kwargs = _lookup(key, FlexDiT_models)
-    kwargs.update(FLEX_PLANS.get(overrides.get("depth", kwargs["depth"]), {}))
-    kwargs.update(overrides)
-    if "grid" not in overrides:
+    plan_kw, rest = split_plan_fields(overrides)
+    kwargs.update(rest)
+    if kwargs.get("plan") is None:
         h, w = to_pair(kwargs.get("input_size", 32))
-        kwargs["grid"] = min(8, h // kwargs["patch_size"], w // kwargs["patch_size"])
+        kwargs["plan"] = Plan.for_depth(kwargs["depth"], (h // kwargs["patch_size"], w // kwargs["patch_size"]),
+                                        **plan_kw)
+    elif plan_kw:
+        raise ValueError(f"give plan fields {sorted(plan_kw)} or plan=, not both")
     return FlexDiTConfig(**kwargs)
 
 

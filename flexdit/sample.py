@@ -54,7 +54,7 @@ def build_model(name: str, ckpt=None, weights: str = "ema", **overrides):
         if obj.get("arch", "FlexDiT") == "FlexDiT":
             if not flex:
                 raise ValueError(f"ckpt {what!r} is a FlexDiT checkpoint; use a FlexDiT-* model name")
-            model = FlexDiT(FlexDiTConfig(**obj["config"]))
+            model = FlexDiT(FlexDiTConfig.from_dict(obj["config"]))
             checkpoint.load_state_dict_strict(model, obj[key], what=what)
             return model, f"FlexDiT checkpoint ({key} weights)"
         # a dense training checkpoint of flexdit-finetune: its config gives the DiT's size
@@ -112,7 +112,8 @@ def parse_model_args(text: str | None) -> dict:
 
 def schedule_from_args(args, model):
     """The density schedule asked for on the command line: --r-min/--r-max, --grid, or None (model default)."""
-    is_flex = hasattr(model, "config") and getattr(model.config, "num_modules", 0) > 0
+    plan = getattr(getattr(model, "config", None), "plan", None)
+    is_flex = plan is not None and plan.num_modules > 0
     rates = (args.r_min, args.r_max)
     if (rates[0] is None) != (rates[1] is None):
         raise ValueError("--r-min and --r-max go together")

@@ -146,7 +146,8 @@ def _set_rng_state(state: dict) -> None:
 
 
 def _schedule(args, model):
-    is_flex = hasattr(model, "config") and getattr(model.config, "num_modules", 0) > 0
+    plan = getattr(getattr(model, "config", None), "plan", None)
+    is_flex = plan is not None and plan.num_modules > 0
     if not is_flex:
         if args.r_min is not None or args.grid is not None:
             raise ValueError("--r-min/--r-max/--grid need a FlexDiT model")

@@ -3,9 +3,10 @@ import pytest
 import torch
 
 import flexdit_kernels as fk
+from flexdit.convert import flex_pixart_from_pixart
+from flexdit.diffusers_convert import pixart_config_from_diffusers, pixart_from_diffusers
 from flexdit.patch import apply_patch, is_patched, remove_patch
-from flexdit.pixart import (FlexPixArt, PixArtRecoveryBlock, create_pixart, flex_pixart_from_pixart,
-                            pixart_config_from_diffusers, pixart_from_diffusers)
+from flexdit.pixart import FlexPixArt, PixArtBlock, create_pixart
 
 from .models.helpers import TOY, randomize_, toy_inputs
 from .test_patch import TOY_PLAN, caption, tiny_pixart, tiny_vae
@@ -64,7 +65,7 @@ def test_native_flexpixart_mapping_and_degenerate_plan():
     assert torch.equal(flex.blocks[1].attn.kv.bias, src["blocks.1.attn.qkv.bias"][c:])
     assert torch.equal(flex.blocks[4].cross_attn.kv_linear.weight, src["blocks.4.cross_attn.kv_linear.weight"])
     rec = flex.blocks[4]
-    assert isinstance(rec, PixArtRecoveryBlock) and not rec.fuse_sparse.weight.any()
+    assert isinstance(rec, PixArtBlock) and rec.kind == "recover" and not rec.fuse_sparse.weight.any()
     assert torch.equal(rec.fuse_dense.weight, torch.eye(c))
     assert flex.blocks[0].attn.v.weight.data_ptr() != dense.blocks[0].attn.qkv.weight.data_ptr()
 
@@ -73,12 +74,12 @@ def test_registry_and_refusals():
     with torch.device("meta"):
         dense, flex = create_pixart("PixArt-XL/2"), create_pixart("FlexPixArt-XL/2")
     assert 600e6 < sum(p.numel() for p in dense.parameters()) < 620e6  # PixArt-α XL/2: about 611 M
-    assert isinstance(flex, FlexPixArt) and len(flex.blocks) == 28 and flex.config.grid == 8
+    assert isinstance(flex, FlexPixArt) and len(flex.blocks) == 28 and flex.config.plan.grid == (8, 8)
     assert flex.kinds[:3] == ["pool", "pool", "gen"] and flex.kinds.count("sparse") == 12
     assert "plan: P=2, K=4 x (g, s, r, d)=(1, 3, 1, 1), T=2, grid=8" in repr(flex)
     with pytest.raises(ValueError, match="unknown model name"):
         create_pixart("PixArt-Huge/2")
-    with pytest.raises(ValueError, match="but depth is 6"):
+    with pytest.raises(ValueError, match="plan for depth 6"):
         create_pixart("FlexPixArt-XL/2", depth=6, hidden_size=32, num_heads=2, caption_channels=8)
     big = diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=16, num_layers=1,
                                              cross_attention_dim=32, caption_channels=8, sample_size=16,

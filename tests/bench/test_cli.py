@@ -161,7 +161,7 @@ def test_model_patched_diffusers_targets(target, monkeypatch, tmp_path):
     if target == "pixart-alpha":
         tiny.update(cross_attention_dim=32, caption_channels=16)
     monkeypatch.setattr(bench.model, "PATCH_OVERRIDES", tiny)
-    monkeypatch.setitem(__import__("flexdit.models", fromlist=["FLEX_PLANS"]).FLEX_PLANS, 4,
+    monkeypatch.setitem(__import__("flexdit.plan", fromlist=["DECIDED_PLANS"]).DECIDED_PLANS, 4,
                         dict(num_pool=1, num_modules=1, group=(1, 1, 1, 0), num_top=0))
     jpath = tmp_path / "p.json"
     assert main(["model", "--device", "cpu", "--model", target, "--image-size", "256", "--grid", "4",

@@ -20,9 +20,13 @@ def toy_dit(**overrides):
     return randomize_(flexdit.DiT(**{**TOY, **overrides})).eval()
 
 
+TOY_PLAN = dict(num_pool=1, num_modules=1, group=(1, 2, 1, 1), num_top=0, grid=3)
+
+
 def toy_config(**overrides):
-    plan = dict(num_pool=1, num_modules=1, group=(1, 2, 1, 1), num_top=0, grid=3)
-    return flexdit.FlexDiTConfig(**{**TOY, **plan, **overrides})
+    """A toy FlexDiTConfig; plan fields in `overrides` replace those of TOY_PLAN."""
+    plan, rest = flexdit.plan.split_plan_fields(overrides)
+    return flexdit.FlexDiTConfig(**{**TOY, **rest}, plan=flexdit.Plan(**{**TOY_PLAN, **plan}))
 
 
 def toy_inputs(batch=2, size=(16, 16), seed=1):

@@ -4,7 +4,8 @@ import torch
 import flexdit
 import flexdit_kernels as fk
 from flexdit.layers import modulate
-from flexdit.models import DiTBlock, PoolingBlock
+from flexdit.models import DiTBlock
+from flexdit.plan import Slot
 
 from .helpers import TOY, randomize_, toy_config, toy_dit, toy_inputs
 
@@ -17,7 +18,7 @@ def test_xl_plan_matches_reference_mapping():
         assert kinds[3 + 6 * k:6 + 6 * k] == ["sparse"] * 3
     assert flexdit.flexdit_config("FlexDiT-L/2").layer_kinds().count("sparse") == 8
     cfg = flexdit.flexdit_config("DiT-S/2")
-    assert (cfg.num_pool, cfg.num_modules, cfg.group, cfg.num_top, cfg.grid) == (1, 2, (1, 2, 1, 1), 1, 8)
+    assert cfg.plan == flexdit.Plan(1, 2, (1, 2, 1, 1), 1, 8) and cfg.plan.grid == (8, 8)
 
 
 @pytest.mark.parametrize("model_name", ["FlexDiT-XL/2", "FlexDiT-L/4", "FlexDiT-B/2", "FlexDiT-S/8"])
@@ -25,7 +26,7 @@ def test_registry_builds_every_size(model_name):
     with torch.device("meta"):
         model = flexdit.create_model(model_name)
     assert len(model.blocks) == model.config.depth
-    assert model.config.grid <= min(model.token_grid)
+    assert max(model.config.plan.grid) <= min(model.token_grid)
 
 
 def test_degenerate_plan_equals_dense():
@@ -74,19 +75,20 @@ def test_conversion_weights():
 def test_pooling_block_equals_naive_uniform_attention():
     c, n = 32, 24
     dense = randomize_(DiTBlock(c, 2))
-    pool = PoolingBlock(c, 2)
+    pool = DiTBlock(c, 2, slot=Slot("pool"))
     sd = {k: v for k, v in dense.state_dict().items() if "qkv" not in k}
     sd["attn.v.weight"] = dense.attn.qkv.weight[2 * c:]
     sd["attn.v.bias"] = dense.attn.qkv.bias[2 * c:]
     pool.load_state_dict(sd)
     x, cond = torch.randn(3, n, c), torch.randn(3, c)
 
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = dense.modulation(cond)
+    mods = dense.modulation(None, cond)
+    shift_msa, scale_msa, gate_msa = mods[:3]
     u = modulate(dense.norm1(x), shift_msa, scale_msa)
     v = u @ sd["attn.v.weight"].t() + sd["attn.v.bias"]
     uniform = torch.full((n, n), 1.0 / n)                  # the naive N x N "attention" of a Poolingformer
     naive = x + gate_msa.unsqueeze(1) * dense.attn.proj(uniform @ v)
-    naive = dense.mlp_residual(naive, shift_mlp, scale_mlp, gate_mlp)
+    naive = dense.mlp_residual(naive, mods, cond)
     with fk.backend("reference"):
         torch.testing.assert_close(pool(x, cond), naive, rtol=1e-5, atol=1e-5)
 
@@ -140,8 +142,10 @@ def test_config_validation():
     x, t, y = toy_inputs()
     with pytest.raises(ValueError, match="grid 3x9"):
         flex(x, t, y, grid=(3, 9))
-    with pytest.raises(ValueError, match="grid must be"):
-        flex(x, t, y, grid="8")
+    with pytest.raises(ValueError, match="grid must"):
+        flex(x, t, y, grid="eight")
+    with pytest.raises(ValueError, match="grid must"):
+        flex(x, t, y, grid=(3, 0))
 
 
 def test_flexdit_is_printed_with_its_plan():

@@ -1,0 +1,172 @@
+"""The one FlexDiT router: each layer kind written once, over any host's blocks.
+
+A host (the native DiT, the native PixArt-α, a patched diffusers model) runs its blocks one after another, passing one
+tensor along. `FlexLayer.route` turns that loop into FlexDiT: a module's first layer pools the dense tokens to the
+sparse grid and keeps the dense input, sparse layers run on the M sparse tokens, and recovery brings the N dense
+tokens back. Host differences (class-label adaLN-Zero, adaLN-single, caption cross-attention, diffusers modules) are
+the few hooks a subclass provides: `modulation`, and where they differ from the defaults `norm_attn`, `norm_mlp`,
+`feed_forward`, `pooled_norm`, `after_attention` and `dense`.
+"""
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+import flexdit_kernels as fk
+
+from .layers import Attention, CrossAttention, PoolingAttention, modulate
+from .plan import Slot
+
+
+class RouteState:
+    """Per-forward state shared by the layers of one model: token grid, sparse grid and the modules' inputs."""
+
+    def __init__(self):
+        self.hw: Optional[Tuple[int, int]] = None
+        self.grid: Optional[Tuple[int, int]] = None
+        self.dense = {}   # module index -> its dense input X (keys of generation, skip of recovery)
+        self.sparse = {}  # module index -> the sparse tokens X_s entering recovery
+
+    def begin(self, hw, grid) -> None:
+        self.hw, self.grid = hw, grid
+
+    def clear(self) -> None:
+        self.hw, self.grid = None, None
+        self.dense.clear()
+        self.sparse.clear()
+
+    def run(self, blocks, x, hw, grid, *cond):
+        """The native hosts' block loop: x through every block with `hw` and `grid` set for this forward."""
+        self.begin(hw, grid)
+        try:
+            for block in blocks:
+                x = block(x, *cond)
+        finally:
+            self.clear()
+        return x
+
+
+class FlexLayer(nn.Module):
+    """One layer of a FlexDiT plan: dense, sparse, Poolingformer (`pool`), sparse generation (`gen`) or dense
+    recovery (`recover`). Subclasses build the host's modules and provide `modulation(x, cond)`, which returns
+    (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, C)."""
+
+    def __init__(self, slot: Slot = Slot("dense"), state: Optional[RouteState] = None):
+        super().__init__()
+        self.slot = slot
+        self.kind = slot.kind
+        self._state = state
+
+    def attach(self, state: Optional[RouteState], slot: Optional[Slot] = None) -> "FlexLayer":
+        """Share `state` with the other layers of a model (and move to `slot`)."""
+        self._state = state
+        if slot is not None:
+            self.slot = slot
+        return self
+
+    def build_attention(self, dim: int, num_heads: int, use_kernel: bool = False) -> None:
+        """`attn` for this layer's kind (self-attention `qkv`, pooled `v`, or cross `q`/`kv`, each with `proj`), and
+        the recovery fusion `fuse_sparse` (W1) and `fuse_dense` (W2)."""
+        if self.kind == "pool":
+            self.attn = PoolingAttention(dim)
+        elif self.kind in ("gen", "recover"):
+            self.attn = CrossAttention(dim, num_heads)
+        else:
+            self.attn = Attention(dim, num_heads, use_kernel=use_kernel)
+        if self.kind == "recover":
+            self.fuse_sparse = nn.Linear(dim, dim)  # W1, applied to the M sparse tokens
+            self.fuse_dense = nn.Linear(dim, dim)   # W2, applied to the N dense tokens
+
+    def reset_fusion(self) -> None:
+        """W1 = 0, W2 = I (zero biases): the fused tokens equal the dense skip at initialisation."""
+        with torch.no_grad():
+            self.fuse_sparse.weight.zero_()
+            self.fuse_sparse.bias.zero_()
+            self.fuse_dense.weight.copy_(torch.eye(self.fuse_dense.weight.shape[0]))
+            self.fuse_dense.bias.zero_()
+
+    def extra_repr(self):
+        return f"kind={self.kind}" + (f", module={self.slot.module}" if self.slot.module is not None else "")
+
+    # ---------------------------------------------------------------- hooks (defaults: DiT's module names)
+    def modulation(self, x, cond):
+        raise NotImplementedError
+
+    def norm_attn(self, x):
+        return self.norm1(x)
+
+    def norm_mlp(self, x):
+        return self.norm2(x)
+
+    def feed_forward(self, x):
+        return self.mlp(x)
+
+    def pooled_norm(self, x):
+        """mean over tokens of norm_attn(x): (B, N, C) -> (B, C)."""
+        return fk.token_mean(x, self.norm1.eps)
+
+    def after_attention(self, x, cond):
+        """What the host does between attention and MLP (PixArt-α: caption cross-attention)."""
+        return x
+
+    # ---------------------------------------------------------------- routing
+    def route(self, x, cond):
+        """x: the tensor the host's loop passes, (B, N, C) dense or (B, M, C) sparse -> the next one."""
+        if self.kind == "pool":
+            return self.pool(x, cond)                                           # (B, N, C)
+        if self.kind == "dense" and self.slot.module is None:
+            return self.dense(x, cond)                                          # (B, N, C)
+        st = self._state
+        if st is None or st.hw is None or self.slot.module is None:
+            raise ValueError(f"a FlexDiT {self.kind!r} layer runs only inside its model's forward (no token grid)")
+        k = self.slot.module
+        if self.slot.starts_module:
+            st.dense[k] = x
+            x = fk.token_pool(x, st.hw, st.grid)                                # (B, M, C)
+        if self.kind == "gen":
+            return self.generate(x, st.dense[k], cond)                          # (B, M, C)
+        if self.kind == "recover":
+            if self.slot.first_recover:
+                st.sparse[k] = x
+                xs, skip = x, st.dense[k]
+            else:
+                xs, skip = st.sparse[k], x
+            return self.recover(xs, skip, st.hw, st.grid, cond)                 # (B, N, C)
+        return self.dense(x, cond)                                              # (B, N or M, C)
+
+    # ---------------------------------------------------------------- the layer kinds
+    def mlp_residual(self, x, mods, cond):
+        x = self.after_attention(x, cond)
+        return x + mods[5].unsqueeze(1) * self.feed_forward(modulate(self.norm_mlp(x), mods[3], mods[4]))
+
+    def dense(self, x, cond):
+        """A DiT block (dense or on the sparse tokens): self-attention, then the MLP."""
+        mods = self.modulation(x, cond)
+        x = x + mods[2].unsqueeze(1) * self.attn(modulate(self.norm_attn(x), mods[0], mods[1]))
+        return self.mlp_residual(x, mods, cond)
+
+    def pool(self, x, cond):
+        """Poolingformer: attention replaced by global average pooling, O(N·C):
+        mean_n(modulate(LN(x_n))) = mean_n(LN(x_n)) * (1 + scale) + shift, one pooled vector per sample."""
+        mods = self.modulation(x, cond)
+        u_mean = self.pooled_norm(x) * (1 + mods[1]) + mods[0]                   # (B, C)
+        x = x + (mods[2] * self.attn(u_mean)).unsqueeze(1)                        # broadcast to all N tokens
+        return self.mlp_residual(x, mods, cond)
+
+    def generate(self, xs, x, cond):
+        """Sparse generation: xs (B, M, C) queries attend to x (B, N, C); one LN and adaLN for both streams."""
+        mods = self.modulation(xs, cond)
+        q_in = modulate(self.norm_attn(xs), mods[0], mods[1])
+        kv_in = modulate(self.norm_attn(x), mods[0], mods[1])
+        xs = xs + mods[2].unsqueeze(1) * self.attn(q_in, kv_in)                  # (B, M, C)
+        return self.mlp_residual(xs, mods, cond)
+
+    def recover(self, xs, x, hw, grid, cond):
+        """Dense recovery: X_m = W1·upsample(X_s) + W2·X, then dense queries attend to the sparse tokens."""
+        mods = self.modulation(xs, cond)
+        # W1·upsample(X_s) = upsample(W1·X_s): W1 runs on M tokens, the upsample is fused with the add.
+        xm = fk.upsample_add(self.fuse_sparse(xs), self.fuse_dense(x), hw, grid)  # (B, N, C)
+        q_in = modulate(self.norm_attn(xm), mods[0], mods[1])
+        kv_in = modulate(self.norm_attn(xs), mods[0], mods[1])
+        xm = xm + mods[2].unsqueeze(1) * self.attn(q_in, kv_in)
+        return self.mlp_residual(xm, mods, cond)

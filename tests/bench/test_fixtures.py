@@ -1,0 +1,24 @@
+"""bench/fixtures.py: dense/patched pairs of diffusers models at bench sizes (tiny configurations here)."""
+import pytest
+import torch
+
+import flexdit_kernels as fk
+from bench.fixtures import build_patched_pair
+from flexdit import Plan, is_patched
+
+pytest.importorskip("diffusers")
+
+
+def test_build_patched_pair_tiny():
+    tiny = dict(num_layers=12, num_attention_heads=2, attention_head_dim=16)
+    for target, extra in (("diffusers-dit", {}), ("pixart-alpha", dict(cross_attention_dim=32, caption_channels=24))):
+        dense, patched, make_inputs = build_patched_pair(target, 64, "cpu", torch.float32,
+                                                         config_overrides={**tiny, **extra})
+        assert is_patched(patched) and not is_patched(dense)
+        assert patched.transformer_blocks.plan == Plan(1, 2, (1, 2, 1, 1), 1, 4)
+        inputs = make_inputs(2)
+        with fk.backend("reference"), torch.no_grad():
+            a, b = dense(**inputs)[0], patched(**inputs)[0]
+        assert a.shape == b.shape == (2, 8, 8, 8) and torch.isfinite(b).all()
+    with pytest.raises(ValueError, match="target must be"):
+        build_patched_pair("unet", 64)
