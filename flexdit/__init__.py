@@ -6,7 +6,7 @@ from .convert import flex_pixart_from_pixart, from_dit, map_dense_state_dict
 from .diffusers_convert import (dit_from_diffusers, dit_state_dict_from_diffusers, pixart_config_from_diffusers,
                                 pixart_from_diffusers, pixart_state_dict_from_diffusers, use_diffusers_timesteps_)
 from .diffusion import GaussianDiffusion, create_diffusion, sample_latents
-from .flops import MacCount, count_macs  # fvcore is imported only when counting
+from .flops import MacCount, count_macs, count_ops  # fvcore is imported only when counting MACs
 from .models import DiT, DiT_models, FlexDiT, FlexDiT_models, FlexDiTConfig, create_model, flexdit_config
 from .patch import FlexPatch, apply_patch, is_patched, remove_patch
 from .pixart import FlexPixArt, FlexPixArt_models, PixArt, PixArt_models, PixArtConfig, create_pixart
@@ -31,5 +31,5 @@ __all__ = [
     "flex_pixart_from_pixart", "pixart_config_from_diffusers", "pixart_from_diffusers",
     "pixart_state_dict_from_diffusers",
     # FLOP accounting
-    "count_macs", "MacCount",
+    "count_macs", "count_ops", "MacCount",
 ]

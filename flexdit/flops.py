@@ -22,6 +22,7 @@ non-overlapping patch convolutions (kernel = stride, no padding: DiT's patch emb
 equivalent reshape + matmul during counting; fvcore gives both the same count, B·h·w·C_in·p²·C_out.
 """
 import contextlib
+from collections import Counter
 from dataclasses import dataclass, field
 from math import prod
 from typing import Any, Dict, List
@@ -29,8 +30,9 @@ from typing import Any, Dict, List
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["count_macs", "MacCount"]
+__all__ = ["count_macs", "count_ops", "MacCount"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -201,3 +203,34 @@ class _BoundKwargs(nn.Module):
 
     def forward(self, *inputs):
         return self.model(*inputs, **self.kwargs)
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the aten and flexdit ops that reach the kernels (views and metadata-only ops excluded)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace in ("aten", "flexdit") and not func.is_view and torch.Tag.view_copy not in func.tags:
+            self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(model: nn.Module, *inputs, autocast_dtype=None, **kwargs) -> Counter:
+    """The ops one `model(*inputs, **kwargs)` runs, by name: each is one kernel launch on a GPU (or a few).
+
+    With `autocast_dtype` the forward runs under autocast on the inputs' device, counted on a second forward inside
+    the same autocast region: the first one fills autocast's weight-cast cache, as the first step of a sampling loop
+    does.
+    """
+    device = next(t.device for t in inputs if isinstance(t, torch.Tensor))
+    region = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    counter = _OpCounter()
+    with torch.no_grad(), region:
+        if autocast_dtype:
+            model(*inputs, **kwargs)
+        with counter:
+            model(*inputs, **kwargs)
+    return counter.ops
