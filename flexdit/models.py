@@ -6,9 +6,9 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, modulate, to_pair
+from .layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, to_pair
 from .plan import GridLike, Plan, Slot, parse_grid, split_plan_fields
-from .router import FlexLayer, RouteState
+from .router import FlexLayer, RouteState, norm_modulate
 
 
 #################################################################################
@@ -43,6 +43,8 @@ class DiTBlock(FlexLayer):
 class FinalLayer(nn.Module):
     """The final layer of DiT: adaLN (shift, scale) and a linear map to patch pixels."""
 
+    fused = False  # LayerNorm and modulation in one kernel (see `set_fused`)
+
     def __init__(self, hidden_size, patch_size, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -51,7 +53,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(norm_modulate(self.norm_final, x, shift, scale, self.fused))
 
 
 #################################################################################

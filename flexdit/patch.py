@@ -125,18 +125,8 @@ class DiffusersFlexLayer(FlexLayer):
         ada = self.norm1
         return ada.linear(ada.silu(ada.emb(timestep, cond["class_labels"], hidden_dtype=x.dtype))).chunk(6, dim=1)
 
-    def _layer_norm(self):
+    def attn_layer_norm(self):
         return self.norm1 if self.ada_single else self.norm1.norm
-
-    def norm_attn(self, x):
-        return self._layer_norm()(x)
-
-    def pooled_norm(self, x):
-        norm = self._layer_norm()
-        u_mean = fk.token_mean(x, norm.eps)                                      # (B, C)
-        if norm.weight is not None:  # mean commutes with the affine part of the LayerNorm
-            u_mean = u_mean * norm.weight + (norm.bias if norm.bias is not None else 0)
-        return u_mean
 
     def after_attention(self, x, cond):
         if self.attn2 is None:

@@ -12,10 +12,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Mlp, PatchEmbed, TimestepEmbedder, _1d_sincos, modulate, to_pair
+from .layers import Mlp, PatchEmbed, TimestepEmbedder, _1d_sincos, to_pair
 from .models import BackboneConfig
 from .plan import DECIDED_PLANS, GridLike, Plan, Slot, parse_grid, split_plan_fields
-from .router import FlexLayer, RouteState
+from .router import FlexLayer, RouteState, norm_modulate
 
 
 @dataclass
@@ -103,6 +103,8 @@ class PixArtBlock(FlexLayer):
 class PixArtFinalLayer(nn.Module):
     """LayerNorm, shift/scale from `scale_shift_table` + the timestep embedding, linear to patch pixels."""
 
+    fused = False  # LayerNorm and modulation in one kernel (see `set_fused`)
+
     def __init__(self, hidden_size, patch_size, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -111,7 +113,7 @@ class PixArtFinalLayer(nn.Module):
 
     def forward(self, x, t_emb):
         shift, scale = (self.scale_shift_table[None] + t_emb[:, None]).unbind(1)   # (B, C) each
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return self.linear(norm_modulate(self.norm_final, x, shift, scale, self.fused))
 
 
 #################################################################################

@@ -4,8 +4,8 @@ A host (the native DiT, the native PixArt-α, a patched diffusers model) runs it
 tensor along. `FlexLayer.route` turns that loop into FlexDiT: a module's first layer pools the dense tokens to the
 sparse grid and keeps the dense input, sparse layers run on the M sparse tokens, and recovery brings the N dense
 tokens back. Host differences (class-label adaLN-Zero, adaLN-single, caption cross-attention, diffusers modules) are
-the few hooks a subclass provides: `modulation`, and where they differ from the defaults `norm_attn`, `norm_mlp`,
-`feed_forward`, `pooled_norm`, `after_attention` and `dense`.
+the few hooks a subclass provides: `modulation`, and where they differ from the defaults `attn_layer_norm`,
+`mlp_layer_norm`, `feed_forward`, `after_attention` and `dense`.
 """
 from typing import Optional, Tuple
 
@@ -16,6 +16,22 @@ import flexdit_kernels as fk
 
 from .layers import Attention, CrossAttention, PoolingAttention, modulate
 from .plan import Slot
+
+
+def norm_modulate(norm: nn.LayerNorm, x, shift, scale, fused: bool):
+    """modulate(norm(x), shift, scale): one pass of the fused kernel when `fused` and the norm has no affine part
+    (output in the autocast dtype then, ready for the next GEMM)."""
+    if fused and norm.weight is None:
+        return fk.layernorm_modulate(x, shift, scale, norm.eps)
+    return modulate(norm(x), shift, scale)
+
+
+def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
+    """Turn the fused adaLN kernels (LayerNorm-modulate, gated residual) on or off in every layer of `model`."""
+    for module in model.modules():
+        if hasattr(module, "fused"):
+            module.fused = fused
+    return model
 
 
 class RouteState:
@@ -49,7 +65,11 @@ class RouteState:
 class FlexLayer(nn.Module):
     """One layer of a FlexDiT plan: dense, sparse, Poolingformer (`pool`), sparse generation (`gen`) or dense
     recovery (`recover`). Subclasses build the host's modules and provide `modulation(x, cond)`, which returns
-    (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, C)."""
+    (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, C). With `fused`, LayerNorm with
+    modulation and the gated residuals run as one kernel each (`flexdit_kernels.layernorm_modulate`, `gated_residual`).
+    """
+
+    fused = False
 
     def __init__(self, slot: Slot = Slot("dense"), state: Optional[RouteState] = None):
         super().__init__()
@@ -92,18 +112,23 @@ class FlexLayer(nn.Module):
     def modulation(self, x, cond):
         raise NotImplementedError
 
-    def norm_attn(self, x):
-        return self.norm1(x)
+    def attn_layer_norm(self) -> nn.LayerNorm:
+        """The LayerNorm before attention (its affine part, if any, is applied too)."""
+        return self.norm1
 
-    def norm_mlp(self, x):
-        return self.norm2(x)
+    def mlp_layer_norm(self) -> nn.LayerNorm:
+        return self.norm2
 
     def feed_forward(self, x):
         return self.mlp(x)
 
     def pooled_norm(self, x):
-        """mean over tokens of norm_attn(x): (B, N, C) -> (B, C)."""
-        return fk.token_mean(x, self.norm1.eps)
+        """Mean over tokens of the attention LayerNorm of x: (B, N, C) -> (B, C)."""
+        norm = self.attn_layer_norm()
+        u_mean = fk.token_mean(x, norm.eps)
+        if norm.weight is not None:  # the mean commutes with the affine part
+            u_mean = u_mean * norm.weight + (norm.bias if norm.bias is not None else 0)
+        return u_mean
 
     def after_attention(self, x, cond):
         """What the host does between attention and MLP (PixArt-α: caption cross-attention)."""
@@ -135,14 +160,24 @@ class FlexLayer(nn.Module):
         return self.dense(x, cond)                                              # (B, N or M, C)
 
     # ---------------------------------------------------------------- the layer kinds
+    def attn_in(self, x, mods):
+        return norm_modulate(self.attn_layer_norm(), x, mods[0], mods[1], self.fused)
+
+    def residual(self, x, y, gate):
+        """x + gate·y; gate: (B, C) over the tokens of x and y: (B, L, C)."""
+        if self.fused:
+            return fk.gated_residual(x, y, gate)
+        return x + gate.unsqueeze(1) * y
+
     def mlp_residual(self, x, mods, cond):
         x = self.after_attention(x, cond)
-        return x + mods[5].unsqueeze(1) * self.feed_forward(modulate(self.norm_mlp(x), mods[3], mods[4]))
+        h = self.feed_forward(norm_modulate(self.mlp_layer_norm(), x, mods[3], mods[4], self.fused))
+        return self.residual(x, h, mods[5])
 
     def dense(self, x, cond):
         """A DiT block (dense or on the sparse tokens): self-attention, then the MLP."""
         mods = self.modulation(x, cond)
-        x = x + mods[2].unsqueeze(1) * self.attn(modulate(self.norm_attn(x), mods[0], mods[1]))
+        x = self.residual(x, self.attn(self.attn_in(x, mods)), mods[2])
         return self.mlp_residual(x, mods, cond)
 
     def pool(self, x, cond):
@@ -156,9 +191,7 @@ class FlexLayer(nn.Module):
     def generate(self, xs, x, cond):
         """Sparse generation: xs (B, M, C) queries attend to x (B, N, C); one LN and adaLN for both streams."""
         mods = self.modulation(xs, cond)
-        q_in = modulate(self.norm_attn(xs), mods[0], mods[1])
-        kv_in = modulate(self.norm_attn(x), mods[0], mods[1])
-        xs = xs + mods[2].unsqueeze(1) * self.attn(q_in, kv_in)                  # (B, M, C)
+        xs = self.residual(xs, self.attn(self.attn_in(xs, mods), self.attn_in(x, mods)), mods[2])  # (B, M, C)
         return self.mlp_residual(xs, mods, cond)
 
     def recover(self, xs, x, hw, grid, cond):
@@ -166,7 +199,5 @@ class FlexLayer(nn.Module):
         mods = self.modulation(xs, cond)
         # W1·upsample(X_s) = upsample(W1·X_s): W1 runs on M tokens, the upsample is fused with the add.
         xm = fk.upsample_add(self.fuse_sparse(xs), self.fuse_dense(x), hw, grid)  # (B, N, C)
-        q_in = modulate(self.norm_attn(xm), mods[0], mods[1])
-        kv_in = modulate(self.norm_attn(xs), mods[0], mods[1])
-        xm = xm + mods[2].unsqueeze(1) * self.attn(q_in, kv_in)
+        xm = self.residual(xm, self.attn(self.attn_in(xm, mods), self.attn_in(xs, mods)), mods[2])
         return self.mlp_residual(xm, mods, cond)
