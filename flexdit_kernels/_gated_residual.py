@@ -157,7 +157,7 @@ def gated_residual_bwd(grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tens
     b, n, c = y.shape
     dy = torch.empty((b, n, c), dtype=y.dtype, device=y.device)
     if n == 0 or b == 0:
-        return dy, torch.zeros((b, c), dtype=torch.float32, device=y.device).to(gate.dtype)
+        return dy, torch.zeros((b, c), dtype=gate.dtype, device=y.device)
     block_n, block_c = _blocks(n, c)
     c_blocks = triton.cdiv(c, block_c)
     n_blocks = triton.cdiv(n, block_n)

@@ -244,8 +244,8 @@ def layernorm_modulate_bwd(grad_out: torch.Tensor, x: torch.Tensor, scale: torch
     b, n, c = x.shape
     dx = torch.empty((b, n, c), dtype=x.dtype, device=x.device)
     if n == 0 or b == 0:
-        zeros = torch.zeros((b, c), dtype=torch.float32, device=x.device)
-        return dx, zeros.to(shift_dtype), zeros.to(scale.dtype)
+        return (dx, torch.zeros((b, c), dtype=shift_dtype, device=x.device),
+                torch.zeros((b, c), dtype=scale.dtype, device=x.device))
     block_n, block_c = _row_blocks(n, c)
     block_n = max(1, block_n // 2)          # x and g tiles both live: half the forward's rows per step
     per_split, n_splits = _splits(b, n, block_n)
