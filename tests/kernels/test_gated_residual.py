@@ -3,6 +3,8 @@ against autograd of x + gate·y."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flexdit_kernels import gated_residual, gated_residual_backward_ref, gated_residual_ref
 
@@ -93,6 +95,29 @@ def test_launchers_tiling_and_strides(monkeypatch, tile, block_c, target):
     xi = x.clone().transpose(0, 1).contiguous().transpose(0, 1)                # strided, no overlap
     mod.gated_residual_inplace_fwd(xi, y, gate)
     torch.testing.assert_close(xi, gated_residual_ref(x, y, gate))
+
+
+def test_broadcast_branch_via_expand(kernels_only):
+    """A branch output shared by every token (the Poolingformer's pooled attention, (B, 1, C)) goes in as a
+    stride-0 expand, without materializing (B, L, C); its gradient sums over L through the expand."""
+    x, _, gate, grad_out = _inputs(2, 9, 40, torch.float32, torch.float32)
+    v = torch.randn(2, 1, 40, requires_grad=True)
+    out = gated_residual(x, v.expand(2, 9, 40), gate)
+    out.backward(grad_out)
+    vr = v.detach().clone().requires_grad_()
+    ref = x + gate.unsqueeze(1) * vr
+    ref.backward(grad_out)
+    torch.testing.assert_close(out, ref.detach())
+    torch.testing.assert_close(v.grad, vr.grad)
+
+
+@settings(max_examples=6, deadline=None)
+@given(b=st.integers(1, 2), n=st.integers(1, 40), c=st.integers(1, 90))
+def test_property_random_shapes(b, n, c):
+    x, y, gate, grad_out = _inputs(b, n, c, torch.float32, torch.float32)
+    torch.testing.assert_close(mod.gated_residual_fwd(x, y, gate), gated_residual_ref(x, y, gate))
+    for g, w in zip(mod.gated_residual_bwd(grad_out, y, gate), gated_residual_backward_ref(grad_out, y, gate)):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("x_dtype, y_dtype", [(torch.float32, torch.float16), (torch.float16, torch.float16)])

@@ -3,6 +3,8 @@ F.layer_norm + modulate under fp64 autograd."""
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -121,6 +123,17 @@ def test_launchers_tiling_and_strides(monkeypatch, tile, target):
     want = layernorm_modulate_backward_ref(grad_out, x, scale, eps)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=6, deadline=None)
+@given(b=st.integers(1, 2), n=st.integers(1, 40), c=st.integers(1, 90), eps=st.sampled_from([1e-6, 1e-5, 0.1]))
+def test_property_random_shapes(b, n, c, eps):
+    x, shift, scale, grad_out = _inputs(b, n, c, 0.0, torch.float32)
+    torch.testing.assert_close(mod.layernorm_modulate_fwd(x, shift, scale, eps),
+                               layernorm_modulate_ref(x, shift, scale, eps), atol=2e-5, rtol=1e-5)
+    for g, w in zip(mod.layernorm_modulate_bwd(grad_out, x, scale, eps),
+                    layernorm_modulate_backward_ref(grad_out, x, scale, eps)):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
