@@ -1,4 +1,4 @@
-"""layernorm_modulate: LayerNorm without affine, then adaLN's modulate x̂·(1 + scale) + shift, in one read and one write.
+"""layernorm_modulate: LayerNorm without affine, then adaLN's modulate x̂·(1 + scale) + shift, in one pass.
 x: (B, L, C) fp32/fp16/bf16, any strides; shift, scale: (B, C) any float dtype -> (B, L, C) contiguous in out_dtype."""
 from typing import Optional, Tuple
 
@@ -72,7 +72,8 @@ def _layernorm_modulate_bwd_kernel(
     start = tl.program_id(1).to(tl.int64) * tokens_per_split
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < n_channels
-    scale1 = 1.0 + tl.load(SCALE + b * stride_scale_b + offs_c * stride_scale_c, mask=mask_c, other=0.0).to(tl.float32)
+    scale = tl.load(SCALE + b * stride_scale_b + offs_c * stride_scale_c, mask=mask_c, other=0.0).to(tl.float32)
+    scale1 = 1.0 + scale
     acc_shift = tl.zeros([BLOCK_C], dtype=tl.float32)
     acc_scale = tl.zeros([BLOCK_C], dtype=tl.float32)
     for n0 in range(0, tokens_per_split, BLOCK_N):

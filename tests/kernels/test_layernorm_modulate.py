@@ -3,9 +3,9 @@ F.layer_norm + modulate under fp64 autograd."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from flexdit_kernels import layernorm_modulate, layernorm_modulate_backward_ref, layernorm_modulate_ref
