@@ -11,6 +11,7 @@ from flexdit_kernels import (
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 from flexdit_kernels import _gated_residual_layernorm_modulate as mod
+from flexdit_kernels import _layernorm_modulate as lm
 
 from .guard import check_gaps, guard_allocations, guarded
 from .test_layernorm_modulate import _OpLog
@@ -76,7 +77,6 @@ def test_launchers_tiling_and_strides(monkeypatch, tile, target):
     """Small tiles and few programs (several token blocks per backward program); strided x and y, expanded grads."""
     monkeypatch.setattr(mod, "_row_blocks", lambda n, c: (max(1, tile // 64), 64))
     monkeypatch.setattr(mod, "_TARGET_PROGRAMS", target)
-    import flexdit_kernels._layernorm_modulate as lm
     monkeypatch.setattr(lm, "_TARGET_PROGRAMS", target)
     b, n, c = 2, 23, 40
     x = torch.randn(n, b, 2 * c).transpose(0, 1)[:, :, ::2]
