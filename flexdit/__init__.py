@@ -11,7 +11,7 @@ from .models import DiT, DiT_models, FlexDiT, FlexDiT_models, FlexDiTConfig, cre
 from .patch import FlexPatch, apply_patch, is_patched, remove_patch
 from .pixart import FlexPixArt, FlexPixArt_models, PixArt, PixArt_models, PixArtConfig, create_pixart
 from .plan import Plan, parse_grid
-from .router import FlexLayer, RouteState
+from .router import FlexLayer, RouteState, set_fused
 from .schedule import DensitySchedule
 
 __version__ = "0.1.0"
@@ -24,7 +24,7 @@ __all__ = [
     # density schedule, diffusion, sampling
     "DensitySchedule", "diffusion", "GaussianDiffusion", "create_diffusion", "sample_latents",
     # patching models in place; PixArt-α
-    "Plan", "parse_grid", "FlexLayer", "RouteState",
+    "Plan", "parse_grid", "FlexLayer", "RouteState", "set_fused",
     "apply_patch", "remove_patch", "is_patched", "FlexPatch",
     "dit_from_diffusers", "dit_state_dict_from_diffusers", "use_diffusers_timesteps_",
     "PixArt", "FlexPixArt", "PixArtConfig", "PixArt_models", "FlexPixArt_models", "create_pixart",

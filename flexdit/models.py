@@ -8,7 +8,7 @@ import torch.nn as nn
 
 from .layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, to_pair
 from .plan import GridLike, Plan, Slot, parse_grid, split_plan_fields
-from .router import FlexLayer, RouteState, norm_modulate
+from .router import FlexLayer, RouteState, norm_modulate, set_fused
 
 
 #################################################################################
@@ -148,7 +148,8 @@ class _DiTShell(nn.Module):
 
 
 class DiT(_DiTShell):
-    """Diffusion model with a Transformer backbone (the dense baseline, PyTorch SDPA attention)."""
+    """Diffusion model with a Transformer backbone (the dense baseline, PyTorch SDPA attention; `set_fused(model)`
+    switches it to the fused adaLN kernels, to show what fusion alone gives)."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
@@ -241,6 +242,7 @@ class FlexDiT(_DiTShell):
         self.blocks = nn.ModuleList([DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, use_kernel=True,
                                               slot=slot, state=self.route_state) for slot in cfg.plan.slots()])
         self.initialize_weights()
+        set_fused(self)
 
     def initialize_weights(self):
         super().initialize_weights()

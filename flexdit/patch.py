@@ -83,6 +83,8 @@ class DiffusersFlexLayer(FlexLayer):
         self.norm2 = copy.deepcopy(block.norm2 if self.ada_single else block.norm3)
         self.mlp = copy.deepcopy(block.ff)
         self.attn2 = copy.deepcopy(block.attn2) if block.attn2 is not None else None
+        self.has_after_attention = self.attn2 is not None
+        self.fused = True
         w = attn1.to_out[0].weight
         with torch.device(w.device):
             self.build_attention(dim, attn1.heads)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from .layers import Mlp, PatchEmbed, TimestepEmbedder, _1d_sincos, to_pair
 from .models import BackboneConfig
 from .plan import DECIDED_PLANS, GridLike, Plan, Slot, parse_grid, split_plan_fields
-from .router import FlexLayer, RouteState, norm_modulate
+from .router import FlexLayer, RouteState, norm_modulate, set_fused
 
 
 @dataclass
@@ -76,6 +76,8 @@ class PixArtBlock(FlexLayer):
 
     In FlexPixArt every layer keeps its caption cross-attention, applied to whichever tokens it holds.
     """
+
+    has_after_attention = True
 
     def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, use_kernel=False, slot: Slot = Slot("dense"),
                  state: Optional[RouteState] = None):
@@ -215,6 +217,7 @@ class FlexPixArt(_PixArtShell):
                                                  use_kernel=True, slot=slot, state=self.route_state)
                                      for slot in config.plan.slots()])
         self.initialize_weights()
+        set_fused(self)
 
     def extra_repr(self):
         return f"plan: {self.config.plan}"

@@ -70,6 +70,7 @@ class FlexLayer(nn.Module):
     """
 
     fused = False
+    has_after_attention = False  # whether `after_attention` does anything
 
     def __init__(self, slot: Slot = Slot("dense"), state: Optional[RouteState] = None):
         super().__init__()
@@ -131,7 +132,8 @@ class FlexLayer(nn.Module):
         return u_mean
 
     def after_attention(self, x, cond):
-        """What the host does between attention and MLP (PixArt-α: caption cross-attention)."""
+        """What the host does between attention and MLP (PixArt-α: caption cross-attention); set
+        `has_after_attention` where it does something."""
         return x
 
     # ---------------------------------------------------------------- routing
@@ -163,41 +165,45 @@ class FlexLayer(nn.Module):
     def attn_in(self, x, mods):
         return norm_modulate(self.attn_layer_norm(), x, mods[0], mods[1], self.fused)
 
-    def residual(self, x, y, gate):
-        """x + gate·y; gate: (B, C) over the tokens of x and y: (B, L, C)."""
+    def residual(self, x, y, gate, inplace=False):
+        """x + gate·y; gate: (B, C) over the tokens of x and y: (B, L, C). `inplace` (fused, outside autograd)
+        writes into x: only for an x this layer made itself."""
         if self.fused:
-            return fk.gated_residual(x, y, gate)
+            return fk.gated_residual(x, y, gate, inplace=inplace)
         return x + gate.unsqueeze(1) * y
 
-    def mlp_residual(self, x, mods, cond):
-        x = self.after_attention(x, cond)
-        h = self.feed_forward(norm_modulate(self.mlp_layer_norm(), x, mods[3], mods[4], self.fused))
-        return self.residual(x, h, mods[5])
+    def finish(self, x, y, mods, cond):
+        """x + gate_msa·y (y: the attention branch), the host's step between attention and MLP, then the MLP residual.
+        Fused and with nothing in between, the residual and the MLP's LayerNorm-modulate are one kernel."""
+        norm = self.mlp_layer_norm()
+        if self.fused and not self.has_after_attention and norm.weight is None:
+            x, h = fk.gated_residual_layernorm_modulate(x, y, mods[2], mods[3], mods[4], norm.eps)
+        else:
+            x = self.after_attention(self.residual(x, y, mods[2]), cond)
+            h = norm_modulate(norm, x, mods[3], mods[4], self.fused)
+        return self.residual(x, self.feed_forward(h), mods[5], inplace=True)  # x is this layer's own tensor
 
     def dense(self, x, cond):
         """A DiT block (dense or on the sparse tokens): self-attention, then the MLP."""
         mods = self.modulation(x, cond)
-        x = self.residual(x, self.attn(self.attn_in(x, mods)), mods[2])
-        return self.mlp_residual(x, mods, cond)
+        return self.finish(x, self.attn(self.attn_in(x, mods)), mods, cond)
 
     def pool(self, x, cond):
         """Poolingformer: attention replaced by global average pooling, O(N·C):
         mean_n(modulate(LN(x_n))) = mean_n(LN(x_n)) * (1 + scale) + shift, one pooled vector per sample."""
         mods = self.modulation(x, cond)
         u_mean = self.pooled_norm(x) * (1 + mods[1]) + mods[0]                   # (B, C)
-        x = x + (mods[2] * self.attn(u_mean)).unsqueeze(1)                        # broadcast to all N tokens
-        return self.mlp_residual(x, mods, cond)
+        y = self.attn(u_mean).unsqueeze(1).expand_as(x)                           # the same vector for all N tokens
+        return self.finish(x, y, mods, cond)
 
     def generate(self, xs, x, cond):
         """Sparse generation: xs (B, M, C) queries attend to x (B, N, C); one LN and adaLN for both streams."""
         mods = self.modulation(xs, cond)
-        xs = self.residual(xs, self.attn(self.attn_in(xs, mods), self.attn_in(x, mods)), mods[2])  # (B, M, C)
-        return self.mlp_residual(xs, mods, cond)
+        return self.finish(xs, self.attn(self.attn_in(xs, mods), self.attn_in(x, mods)), mods, cond)  # (B, M, C)
 
     def recover(self, xs, x, hw, grid, cond):
         """Dense recovery: X_m = W1·upsample(X_s) + W2·X, then dense queries attend to the sparse tokens."""
         mods = self.modulation(xs, cond)
         # W1·upsample(X_s) = upsample(W1·X_s): W1 runs on M tokens, the upsample is fused with the add.
         xm = fk.upsample_add(self.fuse_sparse(xs), self.fuse_dense(x), hw, grid)  # (B, N, C)
-        xm = self.residual(xm, self.attn(self.attn_in(xm, mods), self.attn_in(xs, mods)), mods[2])
-        return self.mlp_residual(xm, mods, cond)
+        return self.finish(xm, self.attn(self.attn_in(xm, mods), self.attn_in(xs, mods)), mods, cond)

@@ -87,8 +87,7 @@ def test_pooling_block_equals_naive_uniform_attention():
     u = modulate(dense.norm1(x), shift_msa, scale_msa)
     v = u @ sd["attn.v.weight"].t() + sd["attn.v.bias"]
     uniform = torch.full((n, n), 1.0 / n)                  # the naive N x N "attention" of a Poolingformer
-    naive = x + gate_msa.unsqueeze(1) * dense.attn.proj(uniform @ v)
-    naive = dense.mlp_residual(naive, mods, cond)
+    naive = dense.finish(x, dense.attn.proj(uniform @ v), mods, cond)
     with fk.backend("reference"):
         torch.testing.assert_close(pool(x, cond), naive, rtol=1e-5, atol=1e-5)
 
