@@ -410,8 +410,7 @@ class CudaGraphDenoiser:
     def model_fn(self, y: torch.Tensor, cfg_scale: float = 1.0, schedule: DensitySchedule | None = None,
                  null_class: int | None = None, cfg_channels: int = 3, use_cfg: bool | None = None) -> ModelFn:
         """`guided_model_fn`'s model_fn(x, original_t), running on graphs."""
-        if y.device.type != "cuda":
-            raise ValueError(f"cuda_graph: y must be on a CUDA device, got {y.device}")
+        self._check_device(y)
         if use_cfg is None:
             use_cfg = cfg_scale != 1.0
         if null_class is None:
@@ -432,6 +431,11 @@ class CudaGraphDenoiser:
             return g.out.clone()
 
         return fn
+
+    @staticmethod
+    def _check_device(y: torch.Tensor) -> None:
+        if y.device.type != "cuda":
+            raise ValueError(f"cuda_graph: y must be on a CUDA device, got {y.device}")
 
     def _capture(self, x, t, y, grid, settings) -> _Graph:
         use_cfg, cfg_scale, cfg_channels, null_class = settings

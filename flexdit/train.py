@@ -1,6 +1,7 @@
 """`flexdit-finetune`: fine-tune a FlexDiT (converted from a dense DiT, or resumed) on pre-extracted latents.
 
-DiT's recipe (the paper's fine-tuning follows it): AdamW (lr 1e-4, weight decay 0), EMA, mixed precision, the hybrid diffusion loss.
+DiT's recipe, which the paper's fine-tuning follows: AdamW (lr 1e-4, weight decay 0), EMA, mixed precision, the
+hybrid diffusion loss.
 Density-stage bucketing: every step, each process draws one stage of the density schedule and t uniformly inside
 that stage, so a batch runs one grid. Checkpoints (atomic) hold model, EMA, optimizer, scaler, step, config and RNG
 states; a resumed run reproduces an uninterrupted one exactly. With torchrun, DDP over the processes, each drawing
