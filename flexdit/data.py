@@ -156,77 +156,127 @@ def _center_crop(img, size: int):
     return arr[top:top + size, left:left + size]
 
 
+def _progress(total: int, enabled: bool, desc: str):
+    """A tqdm bar over `total` items, or None when disabled or tqdm is not installed."""
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="img")
+
+
 def encode_image_folder(image_dir, out_dir, vae_path, image_size: int = 256, shard_size: int = 4096,
-                        batch_size: int = 32, device: str | None = None, flip: bool = False) -> int:
+                        batch_size: int = 32, device: str | None = None, flip: bool = False,
+                        progress: bool = False) -> int:
     """Encode an ImageFolder tree (class sub-folders, sorted) with a local diffusers AutoencoderKL into shards.
 
     Latents are a sample of the VAE posterior times VAE_SCALE, as in DiT's feature extraction (seeded).
-    With flip=True each image is also stored mirrored. Returns the number of latents written.
+    With flip=True each image is also stored mirrored (a mirrored copy counts towards `shard_size`). Every shard
+    but the last holds exactly `shard_size` latents. progress=True shows a tqdm bar when tqdm is installed.
+    Returns the number of latents written.
     """
-    try:
-        from diffusers.models import AutoencoderKL
-    except ImportError as e:
-        raise ImportError("encode_image_folder needs diffusers (pip install flexdit[diffusers])") from e
-    from PIL import Image
-
+    for name, value in (("image_size", image_size), ("shard_size", shard_size), ("batch_size", batch_size)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if image_size % 8:
+        raise ValueError(f"image_size must be a multiple of 8 (the VAE downsamples by 8), got {image_size}")
     image_dir, out_dir = Path(image_dir), Path(out_dir)
+    if not image_dir.is_dir():
+        raise ValueError(f"image_dir: {image_dir} is not a folder")
+    if not Path(vae_path).is_dir():
+        raise ValueError(f"vae_path: {vae_path} is not a folder (a diffusers AutoencoderKL saved with "
+                         "save_pretrained)")
     classes = sorted(d.name for d in image_dir.iterdir() if d.is_dir())
     if not classes:
         raise ValueError(f"image_dir: {image_dir} has no class sub-folders")
-    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".JPEG"}
+    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
     items = [(p, c) for c, name in enumerate(classes) for p in sorted((image_dir / name).rglob("*"))
-             if p.suffix in exts or p.suffix.lower() in exts]
+             if p.suffix.lower() in exts]
     if not items:
         raise ValueError(f"image_dir: no images under {image_dir}")
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError:
+        raise ImportError("encode_image_folder needs diffusers (pip install flexdit[diffusers])") from None
+    from PIL import Image
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     vae = AutoencoderKL.from_pretrained(vae_path).to(device).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    buf_lat, buf_lab, shard_idx, total = [], [], 0, 0
+    pending_lat = np.zeros((0,), dtype=np.float16)
+    pending_lab = np.zeros((0,), dtype=np.int64)
+    shard_idx, total = 0, 0
 
-    def flush():
-        nonlocal buf_lat, buf_lab, shard_idx
-        if buf_lat:
-            write_shard(out_dir / f"shard_{shard_idx:05d}.npz", np.concatenate(buf_lat), np.concatenate(buf_lab))
-            shard_idx += 1
-            buf_lat, buf_lab = [], []
+    def write(n: int):
+        nonlocal pending_lat, pending_lab, shard_idx
+        write_shard(out_dir / f"shard_{shard_idx:05d}.npz", pending_lat[:n], pending_lab[:n])
+        pending_lat, pending_lab = pending_lat[n:], pending_lab[n:]
+        shard_idx += 1
 
+    def load(path):
+        try:
+            with Image.open(path) as img:
+                return _center_crop(img.convert("RGB"), image_size)
+        except OSError as e:
+            raise ValueError(f"image {path}: cannot read it ({e})") from None
+
+    bar = _progress(len(items), progress, "encoding")
     g = torch.Generator(device=device).manual_seed(0)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        imgs = np.stack([_center_crop(Image.open(p).convert("RGB"), image_size) for p, _ in chunk])
+        imgs = np.stack([load(p) for p, _ in chunk])
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
         labels = np.array([c for _, c in chunk], dtype=np.int64)
         if flip:
             x = torch.cat([x, x.flip(-1)])
             labels = np.concatenate([labels, labels])
         with torch.no_grad():
-            z = vae.encode(x.to(device)).latent_dist.sample(generator=g) * VAE_SCALE
-        buf_lat.append(z.float().cpu().numpy().astype(np.float16))
-        buf_lab.append(labels)
+            z = vae.encode(x.to(device=device, dtype=vae.dtype)).latent_dist.sample(generator=g) * VAE_SCALE
+        z = z.float().cpu().numpy().astype(np.float16)
+        pending_lat = z if len(pending_lab) == 0 else np.concatenate([pending_lat, z])
+        pending_lab = np.concatenate([pending_lab, labels])
         total += len(labels)
-        if sum(len(b) for b in buf_lab) >= shard_size:
-            flush()
-    flush()
+        while len(pending_lab) >= shard_size:
+            write(shard_size)
+        if bar is not None:
+            bar.update(len(chunk))
+    if len(pending_lab):
+        write(len(pending_lab))
+    if bar is not None:
+        bar.close()
     return total
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m flexdit.data",
+def main(argv=None) -> int:
+    """`python -m flexdit.data IMAGE_DIR OUT_DIR --vae VAE_DIR`; 0 on success, 2 (one line) for a bad argument,
+    folder, image or device, or a missing diffusers."""
+    from ._cli import resolve_device, usage_errors
+    prog = "python -m flexdit.data"
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Encode an ImageFolder tree into FlexDiT latent shards (.npz).")
     p.add_argument("image_dir")
     p.add_argument("out_dir")
     p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema)")
     p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--shard-size", type=int, default=4096)
+    p.add_argument("--shard-size", type=int, default=4096, help="latents per shard (the last one may hold fewer)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--flip", action="store_true", help="also store horizontally mirrored copies")
     p.add_argument("--device", default=None)
+    p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    n = encode_image_folder(args.image_dir, args.out_dir, args.vae, image_size=args.image_size,
-                            shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
-                            flip=args.flip)
+    with usage_errors(prog):
+        device = str(resolve_device(args.device))
+        try:
+            n = encode_image_folder(args.image_dir, args.out_dir, args.vae, image_size=args.image_size,
+                                    shard_size=args.shard_size, batch_size=args.batch_size, device=device,
+                                    flip=args.flip, progress=not args.no_progress)
+        except ImportError as e:
+            raise ValueError(str(e)) from None
     print(f"wrote {n} latents to {args.out_dir}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,5 +1,5 @@
-"""Gaussian diffusion as DiT trains and samples it (REFERENCE §4): 1000-step linear β, ε-prediction with learned
-variance, DDPM over any respacing and DDIM, classifier-free guidance, and the temporal density schedule.
+"""Gaussian diffusion as DiT trains and samples it: 1000-step linear β, ε-prediction with learned variance, DDPM
+over any respacing and DDIM, classifier-free guidance, the temporal density schedule, and CUDA-graph sampling.
 
 Timesteps come in two kinds. A *spaced index* i in [0, num_steps) indexes this object's (respaced) chain; the
 *original timestep* timestep_map[i] in [0, 1000) is what the network is conditioned on and what the density
@@ -7,7 +7,11 @@ schedule is queried with. Without respacing the two coincide.
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
+import time
+from collections import Counter
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -16,7 +20,7 @@ from .schedule import DensitySchedule
 
 __all__ = [
     "GaussianDiffusion", "create_diffusion", "linear_betas", "space_timesteps", "guided_model_fn", "sample_latents",
-    "normal_kl", "discretized_gaussian_log_likelihood", "model_num_classes",
+    "normal_kl", "discretized_gaussian_log_likelihood", "model_num_classes", "CudaGraphDenoiser", "grid_steps",
 ]
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -307,6 +311,22 @@ def model_num_classes(model) -> int:
     raise ValueError("null_class: cannot infer num_classes from the model; pass null_class")
 
 
+def _guided_forward(model, x, t, y, y_null, cfg_scale: float, cfg_channels: int, use_cfg: bool, grid):
+    """One network evaluation for the samplers: (B, ...) in, (B, 2C, ...) out; with guidance the batch [x; x] with
+    labels [y; null] goes through `forward_with_cfg` and the first half comes back."""
+    kwargs = {} if grid is None else {"grid": grid}
+    if use_cfg:
+        b = x.shape[0]
+        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]),
+                                     cfg_scale, cfg_channels=cfg_channels, **kwargs)
+        return out[:b]
+    return model(x, t, y, **kwargs)
+
+
+def _grid_of(schedule: DensitySchedule | None, t: torch.Tensor):
+    return None if schedule is None else schedule.grid(int(t[0]) if t.ndim else int(t))
+
+
 def guided_model_fn(model, y: torch.Tensor, cfg_scale: float = 1.0, schedule: DensitySchedule | None = None,
                     null_class: int | None = None, cfg_channels: int = 3, use_cfg: bool | None = None) -> ModelFn:
     """Wrap a DiT / FlexDiT as model_fn(x, original_t) for the samplers.
@@ -324,32 +344,189 @@ def guided_model_fn(model, y: torch.Tensor, cfg_scale: float = 1.0, schedule: De
     y_null = torch.full_like(y, null_class)
 
     def fn(x, t):
-        kwargs = {} if schedule is None else {"grid": schedule.grid(int(t[0]) if t.ndim else int(t))}
-        if use_cfg:
-            b = x.shape[0]
-            out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]),
-                                         cfg_scale, cfg_channels=cfg_channels, **kwargs)
-            return out[:b]
-        return model(x, t, y, **kwargs)
+        return _guided_forward(model, x, t, y, y_null, cfg_scale, cfg_channels, use_cfg, _grid_of(schedule, t))
 
     return fn
 
 
+def grid_steps(diffusion: GaussianDiffusion, schedule: DensitySchedule | None = None) -> dict:
+    """{grid side: number of sampling steps run at it} over the whole chain of `diffusion` (None: no schedule,
+    every step at the model's own grid). The steps are the chain's original timesteps, as the samplers query."""
+    if schedule is None:
+        return {None: diffusion.num_timesteps}
+    return dict(Counter(schedule.grid(int(t)) for t in diffusion.timestep_map))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CUDA graphs
+# ---------------------------------------------------------------------------------------------------------------
+
+def _autocast_state(device_type: str = "cuda"):
+    """(enabled, dtype) of the autocast context active for `device_type`."""
+    if not torch.is_autocast_enabled(device_type):
+        return False, None
+    return True, torch.get_autocast_dtype(device_type)
+
+
+class _Graph:
+    """One captured guided forward: static inputs (x, t, y), its output, and what the capture cost."""
+
+    def __init__(self, graph, x, t, y, out, capture_s: float, memory_bytes: int):
+        self.graph, self.x, self.t, self.y, self.out = graph, x, t, y, out
+        self.capture_s, self.memory_bytes, self.replays = capture_s, memory_bytes, 0
+
+
+class CudaGraphDenoiser:
+    """The samplers' network evaluation replayed from CUDA graphs: one graph per (grid, batch) that a run meets.
+
+    A graph is captured the first time its key (grid side, latent shape and dtype, guidance settings, autocast
+    dtype) is seen: the inputs are copied into static buffers, a few eager calls on a side stream warm up the
+    allocator and the kernels' autotuning, then the guided forward (the doubled batch with guidance) is captured
+    with the autocast weight cache off (a cached cast would live outside the graph's memory). Each later call
+    copies x, t, y into the buffers, replays, and returns a copy of the output. All graphs share one memory pool:
+    they run one at a time and every output is copied out at once.
+
+    Keep one object across batches and runs (flexdit-sample does) so each graph is captured once; `info()` says
+    how many graphs exist, their capture time and the GPU memory they hold.
+
+    Args:
+        model: a DiT / FlexDiT on a CUDA device (eval mode; it must not change while graphs are held).
+        warmup: eager calls before each capture.
+    """
+
+    def __init__(self, model, warmup: int = 2):
+        if not torch.cuda.is_available():
+            raise ValueError("cuda_graph: CUDA graphs need a CUDA GPU (torch.cuda.is_available() is False)")
+        param = next(iter(model.parameters()), None)
+        if param is not None and param.device.type != "cuda":
+            raise ValueError(f"cuda_graph: the model must be on a CUDA device, its parameters are on {param.device}")
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1, got {warmup}")
+        self.model = model
+        self.warmup = int(warmup)
+        self._graphs: dict[tuple, _Graph] = {}
+        self._pool = None
+
+    def model_fn(self, y: torch.Tensor, cfg_scale: float = 1.0, schedule: DensitySchedule | None = None,
+                 null_class: int | None = None, cfg_channels: int = 3, use_cfg: bool | None = None) -> ModelFn:
+        """`guided_model_fn`'s model_fn(x, original_t), running on graphs."""
+        self._check_device(y)
+        if use_cfg is None:
+            use_cfg = cfg_scale != 1.0
+        if null_class is None:
+            null_class = model_num_classes(self.model)
+        settings = (bool(use_cfg), float(cfg_scale), int(cfg_channels), int(null_class))
+
+        def fn(x, t):
+            grid = _grid_of(schedule, t)
+            key = (grid, tuple(x.shape), x.dtype, str(x.device), *settings, _autocast_state(x.device.type))
+            g = self._graphs.get(key)
+            if g is None:
+                g = self._graphs[key] = self._capture(x, t, y, grid, settings)
+            g.x.copy_(x)
+            g.t.copy_(t)
+            g.y.copy_(y)
+            g.graph.replay()
+            g.replays += 1
+            return g.out.clone()
+
+        return fn
+
+    @staticmethod
+    def _check_device(y: torch.Tensor) -> None:
+        if y.device.type != "cuda":
+            raise ValueError(f"cuda_graph: y must be on a CUDA device, got {y.device}")
+
+    def _capture(self, x, t, y, grid, settings) -> _Graph:
+        use_cfg, cfg_scale, cfg_channels, null_class = settings
+        device = x.device
+        enabled, dtype = _autocast_state(device.type)
+        model = self.model
+
+        def forward(xs, ts, ys):
+            with torch.no_grad(), (torch.autocast(device.type, dtype=dtype, cache_enabled=False) if enabled
+                                   else contextlib.nullcontext()):
+                return _guided_forward(model, xs, ts, ys, torch.full_like(ys, null_class), cfg_scale,
+                                       cfg_channels, use_cfg, grid)
+
+        start = time.perf_counter()
+        xs, ts, ys = x.clone(), t.clone(), y.clone()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                forward(xs, ts, ys)
+        torch.cuda.current_stream(device).wait_stream(side)
+        torch.cuda.synchronize(device)
+        gc.collect()
+        torch.cuda.empty_cache()
+        before = torch.cuda.memory_reserved(device)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = forward(xs, ts, ys)
+        torch.cuda.synchronize(device)
+        memory = torch.cuda.memory_reserved(device) - before
+        return _Graph(graph, xs, ts, ys, out, time.perf_counter() - start, max(0, memory))
+
+    def info(self) -> dict:
+        """{"graphs": [{"grid", "batch", "capture_s", "memory_bytes", "replays"}, ...], "num_graphs",
+        "graph_memory_bytes" (growth of reserved GPU memory across the captures), "capture_s"}. The batch is the
+        sampler's; with guidance the graph runs twice as many latents."""
+        graphs = [{"grid": key[0], "batch": key[1][0], "capture_s": g.capture_s, "memory_bytes": g.memory_bytes,
+                   "replays": g.replays} for key, g in self._graphs.items()]
+        return {"graphs": graphs, "num_graphs": len(graphs),
+                "graph_memory_bytes": sum(g["memory_bytes"] for g in graphs),
+                "capture_s": sum(g["capture_s"] for g in graphs)}
+
+    def reset(self) -> None:
+        """Drop every graph and its memory (call after changing the model's weights or structure)."""
+        self._graphs.clear()
+        self._pool = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling entry point
+# ---------------------------------------------------------------------------------------------------------------
+
 def sample_latents(model, diffusion: GaussianDiffusion, y: torch.Tensor, latent_shape: Sequence[int], *,
                    cfg_scale: float = 4.0, schedule: DensitySchedule | None = None, sampler: str = "ddpm",
                    eta: float = 0.0, generator=None, noise: torch.Tensor | None = None, cfg_channels: int = 3,
-                   null_class: int | None = None, progress: bool = False) -> torch.Tensor:
+                   null_class: int | None = None, progress: bool = False,
+                   cuda_graph: bool | CudaGraphDenoiser = False, return_info: bool = False):
     """Class-conditional latents (B, *latent_shape) for labels y (B,).
 
     generator: one torch.Generator, or a list of one per sample (then sample i depends only on its own seed).
     Noise is drawn on the CPU and moved to y's device.
+    cuda_graph: True replays the network from CUDA graphs, one per (grid, batch) of the run (`CudaGraphDenoiser`);
+        pass a `CudaGraphDenoiser` to keep its graphs across calls. ValueError without a CUDA GPU.
+    return_info: return (latents, info) with info = {"steps", "grid_steps" ({grid: steps}), "cuda_graph"
+        (`CudaGraphDenoiser.info()`, or None)}.
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    denoiser = None
+    if isinstance(cuda_graph, CudaGraphDenoiser):
+        denoiser = cuda_graph
+    elif cuda_graph:
+        denoiser = CudaGraphDenoiser(model)
     shape = (y.shape[0], *latent_shape)
     if noise is None:
         noise = _randn(shape, generator, y.device)
-    fn = guided_model_fn(model, y, cfg_scale, schedule=schedule, null_class=null_class, cfg_channels=cfg_channels)
+    if denoiser is not None:
+        fn = denoiser.model_fn(y, cfg_scale, schedule=schedule, null_class=null_class, cfg_channels=cfg_channels)
+    else:
+        fn = guided_model_fn(model, y, cfg_scale, schedule=schedule, null_class=null_class,
+                             cfg_channels=cfg_channels)
     if sampler == "ddpm":
-        return diffusion.p_sample_loop(fn, noise, generator=generator, progress=progress)
-    return diffusion.ddim_sample_loop(fn, noise, eta=eta, generator=generator, progress=progress)
+        out = diffusion.p_sample_loop(fn, noise, generator=generator, progress=progress)
+    else:
+        out = diffusion.ddim_sample_loop(fn, noise, eta=eta, generator=generator, progress=progress)
+    if not return_info:
+        return out
+    return out, {"steps": diffusion.num_timesteps, "grid_steps": grid_steps(diffusion, schedule),
+                 "cuda_graph": denoiser.info() if denoiser is not None else None}

@@ -3,197 +3,43 @@
 Writes latents (`latents.npz`: latents (n, 4, h, w) float32, labels (n,), indices (n,)) and, with `--vae`, decoded
 PNGs and a grid image. Runs on several GPUs with torchrun: rank r takes samples r, r + W, ...; sample i always uses
 the seed (seed, i), so the output does not depend on the number of processes or the batch size.
+`--cuda-graph` replays the network from CUDA graphs (one per grid of the schedule and batch size) and reports their
+memory. Exit status: 0 on success, 2 with one line `flexdit-sample: error: ...` for a bad argument, file or device.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .diffusion import create_diffusion, sample_latents
-from .schedule import DensitySchedule
+from ._cli import (DistContext, add_schedule_args, autocast_context, backend_context, build_model,
+                   create_checked, model_config, parse_model_args, sample_seed, schedule_from_args, usage_errors)
+from .diffusion import CudaGraphDenoiser, create_diffusion, model_num_classes, sample_latents
 
-__all__ = ["main", "build_model", "model_config", "schedule_from_args", "sample_seed", "DistContext"]
+# build_model, model_config, schedule_from_args, sample_seed and DistContext live in flexdit._cli (shared with
+# flexdit-finetune); they stay importable from here.
+__all__ = ["main", "build_model", "model_config", "schedule_from_args", "sample_seed", "DistContext",
+           "parse_classes"]
 
 DEFAULT_CLASSES = "207,360,387,974,88,979,417,279"  # DiT's sample.py classes
+PROG = "flexdit-sample"
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Model loading (shared with flexdit-finetune)
-# ---------------------------------------------------------------------------------------------------------------
-
-def build_model(name: str, ckpt=None, weights: str = "ema", **overrides):
-    """A DiT ("DiT-XL/2") or FlexDiT ("FlexDiT-XL/2") from a registry name, with weights from `ckpt`:
-
-    - None: random initialisation (smoke tests);
-    - a FlexDiT checkpoint with a "config" entry (`save_flexdit`, or a `flexdit-finetune` checkpoint; `weights`
-      picks its "ema" or "model" weights): the config comes from the file and `overrides` are ignored;
-    - a plain state dict (`.pt` / `.safetensors`) of a dense DiT: loaded into the DiT, or, for a FlexDiT name,
-      converted by the REFERENCE mapping (`from_dit`); a plain FlexDiT state dict is loaded as is.
-    Returns (model, source) where source says which case applied.
-    """
-    from . import checkpoint
-    from .convert import from_dit
-    from .models import FlexDiT, FlexDiTConfig, create_model, flexdit_config
-
-    flex = name.startswith("FlexDiT")
-    if ckpt is None:
-        return create_model(name, **overrides), "random initialisation"
-    obj = checkpoint.read_checkpoint(ckpt)
-    what = os.fspath(ckpt)
-    if isinstance(obj, Mapping) and "config" in obj:
-        key = weights if weights in obj else "model"
-        if key not in obj:
-            raise ValueError(f"ckpt {what!r} has no {weights!r} or 'model' weights")
-        if obj.get("arch", "FlexDiT") == "FlexDiT":
-            if not flex:
-                raise ValueError(f"ckpt {what!r} is a FlexDiT checkpoint; use a FlexDiT-* model name")
-            model = FlexDiT(FlexDiTConfig.from_dict(obj["config"]))
-            checkpoint.load_state_dict_strict(model, obj[key], what=what)
-            return model, f"FlexDiT checkpoint ({key} weights)"
-        # a dense training checkpoint of flexdit-finetune: its config gives the DiT's size
-        overrides = {**obj["config"], **overrides}
-        state_dict = obj[key]
-        source = f"dense DiT training checkpoint ({key} weights)"
-    else:
-        state_dict = checkpoint.load_dit_checkpoint(ckpt)
-        source = "dense DiT checkpoint"
-    if not flex:
-        model = create_model(name, **overrides)
-        checkpoint.load_state_dict_strict(model, state_dict, what=what)
-        return model, source
-    config = flexdit_config(name, **overrides)
+def parse_classes(text: str, num_classes: int) -> list[int]:
+    """--classes: comma-separated integer labels in [0, num_classes)."""
     try:
-        return from_dit(state_dict, config), source + " converted to FlexDiT"
-    except ValueError as dense_err:
-        model = FlexDiT(config)
-        try:
-            checkpoint.load_state_dict_strict(model, state_dict, what=what)
-        except ValueError as flex_err:
-            raise ValueError(f"ckpt {what!r} fits neither as a dense DiT ({dense_err}) nor as a "
-                             f"FlexDiT state dict ({flex_err})") from None
-        return model, "FlexDiT state dict"
-
-
-def model_config(model) -> tuple[str, dict]:
-    """("FlexDiT", config dict) or ("DiT", constructor kwargs): enough to rebuild the model."""
-    model = getattr(model, "module", model)
-    if hasattr(model, "config"):
-        return "FlexDiT", model.config.to_dict()
-    blk = model.blocks[0]
-    hidden = model.pos_embed.shape[-1]
-    return "DiT", dict(input_size=model.input_size if model.input_size[0] != model.input_size[1]
-                       else model.input_size[0],
-                       patch_size=model.patch_size, in_channels=model.in_channels, hidden_size=hidden,
-                       depth=len(model.blocks), num_heads=model.num_heads,
-                       mlp_ratio=blk.mlp.fc1.out_features / hidden,
-                       class_dropout_prob=model.y_embedder.dropout_prob, num_classes=model.y_embedder.num_classes,
-                       learn_sigma=model.learn_sigma)
-
-
-def parse_model_args(text: str | None) -> dict:
-    """--model-args: a JSON object of config overrides, e.g. '{"depth": 6, "hidden_size": 64, "num_heads": 2}'."""
-    if not text:
-        return {}
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--model-args must be a JSON object: {e}") from None
-    if not isinstance(d, dict):
-        raise ValueError(f"--model-args must be a JSON object, got {text!r}")
-    return d
-
-
-def schedule_from_args(args, model):
-    """The density schedule asked for on the command line: --r-min/--r-max, --grid, or None (model default)."""
-    plan = getattr(getattr(model, "config", None), "plan", None)
-    is_flex = plan is not None and plan.num_modules > 0
-    rates = (args.r_min, args.r_max)
-    if (rates[0] is None) != (rates[1] is None):
-        raise ValueError("--r-min and --r-max go together")
-    if rates[0] is not None and args.grid is not None:
-        raise ValueError("give either --r-min/--r-max or --grid, not both")
-    if not is_flex:
-        if rates[0] is not None or args.grid is not None:
-            raise ValueError("--r-min/--r-max/--grid need a FlexDiT model")
-        return None
-    if rates[0] is not None:
-        return DensitySchedule.from_rates(args.r_min, args.r_max, model.token_grid)
-    if args.grid is not None:
-        return DensitySchedule.fixed(args.grid, token_grid=model.token_grid)
-    return None
-
-
-def add_schedule_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("token density (FlexDiT)")
-    g.add_argument("--r-min", type=float, default=None, help="pruning rate at the least noisy stage (e.g. 0.61)")
-    g.add_argument("--r-max", type=float, default=None, help="pruning rate at the noisiest stage (e.g. 0.86)")
-    g.add_argument("--grid", type=int, default=None, help="one fixed sparse grid side G (G×G tokens)")
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """The seed of sample `index`: distinct for every (seed, index) pair, independent of batching and ranks."""
-    return (int(seed) * 1_000_003 + int(index)) % (2 ** 63)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# torchrun
-# ---------------------------------------------------------------------------------------------------------------
-
-class DistContext:
-    """Rank, world size and device; a process group only when WORLD_SIZE > 1 (nccl on CUDA, gloo on the CPU)."""
-
-    def __init__(self, device: str | None = None):
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device is None:
-            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self.distributed = self.world_size > 1
-        if self.distributed:
-            import torch.distributed as dist
-            if not dist.is_initialized():
-                dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.distributed:
-            import torch.distributed as dist
-            dist.barrier()
-
-    def close(self):
-        if self.distributed:
-            import torch.distributed as dist
-            if dist.is_initialized():
-                dist.destroy_process_group()
-
-
-def backend_context(name: str, device: torch.device):
-    """flexdit_kernels' backend: "auto" means Triton on CUDA and the PyTorch reference on the CPU for the CLIs
-    (the Triton interpreter is for kernel tests, far too slow for a model)."""
-    import flexdit_kernels
-    if name == "auto" and device.type != "cuda":
-        name = "reference"
-    return flexdit_kernels.backend(name)
-
-
-def autocast_context(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
+        classes = [int(c) for c in str(text).split(",") if c.strip()]
+    except ValueError:
+        raise ValueError(f"--classes must be comma-separated integer labels, got {text!r}") from None
+    if not classes:
+        raise ValueError("--classes names no label")
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad:
+        raise ValueError(f"--classes: label {bad[0]} is outside [0, {num_classes}) (--num-classes {num_classes})")
+    return classes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -241,7 +87,7 @@ def _load_vae(path, device):
 # ---------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="flexdit-sample", description=__doc__.split("\n")[0],
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="FlexDiT-XL/2", help="registry name: FlexDiT-XL/2, DiT-XL/2, ...")
     p.add_argument("--ckpt", default=None,
@@ -268,37 +114,66 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto",
                    help="flexdit_kernels backend (auto: Triton on CUDA, the PyTorch reference on the CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the forward (one graph per density stage)")
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the forward (one graph per density stage)")
+    speed.add_argument("--cuda-graph", action="store_true",
+                       help="replay the guided forward from CUDA graphs, one per (grid, batch) (CUDA only)")
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Run flexdit-sample; 0 on success. Bad arguments, files or devices end it with one line and exit 2."""
     args = parse_args(argv)
-    ctx = DistContext(args.device)
+    with usage_errors(PROG):
+        ctx = DistContext(args.device)
     try:
-        return _run(args, ctx)
+        with usage_errors(PROG):
+            setup = _prepare(args, ctx)
+        _sample(args, ctx, *setup)
     finally:
         ctx.close()
+    return 0
 
 
-def _run(args, ctx: DistContext):
-    if args.image_size % 8:
-        raise ValueError(f"--image-size must be a multiple of 8, got {args.image_size}")
-    classes = [int(c) for c in args.classes.split(",") if c.strip()]
-    if not classes or min(classes) < 0 or max(classes) >= args.num_classes:
-        raise ValueError(f"--classes must be labels in [0, {args.num_classes}), got {args.classes!r}")
+def _prepare(args, ctx: DistContext):
+    """Every check and the model, before any sampling: (model, classes, n, schedule)."""
+    if args.image_size < 8 or args.image_size % 8:
+        raise ValueError(f"--image-size must be a positive multiple of 8, got {args.image_size}")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--num-classes", args.num_classes, 1),
+                             ("--num-samples", args.num_samples, 0)):
+        if value is not None and value < low:
+            raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if not 1 <= args.steps <= 1000:
+        raise ValueError(f"--steps must be in 1..1000 (a respacing of the 1000 training steps), got {args.steps}")
+    if not 1 <= args.cfg_channels <= 4:
+        raise ValueError(f"--cfg-channels must be in 1..4, got {args.cfg_channels}")
+    if args.cuda_graph and ctx.device.type != "cuda":
+        raise ValueError(f"--cuda-graph needs a CUDA GPU (device {ctx.device}; torch.cuda.is_available() is "
+                         f"{torch.cuda.is_available()})")
+    if args.vae and not Path(args.vae).is_dir():
+        raise ValueError(f"--vae {args.vae}: not a folder (a diffusers AutoencoderKL saved with save_pretrained)")
+    classes = parse_classes(args.classes, args.num_classes)
     n = args.num_samples if args.num_samples is not None else len(classes)
-    model, source = build_model(args.model, args.ckpt, weights=args.weights, input_size=args.image_size // 8,
-                                num_classes=args.num_classes, **parse_model_args(args.model_args))
+    model, source = create_checked(args.model, args.ckpt, args.weights, input_size=args.image_size // 8,
+                                   num_classes=args.num_classes, **parse_model_args(args.model_args))
+    num_classes = model_num_classes(model)
+    if max(classes) >= num_classes:
+        raise ValueError(f"--classes: label {max(classes)} is outside [0, {num_classes}) (the model's classes)")
     model = model.to(ctx.device).eval()
     if ctx.is_main:
         print(f"model {args.model} ({source}); {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     schedule = schedule_from_args(args, model)
     if ctx.is_main and schedule is not None:
         print(f"density schedule: {schedule}")
+    return model, classes, n, schedule
+
+
+def _sample(args, ctx: DistContext, model, classes, n, schedule):
     if args.compile:
         model.forward = torch.compile(model.forward)
+    graphs = CudaGraphDenoiser(model) if args.cuda_graph else False
     diffusion = create_diffusion(args.steps)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -314,9 +189,11 @@ def _run(args, ctx: DistContext):
             with autocast_context(args.precision, ctx.device):
                 z = sample_latents(model, diffusion, y, latent_shape, cfg_scale=args.cfg_scale, schedule=schedule,
                                    sampler=args.sampler, eta=args.eta, generator=gens, cfg_channels=args.cfg_channels,
-                                   progress=not args.no_progress and ctx.is_main)
+                                   progress=not args.no_progress and ctx.is_main, cuda_graph=graphs)
             all_lat.append(z.float().cpu())
             all_lab.append(y.cpu())
+    if graphs and ctx.is_main:
+        print(graph_summary(graphs.info()))
     latents = torch.cat(all_lat) if all_lat else torch.zeros(0, *latent_shape)
     labels = torch.cat(all_lab) if all_lab else torch.zeros(0, dtype=torch.long)
     part = out_dir / (f"latents_rank{ctx.rank:03d}.npz" if ctx.distributed else "latents.npz")
@@ -350,5 +227,13 @@ def _run(args, ctx: DistContext):
     return out_dir
 
 
+def graph_summary(info: dict) -> str:
+    """One line on the CUDA graphs of a run: how many, for which (grid, batch), their memory and capture time."""
+    keys = ", ".join(f"{'dense' if g['grid'] is None else 'G' + str(g['grid'])}x{g['batch']}"
+                     for g in info["graphs"])
+    return (f"CUDA graphs: {info['num_graphs']} captured ({keys}); graph memory "
+            f"{info['graph_memory_bytes'] / 2**20:.1f} MiB; capture {info['capture_s']:.2f} s")
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

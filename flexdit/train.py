@@ -1,10 +1,12 @@
 """`flexdit-finetune`: fine-tune a FlexDiT (converted from a dense DiT, or resumed) on pre-extracted latents.
 
-DiT's recipe (REFERENCE §4): AdamW (lr 1e-4, weight decay 0), EMA, mixed precision, the hybrid diffusion loss.
+DiT's recipe, which the paper's fine-tuning follows: AdamW (lr 1e-4, weight decay 0), EMA, mixed precision, the
+hybrid diffusion loss.
 Density-stage bucketing: every step, each process draws one stage of the density schedule and t uniformly inside
 that stage, so a batch runs one grid. Checkpoints (atomic) hold model, EMA, optimizer, scaler, step, config and RNG
 states; a resumed run reproduces an uninterrupted one exactly. With torchrun, DDP over the processes, each drawing
 its stages and timesteps from its own seed. A dense model name (DiT-S/2 ...) trains a dense DiT the same way.
+Exit status: 0 on success, 2 with one line `flexdit-finetune: error: ...` for a bad argument, file, data or device.
 """
 from __future__ import annotations
 
@@ -18,11 +20,15 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoint
+from ._cli import (DistContext, add_schedule_args, autocast_context, backend_context, create_checked, model_config,
+                   parse_model_args, schedule_from_args, usage_errors)
 from .data import LatentShards
 from .diffusion import create_diffusion
-from .sample import (DistContext, add_schedule_args, autocast_context, backend_context, build_model, model_config,
-                     parse_model_args)
 from .schedule import DensitySchedule
+
+PROG = "flexdit-finetune"
+DEFAULT_RATES = (0.61, 0.86)   # the paper's 256² operating point, used when neither --r-min/--r-max nor --grid
 
 __all__ = ["main", "update_ema", "train_step", "heldout_loss", "save_checkpoint", "find_latest_checkpoint"]
 
@@ -145,21 +151,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _schedule(args, model):
-    plan = getattr(getattr(model, "config", None), "plan", None)
-    is_flex = plan is not None and plan.num_modules > 0
-    if not is_flex:
-        if args.r_min is not None or args.grid is not None:
-            raise ValueError("--r-min/--r-max/--grid need a FlexDiT model")
-        return None
-    if args.grid is not None:
-        if args.r_min is not None or args.r_max is not None:
-            raise ValueError("give either --r-min/--r-max or --grid, not both")
-        return DensitySchedule.fixed(args.grid, token_grid=model.token_grid)
-    if (args.r_min is None) != (args.r_max is None):
-        raise ValueError("--r-min and --r-max go together")
-    r_min, r_max = (0.61, 0.86) if args.r_min is None else (args.r_min, args.r_max)
-    return DensitySchedule.from_rates(r_min, r_max, model.token_grid)
+def read_resume_state(path) -> dict:
+    """A flexdit-finetune checkpoint, checked for what a resumed run needs; ValueError naming the file."""
+    state = checkpoint.read_checkpoint(path)
+    need = {"arch", "config", "model", "ema", "opt", "step", "rng"}
+    if not isinstance(state, dict) or not need <= set(state):
+        have = sorted(state) if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"--resume: checkpoint {str(path)!r} is not a flexdit-finetune checkpoint (it needs "
+                         f"{sorted(need)}; it has {have})")
+    return state
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -198,52 +198,64 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None) -> int:
+    """Run flexdit-finetune; 0 on success. Bad arguments, files, data or devices end it with one line and exit 2."""
     args = parse_args(argv)
-    ctx = DistContext(args.device)
+    with usage_errors(PROG):
+        ctx = DistContext(args.device)
     try:
         with backend_context(args.backend, ctx.device):
-            return _train(args, ctx)
+            _train(args, ctx)
     finally:
         ctx.close()
+    return 0
 
 
 def _train(args, ctx: DistContext):
-    if args.global_batch_size % ctx.world_size:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the "
-                         f"{ctx.world_size} processes")
-    batch = args.global_batch_size // ctx.world_size
-    if args.image_size % 8:
-        raise ValueError(f"--image-size must be a multiple of 8, got {args.image_size}")
-    out_dir = Path(args.out_dir)
-    resume = None
-    if args.resume == "auto":
-        resume = find_latest_checkpoint(out_dir)
-    elif args.resume not in ("none", "", None):
-        resume = Path(args.resume)
-        if not resume.is_file():
-            raise ValueError(f"--resume {args.resume}: no such checkpoint")
+    with usage_errors(PROG):   # every check before anything trains
+        for flag, value, low in (("--global-batch-size", args.global_batch_size, 1), ("--steps", args.steps, 0),
+                                 ("--log-every", args.log_every, 1), ("--ckpt-every", args.ckpt_every, 1),
+                                 ("--num-classes", args.num_classes, 1)):
+            if value < low:
+                raise ValueError(f"{flag} must be >= {low}, got {value}")
+        if not 0.0 <= args.ema_decay <= 1.0:
+            raise ValueError(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
+        if args.global_batch_size % ctx.world_size:
+            raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the "
+                             f"{ctx.world_size} processes")
+        batch = args.global_batch_size // ctx.world_size
+        if args.image_size < 8 or args.image_size % 8:
+            raise ValueError(f"--image-size must be a positive multiple of 8, got {args.image_size}")
+        out_dir = Path(args.out_dir)
+        resume = None
+        if args.resume == "auto":
+            resume = find_latest_checkpoint(out_dir)
+        elif args.resume not in ("none", "", None):
+            resume = Path(args.resume)
+            if not resume.is_file():
+                raise ValueError(f"--resume {args.resume}: no such checkpoint")
 
-    # --- model (a resumed run rebuilds it from the checkpoint's config) ---
-    overrides = dict(input_size=args.image_size // 8, num_classes=args.num_classes, **parse_model_args(args.model_args))
-    state = None
-    torch.manual_seed(args.seed)    # a random initialisation (no --init) is seeded too
-    if resume is not None:
-        state = torch.load(resume, map_location="cpu", weights_only=True)
-        model, source = build_model(args.model, resume, weights="model", **overrides)
-        source = f"resumed from {resume} (step {state['step']})"
-    else:
-        model, source = build_model(args.model, args.init, weights=args.init_weights, **overrides)
-    arch, config = model_config(model)
+        # --- model (a resumed run rebuilds it from the checkpoint's config) ---
+        overrides = dict(input_size=args.image_size // 8, num_classes=args.num_classes,
+                         **parse_model_args(args.model_args))
+        state = None
+        torch.manual_seed(args.seed)    # a random initialisation (no --init) is seeded too
+        if resume is not None:
+            state = read_resume_state(resume)
+            model, source = create_checked(args.model, resume, "model", **overrides)
+            source = f"resumed from {resume} (step {state['step']})"
+        else:
+            model, source = create_checked(args.model, args.init, args.init_weights, **overrides)
+        arch, config = model_config(model)
 
-    # --- data, checked before anything trains ---
-    data = LatentShards(args.data, channels=model.in_channels, input_size=model.input_size,
-                        num_classes=config["num_classes"])
-    schedule = _schedule(args, model)
-    if state is not None and state.get("schedule") and schedule is not None \
-            and tuple(state["schedule"]["grids"]) != schedule.grids:
-        raise ValueError(f"--resume: the checkpoint trained with grids {state['schedule']['grids']}, "
-                         f"this run asks for {schedule.grids}")
+        # --- data, checked before anything trains ---
+        data = LatentShards(args.data, channels=model.in_channels, input_size=model.input_size,
+                            num_classes=config["num_classes"])
+        schedule = schedule_from_args(args, model, default_rates=DEFAULT_RATES)
+        if state is not None and state.get("schedule") and schedule is not None \
+                and tuple(state["schedule"]["grids"]) != schedule.grids:
+            raise ValueError(f"--resume: the checkpoint trained with grids {state['schedule']['grids']}, "
+                             f"this run asks for {schedule.grids}")
 
     model = model.to(ctx.device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -332,4 +344,4 @@ def _train(args, ctx: DistContext):
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from flexdit.diffusion import (GaussianDiffusion, create_diffusion, guided_model_fn, linear_betas, sample_latents,
-                               space_timesteps)
+from flexdit.diffusion import (GaussianDiffusion, create_diffusion, grid_steps, guided_model_fn, linear_betas,
+                               sample_latents, space_timesteps)
 from flexdit.schedule import DensitySchedule
 
 
@@ -199,6 +199,44 @@ def test_schedule_queried_with_original_timestep(sampler):
     model.calls.clear()
     sample_latents(model, d, torch.tensor([1]), (4, 5, 5), generator=torch.Generator().manual_seed(0))
     assert all(g is None for _, g in model.calls)
+
+
+def _guided_fn_before_cuda_graphs(model, y, cfg_scale, schedule, null_class=3, cfg_channels=3):
+    """The eager model_fn as it was before the CUDA-graph path existed (kept verbatim as the reference)."""
+    y_null = torch.full_like(y, null_class)
+
+    def fn(x, t):
+        kwargs = {} if schedule is None else {"grid": schedule.grid(int(t[0]) if t.ndim else int(t))}
+        b = x.shape[0]
+        out = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, y_null]),
+                                     cfg_scale, cfg_channels=cfg_channels, **kwargs)
+        return out[:b]
+
+    return fn
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_eager_sampling_with_schedule_and_guidance_unchanged(sampler):
+    model = ToyEpsModel().eval()
+    sched = DensitySchedule.from_rates(0.61, 0.86, 16)          # grids (10, 9, 8, 6)
+    d = create_diffusion(12)
+    y, noise = torch.tensor([0, 2]), torch.randn(2, 4, 5, 5)
+    got, info = sample_latents(model, d, y, (4, 5, 5), cfg_scale=3.0, schedule=sched, sampler=sampler,
+                               noise=noise, generator=torch.Generator().manual_seed(3), return_info=True)
+    fn = _guided_fn_before_cuda_graphs(model, y, 3.0, sched)
+    loop = d.p_sample_loop if sampler == "ddpm" else d.ddim_sample_loop
+    want = loop(fn, noise, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, want)
+    assert info["cuda_graph"] is None and info["steps"] == 12
+    assert info["grid_steps"] == grid_steps(d, sched) and sum(info["grid_steps"].values()) == 12
+    assert set(info["grid_steps"]) == {10, 9, 8, 6}
+
+
+def test_grid_steps_follow_the_original_timesteps():
+    sched = DensitySchedule([10, 9, 8, 6])
+    assert grid_steps(create_diffusion(), sched) == {10: 250, 9: 250, 8: 250, 6: 250}
+    assert grid_steps(create_diffusion("ddim50"), sched) == {10: 13, 9: 12, 8: 13, 6: 12}
+    assert grid_steps(create_diffusion(4), None) == {None: 4}
 
 
 def test_single_step_chain():

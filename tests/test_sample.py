@@ -73,16 +73,77 @@ def test_cli_dense_model_and_flexdit_checkpoint(dense_ckpt, tmp_path):
     assert (tmp_path / "f" / "latents.npz").exists()
 
 
-def test_cli_errors(dense_ckpt, tmp_path):
-    with pytest.raises(ValueError, match="r-min and --r-max"):
-        main(_flex_args(dense_ckpt) + COMMON + ["--r-min", "0.5", "--out-dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="FlexDiT"):
-        main(["--model", "DiT-S/2", "--model-args", json.dumps(TINY)] + COMMON + ["--grid", "4",
-                                                                                  "--out-dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="grids"):
-        main(_flex_args(dense_ckpt) + COMMON + ["--grid", "9", "--out-dir", str(tmp_path)])
-    with pytest.raises(ValueError, match="--classes"):
-        main(_flex_args(dense_ckpt) + COMMON[:-5] + ["--classes", "4", "--out-dir", str(tmp_path)])
+def usage_error(main_fn, argv, capsys) -> str:
+    """The one-line error of a CLI run that must stop with exit status 2 (argparse's convention)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main_fn(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and ": error: " in lines[0], err
+    assert "weights_only=False" not in err and "Traceback" not in err
+    return lines[0]
+
+
+def test_cli_errors(dense_ckpt, tmp_path, capsys):
+    flex = _flex_args(dense_ckpt) + COMMON
+    out = ["--out-dir", str(tmp_path)]
+    assert "--r-min and --r-max" in usage_error(main, flex + ["--r-min", "0.5"] + out, capsys)
+    assert "FlexDiT" in usage_error(main, ["--model", "DiT-S/2", "--model-args", json.dumps(TINY)] + COMMON
+                                    + ["--grid", "4"] + out, capsys)
+    assert "grids" in usage_error(main, flex + ["--grid", "9"] + out, capsys)
+    assert "--classes: label 4 is outside [0, 4)" in usage_error(main, flex + ["--classes", "4"] + out, capsys)
+    assert "--classes must be comma-separated integer" in usage_error(main, flex + ["--classes", "a,b"] + out,
+                                                                      capsys)
+    assert "--model-args" in usage_error(main, flex + ["--model-args", "{bad"] + out, capsys)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cli_gpu_flags_without_gpu(dense_ckpt, tmp_path, capsys):
+    flex = _flex_args(dense_ckpt) + COMMON + ["--out-dir", str(tmp_path)]
+    assert "--device cuda: no CUDA GPU" in usage_error(main, flex + ["--device", "cuda"], capsys)
+    assert "--cuda-graph needs a CUDA GPU" in usage_error(main, flex + ["--cuda-graph"], capsys)
+    with pytest.raises(ValueError, match="CUDA GPU"):
+        sample_latents(create_model("DiT-S/2", input_size=16, num_classes=4, **TINY), create_diffusion(2),
+                       torch.tensor([0]), (4, 16, 16), cuda_graph=True)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("empty", "is empty (0 bytes)"), ("truncated", "truncated or not a PyTorch checkpoint"),
+    ("garbage", "not a PyTorch checkpoint"), ("pickle", "holds a numpy"),
+    ("other-size", "missing keys (40)"),
+])
+def test_cli_bad_checkpoint_is_one_line(dense_ckpt, tmp_path, capsys, kind, message):
+    path = tmp_path / f"{kind}.pt"
+    data = dense_ckpt.read_bytes()
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif kind == "garbage":
+        path.write_bytes(b"not a checkpoint at all" * 8)
+    elif kind == "pickle":
+        torch.save({"pos_embed": np.zeros(3)}, path)
+    else:   # a DiT of another depth and width
+        torch.save(create_model("DiT-S/2", input_size=16, num_classes=4, depth=2, hidden_size=64,
+                                num_heads=2).state_dict(), path)
+    line = usage_error(main, ["--model", "FlexDiT-S/2", "--ckpt", str(path), "--model-args",
+                              json.dumps({**TINY, **PLAN})] + COMMON + ["--out-dir", str(tmp_path / "s")], capsys)
+    assert str(path) in line and message in line, line
+    if kind == "other-size":
+        assert "holds a model of depth 2, hidden 64, the model built has depth 6, hidden 32" in line
+        assert len(line) < 1200
+
+
+def test_main_returns_zero_and_exit_status(dense_ckpt, tmp_path):
+    assert main(_flex_args(dense_ckpt) + COMMON + ["--num-samples", "1", "--steps", "1",
+                                                   "--out-dir", str(tmp_path)]) == 0
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run([sys.executable, "-m", "flexdit.sample", "--classes", "x", "--out-dir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "flexdit-sample: error: --classes must be comma-separated integer labels, got 'x'")
 
 
 def test_cli_vae_decodes_pngs(dense_ckpt, tmp_path, capsys):

@@ -63,12 +63,36 @@ def _bad(tmp_path, kind):
     ("empty", "no .npz shards"), ("shape", "latents are 8x8"), ("labels", r"labels must lie in \[0, 4\)"),
     ("corrupt", "cannot read"), ("missing", "missing arrays"), ("nan", "NaN"),
 ])
-def test_bad_data_stops_before_training(tmp_path, kind, message):
+def test_bad_data_stops_before_training(tmp_path, capsys, kind, message):
     data = _bad(tmp_path, kind)
     out = tmp_path / "run"
     with pytest.raises(ValueError, match=message):
+        LatentShards(data, channels=4, input_size=16, num_classes=4)
+    with pytest.raises(SystemExit) as exc:
         main(_args(data, out, 2))
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith("flexdit-finetune: error: data:") and "\n" not in err
     assert not (out / "checkpoints").exists()
+
+
+def test_cli_errors_are_one_line(data_dir, tmp_path, capsys):
+    other = tmp_path / "other.pt"
+    torch.save(build_model("DiT-S/2", None, input_size=16, num_classes=4, depth=2, hidden_size=64,
+                           num_heads=2)[0].state_dict(), other)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    cases = [(["--init", str(other)], "holds a model of depth 2, hidden 64, the model built has depth 6"),
+             (["--resume", str(tmp_path / "empty.pt")], "is empty (0 bytes)"),
+             (["--ckpt-every", "0"], "--ckpt-every must be >= 1"),
+             (["--grid", "3"], "give either --r-min/--r-max or --grid")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "--device cuda: no CUDA GPU"))
+    for extra, message in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            main(_args(data_dir, tmp_path / "run", 2, extra))
+        err = capsys.readouterr().err.strip()
+        assert exc.value.code == 2 and len(err.splitlines()) == 1 and message in err, (extra, err)
+        assert len(err) < 1200
 
 
 # --- pieces ---------------------------------------------------------------------------------------------------------
@@ -105,7 +129,7 @@ def _ckpt(path):
 
 
 def test_checkpoint_contents(data_dir, tmp_path):
-    main(_args(data_dir, tmp_path, 2))
+    assert main(_args(data_dir, tmp_path, 2)) == 0
     ck = _ckpt(tmp_path / "checkpoints" / "0000002.pt")
     assert ck["arch"] == "FlexDiT" and ck["step"] == 2 and ck["schedule"]["grids"] == [5, 4, 4, 3]
     assert {"model", "ema", "opt", "scaler", "config", "rng", "args"} <= set(ck)
