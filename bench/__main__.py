@@ -233,14 +233,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"CPU reference mode ({why}): a small run of {args.model} at {args.image_size}x{args.image_size}, "
               f"batch {args.batch_size}, {args.dtype}, {args.mode}, dense DiT vs FlexDiT on its PyTorch reference "
               f"path (no kernels). Times are indicative only; the real measurement needs a GPU.")
-    _validate(parser, args, device)
     args.torch_dtype = DTYPES[args.dtype]
-
-    if args.command == "kernels" and args.worker:
+    if args.command == "kernels" and args.worker:   # one op family for a parent run that validated the arguments
         from .kernels import worker_main
         if not args.worker_file:
             parser.error("--worker needs --worker-file")
         return worker_main(args, device)
+    _validate(parser, args, device)
 
     tags = env_tags(device)
     tags.update(dtype=args.dtype, mode=getattr(args, "mode", "eager"), batch=getattr(args, "batch_size", 0) or 0,
