@@ -7,6 +7,7 @@ reported in one line.
 """
 import argparse
 import importlib.util
+import signal
 import sys
 from typing import List, Optional
 
@@ -68,6 +69,14 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{PROG}: error: {message}\n")
+
+
+class Stopped(BaseException):   # not an Exception: per-case error handling must not swallow it
+    """SIGTERM during a run (`timeout` ending a CI step): the rows measured so far are still printed and written."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(f"stopped by signal {signum} before the end (a time limit?)")
 
 
 def fail(message: str) -> int:
@@ -262,7 +271,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         from . import model as suite
     else:
         from . import sample as suite
-    suite.run(args, results, device)
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        suite.run(args, results, device)
+    except Stopped as err:
+        results.failures.append(f"{args.command}: {err}; the rows measured until then are kept")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     runs = [results]
     if args.write_baseline and not results.failures:
         for i in range(1, args.baseline_runs):
@@ -278,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"note: {note}")
     failures = [f for run in runs for f in run.failures]
     for failure in dict.fromkeys(failures):
-        print(f"FAILED (not timed, not reported): {failure}")
+        print(f"FAILED: {failure}")
 
     try:
         if args.json:

@@ -590,25 +590,27 @@ def run(args, results: Results, device: torch.device) -> None:
                 results.failures.append(f"{case.name}: {reason}")
 
     # Phase 2: only the cases that passed are timed.
+    def accept(rec):
+        if "error" in rec:
+            results.failures.append(f"{rec['case']}: {rec['error']}")
+        else:
+            results.rows.extend(Row(**r) for r in rec["rows"])
+            results.notes.extend(rec["notes"])
+
     for op, family in families.items():
         todo = [c for c in family if c.timed and verdicts[c.name] is None]
         if not todo:
             continue
-        if isolate:
-            records, died = _in_worker(args, "time", op, todo, results.tags, copy_gbps, tmpdir)
-        else:
-            collected = {}
-            time_family(runner, todo, lambda rec: collected.__setitem__(rec["case"], rec))
-            records, died = collected, None
+        if not isolate:
+            time_family(runner, todo, accept)
+            continue
+        records, died = _in_worker(args, "time", op, todo, results.tags, copy_gbps, tmpdir)
         for case in todo:
             rec = records.get(case.name)
             if rec is None:
                 results.failures.append(f"{case.name}: not timed: {died or 'no result from the worker'}")
-            elif "error" in rec:
-                results.failures.append(f"{case.name}: {rec['error']}")
             else:
-                results.rows.extend(Row(**r) for r in rec["rows"])
-                results.notes.extend(rec["notes"])
+                accept(rec)
     if tmpdir:
         shutil.rmtree(tmpdir, ignore_errors=True)
 

@@ -109,3 +109,23 @@ def test_worker_results_kept_up_to_a_crash(tmp_path, monkeypatch):
     records, died = _in_worker(Args, "check", "token_pool", family, {}, 1.0, str(tmp_path))
     assert list(records) == [done] and records[done]["reason"] is None
     assert died.startswith("token_pool worker exited with status")
+
+
+def test_sigterm_keeps_the_rows_measured_so_far(monkeypatch, tmp_path, capsys):
+    """`timeout` ends a CI step with SIGTERM: the run stops, says so, and still writes what it measured."""
+    from bench.__main__ import _raise_stopped
+    real = bench.kernels.time_family
+
+    def time_then_stop(runner, family, emit):
+        real(runner, family, emit)
+        if family[0].op == "token_mean":
+            _raise_stopped(15, None)
+
+    monkeypatch.setattr(bench.kernels, "time_family", time_then_stop)
+    jpath = tmp_path / "k.json"
+    assert main(["kernels", "--device", "cpu", "--repeats", "1", "--json", str(jpath)]) == 1
+    payload = json.loads(jpath.read_text())
+    assert payload["failures"] == ["kernels: stopped by signal 15 before the end (a time limit?); the rows "
+                                   "measured until then are kept"]
+    timed = {r["case"].split()[0] for r in payload["rows"] if r["suite"] == "kernels"}
+    assert timed == {"token_pool", "token_mean"}
