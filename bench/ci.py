@@ -153,7 +153,7 @@ def summarize(raw: str, out: str, budget: Optional[float] = None, elapsed: Optio
             detail.append(f"{env.get('gpu', '?')}, torch {env.get('torch', '?')}, triton {env.get('triton', '?')}"
                           + (f"; not installed: {', '.join(missing)}" if missing else ""))
         if st["status"] in ("failed", "timeout") and not any(f.startswith(st["name"] + ":") for f in failures):
-            last = _last_lines(log, 1)
+            last = [line for line in _last_lines(log, 1) if not line.startswith("$ ")]   # not the command echo
             failures.append(f"{st['name']}: {st['status']} (exit {st['rc']})" + (f": {last[0][:300]}" if last else ""))
         if st["status"] == "timeout":
             detail.append(f"stopped after {st['timeout']} s")

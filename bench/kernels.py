@@ -38,7 +38,7 @@ from .common import DTYPES, Results, Row, bench_fn, copy_bandwidth, format_table
 
 OPS = ("token_pool", "token_mean", "upsample_add", "attention")
 
-# DiT-XL/2 shapes (REFERENCE §6): 512² → 32×32 tokens, 256² → 16×16 tokens.
+# DiT-XL/2 shapes: 512² images → 32×32 tokens, 256² → 16×16 tokens; C = 1152, 16 heads of 72.
 GPU_SHAPES = dict(batches=(8, 32), sides=(32, 16), channels=1152, grids=(6, 8, 10), heads=16, head_dim=72,
                   attn_batches=(32, 8), attn_lens=((1024, 64), (64, 1024), (64, 64), (1024, 1024)))
 # Tiny shapes for `--device cpu` (the reference ops only; seconds, not a measurement).
@@ -230,14 +230,15 @@ class _Runner:
         self.on_cpu = device.type == "cpu"
         self.flex_impl = "flexdit-ref" if self.on_cpu else "flexdit"
 
-    def check(self, case: Case) -> Optional[str]:
+    def check(self, case: Case) -> Tuple[Optional[str], Optional[BaseException]]:
+        """(None or a one-line reason, the exception if the check raised one)."""
         try:
             if case.params.get("forced"):
                 with triton_everywhere():
-                    return getattr(self, f"check_{case.op}")(**_args(case))
-            return getattr(self, f"check_{case.op}")(**_args(case))
+                    return getattr(self, f"check_{case.op}")(**_args(case)), None
+            return getattr(self, f"check_{case.op}")(**_args(case)), None
         except Exception as err:   # a launcher error is a failed check, not the end of the run
-            return f"raised {type(err).__name__}: {_first_line(err)}"
+            return f"raised {type(err).__name__}: {_first_line(err)}", err
 
     def time(self, case: Case) -> None:
         self.results.tags["batch"] = case.params["b"]   # rows of this case carry its batch
@@ -473,17 +474,30 @@ def _family_context(device: torch.device):
     return fk.backend("reference") if device.type == "cpu" else fk.backend(fk.get_backend())
 
 
-def check_family(runner: _Runner, family: List[Case], emit: Callable[[dict], None]) -> None:
-    """Check every case of one family; emit({"case", "reason"}) per case (reason None: passed)."""
-    with _family_context(runner.device):
-        for case in family:
-            emit({"case": case.name, "reason": runner.check(case)})
+def _poisons(err: BaseException) -> bool:
+    """Whether an error leaves the CUDA context unusable (every later launch in the process would fail too)."""
+    return "CUDA error" in str(err) or type(err).__name__ == "AcceleratorError"
 
 
-def time_family(runner: _Runner, family: List[Case], emit: Callable[[dict], None]) -> None:
-    """Time the given (already checked) cases; emit({"case", "rows", "notes"}) per case."""
+def check_family(runner: _Runner, family: List[Case], emit: Callable[[dict], None]) -> bool:
+    """Check every case of one family; emit({"case", "reason"}) per case (reason None: passed). Returns False when
+    a CUDA fault ended the family early (the cases after it are left for a fresh process)."""
     with _family_context(runner.device):
         for case in family:
+            emit({"start": case.name})
+            reason, err = runner.check(case)
+            emit({"case": case.name, "reason": reason})
+            if err is not None and _poisons(err):
+                return False
+    return True
+
+
+def time_family(runner: _Runner, family: List[Case], emit: Callable[[dict], None]) -> bool:
+    """Time the given (already checked) cases; emit({"case", "rows", "notes"}) per case. Returns False when a CUDA
+    fault ended the family early."""
+    with _family_context(runner.device):
+        for case in family:
+            emit({"start": case.name})
             sub = Results(tags=dict(runner.results.tags))
             runner.results, saved = sub, runner.results
             try:
@@ -491,8 +505,14 @@ def time_family(runner: _Runner, family: List[Case], emit: Callable[[dict], None
                 emit({"case": case.name, "rows": [asdict(r) for r in sub.rows], "notes": sub.notes})
             except Exception as err:
                 emit({"case": case.name, "error": f"timing raised {type(err).__name__}: {_first_line(err)}"})
+                if _poisons(err):
+                    return False
             finally:
                 runner.results = saved
+    return True
+
+
+POISONED = 3   # worker exit status: a CUDA fault ended it early; the parent starts a fresh worker for the rest
 
 
 def worker_main(args, device: torch.device) -> int:
@@ -508,11 +528,12 @@ def worker_main(args, device: torch.device) -> int:
         out.flush()
 
     try:
-        (check_family if args.worker == "check" else time_family)(runner, family, emit)
-        synchronize(device)
+        finished = (check_family if args.worker == "check" else time_family)(runner, family, emit)
+        if finished:
+            synchronize(device)
     finally:
         out.close()
-    return 0
+    return 0 if finished else POISONED
 
 
 def worker_command(args, phase: str, path: str) -> List[str]:
@@ -528,22 +549,24 @@ def worker_command(args, phase: str, path: str) -> List[str]:
     return cmd
 
 
-def _in_worker(args, phase: str, op: str, family: List[Case], tags: dict, copy_gbps: float,
-               tmpdir: str) -> Tuple[Dict[str, dict], Optional[str]]:
-    """Run one family's phase in a child process: ({case name: record}, None or why the worker ended early)."""
-    path = os.path.join(tmpdir, f"{phase}-{op}.json")
+def _one_worker(args, phase: str, op: str, family: List[Case], tags: dict, copy_gbps: float, path: str):
+    """One child process over `family`: (records by case, names of cases it started, None or why it ended early)."""
     with open(path, "w", encoding="utf-8") as f:
         json.dump({"cases": [c.to_json() for c in family], "tags": tags, "copy_gbps": copy_gbps}, f)
+    if os.path.exists(path + ".out"):
+        os.remove(path + ".out")
     timeout = args.family_timeout or None
     died = None
     try:
         proc = subprocess.run(worker_command(args, phase, path), capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
+        if proc.returncode == POISONED:
+            died = f"{op} worker stopped after a CUDA fault"
+        elif proc.returncode != 0:
             last = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
             died = f"{op} worker exited with status {proc.returncode}" + (f": {last[-1].strip()[:200]}" if last else "")
     except subprocess.TimeoutExpired:
         died = f"{op} worker did not finish within --family-timeout {args.family_timeout:g} s"
-    records = {}
+    records, started = {}, []
     if os.path.exists(path + ".out"):
         with open(path + ".out", encoding="utf-8") as f:
             for line in f:
@@ -551,8 +574,38 @@ def _in_worker(args, phase: str, op: str, family: List[Case], tags: dict, copy_g
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     continue   # a line cut short by the crash
-                records[rec["case"]] = rec
-    return records, died
+                if "start" in rec:
+                    started.append(rec["start"])
+                else:
+                    records[rec["case"]] = rec
+    return records, started, died
+
+
+def _in_worker(args, phase: str, op: str, family: List[Case], tags: dict, copy_gbps: float,
+               tmpdir: str) -> Tuple[Dict[str, dict], Optional[str]]:
+    """Run one family's phase in child processes: ({case name: record}, None or why a worker ended early).
+
+    When a worker dies inside a case (a crash, or a CUDA fault that leaves its context unusable), that case is failed
+    with the reason and a fresh worker takes the cases after it, so one faulting shape does not hide the others. A
+    worker that dies before starting any case (an import error, a timeout) ends the family: its cases are left
+    without a record."""
+    records, first_death = {}, None
+    remaining = list(family)
+    for attempt in range(len(family)):
+        path = os.path.join(tmpdir, f"{phase}-{op}-{attempt}.json")
+        got, started, died = _one_worker(args, phase, op, remaining, tags, copy_gbps, path)
+        records.update(got)
+        if died is None:
+            break
+        first_death = first_death or died
+        in_flight = [name for name in started if name not in got]
+        for name in in_flight:
+            records[name] = ({"case": name, "reason": f"the worker died in this case: {died}"} if phase == "check"
+                             else {"case": name, "error": f"the worker died in this case: {died}"})
+        remaining = [c for c in remaining if c.name not in records]
+        if not remaining or not started or "--family-timeout" in died:
+            break
+    return records, first_death
 
 
 def run(args, results: Results, device: torch.device) -> None:
@@ -567,6 +620,8 @@ def run(args, results: Results, device: torch.device) -> None:
     isolate = (not on_cpu) if getattr(args, "isolate", None) is None else args.isolate
     families = {op: cases(op, shapes) for op in ops}
     copy_gbps = copy_bandwidth(device, results)
+    if device.type == "cuda" and isolate:
+        torch.cuda.empty_cache()   # the workers need the memory, this process does no more work on the GPU
     runner = _Runner(args, results, device, dtype, copy_gbps)
     tmpdir = tempfile.mkdtemp(prefix="flexdit-bench-") if isolate else None
     if isolate:
@@ -581,7 +636,9 @@ def run(args, results: Results, device: torch.device) -> None:
                 rec = records.get(case.name)
                 verdicts[case.name] = rec["reason"] if rec else f"not checked: {died or 'no result from the worker'}"
         else:
-            check_family(runner, family, lambda rec: verdicts.__setitem__(rec["case"], rec["reason"]))
+            check_family(runner, family, lambda rec: "case" in rec and verdicts.__setitem__(rec["case"], rec["reason"]))
+            for case in family:   # after a CUDA fault this process cannot check the rest
+                verdicts.setdefault(case.name, "not checked: an earlier case left the CUDA context unusable")
         for case in family:
             reason = verdicts[case.name]
             results.add("check", case.name, runner.flex_impl, "passed", float(reason is None),
@@ -602,7 +659,8 @@ def run(args, results: Results, device: torch.device) -> None:
         if not todo:
             continue
         if not isolate:
-            time_family(runner, todo, accept)
+            if not time_family(runner, todo, lambda rec: "case" in rec and accept(rec)):
+                results.failures.append(f"{op}: timing stopped after a CUDA fault left the context unusable")
             continue
         records, died = _in_worker(args, "time", op, todo, results.tags, copy_gbps, tmpdir)
         for case in todo:

@@ -74,7 +74,7 @@ def test_isolated_families_survive_a_dead_worker(monkeypatch, tmp_path, capsys):
     real = bench.kernels.worker_command
 
     def command(args, phase, path):
-        if os.path.basename(path).endswith("-token_pool.json"):
+        if "-token_pool-" in os.path.basename(path):
             return [sys.executable, "-c", "import sys; print('RuntimeError: CUDA error: an illegal memory access "
                                           "was encountered', file=sys.stderr); sys.exit(134)"]
         return real(args, phase, path)
@@ -91,24 +91,39 @@ def test_isolated_families_survive_a_dead_worker(monkeypatch, tmp_path, capsys):
     assert any("process of its own" in n for n in payload["notes"])
 
 
-def test_worker_results_kept_up_to_a_crash(tmp_path, monkeypatch):
-    """Cases a worker finished before it died are kept; the rest are failed with the reason."""
+FAKE_WORKER = """
+import json, sys
+path = sys.argv[sys.argv.index("--worker-file") + 1]
+job = json.load(open(path))
+out = open(path + ".out", "w")
+for case in job["cases"]:
+    out.write(json.dumps({"start": case["name"]}) + "\\n"); out.flush()
+    if case["params"]["g"] == 2:
+        sys.exit(139)                      # dies inside this case, as a segfault or a CUDA abort would
+    out.write(json.dumps({"case": case["name"], "reason": None}) + "\\n"); out.flush()
+"""
+
+
+def test_a_worker_that_dies_in_a_case_fails_that_case_and_a_fresh_one_takes_the_rest(tmp_path, monkeypatch):
     from bench.kernels import CPU_SHAPES, _in_worker, cases
 
-    family = cases("token_pool", dict(CPU_SHAPES, grids=(2, 4)))
-    done = family[0].name
-    script = ("import json, sys; path = sys.argv[sys.argv.index('--worker-file') + 1]; "
-              f"open(path + '.out', 'w').write(json.dumps({{'case': {done!r}, 'reason': None}}) + '\\n'); "
-              "sys.exit(-11)")
+    family = cases("token_pool", dict(CPU_SHAPES, grids=(4, 2, 3)))
     monkeypatch.setattr(bench.kernels, "worker_command",
-                        lambda args, phase, path: [sys.executable, "-c", script, "--worker-file", path])
+                        lambda args, phase, path: [sys.executable, "-c", FAKE_WORKER, "--worker-file", path])
 
     class Args:
         family_timeout = None
 
     records, died = _in_worker(Args, "check", "token_pool", family, {}, 1.0, str(tmp_path))
-    assert list(records) == [done] and records[done]["reason"] is None
-    assert died.startswith("token_pool worker exited with status")
+    assert [records[c.name]["reason"] for c in family] == [
+        None, "the worker died in this case: token_pool worker exited with status 139", None]
+    assert died == "token_pool worker exited with status 139"
+
+
+def test_cuda_faults_are_recognised():
+    from bench.kernels import _poisons
+    assert _poisons(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not _poisons(ValueError("x must be 3-D"))
 
 
 def test_sigterm_keeps_the_rows_measured_so_far(monkeypatch, tmp_path, capsys):
@@ -117,9 +132,10 @@ def test_sigterm_keeps_the_rows_measured_so_far(monkeypatch, tmp_path, capsys):
     real = bench.kernels.time_family
 
     def time_then_stop(runner, family, emit):
-        real(runner, family, emit)
+        finished = real(runner, family, emit)
         if family[0].op == "token_mean":
             _raise_stopped(15, None)
+        return finished
 
     monkeypatch.setattr(bench.kernels, "time_family", time_then_stop)
     jpath = tmp_path / "k.json"
