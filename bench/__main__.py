@@ -68,7 +68,8 @@ class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: `python -m bench: error: ...` and exit status 2, without the usage block."""
 
     def error(self, message):
-        self.exit(2, f"{PROG}: error: {message}\n")
+        prog = PROG if self.prog.startswith(PROG + " ") else self.prog   # sub-commands speak as the harness
+        self.exit(2, f"{prog}: error: {message}\n")
 
 
 class Stopped(BaseException):   # not an Exception: per-case error handling must not swallow it

@@ -226,3 +226,12 @@ def test_model_impls_subset_and_missing_fvcore(monkeypatch, tmp_path):
     assert impls == {"dense"} and not any(r["metric"] == "GMACs" for r in payload["rows"])
     assert any("fvcore" in n for n in payload["notes"]) and any("not timed (--impls): flexdit-ref" in n
                                                                  for n in payload["notes"])
+
+
+def test_plot_of_a_missing_file_is_one_line_exit_2(tmp_path, capsys):
+    from bench.plot import main as plot_main
+    with pytest.raises(SystemExit) as exc:
+        plot_main([str(tmp_path / "none.json")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m bench.plot: error: ")
