@@ -1,11 +1,13 @@
-"""FlexDiT benchmark harness: `python -m bench [kernels|model|sample] ...` (see docs/bench.md).
+"""FlexDiT benchmark harness: `python -m bench [kernels|model|sample|sanitize] ...`.
 
 With no arguments: `model` at its defaults on a GPU; on a machine without one, a small CPU reference run.
 Exit status: 0 fine, 1 a kernel gave wrong numbers or a speed ratio regressed, 2 bad arguments or configuration
-(unknown flag, --device cuda without a GPU, a baseline for another GPU).
+(unknown flag, --device cuda without a GPU, a baseline for another GPU, a baseline too noisy to write), each
+reported in one line.
 """
 import argparse
 import importlib.util
+import signal
 import sys
 from typing import List, Optional
 
@@ -14,7 +16,8 @@ import torch
 from . import gates
 from .common import DTYPES, Results, env_tags, has_gpu, write_csv, write_json
 
-SUBCOMMANDS = ("kernels", "model", "sample")
+SUBCOMMANDS = ("kernels", "model", "sample", "sanitize")
+PROG = "python -m bench"
 
 # Defaults that depend on where the run happens: (GPU, CPU).
 MODEL_DEFAULTS = {"model": ("DiT-XL/2", "DiT-S/2"), "image_size": (512, 256), "batch_size": (32, 1),
@@ -34,15 +37,57 @@ def _positive_int(text):
     return value
 
 
-def _tolerance(text):
-    value = float(text)
+def _fraction(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction, got {text!r}") from None
     if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"tolerance is a fraction in [0, 1), got {value}")
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {value}")
     return value
 
 
+def _positive_fraction(text):
+    value = _fraction(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected a fraction in (0, 1), got 0")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `python -m bench: error: ...` and exit status 2, without the usage block."""
+
+    def error(self, message):
+        prog = PROG if self.prog.startswith(PROG + " ") else self.prog   # sub-commands speak as the harness
+        self.exit(2, f"{prog}: error: {message}\n")
+
+
+class Stopped(BaseException):   # not an Exception: per-case error handling must not swallow it
+    """SIGTERM during a run (`timeout` ending a CI step): the rows measured so far are still printed and written."""
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(f"stopped by signal {signum} before the end (a time limit?)")
+
+
+def fail(message: str) -> int:
+    """A one-line error in the parser's style; returns exit status 2."""
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     g = common.add_argument_group("run and output")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                    help="auto: the GPU when present; cpu: a small reference-path run (indicative only)")
@@ -51,20 +96,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=_positive_int, default=None, help="timed calls on the CPU / sampling loops")
     g.add_argument("--json", metavar="PATH", help="write long-format rows (one measurement each) as JSON")
     g.add_argument("--csv", metavar="PATH", help="write the same rows as CSV")
-    g.add_argument("--write-baseline", metavar="PATH", help="write this run's speed ratios as a baseline file")
+    g.add_argument("--write-baseline", metavar="PATH",
+                   help="write the speed ratios as a baseline file: the run is repeated --baseline-runs times and the "
+                        "medians are written, unless the ratios or timings spread too much (exit 2)")
+    g.add_argument("--baseline-runs", type=_positive_int, default=gates.DEFAULT_RUNS,
+                   help="runs measured for --write-baseline (default %(default)s)")
+    g.add_argument("--max-spread", type=_positive_fraction, default=gates.DEFAULT_MAX_SPREAD,
+                   help="noise guard of --write-baseline: largest (max - min) / median of a ratio over the runs; a "
+                        "timing behind a ratio may spread (p80 - p20) / median up to twice this (default "
+                        f"{100 * gates.DEFAULT_MAX_SPREAD:.0f}%%)")
     g.add_argument("--check", metavar="PATH", help="fail (exit 1) when a ratio is more than the tolerance below "
                                                    "this baseline (e.g. bench/baselines/nvidia-h200.json)")
-    g.add_argument("--tolerance", type=_tolerance, default=None,
+    g.add_argument("--tolerance", type=_fraction, default=None,
                    help=f"allowed drop below a baseline ratio (default: the baseline's, else "
-                        f"{gates.DEFAULT_TOLERANCE:.0%})")
+                        f"{100 * gates.DEFAULT_TOLERANCE:.0f}%%)")
 
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="{kernels,model,sample}")
+    parser = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(SUBCOMMANDS) + "}")
 
     k = sub.add_parser("kernels", parents=[common], help="each flexdit_kernels op vs the PyTorch path it replaces")
     k.add_argument("--op", choices=("token_pool", "token_mean", "upsample_add", "attention", "all"), default="all")
-    k.add_argument("--backward", action="store_true", help="also time forward+backward")
+    k.add_argument("--backward", action="store_true", help="also check gradients and time forward+backward")
+    k.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each op family's checks and timings in a process of its own, so that a CUDA fault in "
+                        "one family cannot hide the others (default: on CUDA yes, on the CPU no)")
+    k.add_argument("--family-timeout", type=_positive_float, default=None, metavar="SECONDS",
+                   help="with --isolate: stop a family's process after this long and report its unfinished cases "
+                        "as failed")
+    k.add_argument("--rep-ms", type=_positive_float, default=100.0, metavar="MS",
+                   help="CUDA: time window of each measurement (triton.testing.do_bench rep; warm-up a quarter of "
+                        "it; default %(default)g)")
+    k.add_argument("--worker", choices=("check", "time"), help=argparse.SUPPRESS)
+    k.add_argument("--worker-file", help=argparse.SUPPRESS)
 
     m = sub.add_parser("model", parents=[common], help="dense DiT vs FlexDiT forward (default command)")
     m.add_argument("--model", default=None,
@@ -77,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mode", choices=("eager", "compile", "cuda-graph"), default="eager",
                    help="compile: torch.compile (compile time reported apart); cuda-graph: replay (CUDA only)")
     m.add_argument("--profile", action="store_true", help="FlexDiT time by layer kind (PyTorch profiler)")
+    m.add_argument("--impls", default=None, metavar="LIST",
+                   help="comma-separated subset of dense,flexdit,flexdit-ref to time (default: all that run here; "
+                        "dense is always timed, as the speedups are over it)")
 
     s = sub.add_parser("sample", parents=[common], help="sampling loop with guidance, dense vs FlexDiT")
     s.add_argument("--model", default=None)
@@ -88,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--grids", default=None,
                    help="FlexDiT grid side per stage, least noisy first, e.g. 10,9,8,6 (default: the 4-stage "
                         "rule at r in [0.61, 0.86])")
+
+    from .sanitize import add_arguments
+    z = sub.add_parser("sanitize", help="one tiny launch of every kernel forward and backward, checked against its "
+                                        "reference (run it under compute-sanitizer)")
+    add_arguments(z)
     return parser
 
 
@@ -123,6 +194,12 @@ def _validate(parser, args, device):
             parser.error(f"--model {args.model!r} is not a dense registry name; known: "
                          f"{', '.join(sorted(DiT_models))}")
     if args.command == "model":
+        if args.impls is not None:
+            from .model import IMPLS
+            impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+            unknown = [i for i in impls if i not in IMPLS]
+            if not impls or unknown:
+                parser.error(f"--impls {args.impls!r}: choose from {','.join(IMPLS)}")
         if args.mode == "cuda-graph" and device.type != "cuda":
             parser.error("--mode cuda-graph needs a CUDA GPU")
         try:
@@ -148,6 +225,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.device == "cuda" and not has_gpu():
         parser.error("--device cuda: no CUDA GPU is available (torch.cuda.is_available() is False)")
+    if args.command == "sanitize":
+        from .sanitize import run_cli
+        return run_cli(args, parser)
     on_cpu = args.device == "cpu" or (args.device == "auto" and not has_gpu())
     device = torch.device("cpu" if on_cpu else "cuda")
 
@@ -163,8 +243,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"CPU reference mode ({why}): a small run of {args.model} at {args.image_size}x{args.image_size}, "
               f"batch {args.batch_size}, {args.dtype}, {args.mode}, dense DiT vs FlexDiT on its PyTorch reference "
               f"path (no kernels). Times are indicative only; the real measurement needs a GPU.")
-    _validate(parser, args, device)
     args.torch_dtype = DTYPES[args.dtype]
+    if args.command == "kernels" and args.worker:   # one op family for a parent run that validated the arguments
+        from .kernels import worker_main
+        if not args.worker_file:
+            parser.error("--worker needs --worker-file")
+        return worker_main(args, device)
+    _validate(parser, args, device)
 
     tags = env_tags(device)
     tags.update(dtype=args.dtype, mode=getattr(args, "mode", "eager"), batch=getattr(args, "batch_size", 0) or 0,
@@ -179,8 +264,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise gates.BaselineError(f"baseline {args.check} is for GPU {baseline['gpu']!r}, but this run is "
                                           f"on {tags['gpu']!r}")
         except gates.BaselineError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
+            return fail(str(err))
 
     if args.command == "kernels":
         from . import kernels as suite
@@ -188,34 +272,53 @@ def main(argv: Optional[List[str]] = None) -> int:
         from . import model as suite
     else:
         from . import sample as suite
-    suite.run(args, results, device)
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        suite.run(args, results, device)
+    except Stopped as err:
+        results.failures.append(f"{args.command}: {err}; the rows measured until then are kept")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    runs = [results]
+    if args.write_baseline and not results.failures:
+        for i in range(1, args.baseline_runs):
+            print(f"baseline: measuring run {i + 1} of {args.baseline_runs}", flush=True)
+            again = Results(tags=dict(tags))
+            suite.run(args, again, device)
+            runs.append(again)
 
     print(f"device: {tags['gpu']} | torch {tags['torch']} | triton {tags['triton']} | flexdit {tags['flexdit']} | "
           f"dtype {args.dtype} | mode {tags['mode']}")
     print(suite.table(results))
     for note in results.notes:
         print(f"note: {note}")
-    for failure in results.failures:
-        print(f"FAILED (not timed, not reported): {failure}")
+    failures = [f for run in runs for f in run.failures]
+    for failure in dict.fromkeys(failures):
+        print(f"FAILED: {failure}")
 
-    if args.json:
-        write_json(results, args.json, full_argv)
-    if args.csv:
-        write_csv(results, args.csv)
+    try:
+        if args.json:
+            write_json(results, args.json, full_argv)
+        if args.csv:
+            write_csv(results, args.csv)
+    except OSError as err:
+        return fail(f"cannot write the results: {err}")
 
-    rc = 1 if results.failures else 0
+    rc = 1 if failures else 0
     if args.write_baseline:
-        if results.failures:
-            print("error: not writing a baseline from a run with FAILED kernels", file=sys.stderr)
+        if failures:
+            print(f"{PROG}: error: not writing a baseline from a run with FAILED kernels", file=sys.stderr)
         else:
             try:
                 payload = gates.write_baseline(results, args.write_baseline, full_argv,
                                                args.tolerance if args.tolerance is not None
-                                               else gates.DEFAULT_TOLERANCE)
-                print(f"wrote baseline {args.write_baseline} ({len(payload['ratios'])} ratios, GPU {payload['gpu']})")
+                                               else gates.DEFAULT_TOLERANCE, runs=runs, max_spread=args.max_spread)
+                print(f"wrote baseline {args.write_baseline} ({len(payload['ratios'])} ratios, medians of "
+                      f"{len(runs)} runs, GPU {payload['gpu']})")
             except gates.BaselineError as err:
-                print(f"error: {err}", file=sys.stderr)
-                rc = max(rc, 2)
+                rc = max(rc, fail(str(err)))
+            except OSError as err:
+                rc = max(rc, fail(f"cannot write {args.write_baseline}: {err}"))
     if baseline is not None:
         report = gates.check(results, baseline, args.check, args.tolerance)
         print(report.text())

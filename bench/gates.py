@@ -2,13 +2,21 @@
 import datetime
 import json
 import os
-from dataclasses import dataclass, field
+import statistics
+from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from .common import Results, gpu_slug
+from .common import Results, Row, gpu_slug
 
 FORMAT = 1
 DEFAULT_TOLERANCE = 0.10
+# Noise guard of --write-baseline: the run is repeated (DEFAULT_RUNS times) and the baseline refused when a ratio moves
+# by more than DEFAULT_MAX_SPREAD ((max - min) / median over the runs), or when a timing behind a ratio spreads by
+# more than TIMING_SPREAD_FACTOR x that ((p80 - p20) / median within a run). A ratio recorded under machine load
+# would otherwise fail every later --check (once, on a loaded CPU: a 34x ratio).
+DEFAULT_RUNS = 3
+DEFAULT_MAX_SPREAD = 0.05
+TIMING_SPREAD_FACTOR = 2.0
 # Dimensionless metrics that may be gated: speedups over the PyTorch path / dense model, fractions of ceilings.
 RATIO_METRICS = ("speedup",)
 BASELINE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baselines")
@@ -37,8 +45,79 @@ def make_baseline(results: Results, argv: Sequence[str], tolerance: float = DEFA
             "tolerance": tolerance, "ratios": dict(sorted(r.items()))}
 
 
-def write_baseline(results: Results, path: str, argv: Sequence[str], tolerance: float = DEFAULT_TOLERANCE):
+def noise_reasons(runs: Sequence[Results], max_spread: float = DEFAULT_MAX_SPREAD) -> List[str]:
+    """Why repeated runs are too noisy for a baseline, worst first (empty: quiet enough).
+
+    Across runs: every ratio must be measured in every run and move by at most `max_spread` ((max - min) / median).
+    Within a run: each timing a ratio is made of (the impl and the one it is "over") must have
+    (p80 - p20) / median at most TIMING_SPREAD_FACTOR x `max_spread`.
+    """
+    found = []   # (severity, reason)
+    per_run = [ratios(r) for r in runs]
+    for key in sorted(set().union(*per_run)):
+        values = [r[key] for r in per_run if key in r]
+        if len(values) < len(runs):
+            found.append((float("inf"), f"{key} was measured in only {len(values)} of {len(runs)} runs"))
+            continue
+        med = statistics.median(values)
+        spread = (max(values) - min(values)) / med if med > 0 else float("inf")
+        if spread > max_spread:
+            found.append((spread / max_spread, f"{key} moved from {min(values):.3g} to {max(values):.3g} over "
+                                               f"{len(runs)} runs ({spread:.1%} > {max_spread:.1%})"))
+    limit = TIMING_SPREAD_FACTOR * max_spread
+    for i, res in enumerate(runs):
+        for row in res.rows:
+            if row.metric not in RATIO_METRICS:
+                continue
+            over = row.note[len("over "):] if row.note.startswith("over ") else None
+            for impl in (row.impl, over):
+                t = [res.get(row.suite, row.case, impl, m) for m in ("ms", "ms_p20", "ms_p80")] if impl else [None]
+                if None in t or t[0] <= 0:
+                    continue
+                spread = (t[2] - t[1]) / t[0]
+                if spread > limit:
+                    found.append((spread / limit, f"{row.suite}|{row.case}|{impl} timing spread (p80 - p20) / median "
+                                                  f"= {spread:.1%} > {limit:.1%} in run {i + 1}"))
+    found.sort(key=lambda f: -f[0])
+    seen, out = set(), []
+    for _, reason in found:
+        if reason not in seen:
+            seen.add(reason)
+            out.append(reason)
+    return out
+
+
+def median_results(runs: Sequence[Results]) -> Results:
+    """A Results whose ratio rows are the per-key medians over `runs` (tags of the first run)."""
+    out = Results(tags=dict(runs[0].tags))
+    per_run = [ratios(r) for r in runs]
+    for row in runs[0].rows:
+        if row.metric in RATIO_METRICS and all(row.key() in r for r in per_run):
+            value = statistics.median(r[row.key()] for r in per_run)
+            out.rows.append(Row(**{**asdict(row), "value": value}))
+    return out
+
+
+def write_baseline(results: Results, path: str, argv: Sequence[str], tolerance: float = DEFAULT_TOLERANCE,
+                   runs: Optional[Sequence[Results]] = None, max_spread: float = DEFAULT_MAX_SPREAD):
+    """Write the baseline of one run, or of the medians of repeated `runs` after the noise guard (BaselineError:
+    too noisy, with the worst reason in one line)."""
+    spreads = None
+    if runs is not None:
+        reasons = noise_reasons(runs, max_spread)
+        if reasons:
+            more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
+            raise BaselineError(f"not writing {path}: the measurement is too noisy for a baseline: {reasons[0]}{more}; "
+                                f"rerun on a quiet machine or raise --max-spread")
+        results = median_results(runs)
+        per_run = [ratios(r) for r in runs]
+        spreads = {k: (max(r[k] for r in per_run) - min(r[k] for r in per_run)) / v if v else 0.0
+                   for k, v in ratios(results).items()}
     payload = make_baseline(results, _strip_gate_flags(argv), tolerance)
+    if spreads is not None:
+        payload["runs"] = len(runs)
+        payload["max_spread"] = max_spread
+        payload["spread"] = dict(sorted(spreads.items()))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=1)
@@ -54,7 +133,8 @@ def _strip_gate_flags(argv: Sequence[str]) -> List[str]:
             skip = False
             continue
         name = a.split("=", 1)[0]
-        if name in ("--write-baseline", "--check", "--json", "--csv", "--tolerance"):
+        if name in ("--write-baseline", "--check", "--json", "--csv", "--tolerance", "--baseline-runs",
+                    "--max-spread"):
             skip = "=" not in a
             continue
         out.append(a)

@@ -33,6 +33,9 @@ def build_models(name: str, image_size: int, grid: int, device: torch.device, se
     return dense.eval(), flex.eval()
 
 
+# What `--impls` may name: the dense DiT, FlexDiT on the kernels (CUDA only), FlexDiT on its PyTorch reference path.
+IMPLS = ("dense", "flexdit", "flexdit-ref")
+
 # Hosts patched in place by `flexdit.apply_patch` (diffusers models at real size, random weights).
 PATCH_TARGETS = ("pixart-alpha", "diffusers-dit")
 PATCH_OVERRIDES: Dict[str, object] = {}   # diffusers config fields replaced in every build (tests: tiny models)
@@ -194,16 +197,26 @@ def run(args, results: Results, device: torch.device) -> None:
     else:
         dense, flex = build_models(args.model, args.image_size, args.grid, device)
         inputs, dense_kw, flex_kw = model_inputs(args.batch_size, args.image_size, device), {}, {"grid": args.grid}
-        macs = per_image_macs(args.model, args.image_size, args.grid)
-        macs["flexdit-ref"] = macs["flexdit"]
+        try:
+            macs = per_image_macs(args.model, args.image_size, args.grid)
+            macs["flexdit-ref"] = macs["flexdit"]
+        except ImportError as err:   # fvcore is optional: the times stand without the MAC columns
+            macs = None
+            results.notes.append(f"no GMACs / TFLOP/s columns: {_first_line(err)}")
 
     variants = [("dense", dense, dense_kw, fk.get_backend()),
                 ("flexdit-ref", flex, flex_kw, "reference")]
     if not on_cpu:   # on the CPU "auto" would be the reference (or the Triton interpreter): not a measurement
         variants.insert(1, ("flexdit", flex, flex_kw, "auto"))
+    if getattr(args, "impls", None):
+        wanted = {"dense"} | {i.strip() for i in args.impls.split(",")}
+        dropped = [v[0] for v in variants if v[0] not in wanted]
+        variants = [v for v in variants if v[0] in wanted]
+        if dropped:
+            results.notes.append(f"not timed (--impls): {', '.join(dropped)}")
 
     # The kernels are checked against the reference before anything is timed (same model, same inputs).
-    if not on_cpu:
+    if any(v[0] == "flexdit" for v in variants):
         fwd_k, _ = make_forward(flex, inputs, flex_kw, "eager", device, dtype, "auto")
         fwd_r, _ = make_forward(flex, inputs, flex_kw, "eager", device, dtype, "reference")
         got, want = _prediction(fwd_k()).float(), _prediction(fwd_r()).float()
@@ -251,6 +264,11 @@ def run(args, results: Results, device: torch.device) -> None:
             other = total - sum(shares.values())
             results.add("profile", f"{case} {impl}", "other", "ms", other, "ms", note="outside the layer ranges")
             results.add("profile", f"{case} {impl}", "other", "share", other / total)
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _prediction(out):

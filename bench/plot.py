@@ -76,14 +76,18 @@ def plot_breakdown(rows: List[Row], path: str) -> Optional[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.plot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .__main__ import Parser
+    parser = Parser(prog="python -m bench.plot", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", nargs="+", help="files written by `python -m bench ... --json`")
     parser.add_argument("--out-dir", default=".", help="where the PNGs go")
     args = parser.parse_args(argv)
     rows: List[Row] = []
     for path in args.json:
-        rows.extend(read_rows(path))
+        try:
+            rows.extend(read_rows(path))
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            parser.error(f"{path}: not a `python -m bench --json` file ({type(err).__name__}: {err})")
     os.makedirs(args.out_dir, exist_ok=True)
     for name, fn in (("speedup.png", plot_speedups), ("breakdown.png", plot_breakdown)):
         out = fn(rows, os.path.join(args.out_dir, name))

@@ -24,24 +24,61 @@ TINY_MODEL = ["--model", "DiT-S/8", "--image-size", "256", "--grid", "2", "--rep
     ["sample", "--device", "cpu", "--grids", "8,x"],
     ["sample", "--device", "cpu", "--model", "DiT-S/8", "--grids", "5"],
     ["model", "--tolerance", "1.5"],
+    ["model", "--device", "cpu", "--impls", "dense,fast"],
+    ["kernels", "--max-spread", "0"],
+    ["sanitize", "--op", "softmax"],
 ])
 def test_argument_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
-    assert "error" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m bench: error: "), err
 
 
-@needs_no_gpu
-def test_device_cuda_without_gpu_is_an_error(capsys):
+@pytest.mark.parametrize("command", [[], ["kernels"], ["model"], ["sample"], ["sanitize"]])
+def test_every_subcommand_help_exits_0(command, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(["--device", "cuda"])
-    assert exc.value.code == 2
-    assert "no CUDA GPU" in capsys.readouterr().err
+        main(command + ["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m bench")
+    if command:
+        assert "--device" in out
+
+
+def test_other_entry_points_help_exits_0(capsys):
+    from bench.ci import main as ci_main
+    from bench.plot import main as plot_main
+    for entry in (ci_main, plot_main):
+        with pytest.raises(SystemExit) as exc:
+            entry(["--help"])
+        assert exc.value.code == 0
+    assert "usage" in capsys.readouterr().out
 
 
 @needs_no_gpu
-@pytest.mark.parametrize("command", ["kernels", "model", "sample"])
+@pytest.mark.parametrize("command", ["model", "kernels", "sample", "sanitize"])
+def test_device_cuda_without_gpu_is_an_error(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--device", "cuda"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA GPU" in err[0]
+
+
+def test_unwritable_json_is_one_line_exit_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    rc = main(["kernels", "--device", "cpu", "--op", "token_mean", "--repeats", "1",
+               "--json", str(blocker / "out.json")])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m bench: error: cannot write the results")
+
+
+@needs_no_gpu
+@pytest.mark.parametrize("command", ["kernels", "model", "sample", "sanitize"])
 def test_gpu_commands_without_gpu_exit_0(command, capsys):
     assert main([command]) == 0
     assert "no GPU" in capsys.readouterr().out
@@ -175,3 +212,26 @@ def test_model_patched_target_refuses_profile(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["model", "--device", "cpu", "--model", "pixart-alpha", "--profile"])
     assert exc.value.code == 2
+
+
+def test_model_impls_subset_and_missing_fvcore(monkeypatch, tmp_path):
+    """--impls limits what is timed (dense always); without fvcore the times stand and a note says why no MACs."""
+    import sys
+    monkeypatch.setitem(sys.modules, "fvcore", None)
+    monkeypatch.setitem(sys.modules, "fvcore.nn", None)
+    jpath = tmp_path / "m.json"
+    assert main(["model", "--device", "cpu", *TINY_MODEL, "--impls", "dense", "--json", str(jpath)]) == 0
+    payload = json.loads(jpath.read_text())
+    impls = {r["impl"] for r in payload["rows"] if r["suite"] == "model"}
+    assert impls == {"dense"} and not any(r["metric"] == "GMACs" for r in payload["rows"])
+    assert any("fvcore" in n for n in payload["notes"]) and any("not timed (--impls): flexdit-ref" in n
+                                                                 for n in payload["notes"])
+
+
+def test_plot_of_a_missing_file_is_one_line_exit_2(tmp_path, capsys):
+    from bench.plot import main as plot_main
+    with pytest.raises(SystemExit) as exc:
+        plot_main([str(tmp_path / "none.json")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m bench.plot: error: ")

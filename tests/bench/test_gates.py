@@ -76,12 +76,35 @@ def _cpu_run_argv():
     return ["kernels", "--device", "cpu", "--op", "token_mean", "--repeats", "1"]
 
 
-def test_write_baseline_then_check_end_to_end(tmp_path, capsys):
+class FakeTimer:
+    """Stands in for `bench_fn`: returns (median, p20, p80) from `times(impl_call_index)` without running anything.
+    The kernel suite on the CPU times two impls per case (flexdit-ref, then torch), so call 2i is flexdit-ref of
+    run i and call 2i + 1 the torch path."""
+
+    def __init__(self, times):
+        self.times, self.calls = times, 0
+
+    def __call__(self, fn, device, **kwargs):
+        out = self.times(self.calls)
+        self.calls += 1
+        return out
+
+
+def _fake_timer(monkeypatch, times):
+    import bench.kernels
+    timer = FakeTimer(times)
+    monkeypatch.setattr(bench.kernels, "bench_fn", timer)
+    return timer
+
+
+def test_write_baseline_then_check_end_to_end(tmp_path, capsys, monkeypatch):
     """Through the CLI on the CPU: write a baseline, then check against it with ratios moved out of noise's reach."""
+    _fake_timer(monkeypatch, lambda i: (1.0, 0.99, 1.01) if i % 2 == 0 else (2.0, 1.98, 2.02))
     path = tmp_path / "cpu.json"
     assert main(_cpu_run_argv() + ["--write-baseline", str(path)]) == 0
     base = json.loads(path.read_text())
     assert base["gpu"] == "cpu" and base["argv"] == _cpu_run_argv() and base["ratios"]
+    assert base["runs"] == gates.DEFAULT_RUNS and all(v == pytest.approx(2.0) for v in base["ratios"].values())
     base["ratios"] = {k: 1e-6 for k in base["ratios"]}          # far below anything measured: must pass
     path.write_text(json.dumps(base))
     assert main(_cpu_run_argv() + ["--check", str(path)]) == 0
@@ -91,6 +114,49 @@ def test_write_baseline_then_check_end_to_end(tmp_path, capsys):
     assert main(_cpu_run_argv() + ["--check", str(path)]) == 1
     out = capsys.readouterr().out
     assert "REGRESSION kernels|token_mean" in out and "FAIL" in out
+
+
+def test_write_baseline_refuses_ratios_that_move_between_runs(tmp_path, capsys, monkeypatch):
+    """Quiet timings within each run, but the flexdit-ref time doubles from one run to the next: refused."""
+    _fake_timer(monkeypatch, lambda i: ((1.0 + i // 2), 0.999 * (1.0 + i // 2), 1.001 * (1.0 + i // 2)) if i % 2 == 0
+                else (2.0, 1.999, 2.001))
+    path = tmp_path / "noisy.json"
+    assert main(_cpu_run_argv() + ["--write-baseline", str(path), "--baseline-runs", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m bench: error: not writing")
+    assert "too noisy" in err[0] and "over 3 runs" in err[0] and "--max-spread" in err[0]
+    assert not path.exists()
+
+
+def test_write_baseline_refuses_a_wide_timing_spread(tmp_path, capsys, monkeypatch):
+    """Same ratio in every run, but p20..p80 spans the median within a run: refused."""
+    _fake_timer(monkeypatch, lambda i: (1.0, 0.5, 1.5) if i % 2 == 0 else (2.0, 1.99, 2.01))
+    path = tmp_path / "noisy.json"
+    assert main(_cpu_run_argv() + ["--write-baseline", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "timing spread (p80 - p20) / median = 100.0%" in err[0]
+    assert not path.exists()
+
+
+def test_noise_guard_threshold_is_a_flag(tmp_path, monkeypatch):
+    """A 10% move between runs passes with --max-spread 0.2 and is refused at the 5% default."""
+    _fake_timer(monkeypatch, lambda i: (1.0 + 0.1 * (i // 2 % 2), 1.0, 1.0) if i % 2 == 0 else (2.0, 2.0, 2.0))
+    path = tmp_path / "b.json"
+    assert main(_cpu_run_argv() + ["--write-baseline", str(path), "--baseline-runs", "2"]) == 2
+    assert main(_cpu_run_argv() + ["--write-baseline", str(path), "--baseline-runs", "2", "--max-spread", "0.2"]) == 0
+    base = json.loads(path.read_text())
+    assert base["runs"] == 2 and base["max_spread"] == 0.2
+    assert all(0.09 < s < 0.11 for s in base["spread"].values())
+
+
+def test_noise_reasons_unit():
+    quiet = [_results(2.5), _results(2.52), _results(2.49)]
+    assert gates.noise_reasons(quiet, 0.05) == []
+    noisy = [_results(2.5), _results(3.5), _results(2.5)]
+    reasons = gates.noise_reasons(noisy, 0.05)
+    assert reasons and "model|DiT-XL/2 512px grid=8|flexdit|speedup moved from 2.5 to 3.5" in reasons[0]
+    missing = [_results(2.5), Results(tags=dict(TAGS))]
+    assert any("measured in only 1 of 2 runs" in r for r in gates.noise_reasons(missing, 0.05))
 
 
 def test_check_against_another_gpus_baseline_exits_2(tmp_path, capsys):
