@@ -14,6 +14,7 @@ from typing import List, Optional
 import torch
 
 from . import gates
+from . import sample as sample_suite
 from .common import DTYPES, Results, env_tags, has_gpu, write_csv, write_json
 
 SUBCOMMANDS = ("kernels", "model", "sample", "sanitize")
@@ -22,8 +23,7 @@ PROG = "python -m bench"
 # Defaults that depend on where the run happens: (GPU, CPU).
 MODEL_DEFAULTS = {"model": ("DiT-XL/2", "DiT-S/2"), "image_size": (512, 256), "batch_size": (32, 1),
                   "dtype": ("bf16", "fp32"), "grid": (8, 8)}
-SAMPLE_DEFAULTS = {"model": ("DiT-XL/2", "DiT-S/2"), "image_size": (256, 256), "batch_size": (8, 1),
-                   "dtype": ("bf16", "fp32"), "steps": (50, 3)}
+SAMPLE_DEFAULTS = sample_suite.DEFAULTS
 KERNEL_DEFAULTS = {"dtype": ("bf16", "fp32")}
 
 
@@ -144,16 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated subset of dense,flexdit,flexdit-ref to time (default: all that run here; "
                         "dense is always timed, as the speedups are over it)")
 
-    s = sub.add_parser("sample", parents=[common], help="sampling loop with guidance, dense vs FlexDiT")
-    s.add_argument("--model", default=None)
-    s.add_argument("--image-size", type=int, choices=(256, 512), default=None)
-    s.add_argument("--batch-size", type=_positive_int, default=None, help="images (the model sees 2x: guidance)")
-    s.add_argument("--steps", type=_positive_int, default=None, help="sampling steps (default 50; 3 on the CPU)")
-    s.add_argument("--sampler", choices=("ddim", "ddpm"), default="ddim")
-    s.add_argument("--cfg-scale", type=float, default=4.0)
-    s.add_argument("--grids", default=None,
-                   help="FlexDiT grid side per stage, least noisy first, e.g. 10,9,8,6 (default: the 4-stage "
-                        "rule at r in [0.61, 0.86])")
+    s = sub.add_parser("sample", parents=[common],
+                       help="whole sampling runs with guidance: dense vs FlexDiT, eager / compile / cuda-graph")
+    sample_suite.add_arguments(s)
 
     from .sanitize import add_arguments
     z = sub.add_parser("sanitize", help="one tiny launch of every kernel forward and backward, checked against its "
@@ -207,14 +200,7 @@ def _validate(parser, args, device):
         except ValueError as err:
             parser.error(f"--grid {args.grid}: {err}")
     if args.command == "sample":
-        from .sample import parse_grids
-        try:
-            grids = parse_grids(args.grids) if args.grids else None
-        except ValueError:
-            parser.error(f"--grids must be comma-separated integers, got {args.grids!r}")
-        side = args.image_size // 8 // int(args.model.split("/")[-1])
-        if grids is not None and (not grids or min(grids) < 1 or max(grids) > side):
-            parser.error(f"--grids {args.grids}: every side must be in 1..{side} (the token grid)")
+        sample_suite.validate(parser, args, device)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -271,7 +257,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     elif args.command == "model":
         from . import model as suite
     else:
-        from . import sample as suite
+        suite = sample_suite
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         suite.run(args, results, device)

@@ -134,6 +134,32 @@ def _layernorm_modulate(device, dtype):
                    lambda a, b, c: fk.layernorm_modulate_ref(a, b, c, 1e-6), [x, shift, scale])
 
 
+@launch("gated_residual")
+def _gated_residual(device, dtype):
+    fk = _fk()
+    x = _randn(2, HW[0] * HW[1], C, device=device, dtype=torch.float32)    # the fp32 residual stream
+    y = _randn(2, HW[0] * HW[1], C, device=device, dtype=dtype)
+    gate = _randn(2, 6 * C, device=device, dtype=dtype)[:, 2 * C:3 * C]
+    return fwd_bwd("gated_residual", fk.gated_residual, fk.gated_residual_ref, [x, y, gate])
+
+
+@launch("gated_residual_layernorm_modulate")
+def _gated_residual_layernorm_modulate(device, dtype):
+    fk = _fk()
+    x = _randn(2, HW[0] * HW[1], C, device=device, dtype=torch.float32)
+    y = _randn(2, HW[0] * HW[1], C, device=device, dtype=dtype)
+    ada = _randn(2, 6 * C, device=device, dtype=dtype)
+    gate, shift, scale = ada[:, 2 * C:3 * C], ada[:, 3 * C:4 * C], ada[:, 4 * C:5 * C]
+
+    def fused(*args):
+        return torch.cat([t.float() for t in fk.gated_residual_layernorm_modulate(*args, 1e-6)], dim=-1)
+
+    def ref(*args):
+        return torch.cat([t.float() for t in fk.gated_residual_layernorm_modulate_ref(*args, 1e-6)], dim=-1)
+
+    return fwd_bwd("gated_residual_layernorm_modulate", fused, ref, [x, y, gate, shift, scale])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------------------
