@@ -1,4 +1,6 @@
 """FlexDiT on video: apply_patch / remove_patch on a tiny diffusers Latte, folded-frame pooling, video grids, MACs."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -82,7 +84,12 @@ def test_degenerate_plan_equals_unpatched_and_patching_twice_equals_once():
         torch.testing.assert_close(run(host, x, t, text), ref, rtol=0, atol=0)
         once = run(apply_patch(host, TOY_PLAN), x, t, text)
         twice = run(apply_patch(host, TOY_PLAN), x, t, text)
+        twin = copy.deepcopy(host)  # the copy's layers share the copy's clip state
+        torch.testing.assert_close(run(twin, x, t, text), once, rtol=0, atol=0)
+        remove_patch(twin)
+        torch.testing.assert_close(run(twin, x, t, text), ref, rtol=0, atol=0)
     torch.testing.assert_close(twice, once, rtol=0, atol=0)
+    assert is_patched(host) and "FlexDiT patch of a latte: P=1" in str(host)
     assert (once - ref).abs().max() > 1e-3  # FlexDiT is not the dense model before fine-tuning
 
 
