@@ -1,4 +1,5 @@
 """Dense/patched model pairs at real sizes with random weights, for `python -m bench model --model ...`."""
+import contextlib
 import copy
 from typing import Any, Dict, Optional
 
@@ -6,59 +7,93 @@ import torch
 
 from flexdit import apply_patch
 
+TARGETS = ("pixart-alpha", "diffusers-dit", "latte")
+
+
+def _diffusers_config(target: str, latent: int, frames: int) -> Dict[str, Any]:
+    """The real-size diffusers config of a target: DiT-XL/2, PixArt-α XL/2 or Latte-XL/2 (Latte-1's config)."""
+    xl = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+              sample_size=latent)
+    if target == "pixart-alpha":
+        return dict(xl, cross_attention_dim=1152, caption_channels=4096, use_additional_conditions=latent == 128)
+    if target == "latte":
+        return dict(xl, cross_attention_dim=1152, caption_channels=4096, patch_size=2, norm_type="ada_norm_single",
+                    activation_fn="gelu-approximate", attention_bias=True, num_embeds_ada_norm=1000,
+                    norm_elementwise_affine=False, norm_eps=1e-6, video_length=frames)
+    return xl
+
 
 def build_patched_pair(target: str, image_size: int, device=None, dtype=torch.float32, plan=None, schedule=None,
-                       config_overrides: Optional[Dict[str, Any]] = None):
-    """(dense_model, patched_model, make_inputs) for "pixart-alpha" or "diffusers-dit" at real size, random weights.
+                       config_overrides: Optional[Dict[str, Any]] = None, frames: int = 16):
+    """(dense_model, patched_model, make_inputs) for "pixart-alpha", "diffusers-dit" or "latte" at real size, random
+    weights.
 
-    image_size: pixels (256, 512, 1024); the latent is image_size / 8. `make_inputs(batch, t=500)` returns the
-    keyword arguments of one forward: `model(**make_inputs(8))[0]` is the prediction (B, 8, S, S). The patched model
-    is a deep copy of the dense one patched with `plan` (default: the decided plan, grid 8) or `schedule`.
-    `config_overrides` replaces diffusers config fields (tiny models for tests). Needs diffusers.
+    image_size: pixels (256, 512, 1024); the latent is image_size / 8. frames: the clip length of "latte" (its
+    temporal position table has this many frames; the host also runs single frames). `make_inputs(batch, t=500)`
+    returns the keyword arguments of one forward: `model(**make_inputs(8))[0]` is the prediction (B, 8, S, S), for
+    "latte" (B, 8, T, S, S). The patched model is a deep copy of the dense one patched with `plan` (default: the
+    decided plan, grid 8) or `schedule`. `config_overrides` replaces diffusers config fields (tiny models for
+    tests). On `device="meta"` the models are built without memory (for MAC counts). Needs diffusers.
     """
     import diffusers
 
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
     latent = image_size // 8
-    if target == "pixart-alpha":
-        cfg = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-                   cross_attention_dim=1152, caption_channels=4096, sample_size=latent,
-                   use_additional_conditions=latent == 128)
-        cfg.update(config_overrides or {})
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)  # diffusers' default init: random, nothing zeroed
-            dense = diffusers.PixArtTransformer2DModel(**cfg)
-    elif target == "diffusers-dit":
-        cfg = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-                   sample_size=latent)
-        cfg.update(config_overrides or {})
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            dense = diffusers.DiTTransformer2DModel(**cfg)
-    else:
-        raise ValueError(f"target must be 'pixart-alpha' or 'diffusers-dit', got {target!r}")
+    cfg = {**_diffusers_config(target, latent, frames), **(config_overrides or {})}
+    cls = {"pixart-alpha": diffusers.PixArtTransformer2DModel, "diffusers-dit": diffusers.DiTTransformer2DModel,
+           "latte": diffusers.LatteTransformer3DModel}[target]
+    on_meta = torch.device(device).type == "meta" if device is not None else False
+    with torch.random.fork_rng(devices=[]), (torch.device("meta") if on_meta else contextlib.nullcontext()):
+        torch.manual_seed(0)  # diffusers' default init: random, nothing zeroed
+        dense = cls(**cfg)
     dense = dense.to(device=device, dtype=dtype).eval()
     patched = apply_patch(copy.deepcopy(dense), plan=plan, schedule=schedule)
     c = dense.config
 
-    def make_inputs(batch: int, t: int = 500):
+    def make_inputs(batch: int, t: int = 500, mask: bool = True):
+        """The forward's keyword arguments; `mask`: the caption mask (half the 120 caption tokens discarded)."""
         gen = torch.Generator(device="cpu").manual_seed(1)
-        x = torch.randn(batch, c.in_channels, c.sample_size, c.sample_size, generator=gen)
+        shape = (batch, c.in_channels, frames) if target == "latte" else (batch, c.in_channels)
+        x = torch.randn(*shape, c.sample_size, c.sample_size, generator=gen)
         inputs = dict(hidden_states=x.to(device=device, dtype=dtype),
                       timestep=torch.full((batch,), t, dtype=torch.long, device=device), return_dict=False)
-        if target == "pixart-alpha":
-            text = torch.randn(batch, 120, c.caption_channels, generator=gen)
-            mask = torch.ones(batch, 120, dtype=torch.long)
-            mask[:, 60:] = 0
-            inputs.update(encoder_hidden_states=text.to(device=device, dtype=dtype),
-                          encoder_attention_mask=mask.to(device),
-                          added_cond_kwargs={"resolution": None, "aspect_ratio": None})
-            if dense.use_additional_conditions:
-                side = float(image_size)
-                inputs["added_cond_kwargs"] = {
-                    "resolution": torch.tensor([[side, side]] * batch, device=device, dtype=dtype),
-                    "aspect_ratio": torch.tensor([[1.0]] * batch, device=device, dtype=dtype)}
-        else:
+        if target == "diffusers-dit":
             inputs["class_labels"] = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+            return inputs
+        text = torch.randn(batch, 120, c.caption_channels, generator=gen)
+        inputs["encoder_hidden_states"] = text.to(device=device, dtype=dtype)
+        keep = torch.ones(batch, 120, dtype=torch.long)
+        keep[:, 60:] = 0
+        if target == "latte":
+            # Latte passes the mask to its spatial blocks unchanged (one row per frame) and does not turn it into
+            # a bias: give the bias (B·T, 1, L), 0 to keep and -10000 to discard (LattePipeline passes none).
+            if mask:
+                bias = (1 - keep.repeat_interleave(frames, 0)[:, None].to(dtype)) * -10000.0
+                inputs["encoder_attention_mask"] = bias.to(device)
+            return inputs
+        if mask:
+            inputs["encoder_attention_mask"] = keep.to(device)
+        inputs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+        if dense.use_additional_conditions:
+            side = float(image_size)
+            inputs["added_cond_kwargs"] = {
+                "resolution": torch.tensor([[side, side]] * batch, device=device, dtype=dtype),
+                "aspect_ratio": torch.tensor([[1.0]] * batch, device=device, dtype=dtype)}
         return inputs
 
     return dense, patched, make_inputs
+
+
+def patched_pair_macs(target: str, image_size: int, batch: int = 1, plan=None, schedule=None, frames: int = 16,
+                      config_overrides: Optional[Dict[str, Any]] = None) -> Dict[str, int]:
+    """MACs of one forward of the dense and the patched model of `build_patched_pair` ({"dense": ..., "flexdit":
+    ...}), counted on the meta device by `flexdit.flops.count_macs_dispatch` (attention counted). For "latte" one
+    forward is a clip of `frames` frames per sample; `batch` = 1 gives MACs per image or per clip."""
+    from flexdit.flops import count_macs_dispatch
+
+    dense, patched, make_inputs = build_patched_pair(target, image_size, device="meta", plan=plan, schedule=schedule,
+                                                     config_overrides=config_overrides, frames=frames)
+    inputs = make_inputs(batch)
+    return {"dense": count_macs_dispatch(dense, **inputs).total,
+            "flexdit": count_macs_dispatch(patched, **inputs).total}

@@ -8,8 +8,14 @@ Counting rules:
   FlexDiT total is comparable with the same model written without kernels (all three are < 0.1% of a forward):
   `flexdit::token_pool` = B·N·C (fvcore's `adaptive_avg_pool2d`: one per input element);
   `flexdit::token_mean` = 4·B·N·C (fvcore's affine-free `layer_norm`; the mean is not counted);
-  `flexdit::upsample_add` = B·N·C (fvcore's `upsample_nearest2d`: one per output element; adds are not counted).
+  `flexdit::upsample_add` = B·N·C (fvcore's `upsample_nearest2d`: one per output element; adds are not counted);
+  the fused `flexdit::layernorm_modulate` and `flexdit::gated_residual_layernorm_modulate` = 4·B·L·C (their
+  LayerNorm), `flexdit::gated_residual` = 0 (elementwise).
 - Like fvcore, elementwise ops (adds, modulation, GELU, SiLU, softmax) count zero; LayerNorm counts 4 per element.
+
+`count_macs_dispatch` counts with PyTorch's `FlopCounterMode` instead of a trace, by the same rules: it runs the
+forward itself (any signature: diffusers models with keyword arguments, patched hosts), sees SDPA and the flexdit ops
+by name and counts whatever attention path SDPA decomposes into on the meta device.
 
 With these rules DiT-XL/2 is 118.69 G MACs at 256² and 524.81 G at 512² (the paper: 118.6 G, 524.6 G), and
 FlexDiT-XL/2 at 512² with an 8×8 grid is ≈ 222.7 G: this model applies W1 before the upsampling and the
@@ -32,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["count_macs", "count_ops", "MacCount"]
+__all__ = ["count_macs", "count_macs_dispatch", "count_ops", "MacCount"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -73,12 +79,15 @@ OP_HANDLES = {
     "flexdit::token_pool": _token_pool_macs,
     "flexdit::token_mean": _token_mean_macs,
     "flexdit::upsample_add": _upsample_add_macs,
+    "flexdit::layernorm_modulate": _token_mean_macs,                  # the LayerNorm's 4 per element; modulate: 0
+    "flexdit::gated_residual_layernorm_modulate": _token_mean_macs,
 }
 
 # Ops that are zero by the rules above (fvcore would list them as "unsupported").
 ZERO_OPS = ("aten::add", "aten::add_", "aten::sub", "aten::mul", "aten::mul_", "aten::div", "aten::silu",
             "aten::gelu", "aten::exp", "aten::cos", "aten::sin", "aten::embedding", "aten::softmax",
-            "aten::mean", "aten::rsub", "aten::neg")
+            "aten::mean", "aten::rsub", "aten::neg", "aten::expand_as", "flexdit::gated_residual",
+            "flexdit::gated_residual_inplace")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,3 +243,61 @@ def count_ops(model: nn.Module, *inputs, autocast_dtype=None, **kwargs) -> Count
         with counter:
             model(*inputs, **kwargs)
     return counter.ops
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Counting by dispatch (PyTorch's FlopCounterMode): any forward, same rules
+# ----------------------------------------------------------------------------------------------------------------
+
+def _dispatch_handles() -> Dict[Any, Any]:
+    """FlopCounterMode formulas (in FLOPs = 2 x MACs) for the ops its own table lacks, by the rules above."""
+    import flexdit_kernels  # noqa: F401  (registers torch.ops.flexdit)
+
+    def attention(q, k, v, scale=None, *, out_shape=None, **_):
+        return 2 * prod(q[:-1]) * k[1] * (q[-1] + v[-1])     # q: (B, Lq, H, D), k, v: (B, Lk, H, D)
+
+    def per_input(factor):
+        def formula(x, *args, out_shape=None, **_):
+            return 2 * factor * prod(x)
+        return formula
+
+    def per_output(x, *args, out_shape=None, **_):
+        return 2 * prod(out_shape)
+
+    def sdpa_cpu(q, k, v, *args, out_shape=None, **_):
+        return 2 * prod(q[:-1]) * k[-2] * (q[-1] + v[-1])   # q: (B, H, Lq, D), k, v: (B, H, Lk, D)
+
+    ops, aten = torch.ops.flexdit, torch.ops.aten
+    return {ops.attention: attention, ops.token_pool: per_input(1), ops.token_mean: per_input(4),
+            ops.upsample_add: per_output, aten.native_layer_norm: per_input(4), ops.layernorm_modulate: per_input(4),
+            ops.gated_residual_layernorm_modulate: per_input(4),
+            aten._scaled_dot_product_flash_attention_for_cpu: sdpa_cpu}
+
+
+def count_macs_dispatch(model: nn.Module, *inputs, **kwargs) -> MacCount:
+    """MACs of `model(*inputs, **kwargs)` counted by PyTorch's `FlopCounterMode` with the rules above.
+
+    Runs the forward once under `torch.no_grad()` in eval mode (restored afterwards); model and inputs may live on
+    the meta device. Attention is counted whichever way it runs: SDPA (its fused kernels, or the matmuls it
+    decomposes into on meta tensors) and `flexdit::attention`. Returns a `MacCount` whose `by_module` keys are the
+    model's module names ("" is the whole model) and `by_operator` keys the aten/flexdit op names.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_dispatch_handles()) as counter:
+            model(*inputs, **kwargs)
+    finally:
+        model.train(was_training)
+    counts = counter.get_flop_counts()
+    root = type(model).__name__
+    by_module = {}
+    for name, ops in counts.items():
+        key = "" if name == "Global" else (name[len(root) + 1:] if name.startswith(root + ".") else name)
+        if key == root:
+            continue
+        by_module[key] = sum(ops.values()) // 2
+    by_operator = {str(op): flops // 2 for op, flops in counts.get("Global", {}).items()}
+    return MacCount(counter.get_total_flops() // 2, by_module, by_operator)

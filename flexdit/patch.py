@@ -1,4 +1,4 @@
-"""Patch a dense DiT, a diffusers DiT or a diffusers PixArt-α into FlexDiT in place, and undo it.
+"""Patch a dense DiT, a diffusers DiT, PixArt-α or Latte into FlexDiT in place, and undo it.
 
 `apply_patch` / `remove_patch` follow tomesd: the host's block list is swapped for FlexDiT layers built from copies of
 its blocks (the paper's weight mapping), the host's own forward still runs (so pipelines work unchanged), and
@@ -7,8 +7,8 @@ its blocks (the paper's weight mapping), the host's own forward still runs (so p
 import copy
 import inspect
 import types
-from dataclasses import dataclass
-from typing import Any, Dict, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -138,6 +138,72 @@ class DiffusersFlexLayer(FlexLayer):
                               attention_mask=cond["encoder_attention_mask"], **(cond["cross_attention_kwargs"] or {}))
 
 
+# ------------------------------------------------------------------ (d) diffusers Latte: temporal blocks
+
+class VideoRouteState(RouteState):
+    """RouteState plus the clip's batch size and frame count: spatial layers see the frames folded into the batch
+    (B·T, N or M, C); temporal layers see the tokens folded into it (B·N or B·M, T, C)."""
+
+    def __init__(self):
+        super().__init__()
+        self.batch: Optional[int] = None
+        self.frames: Optional[int] = None
+
+    def begin_clip(self, batch: int, frames: int) -> None:
+        self.batch, self.frames = batch, frames
+
+    def clear(self) -> None:
+        super().clear()
+        self.batch, self.frames = None, None
+
+
+class TemporalFlexLayer(nn.Module):
+    """The temporal half of a Latte spatial/temporal pair: a copy of the temporal `BasicTransformerBlock`, run as is.
+
+    It attends across the T frames over the tokens its spatial layer left: the N dense tokens, or, where the spatial
+    output is sparse (`gen` and `sparse` layers), the M sparse tokens at each sparse location, (B·M, T, C). The host
+    passes one timestep row per dense token (B·N rows); for sparse input the layer takes each sample's row M times.
+    """
+
+    def __init__(self, block, slot: Slot, state: VideoRouteState):
+        super().__init__()
+        self.slot = slot
+        self.kind = slot.kind
+        self._state = state
+        self.block = copy.deepcopy(block)
+
+    @property
+    def sparse_input(self) -> bool:
+        return self.slot.module is not None and self.kind in ("gen", "sparse")
+
+    def extra_repr(self):
+        return f"kind={self.kind}, tokens={'sparse' if self.sparse_input else 'dense'}"
+
+    def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
+        if self.sparse_input and timestep is not None:
+            timestep = self.sparse_rows(hidden_states, timestep)
+        return self.block(hidden_states, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
+                          encoder_attention_mask=encoder_attention_mask, timestep=timestep,
+                          cross_attention_kwargs=cross_attention_kwargs, class_labels=class_labels,
+                          added_cond_kwargs=added_cond_kwargs)
+
+    def sparse_rows(self, x, timestep):
+        """The host's per-token timestep rows (B·N, D) → (B·M, D) for the M sparse tokens of each sample."""
+        st = self._state
+        if st is None or st.batch is None or st.grid is None:
+            raise ValueError("a FlexDiT temporal layer runs only inside its model's forward (no clip state)")
+        b, n, m = st.batch, st.hw[0] * st.hw[1], st.grid[0] * st.grid[1]
+        if x.shape[0] != b * m:
+            raise ValueError(f"temporal layer input has {x.shape[0]} rows, expected batch {b} x {m} sparse tokens")
+        if timestep.shape[0] == b * m:
+            return timestep
+        if timestep.shape[0] != b * n:
+            raise ValueError(f"temporal timestep has {timestep.shape[0]} rows, expected batch {b} x {n} tokens")
+        rows = timestep.unflatten(0, (b, n))[:, :1]                              # (B, 1, D): one row per sample
+        return rows.expand(b, m, *rows.shape[2:]).reshape(b * m, *rows.shape[2:])
+
+
 #################################################################################
 #                                  The patch                                    #
 #################################################################################
@@ -175,13 +241,16 @@ class _Record:
     state: RouteState
     outside: Dict[str, torch.Tensor]  # the host's weights outside the blocks (shared with the patch): a snapshot
     signature: Any = None
+    extra: Dict[str, nn.ModuleList] = field(default_factory=dict)  # other block lists replaced (Latte's temporal)
 
 
 _TARGETS = {  # target → (block list, block class name, latent argument, timestep argument)
     "dit": ("blocks", "DiTBlock", "x", "t"),
     "diffusers-dit": ("transformer_blocks", "BasicTransformerBlock", "hidden_states", "timestep"),
     "pixart-alpha": ("transformer_blocks", "BasicTransformerBlock", "hidden_states", "timestep"),
+    "latte": ("transformer_blocks", "BasicTransformerBlock", "hidden_states", "timestep"),
 }
+_TEMPORAL = "temporal_transformer_blocks"  # Latte's temporal blocks, one after each spatial block
 
 
 def _host(model):
@@ -192,7 +261,8 @@ def _host(model):
     if isinstance(inner, nn.Module):
         return inner
     raise ValueError(f"cannot patch a {type(model).__name__}: expected a DiT-layout module, a diffusers "
-                     f"DiTTransformer2DModel / PixArtTransformer2DModel, or a pipeline with a `.transformer`")
+                     f"DiTTransformer2DModel / PixArtTransformer2DModel / LatteTransformer3DModel, or a pipeline "
+                     f"with a `.transformer`")
 
 
 def _target_of(module) -> str:
@@ -201,10 +271,13 @@ def _target_of(module) -> str:
         return "diffusers-dit"
     if name == "PixArtTransformer2DModel":
         return "pixart-alpha"
+    if name == "LatteTransformer3DModel":
+        return "latte"
     if all(hasattr(module, a) for a in ("x_embedder", "t_embedder", "y_embedder", "blocks", "final_layer")):
         return "dit"
     raise ValueError(f"unsupported model {name}: expected the DiT layout (x_embedder, t_embedder, y_embedder, "
-                     f"blocks, final_layer), a diffusers DiTTransformer2DModel or a PixArtTransformer2DModel")
+                     f"blocks, final_layer), a diffusers DiTTransformer2DModel, PixArtTransformer2DModel or "
+                     f"LatteTransformer3DModel")
 
 
 def _check_blocks(blocks, class_name, target):
@@ -216,7 +289,7 @@ def _check_blocks(blocks, class_name, target):
         raise ValueError(f"blocks {flex} of this {target} are already FlexDiT layers: patch a dense model")
     if class_name != "BasicTransformerBlock":
         return
-    norm = "ada_norm_single" if target == "pixart-alpha" else "ada_norm_zero"
+    norm = "ada_norm_single" if target in ("pixart-alpha", "latte") else "ada_norm_zero"
     for i, b in enumerate(blocks):
         attn = b.attn1
         problems = [msg for bad, msg in (
@@ -274,8 +347,13 @@ def _patched_forward(self, *args, **kwargs):
         raise ValueError(f"a patched model needs `{rec.x_name}` and `{rec.t_name}` to choose its grid")
     hw = (x.shape[-2] // rec.patch_size, x.shape[-1] // rec.patch_size)
     st = rec.state
+    video = isinstance(st, VideoRouteState)
+    if video and x.dim() != 5:
+        raise ValueError(f"{rec.x_name} must be a clip (B, C, T, H, W), got shape {tuple(x.shape)}")
     st.begin(hw, _grid_of(rec.plan.grid if rec.schedule is None else rec.schedule, t, hw) if rec.plan.num_modules
              else None)
+    if video:
+        st.begin_clip(x.shape[0], x.shape[2])
     try:
         if rec.had_forward:
             return rec.saved_forward(*args, **kwargs)
@@ -285,13 +363,13 @@ def _patched_forward(self, *args, **kwargs):
 
 
 def apply_patch(model, plan=None, schedule=None):
-    """Turn a dense DiT, diffusers DiT or PixArt-α (model or pipeline) into FlexDiT in place; returns `model`.
+    """Turn a dense DiT, diffusers DiT, PixArt-α or Latte (model or pipeline) into FlexDiT in place; returns `model`.
 
     The arguments that matter:
         model: a module with the published DiT layout (`x_embedder`, `t_embedder`, `y_embedder`, `blocks`,
-            `final_layer`; the project's `DiT` too), a diffusers `DiTTransformer2DModel` or
-            `PixArtTransformer2DModel`, or a pipeline holding one as `.transformer` (`DiTPipeline`,
-            `PixArtAlphaPipeline`).
+            `final_layer`; the project's `DiT` too), a diffusers `DiTTransformer2DModel`,
+            `PixArtTransformer2DModel` or `LatteTransformer3DModel`, or a pipeline holding one as `.transformer`
+            (`DiTPipeline`, `PixArtAlphaPipeline`, `LattePipeline`).
         plan: `Plan(num_pool, num_modules, group, num_top, grid)`, a FlexDiTConfig or a dict of those fields;
             default: the decided plan for the model's depth (28, 24, 12) with grid 8 clamped to the token grid.
         schedule: the sparse grid per call: an object with `grid(t)` (e.g. `flexdit.DensitySchedule`) given the
@@ -304,6 +382,17 @@ def apply_patch(model, plan=None, schedule=None):
     patching once. The forward signature is unchanged. A patched model needs fine-tuning (`flexdit-finetune`)
     before its samples are good. Raises ValueError for unsupported models or blocks, a plan that does not fit
     the depth, or a grid larger than the token grid.
+
+    Latte (video): a spatial block and the temporal block after it count as ONE layer of the plan, so the depth is
+    the number of pairs (28 for Latte-XL/2: the decided XL plan applies). The spatial block takes the layer's kind
+    and runs it within each frame (frames folded into the batch: (B·T, N or M, C)); the temporal block runs as is
+    (a copy) across the T frames over the tokens the spatial block left: the M sparse tokens at each sparse
+    location after `gen` and `sparse` layers, (B·M, T, C), the N dense tokens after the others, (B·N, T, C).
+    Recovery's skip is the module's dense input before its first spatial block, as in the image models. One grid
+    (G_h, G_w) serves every frame of a call; the frame count is read from `hidden_states` (B, C, T, H, W).
+    MACs of one 16-frame 512² clip at Latte-XL/2 sizes (`flexdit.flops.count_macs_dispatch`, attention counted):
+    dense 17.21 T (spatial blocks 9.88 T, temporal 7.33 T); patched with the decided plan and grid 8, 7.74 T
+    (spatial 4.33 T, temporal 3.40 T): 55.0% fewer.
     """
     module = _host(model)
     remove_patch(module)
@@ -315,7 +404,16 @@ def apply_patch(model, plan=None, schedule=None):
     plan = Plan.coerce(plan, len(blocks), hw)  # validates depth and grid
     if schedule is not None and not (hasattr(schedule, "grid") and callable(schedule.grid)):
         parse_grid(schedule, hw, "schedule")  # a fixed grid: refuse now rather than at the first call
-    state = RouteState()
+    temporal = None
+    if target == "latte":
+        temporal = getattr(module, _TEMPORAL)
+        bad = sorted({type(b).__name__ for b in temporal if type(b).__name__ != block_class})
+        if bad:
+            raise ValueError(f"unsupported temporal block types {bad} in a latte: every block must be a {block_class}")
+        if len(temporal) != len(blocks):
+            raise ValueError(f"a latte needs one temporal block per spatial block, got {len(temporal)} and "
+                             f"{len(blocks)}")
+    state = RouteState() if temporal is None else VideoRouteState()
     if target == "dit":
         config = _dit_config(module, plan, hw)
         layers = [b.attach(state) for b in from_dit(module.state_dict(), config).blocks]  # the paper's mapping
@@ -325,12 +423,17 @@ def apply_patch(model, plan=None, schedule=None):
         layers = [DiffusersFlexLayer(b, slot, state) for b, slot in zip(blocks, plan.slots())]
 
     had_forward = "forward" in module.__dict__
+    extra = {} if temporal is None else {_TEMPORAL: temporal}
+    swapped = tuple(f"{a}." for a in (attr, *extra))
     outside = {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()
-               if not k.startswith(f"{attr}.")}
+               if not k.startswith(swapped)}
     rec = _Record(target, attr, blocks, had_forward, module.__dict__.get("forward"), x_name, t_name, patch_size,
-                  plan, schedule, state, outside)
+                  plan, schedule, state, outside, extra=extra)
     rec.signature = inspect.signature(rec.saved_forward if had_forward else type(module).forward.__get__(module))
     setattr(module, attr, FlexPatch(layers, target, plan, schedule).train(blocks.training))
+    if temporal is not None:
+        setattr(module, _TEMPORAL, nn.ModuleList(
+            TemporalFlexLayer(b, slot, state) for b, slot in zip(temporal, plan.slots())).train(temporal.training))
     module.__dict__[_RECORD] = rec
     module.forward = types.MethodType(_patched_forward, module)
     return model
@@ -347,15 +450,15 @@ def remove_patch(model):
     rec = module.__dict__.pop(_RECORD, None)
     if rec is None:
         return model
-    patched = getattr(module, rec.attr)
-    ref = next(patched.parameters(), None)
-    orig = next(rec.original.parameters(), None)
-    if ref is not None and orig is not None:
-        if ref.device != orig.device:
-            rec.original.to(ref.device)
-        if ref.dtype != orig.dtype and ref.dtype.is_floating_point:
-            rec.original.to(ref.dtype)
-    setattr(module, rec.attr, rec.original)
+    for attr, original in ((rec.attr, rec.original), *rec.extra.items()):
+        ref = next(getattr(module, attr).parameters(), None)
+        orig = next(original.parameters(), None)
+        if ref is not None and orig is not None:
+            if ref.device != orig.device:
+                original.to(ref.device)
+            if ref.dtype != orig.dtype and ref.dtype.is_floating_point:
+                original.to(ref.dtype)
+        setattr(module, attr, original)
     current = module.state_dict(keep_vars=True)
     with torch.no_grad():  # embedders and final layer were shared with the patch: undo any fine-tuning of them
         for key, saved in rec.outside.items():
