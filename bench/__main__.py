@@ -132,17 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("model", parents=[common], help="dense DiT vs FlexDiT forward (default command)")
     m.add_argument("--model", default=None,
                    help="dense registry name, e.g. DiT-XL/2 (default; DiT-S/2 on the CPU), or a diffusers model "
-                        "patched in place: pixart-alpha, diffusers-dit (needs diffusers)")
+                        "patched in place: pixart-alpha, diffusers-dit, latte (16-frame clips; needs diffusers)")
     m.add_argument("--image-size", type=int, choices=(256, 512, 1024), default=None,
                    help="pixels; latent = image/8")
     m.add_argument("--batch-size", type=_positive_int, default=None)
     m.add_argument("--grid", type=_positive_int, default=None, help="FlexDiT sparse grid side G (default 8)")
     m.add_argument("--mode", choices=("eager", "compile", "cuda-graph"), default="eager",
                    help="compile: torch.compile (compile time reported apart); cuda-graph: replay (CUDA only)")
-    m.add_argument("--profile", action="store_true", help="FlexDiT time by layer kind (PyTorch profiler)")
+    m.add_argument("--profile", action="store_true",
+                   help="per forward: kernel time by family (GEMM, attention, norm, pooling, elementwise) and launch "
+                        "count of every variant, and FlexDiT's time by layer kind (PyTorch profiler)")
     m.add_argument("--impls", default=None, metavar="LIST",
-                   help="comma-separated subset of dense,flexdit,flexdit-ref to time (default: all that run here; "
-                        "dense is always timed, as the speedups are over it)")
+                   help="comma-separated subset of dense,dense-fused,flexdit,flexdit-ref to time (default: all that "
+                        "run here; dense is always timed, as the speedups are over it)")
 
     s = sub.add_parser("sample", parents=[common],
                        help="whole sampling runs with guidance: dense vs FlexDiT, eager / compile / cuda-graph")

@@ -1,12 +1,15 @@
-"""`python -m bench model`: dense DiT vs FlexDiT forward (kernels and reference path), MACs, ceilings, profile."""
+"""`python -m bench model`: dense DiT (plain and with the fused adaLN kernels) vs FlexDiT forward (kernels and
+reference path), MACs, ceilings, profile by kernel family and by layer kind."""
 import contextlib
+import copy
 import time
+from collections import Counter
 from typing import Dict
 
 import torch
 
 import flexdit_kernels as fk
-from flexdit import FlexDiT, create_model, flexdit_config, from_dit
+from flexdit import FlexDiT, create_model, flexdit_config, from_dit, set_fused
 
 from .common import Results, bench_fn, format_table, matmul_tflops, peak_memory_mib, synchronize
 
@@ -33,11 +36,13 @@ def build_models(name: str, image_size: int, grid: int, device: torch.device, se
     return dense.eval(), flex.eval()
 
 
-# What `--impls` may name: the dense DiT, FlexDiT on the kernels (CUDA only), FlexDiT on its PyTorch reference path.
-IMPLS = ("dense", "flexdit", "flexdit-ref")
+# What `--impls` may name: the dense DiT, the dense DiT with the fused adaLN kernels (CUDA only: what fusion alone
+# gives), FlexDiT on the kernels (CUDA only) and FlexDiT on its PyTorch reference path (token density alone).
+IMPLS = ("dense", "dense-fused", "flexdit", "flexdit-ref")
 
 # Hosts patched in place by `flexdit.apply_patch` (diffusers models at real size, random weights).
-PATCH_TARGETS = ("pixart-alpha", "diffusers-dit")
+PATCH_TARGETS = ("pixart-alpha", "diffusers-dit", "latte")
+FRAMES = 16   # latte: frames per clip
 PATCH_OVERRIDES: Dict[str, object] = {}   # diffusers config fields replaced in every build (tests: tiny models)
 
 
@@ -45,7 +50,7 @@ def build_patched_models(name: str, image_size: int, grid: int, device: torch.de
     """(dense, patched, inputs kwargs builder) for a patch target; the patched model uses the decided plan."""
     from .fixtures import build_patched_pair
     return build_patched_pair(name, image_size, device=device, plan={"grid": grid},
-                              config_overrides=dict(PATCH_OVERRIDES))
+                              config_overrides=dict(PATCH_OVERRIDES), frames=FRAMES)
 
 
 def model_inputs(batch: int, image_size: int, device: torch.device, num_classes: int = 1000, seed: int = 0):
@@ -178,6 +183,51 @@ def profile_kinds(model: FlexDiT, forward, device, iters: int = 3) -> Dict[str, 
     return out
 
 
+FAMILIES = (("attention", ("attention", "attn", "fmha", "flash", "sdpa", "softmax")),
+            ("GEMM", ("gemm", "matmul", "addmm", "mm", "bmm", "cutlass", "xmma", "linear", "convolution")),
+            ("norm", ("layer_norm", "layernorm", "token_mean")),
+            ("pooling", ("token_pool", "upsample_add")))
+
+
+def kernel_family(name: str) -> str:
+    """GEMM, attention, norm, pooling or elementwise (everything else: adds, casts, copies, GELU ...) from a CUDA
+    kernel's or an aten op's name."""
+    low = name.lower()
+    tokens = set(low.replace("::", "_").replace(".", "_").split("_"))
+    for family, keys in FAMILIES:
+        if any(k in tokens or (len(k) > 3 and k in low) for k in keys):
+            return family
+    return "elementwise"
+
+
+def profile_families(forward, device, iters: int = 3):
+    """({family: ms per forward}, launches per forward): CUDA kernel time and count on a GPU; on the CPU the self
+    time of the aten/flexdit ops and their count (one op is about one launch)."""
+    from torch.profiler import ProfilerActivity, profile
+    on_cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+    forward()
+    synchronize(device)
+    with profile(activities=activities) as prof:
+        for _ in range(iters):
+            forward()
+        synchronize(device)
+    times, count = Counter(), 0
+    for evt in prof.events():
+        if on_cuda:
+            if evt.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            us = evt.device_time if hasattr(evt, "device_time") else evt.cuda_time
+        else:
+            if evt.device_type != torch.autograd.DeviceType.CPU or not evt.name.startswith(("aten::", "flexdit::")) \
+                    or evt.cpu_parent is not None and evt.cpu_parent.name.startswith(("aten::", "flexdit::")):
+                continue   # top-level ops only
+            us = evt.cpu_time_total
+        times[kernel_family(evt.name)] += us / 1e3 / iters
+        count += 1
+    return dict(times), count / iters
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The suite
 # ----------------------------------------------------------------------------------------------------------------
@@ -193,7 +243,10 @@ def run(args, results: Results, device: torch.device) -> None:
         dense, flex, make_inputs = build_patched_models(args.model, args.image_size, args.grid, device)
         inputs, dense_kw = (), make_inputs(args.batch_size)
         flex_kw = dense_kw
-        macs = None   # fvcore cannot trace the diffusers models' keyword-only forward: no MAC columns
+        from .fixtures import patched_pair_macs   # counted by dispatch: fvcore cannot trace keyword-only forwards
+        macs = patched_pair_macs(args.model, args.image_size, plan={"grid": args.grid},
+                                 config_overrides=dict(PATCH_OVERRIDES), frames=FRAMES)
+        macs["flexdit-ref"] = macs["flexdit"]
     else:
         dense, flex = build_models(args.model, args.image_size, args.grid, device)
         inputs, dense_kw, flex_kw = model_inputs(args.batch_size, args.image_size, device), {}, {"grid": args.grid}
@@ -204,10 +257,15 @@ def run(args, results: Results, device: torch.device) -> None:
             macs = None
             results.notes.append(f"no GMACs / TFLOP/s columns: {_first_line(err)}")
 
+    unit = "clip" if args.model == "latte" else "img"
     variants = [("dense", dense, dense_kw, fk.get_backend()),
                 ("flexdit-ref", flex, flex_kw, "reference")]
     if not on_cpu:   # on the CPU "auto" would be the reference (or the Triton interpreter): not a measurement
         variants.insert(1, ("flexdit", flex, flex_kw, "auto"))
+        if args.model not in PATCH_TARGETS:   # the diffusers hosts' own blocks have no fused form
+            variants.insert(1, ("dense-fused", set_fused(copy.deepcopy(dense)), dense_kw, "auto"))
+            if macs is not None:
+                macs["dense-fused"] = macs["dense"]
     if getattr(args, "impls", None):
         wanted = {"dense"} | {i.strip() for i in args.impls.split(",")}
         dropped = [v[0] for v in variants if v[0] not in wanted]
@@ -231,9 +289,10 @@ def run(args, results: Results, device: torch.device) -> None:
         fwd, setup_s = make_forward(model, inputs, kwargs, args.mode, device, dtype, backend)
         t = bench_fn(fwd, device, warmup=25, rep=200, min_reps=20, **reps)
         results.add_timing("model", case, impl, t)
-        results.add("model", case, impl, "images/s", args.batch_size / (t[0] * 1e-3), "img/s")
+        results.add("model", case, impl, f"{'clips' if unit == 'clip' else 'images'}/s",
+                    args.batch_size / (t[0] * 1e-3), f"{unit}/s")
         if macs is not None:
-            results.add("model", case, impl, "GMACs", macs[impl] / 1e9, "GMAC/img")
+            results.add("model", case, impl, "GMACs", macs[impl] / 1e9, f"GMAC/{unit}")
             tflops = 2 * macs[impl] * args.batch_size / (t[0] * 1e-3) / 1e12
             results.add("model", case, impl, "TFLOP/s", tflops, "TFLOP/s")
             results.add("model", case, impl, "frac_matmul", tflops / ceiling)
@@ -249,7 +308,18 @@ def run(args, results: Results, device: torch.device) -> None:
                     note="over dense")
 
     if args.profile:
+        for impl, model, kwargs, backend in variants:
+            fwd, _ = make_forward(model, inputs, kwargs, "eager", device, dtype, backend)
+            families, launches = profile_families(fwd, device)
+            total = sum(families.values())
+            for name, ms in sorted(families.items(), key=lambda kv: -kv[1]):
+                results.add("families", f"{case} {impl}", name, "ms", ms, "ms")
+                results.add("families", f"{case} {impl}", name, "share", ms / total)
+            results.add("families", f"{case} {impl}", "launches", "count", launches, "per forward",
+                        note="CUDA kernels" if device.type == "cuda" else "aten/flexdit ops")
         for impl, _, kwargs, backend in variants[1:]:
+            if impl == "dense-fused":
+                continue
             fwd, _ = make_forward(flex, inputs, kwargs, "eager", device, dtype, backend)
             shares = profile_kinds(flex, fwd, device)
             total = shares.pop("forward", None) or sum(shares.values())
@@ -278,8 +348,10 @@ def _prediction(out):
 
 def table(results: Results) -> str:
     parts = [format_table(results, "ceiling", ["ms", "TFLOP/s"], "measured ceiling"),
-             format_table(results, "model", ["ms", "images/s", "speedup", "GMACs", "TFLOP/s", "frac_matmul",
-                                             "peak_MiB", "compile_s", "capture_s"],
+             format_table(results, "model", ["ms", "images/s", "clips/s", "speedup", "GMACs", "TFLOP/s",
+                                             "frac_matmul", "peak_MiB", "compile_s", "capture_s"],
                           "model forward (ms: median [p20, p80])"),
+             format_table(results, "families", ["ms", "share", "count"],
+                          "per forward, eager (profiler): kernel time by family, and launches"),
              format_table(results, "profile", ["ms", "share"], "FlexDiT time by layer kind (eager, profiler)")]
     return "\n\n".join(p for p in parts if p)

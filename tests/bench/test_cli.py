@@ -152,6 +152,11 @@ def test_model_profile_by_layer_kind(tmp_path):
     for kind in ("Poolingformer", "generation", "sparse", "recovery", "dense", "final"):
         assert kind in shares, kind
     assert sum(shares.values()) == pytest.approx(1.0, abs=1e-6)
+    families = [r for r in rows if r["suite"] == "families"]
+    for impl in ("dense", "flexdit-ref"):
+        got = {r["impl"]: r["value"] for r in families if r["case"].endswith(impl)}
+        assert {"GEMM", "attention", "norm", "elementwise", "launches"} <= set(got), got
+        assert sum(v for k, v in got.items() if k != "launches") > 0 and got["launches"] > 10
 
 
 def test_sample_cpu(tmp_path):
@@ -189,15 +194,16 @@ def test_wrong_attention_gradient_is_failed(monkeypatch, capsys):
     assert "attention grad 0" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("target", ["pixart-alpha", "diffusers-dit"])
+@pytest.mark.parametrize("target", ["pixart-alpha", "diffusers-dit", "latte"])
 def test_model_patched_diffusers_targets(target, monkeypatch, tmp_path):
     pytest.importorskip("diffusers")
     import bench.model
     # A tiny host (the real sizes are 28 layers of 1152 channels); 4 layers take the plan P=1, K=1 x (1,1,1,0), T=0.
     tiny = dict(num_layers=4, num_attention_heads=2, attention_head_dim=16)
-    if target == "pixart-alpha":
+    if target in ("pixart-alpha", "latte"):
         tiny.update(cross_attention_dim=32, caption_channels=16)
     monkeypatch.setattr(bench.model, "PATCH_OVERRIDES", tiny)
+    monkeypatch.setattr(bench.model, "FRAMES", 3)
     monkeypatch.setitem(__import__("flexdit.plan", fromlist=["DECIDED_PLANS"]).DECIDED_PLANS, 4,
                         dict(num_pool=1, num_modules=1, group=(1, 1, 1, 0), num_top=0))
     jpath = tmp_path / "p.json"
@@ -205,7 +211,9 @@ def test_model_patched_diffusers_targets(target, monkeypatch, tmp_path):
                  "--repeats", "1", "--json", str(jpath)]) == 0
     rows = json.loads(jpath.read_text())["rows"]
     got = {(r["impl"], r["metric"]) for r in rows if r["suite"] == "model"}
-    assert {("dense", "ms"), ("flexdit-ref", "ms"), ("flexdit-ref", "speedup")} <= got
+    assert {("dense", "ms"), ("flexdit-ref", "ms"), ("flexdit-ref", "speedup"), ("flexdit-ref", "GMACs")} <= got
+    macs = {r["impl"]: r["value"] for r in rows if r["metric"] == "GMACs"}
+    assert macs["flexdit-ref"] < macs["dense"]
 
 
 def test_model_patched_target_refuses_profile(capsys):
@@ -235,3 +243,18 @@ def test_plot_of_a_missing_file_is_one_line_exit_2(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("python -m bench.plot: error: ")
+
+
+@pytest.mark.parametrize("name, family", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64", "GEMM"), ("aten::addmm", "GEMM"),
+    ("aten::mm", "GEMM"), ("cutlass::Kernel2<cutlass_80_wmma_tensorop>", "GEMM"),
+    ("flash_fwd_kernel", "attention"), ("_attention_fwd_few_keys_kernel", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "attention"),
+    ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+    ("void at::native::vectorized_layer_norm_kernel<float>", "norm"), ("_layernorm_modulate_fwd_kernel", "norm"),
+    ("_token_mean_fwd_kernel", "norm"), ("_token_pool_fwd_kernel", "pooling"), ("aten::mul", "elementwise"),
+    ("_gated_residual_fwd_kernel", "elementwise"), ("void at::native::vectorized_elementwise_kernel<4>", "elementwise"),
+    ("aten::_to_copy", "elementwise")])
+def test_kernel_family(name, family):
+    from bench.model import kernel_family
+    assert kernel_family(name) == family
