@@ -13,6 +13,7 @@ from .pixart import FlexPixArt, FlexPixArt_models, PixArt, PixArt_models, PixArt
 from .plan import Plan, parse_grid
 from .router import FlexLayer, RouteState, set_fused
 from .schedule import DensitySchedule
+from .video import FlexLatte, FlexLatteConfig
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "Plan", "parse_grid", "FlexLayer", "RouteState", "set_fused",
     "apply_patch", "remove_patch", "is_patched", "FlexPatch",
     "dit_from_diffusers", "dit_state_dict_from_diffusers", "use_diffusers_timesteps_",
+    "FlexLatte", "FlexLatteConfig",
     "PixArt", "FlexPixArt", "PixArtConfig", "PixArt_models", "FlexPixArt_models", "create_pixart",
     "flex_pixart_from_pixart", "pixart_config_from_diffusers", "pixart_from_diffusers",
     "pixart_state_dict_from_diffusers",

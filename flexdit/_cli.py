@@ -105,6 +105,8 @@ def build_model(name: str, ckpt=None, weights: str = "ema", **overrides):
     from .convert import from_dit
     from .models import FlexDiT, create_model, flexdit_config
 
+    if name == "FlexLatte":
+        return _build_latte(ckpt, weights, **overrides)
     flex = name.startswith("FlexDiT")
     if ckpt is None:
         return create_model(name, **overrides), "random initialisation"
@@ -152,11 +154,40 @@ def build_model(name: str, ckpt=None, weights: str = "ema", **overrides):
     return model, "FlexDiT state dict"
 
 
+def _build_latte(ckpt, weights: str, **overrides):
+    """A `FlexLatte` (class-conditional video FlexDiT on diffusers' Latte): random (overrides: FlexLatteConfig
+    fields, `transformer` a diffusers config dict), from a diffusers Latte folder (`from_pretrained`, local), or
+    from a `flexdit-finetune` checkpoint of one."""
+    from . import checkpoint
+    from .video import FlexLatte, FlexLatteConfig
+
+    if ckpt is None:
+        return FlexLatte(FlexLatteConfig(**overrides)), "random initialisation"
+    what = f"checkpoint {os.fspath(ckpt)!r}"
+    if os.path.isdir(ckpt):
+        import diffusers
+        try:
+            host = diffusers.LatteTransformer3DModel.from_pretrained(ckpt, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{what}: not a diffusers LatteTransformer3DModel folder ({e})") from None
+        host_config = {k: v for k, v in host.config.items() if not k.startswith("_")}
+        config = FlexLatteConfig(**{**overrides, "transformer": host_config})
+        return FlexLatte(config, host), "diffusers Latte"
+    obj = checkpoint.read_checkpoint(ckpt)
+    if not isinstance(obj, Mapping) or obj.get("arch") != "FlexLatte" or not isinstance(obj.get("config"), Mapping):
+        raise ValueError(f"{what} is not a FlexLatte checkpoint of flexdit-finetune")
+    key = weights if weights in obj else "model"
+    config = FlexLatteConfig.from_dict(obj["config"])
+    model = FlexLatte(config)
+    checkpoint.load_state_dict_strict(model, obj[key], what=what)
+    return model, f"FlexLatte checkpoint ({key} weights)"
+
+
 def model_config(model) -> tuple[str, dict]:
-    """("FlexDiT", config dict) or ("DiT", constructor kwargs): enough to rebuild the model."""
+    """("FlexDiT" or "FlexLatte", config dict) or ("DiT", constructor kwargs): enough to rebuild the model."""
     model = getattr(model, "module", model)
     if hasattr(model, "config"):
-        return "FlexDiT", model.config.to_dict()
+        return type(model).__name__ if type(model).__name__ == "FlexLatte" else "FlexDiT", model.config.to_dict()
     blk = model.blocks[0]
     hidden = model.pos_embed.shape[-1]
     return "DiT", dict(input_size=model.input_size if model.input_size[0] != model.input_size[1]

@@ -2,8 +2,9 @@
 
 Shard format: a folder of `*.npz` files (read in sorted name order), each holding
   `latents`  float16 or float32, (n, 4, h, w): VAE latents already multiplied by the VAE scaling factor (0.18215);
+             for video, (n, T, 4, h, w): T frames of latents per clip;
   `labels`   int64 (any integer dtype is accepted), (n,): class indices in [0, num_classes).
-Every shard must have the same (4, h, w). `python -m flexdit.data IMAGE_DIR OUT_DIR --vae VAE_DIR` writes shards from
+Every shard must have the same (4, h, w) (or (T, 4, h, w)). `python -m flexdit.data IMAGE_DIR OUT_DIR --vae VAE_DIR` writes shards from
 an ImageFolder tree (one sub-folder per class, classes sorted by name); it needs diffusers.
 """
 from __future__ import annotations
@@ -33,15 +34,16 @@ def write_shard(path, latents, labels) -> None:
 
 
 class LatentShards:
-    """All shards of a folder, checked and held in memory as one float16 tensor (N, C, h, w) and labels (N,).
+    """All shards of a folder, checked and held in memory as one float16 tensor (N, C, h, w) and labels (N,);
+    with `frames` (video), clips (N, frames, C, h, w).
 
     Raises ValueError, before any training, for: a missing or empty folder, a shard that cannot be read or lacks
-    `latents`/`labels`, latents not (n, channels, input_size, input_size), non-finite latents, labels that are not
-    integers, a labels/latents length mismatch, or labels outside [0, num_classes).
+    `latents`/`labels`, latents not (n, channels, input_size, input_size) (or (n, frames, channels, ...)), non-finite
+    latents, labels that are not integers, a labels/latents length mismatch, or labels outside [0, num_classes).
     """
 
     def __init__(self, root, channels: int = 4, input_size: int | tuple[int, int] | None = None,
-                 num_classes: int | None = None):
+                 num_classes: int | None = None, frames: int | None = None):
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"data: {root} is not a folder")
@@ -53,10 +55,13 @@ class LatentShards:
         latents, labels = [], []
         for f in files:
             lat, lab = self._read(f)
-            if lat.ndim != 4 or lat.shape[1] != channels:
+            if frames is None and (lat.ndim != 4 or lat.shape[1] != channels):
                 raise ValueError(f"data: {f.name}: latents must be (n, {channels}, h, w), got {lat.shape}")
-            if input_size is not None and tuple(lat.shape[2:]) != tuple(input_size):
-                raise ValueError(f"data: {f.name}: latents are {lat.shape[2]}x{lat.shape[3]}, "
+            if frames is not None and (lat.ndim != 5 or lat.shape[1:3] != (frames, channels)):
+                raise ValueError(f"data: {f.name}: video latents must be (n, {frames}, {channels}, h, w) "
+                                 f"(clips of {frames} frames), got {lat.shape}")
+            if input_size is not None and tuple(lat.shape[-2:]) != tuple(input_size):
+                raise ValueError(f"data: {f.name}: latents are {lat.shape[-2]}x{lat.shape[-1]}, "
                                  f"the model takes {input_size[0]}x{input_size[1]}")
             if latents and lat.shape[1:] != latents[0].shape[1:]:
                 raise ValueError(f"data: {f.name}: latent shape {lat.shape[1:]} differs from "
@@ -79,6 +84,7 @@ class LatentShards:
         if len(self.labels) == 0:
             raise ValueError(f"data: the shards in {root} hold no samples")
         self.files = files
+        self.frames = frames
 
     @staticmethod
     def _read(f: Path):
@@ -97,8 +103,10 @@ class LatentShards:
         return len(self.labels)
 
     def batch(self, indices: torch.Tensor, device=None, dtype=torch.float32):
-        """(latents (B, C, h, w) as dtype, labels (B,)) for sample indices."""
+        """(latents (B, C, h, w), or clips (B, C, T, h, w), as dtype, labels (B,)) for sample indices."""
         x = self.latents[indices].to(device=device, dtype=dtype)
+        if self.frames is not None:
+            x = x.permute(0, 2, 1, 3, 4)                                 # (B, T, C, h, w) -> (B, C, T, h, w)
         return x, self.labels[indices].to(device)
 
 
@@ -107,9 +115,10 @@ class LatentShards:
 # ---------------------------------------------------------------------------------------------------------------
 
 def synthetic_latents(n: int, num_classes: int = 4, size: int = 16, channels: int = 4, seed: int = 0,
-                      noise: float = 0.05):
+                      noise: float = 0.05, frames: int | None = None):
     """n structured latents (n, channels, size, size) float32 and labels (n,): class c is a 2-D grating whose
     orientation and frequency depend on c, with a per-channel amplitude pattern, random phase and a little noise.
+    With `frames`, clips (n, frames, channels, size, size) of a grating drifting by a class-dependent step per frame.
     Values stay roughly in [-1, 1]. Seeded (a torch.Generator), so the same seed gives the same arrays."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, num_classes, (n,), generator=g)
@@ -119,11 +128,14 @@ def synthetic_latents(n: int, num_classes: int = 4, size: int = 16, channels: in
     freq = 1.0 + (labels % 2).float()                                            # 1 or 2 periods per image
     phase = torch.rand(n, generator=g) * 2 * torch.pi
     proj = torch.cos(angle)[:, None, None] * xx + torch.sin(angle)[:, None, None] * yy
-    wave = torch.sin(2 * torch.pi * freq[:, None, None] * proj + phase[:, None, None])   # (n, size, size)
     ch = torch.arange(channels, dtype=torch.float32)
     amp = torch.cos(ch[None, :] * (1.0 + labels.float()[:, None]))              # (n, channels), class-dependent
-    x = amp[:, :, None, None] * wave[:, None] * 0.8
+    steps = torch.arange(frames or 1, dtype=torch.float32)                       # (T,)
+    drift = phase[:, None] + steps[None] * (0.3 + 0.2 * labels.float()[:, None])   # (n, T)
+    wave = torch.sin(2 * torch.pi * freq[:, None, None, None] * proj[:, None] + drift[:, :, None, None])
+    x = amp[:, None, :, None, None] * wave[:, :, None] * 0.8                     # (n, T, channels, size, size)
     x = x + noise * torch.randn(x.shape, generator=g)
+    x = x if frames else x[:, 0]
     return x.numpy().astype(np.float32), labels.numpy().astype(np.int64)
 
 

@@ -169,7 +169,9 @@ def read_resume_state(path) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="flexdit-finetune", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="FlexDiT-XL/2", help="registry name (FlexDiT-XL/2; DiT-* trains a dense DiT)")
+    p.add_argument("--model", default="FlexDiT-XL/2",
+                   help="registry name (FlexDiT-XL/2; DiT-* trains a dense DiT), or FlexLatte: class-conditional "
+                        "video on diffusers' Latte, trained on (n, T, C, H, W) clip shards (needs diffusers)")
     p.add_argument("--model-args", default=None, help="JSON object of config overrides (tiny models, layer plans)")
     p.add_argument("--init", default=None,
                    help="dense DiT checkpoint (converted by the mapping) or FlexDiT checkpoint; none: random")
@@ -250,7 +252,7 @@ def _train(args, ctx: DistContext):
 
         # --- data, checked before anything trains ---
         data = LatentShards(args.data, channels=model.in_channels, input_size=model.input_size,
-                            num_classes=config["num_classes"])
+                            num_classes=config["num_classes"], frames=getattr(model, "frames", None))
         schedule = schedule_from_args(args, model, default_rates=DEFAULT_RATES)
         if state is not None and state.get("schedule") and schedule is not None \
                 and tuple(state["schedule"]["grids"]) != schedule.grids:
