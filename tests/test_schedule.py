@@ -1,4 +1,4 @@
-"""DensitySchedule: REFERENCE §3's table, stage boundaries, validation, and training draws."""
+"""DensitySchedule: the paper's operating points, stage boundaries, validation, and training draws."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from flexdit.schedule import DensitySchedule
 
 
-# Every operating point of REFERENCE §3 comes out exactly (the "approximately" for 512², [0.61, 0.86] is not needed:
+# Every operating point of the paper comes out exactly (the "approximately" for 512², [0.61, 0.86] is not needed:
 # √(1024·(1 − r_k)) = 19.98, 17.72, 15.12, 11.97 round to 20, 18, 15, 12).
 @pytest.mark.parametrize("token_side, r_min, r_max, expected", [
     (16, 0.61, 0.86, (10, 9, 8, 6)),     # 256², N = 256

@@ -1,4 +1,4 @@
-"""MAC accounting (flexdit.flops) against REFERENCE §5–6, counted on the meta device (no memory, no compute)."""
+"""MAC accounting (flexdit.flops) against the paper's counts, on the meta device (no memory, no compute)."""
 import functools
 import sys
 
@@ -37,7 +37,7 @@ def _flex_macs(latent, grid, name="DiT-XL/2"):
 def test_dit_xl2_matches_paper(image, paper_gmacs):
     result = _dense_macs(image // 8)
     assert result.total / 1e9 == pytest.approx(paper_gmacs, rel=5e-3)
-    # REFERENCE §6: per block 12·C²·N (linears) + 2·N²·C (attention), 28 blocks; the rest is < 0.2%.
+    # Per block 12·C²·N (linears) + 2·N²·C (attention), 28 blocks; the rest is < 0.2%.
     n = (image // 16) ** 2
     assert result.total == pytest.approx(28 * (12 * C * C * n + 2 * n * n * C), rel=3e-3)
     assert not result.unsupported
@@ -46,7 +46,7 @@ def test_dit_xl2_matches_paper(image, paper_gmacs):
 
 
 def test_flexdit_xl2_512_grid8_matches_reference():
-    """REFERENCE §6: ≈ 223 G with W1 before the upsampling and the Poolingformer's V/proj on the token mean."""
+    """≈ 223 G with W1 before the upsampling and the Poolingformer's V/proj on the token mean."""
     result = _flex_macs(64, 8)
     assert result.total / 1e9 == pytest.approx(223.0, rel=1e-2)
     assert not result.unsupported
