@@ -15,7 +15,7 @@ import torch
 
 from . import gates
 from . import sample as sample_suite
-from .common import DTYPES, Results, env_tags, has_gpu, write_csv, write_json
+from .common import DTYPES, Results, env_tags, has_gpu, positive_int, write_csv, write_json
 
 SUBCOMMANDS = ("kernels", "model", "sample", "sanitize")
 PROG = "python -m bench"
@@ -25,16 +25,6 @@ MODEL_DEFAULTS = {"model": ("DiT-XL/2", "DiT-S/2"), "image_size": (512, 256), "b
                   "dtype": ("bf16", "fp32"), "grid": (8, 8)}
 SAMPLE_DEFAULTS = sample_suite.DEFAULTS
 KERNEL_DEFAULTS = {"dtype": ("bf16", "fp32")}
-
-
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
 
 
 def _fraction(text):
@@ -93,13 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: the GPU when present; cpu: a small reference-path run (indicative only)")
     g.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="bf16 / fp16 (autocast for models) or fp32 (default: bf16 on a GPU, fp32 on the CPU)")
-    g.add_argument("--repeats", type=_positive_int, default=None, help="timed calls on the CPU / sampling loops")
+    g.add_argument("--repeats", type=positive_int, default=None, help="timed calls on the CPU / sampling loops")
     g.add_argument("--json", metavar="PATH", help="write long-format rows (one measurement each) as JSON")
     g.add_argument("--csv", metavar="PATH", help="write the same rows as CSV")
     g.add_argument("--write-baseline", metavar="PATH",
                    help="write the speed ratios as a baseline file: the run is repeated --baseline-runs times and the "
                         "medians are written, unless the ratios or timings spread too much (exit 2)")
-    g.add_argument("--baseline-runs", type=_positive_int, default=gates.DEFAULT_RUNS,
+    g.add_argument("--baseline-runs", type=positive_int, default=gates.DEFAULT_RUNS,
                    help="runs measured for --write-baseline (default %(default)s)")
     g.add_argument("--max-spread", type=_positive_fraction, default=gates.DEFAULT_MAX_SPREAD,
                    help="noise guard of --write-baseline: largest (max - min) / median of a ratio over the runs; a "
@@ -135,8 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "patched in place: pixart-alpha, diffusers-dit, latte (16-frame clips; needs diffusers)")
     m.add_argument("--image-size", type=int, choices=(256, 512, 1024), default=None,
                    help="pixels; latent = image/8")
-    m.add_argument("--batch-size", type=_positive_int, default=None)
-    m.add_argument("--grid", type=_positive_int, default=None, help="FlexDiT sparse grid side G (default 8)")
+    m.add_argument("--batch-size", type=positive_int, default=None)
+    m.add_argument("--grid", type=positive_int, default=None, help="FlexDiT sparse grid side G (default 8)")
     m.add_argument("--mode", choices=("eager", "compile", "cuda-graph"), default="eager",
                    help="compile: torch.compile (compile time reported apart); cuda-graph: replay (CUDA only)")
     m.add_argument("--profile", action="store_true",

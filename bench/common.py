@@ -1,4 +1,5 @@
 """Shared pieces of the harness: environment tags, timers, measured ceilings, result rows, table/JSON/CSV output."""
+import argparse
 import csv
 import json
 import math
@@ -13,6 +14,17 @@ import torch
 QUANTILES = (0.5, 0.2, 0.8)  # median, 20th and 80th percentile
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def positive_int(text):
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import flexdit_kernels as fk
 from flexdit import DensitySchedule
 from flexdit.diffusion import CudaGraphDenoiser, create_diffusion, grid_steps, sample_latents
 
-from .common import Results, bench_fn, format_table, synchronize
+from .common import Results, bench_fn, format_table, positive_int, synchronize
 from .model import _autocast, build_models
 
 MODES = ("eager", "compile", "cuda-graph")
@@ -35,28 +35,18 @@ PAPER_RATES = {512: (0.90, 0.96), 256: (0.61, 0.86)}
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `sample` sub-command's own options (the shared --device/--dtype/--repeats/--json ... come from the
     parent parser)."""
     parser.add_argument("--model", default=None, help="dense registry name (default DiT-XL/2; DiT-S/4 on the CPU)")
     parser.add_argument("--image-size", type=int, choices=(256, 512), default=None,
                         help="pixels; latent = image/8 (default 512; 256 on the CPU)")
-    parser.add_argument("--batch-size", type=_positive_int, default=None,
+    parser.add_argument("--batch-size", type=positive_int, default=None,
                         help="images per run (the model sees 2x: guidance); default 8, 1 on the CPU")
     parser.add_argument("--sampler", choices=("ddim", "ddpm", "both"), default=None,
                         help="chain(s) to time: ddim (50 steps), ddpm (250 steps) or both (the GPU default; "
                              f"the CPU runs ddim with {CPU_STEPS} steps)")
-    parser.add_argument("--steps", type=_positive_int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=None,
                         help="steps of every chain timed (default: 50 DDIM, 250 DDPM; 3 on the CPU)")
     parser.add_argument("--modes", default=None,
                         help=f"comma-separated execution modes out of {', '.join(MODES)}: eager; compile "
