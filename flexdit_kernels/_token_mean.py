@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import opaque_call, use_kernel
-from ._validate import check_kernel_device, fits_int32, mean_args, mean_backward_args, sm_count
+from ._validate import cdiv, check_kernel_device, fits_int32, mean_args, mean_backward_args, next_pow2, sm_count
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,16 +142,16 @@ _COMBINE_BLOCK_C = 256
 
 def _blocks(n_tokens: int, n_channels: int) -> Tuple[int, int, int]:
     """(BLOCK_N, BLOCK_C, num_warps) for whole channel rows."""
-    block_c = max(16, triton.next_power_of_2(n_channels))
-    block_n = max(1, min(_TILE // block_c, triton.next_power_of_2(n_tokens), 64))
+    block_c = max(16, next_pow2(n_channels))
+    block_n = max(1, min(_TILE // block_c, next_pow2(n_tokens), 64))
     return block_n, block_c, 8 if block_c >= 1024 else 4
 
 
 def _run(n_tokens: int, n_batch: int, block_n: int, programs_per_sm: int, device: torch.device) -> int:
     """Tokens per program: up to _MAX_RUN, a multiple of block_n, halved while the grid is too small."""
-    run = max(block_n, min(_MAX_RUN, triton.next_power_of_2(n_tokens)))
+    run = max(block_n, min(_MAX_RUN, next_pow2(n_tokens)))
     target = programs_per_sm * sm_count(device)
-    while run > block_n and n_batch * triton.cdiv(n_tokens, run) < target:
+    while run > block_n and n_batch * cdiv(n_tokens, run) < target:
         run //= 2
     return run
 
@@ -163,7 +163,7 @@ def _token_mean_fwd(x: torch.Tensor, eps: float) -> torch.Tensor:
         return out
     block_n, block_c, num_warps = _blocks(n, c)
     run = _run(n, b, block_n, _FWD_PROGRAMS_PER_SM, x.device)
-    n_runs = triton.cdiv(n, run)
+    n_runs = cdiv(n, run)
     idx64 = not fits_int32(x)
     if n_runs == 1:
         _token_mean_fwd_kernel[(1, b)](
@@ -181,8 +181,8 @@ def _token_mean_fwd(x: torch.Tensor, eps: float) -> torch.Tensor:
         BLOCK_N=block_n, BLOCK_C=block_c, FINAL=False, IDX64=idx64, num_warps=num_warps,
     )
     combine_c = min(_COMBINE_BLOCK_C, block_c)
-    block_k = max(1, min(triton.next_power_of_2(n_runs), 4096 // combine_c))
-    _token_mean_combine_kernel[(triton.cdiv(c, combine_c), b)](
+    block_k = max(1, min(next_pow2(n_runs), 4096 // combine_c))
+    _token_mean_combine_kernel[(cdiv(c, combine_c), b)](
         partial, out, n_runs, n, c,
         partial.stride(0), partial.stride(1),
         out.stride(0), out.stride(1),
@@ -198,7 +198,7 @@ def _token_mean_bwd(grad_out: torch.Tensor, x: torch.Tensor, eps: float) -> torc
         return dx
     block_n, block_c, num_warps = _blocks(n, c)
     run = _run(n, b, block_n, _BWD_PROGRAMS_PER_SM, x.device)
-    _token_mean_bwd_kernel[(triton.cdiv(n, run), b)](
+    _token_mean_bwd_kernel[(cdiv(n, run), b)](
         grad_out, x, dx, n, c, run, eps,
         grad_out.stride(0), grad_out.stride(1),
         x.stride(0), x.stride(1), x.stride(2),
@@ -227,8 +227,8 @@ def token_mean_bwd(grad_out: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -
 # ----------------------------------------------------------------------------------------------------------------
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
-# As in _token_pool: eager calls take `_TokenMeanFunction` (or no autograd when x needs no gradient); compilers,
-# tracers, dispatch modes and meta tensors see the custom op `flexdit::token_mean`.
+# As in _token_pool: compilers, tracers, dispatch modes and meta tensors see the custom op `flexdit::token_mean`;
+# eager calls take `_forward` (no gradient needed), the reference (both directions on it) or `_TokenMeanFunction`.
 
 def _forward(x: torch.Tensor, eps: float) -> torch.Tensor:
     b, n, c = x.shape
@@ -302,9 +302,12 @@ def token_mean(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     eps = mean_args(x, eps)
     if opaque_call(x):
         return _token_mean_op(x, eps)
-    if x.requires_grad and torch.is_grad_enabled():
-        return _TokenMeanFunction.apply(x, eps)
-    return _forward(x, eps)
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return _forward(x, eps)
+    shape = dict(batch=x.shape[0], tokens=x.shape[1], channels=x.shape[2])
+    if not (use_kernel("token_mean", x, **shape) or use_kernel("token_mean_backward", x, **shape)):
+        return token_mean_ref(x, eps)             # the reference both ways: PyTorch's autograd, no wrapper
+    return _TokenMeanFunction.apply(x, eps)
 
 
 # ----------------------------------------------------------------------------------------------------------------

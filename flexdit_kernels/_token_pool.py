@@ -7,7 +7,8 @@ import triton
 import triton.language as tl
 
 from ._dispatch import opaque_call, use_kernel
-from ._validate import check_kernel_device, fits_int32, pool_args, pool_backward_args, sm_count
+from ._validate import (cdiv, check_kernel_device, fits_int32, next_pow2, pool_args, pool_backward_args,
+                        sm_count)
 
 Grid = Union[int, Sequence[int]]
 
@@ -154,16 +155,16 @@ def channel_block(n_channels: int) -> Tuple[int, bool]:
     elif n_channels >= 128:
         block = 128
     else:
-        block = max(16, triton.next_power_of_2(n_channels))
+        block = max(16, next_pow2(n_channels))
     return block, n_channels % block == 0
 
 
 def token_run(n_tokens: int, block_n: int, programs_per_token: int, device: torch.device) -> int:
     """Tokens per program for the token-parallel kernels: up to _MAX_RUN, a multiple of block_n, halved while the
     grid (programs_per_token programs per run) has fewer than _PROGRAMS_PER_SM programs per SM."""
-    run = max(block_n, min(_MAX_RUN, triton.next_power_of_2(n_tokens)))
+    run = max(block_n, min(_MAX_RUN, next_pow2(n_tokens)))
     target = _PROGRAMS_PER_SM * sm_count(device)
-    while run > block_n and programs_per_token * triton.cdiv(n_tokens, run) < target:
+    while run > block_n and programs_per_token * cdiv(n_tokens, run) < target:
         run //= 2
     return run
 
@@ -179,8 +180,8 @@ def _token_pool_fwd(x: torch.Tensor, h: int, w: int, gh: int, gw: int) -> torch.
     if out.numel() == 0:
         return out
     block_c, even_c = channel_block(c)
-    block_t = max(1, min(triton.next_power_of_2(_max_window(h, gh) * _max_window(w, gw)), _TILE // block_c))
-    _token_pool_fwd_kernel[(triton.cdiv(c, block_c), gh, b)](
+    block_t = max(1, min(next_pow2(_max_window(h, gh) * _max_window(w, gw)), _TILE // block_c))
+    _token_pool_fwd_kernel[(cdiv(c, block_c), gh, b)](
         x, out, h, w, gh, gw, c,
         x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
@@ -196,10 +197,10 @@ def _token_pool_bwd(grad_out: torch.Tensor, h: int, w: int, gh: int, gw: int) ->
     if dx.numel() == 0:
         return dx
     block_c, even_c = channel_block(c)
-    block_n = min(_TILE // block_c, triton.next_power_of_2(n))
-    c_blocks = triton.cdiv(c, block_c)
+    block_n = min(_TILE // block_c, next_pow2(n))
+    c_blocks = cdiv(c, block_c)
     run = token_run(n, block_n, b * c_blocks, grad_out.device)
-    _token_pool_bwd_kernel[(c_blocks, triton.cdiv(n, run), b)](
+    _token_pool_bwd_kernel[(c_blocks, cdiv(n, run), b)](
         grad_out, dx, h, w, gh, gw, n, c, run,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dx.stride(0), dx.stride(1), dx.stride(2),
@@ -225,9 +226,10 @@ def token_pool_bwd(grad_out: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor
 # ----------------------------------------------------------------------------------------------------------------
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
-# Plain eager calls take `_TokenPoolFunction` (or no autograd at all when no input needs a gradient); torch.compile,
-# torch.jit.trace (fvcore), dispatch modes and meta tensors see the custom op `flexdit::token_pool`, one opaque node.
-# Both run the same `_forward` / `_backward`, which pick the kernel or the reference per shape.
+# torch.compile, torch.jit.trace (fvcore), dispatch modes and meta tensors see the custom op `flexdit::token_pool`,
+# one opaque node. Plain eager calls skip its dispatcher (tens of microseconds a call): `_forward` straight away when
+# no input needs a gradient, the reference with PyTorch's own autograd when both directions run the reference, else
+# `_TokenPoolFunction`. All of them run the same `_forward` / `_backward`, which pick kernel or reference per shape.
 
 def _forward(x: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
     (h, w), (gh, gw) = hw, grid
@@ -302,9 +304,12 @@ def token_pool(x: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
     hw, grid = pool_args(x, hw, grid)
     if opaque_call(x):
         return _token_pool_op(x, list(hw), list(grid))
-    if x.requires_grad and torch.is_grad_enabled():
-        return _TokenPoolFunction.apply(x, hw, grid)
-    return _forward(x, hw, grid)
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return _forward(x, hw, grid)
+    shape = dict(batch=x.shape[0], tokens=x.shape[1], sparse=grid[0] * grid[1], channels=x.shape[2])
+    if not (use_kernel("token_pool", x, **shape) or use_kernel("token_pool_backward", x, **shape)):
+        return token_pool_ref(x, hw, grid)        # the reference both ways: PyTorch's autograd, no wrapper
+    return _TokenPoolFunction.apply(x, hw, grid)
 
 
 # ----------------------------------------------------------------------------------------------------------------

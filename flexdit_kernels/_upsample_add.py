@@ -8,7 +8,7 @@ import triton.language as tl
 
 from ._dispatch import opaque_call, use_kernel
 from ._token_pool import Grid, _channel_offsets, _rect_sum, channel_block, token_run
-from ._validate import check_kernel_device, fits_int32, upsample_args, upsample_backward_args
+from ._validate import cdiv, check_kernel_device, fits_int32, next_pow2, upsample_args, upsample_backward_args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -98,10 +98,10 @@ def _upsample_add_fwd(sparse: torch.Tensor, dense: torch.Tensor, h: int, w: int,
     if out.numel() == 0:
         return out
     block_c, even_c = channel_block(c)
-    block_n = min(_TILE // block_c, triton.next_power_of_2(n))
-    c_blocks = triton.cdiv(c, block_c)
+    block_n = min(_TILE // block_c, next_pow2(n))
+    c_blocks = cdiv(c, block_c)
     run = token_run(n, block_n, b * c_blocks, dense.device)
-    _upsample_add_fwd_kernel[(c_blocks, triton.cdiv(n, run), b)](
+    _upsample_add_fwd_kernel[(c_blocks, cdiv(n, run), b)](
         sparse, dense, out, h, w, gh, gw, n, c, run,
         sparse.stride(0), sparse.stride(1), sparse.stride(2),
         dense.stride(0), dense.stride(1), dense.stride(2),
@@ -120,8 +120,8 @@ def _upsample_add_bwd(grad_out: torch.Tensor, h: int, w: int, gh: int, gw: int) 
     block_c, even_c = channel_block(c)
     # Children rectangles have sides ceil(size/G) or floor(size/G): take the largest area.
     max_area = -(-h // gh) * -(-w // gw)
-    block_t = max(1, min(triton.next_power_of_2(max_area), _TILE // block_c))
-    _upsample_add_bwd_kernel[(triton.cdiv(c, block_c), gh, b)](
+    block_t = max(1, min(next_pow2(max_area), _TILE // block_c))
+    _upsample_add_bwd_kernel[(cdiv(c, block_c), gh, b)](
         grad_out, ds, h, w, gh, gw, c,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         ds.stride(0), ds.stride(1), ds.stride(2),
@@ -149,8 +149,8 @@ def upsample_add_bwd(grad_out: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tens
 # ----------------------------------------------------------------------------------------------------------------
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
-# As in _token_pool: eager calls take `_UpsampleAddFunction` (or no autograd when no input needs a gradient);
-# compilers, tracers, dispatch modes and meta tensors see the custom op `flexdit::upsample_add`.
+# As in _token_pool: compilers, tracers, dispatch modes and meta tensors see the custom op `flexdit::upsample_add`;
+# eager calls take `_forward` (no gradient needed), the reference (both directions on it) or `_UpsampleAddFunction`.
 
 def _forward(sparse: torch.Tensor, dense: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
     (h, w), (gh, gw) = hw, grid
@@ -227,9 +227,12 @@ def upsample_add(sparse: torch.Tensor, dense: torch.Tensor, hw: Grid, grid: Grid
     hw, grid = upsample_args(sparse, dense, hw, grid)
     if opaque_call(sparse, dense):
         return _upsample_add_op(sparse, dense, list(hw), list(grid))
-    if (sparse.requires_grad or dense.requires_grad) and torch.is_grad_enabled():
-        return _UpsampleAddFunction.apply(sparse, dense, hw, grid)
-    return _forward(sparse, dense, hw, grid)
+    if not ((sparse.requires_grad or dense.requires_grad) and torch.is_grad_enabled()):
+        return _forward(sparse, dense, hw, grid)
+    shape = dict(batch=dense.shape[0], tokens=dense.shape[1], sparse=grid[0] * grid[1], channels=dense.shape[2])
+    if not (use_kernel("upsample_add", sparse, dense, **shape) or use_kernel("upsample_add_backward", dense, **shape)):
+        return upsample_add_ref(sparse, dense, hw, grid)    # the reference both ways: PyTorch's autograd
+    return _UpsampleAddFunction.apply(sparse, dense, hw, grid)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -137,10 +137,24 @@ def fits_int32(*tensors: torch.Tensor) -> bool:
     """Whether every element offset inside one batch entry (dim 0) of each tensor fits in int32: then the kernels
     do their index math in int32 on an int64 batch base."""
     for t in tensors:
-        span = sum((s - 1) * abs(st) for s, st in zip(t.shape[1:], t.stride()[1:]) if s > 0)
+        if t.is_contiguous() and t.numel() < 2**31:
+            continue
+        span = 0
+        for size, stride in zip(t.shape[1:], t.stride()[1:]):
+            span += (size - 1) * abs(stride) if size > 0 else 0
         if span >= 2**31:
             return False
     return True
+
+
+# Plain-int forms of triton.cdiv / triton.next_power_of_2, which are far slower to call from Python (they unwrap
+# constexprs) and run on every launch.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 _SM_COUNTS = {}
