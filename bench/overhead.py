@@ -2,13 +2,15 @@
 upsample_add, forward and forward+backward.
 
 Tiny fp32 CPU tensors (B=2, 8x8 tokens, G=4, C=16), one intra-op thread, so the numbers are Python and dispatcher
-time, not arithmetic. Each timing is the best of `--repeats` means over `--calls` calls. Two paths:
+time, not arithmetic. Each timing is the best of `--repeats` means over `--calls` calls, in CPU time of the calling
+thread (so that other processes on a shared machine do not inflate it). Two paths:
 - "reference": the public op on the CPU (backend "auto" without the interpreter runs each op's `*_ref`) against
   the `*_ref` called directly (forward: the bare call; forward+backward: `ref(x).backward(g)` through autograd).
   The difference is what validation, dispatch and the autograd wrapper cost.
 - "triton-stub": the Triton path with every kernel launch (`kernel[grid](...)`) replaced by a no-op, against the
-  same stubbed launchers called directly (forward: `_fwd`; forward+backward: `_fwd` then `_bwd`). The difference is
-  what the op adds on top of its launchers on a GPU; Triton's own launch cost is in neither (it needs a GPU).
+  same stubbed launchers called directly (forward: `_fwd`; forward+backward: a bare `torch.autograd.Function` that
+  runs `_fwd` and `_bwd` and nothing else, `.backward(g)` through the engine). The difference is what validation,
+  dispatch and the op's wrapper add on top of its launchers; Triton's own launch cost is in neither (needs a GPU).
 Rows: suite "overhead", case "<op> <mode>", impl the path, metrics "us" (the op), "baseline_us", "overhead_us".
 """
 import argparse
@@ -26,15 +28,33 @@ HW, GRID, B, C = (8, 8), (4, 4), 2, 16
 
 
 def _best_mean_us(fn: Callable[[], object], calls: int, repeats: int) -> float:
+    """Best of `repeats` means over `calls` calls, in CPU time of the calling thread (intra-op threads are set to
+    one), so other processes on a shared machine do not count."""
     for _ in range(max(10, calls // 10)):
         fn()
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.thread_time_ns()
         for _ in range(calls):
             fn()
-        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+        best = min(best, (time.thread_time_ns() - t0) / calls / 1e3)
     return best
+
+
+def _bare_function(fwd, bwd):
+    """The least an autograd-capable call of the launchers costs: a Function that runs them and nothing else."""
+    class Bare(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            ctx.inputs = inputs
+            return fwd(*inputs)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            bwd(grad_out, *ctx.inputs)
+            return (None,) * len(ctx.inputs)
+
+    return Bare.apply
 
 
 class _NoLaunch:
@@ -133,9 +153,10 @@ def run(args, results: Results, device: torch.device = torch.device("cpu")) -> L
                                      _best_mean_us(lambda: call(*inputs), calls, repeats),
                                      _best_mean_us(lambda: fwd(*inputs), calls, repeats))
 
+                bare = _bare_function(fwd, bwd)
+
                 def launchers_fb():
-                    fwd(*inputs)
-                    bwd(grad_out, *inputs)
+                    bare(*leaves).backward(grad_out)
 
                 rows += _measure(results, op, "triton-stub", "fwd+bwd", _best_mean_us(op_fb, calls // 4, repeats),
                                  _best_mean_us(launchers_fb, calls // 4, repeats))
