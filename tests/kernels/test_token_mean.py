@@ -148,11 +148,19 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("fn", [token_mean, mod.token_mean_fwd], ids=["public", "launcher"])
+@pytest.mark.parametrize("fn", [token_mean, mod.token_mean_fwd, token_mean_ref], ids=["public", "launcher", "ref"])
 @pytest.mark.parametrize("what, call, name", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
 def test_bad_input_raises(fn, what, call, name):
     with pytest.raises(ValueError, match=name):
         call(fn)
+
+
+def test_backward_ref_checks_its_arguments():
+    x = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        token_mean_backward_ref(torch.randn(2, 7), x)
+    with pytest.raises(ValueError, match="eps"):
+        token_mean_backward_ref(torch.randn(2, 8), x, 0.0)
 
 
 def test_launchers_bad_device_and_grad():

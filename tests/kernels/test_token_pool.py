@@ -139,11 +139,22 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("fn", [token_pool, mod.token_pool_fwd], ids=["public", "launcher"])
+@pytest.mark.parametrize("fn", [token_pool, mod.token_pool_fwd, token_pool_ref], ids=["public", "launcher", "ref"])
 @pytest.mark.parametrize("what, call, name", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
 def test_bad_input_raises(fn, what, call, name):
     with pytest.raises(ValueError, match=name):
         call(fn)
+
+
+def test_refs_take_the_ops_arguments():
+    """An int grid and hw work for the references as for the op; their backward checks the gradient's tokens."""
+    x = torch.randn(2, 64, 8)
+    torch.testing.assert_close(token_pool_ref(x, 8, 4), token_pool_ref(x, (8, 8), (4, 4)))
+    assert token_pool_ref(x, 8, 4).shape == (2, 16, 8)
+    with pytest.raises(ValueError, match="grad_out has 15 tokens"):
+        token_pool_backward_ref(torch.randn(1, 15, 8), (8, 8), 4)
+    with pytest.raises(ValueError, match="grid"):
+        token_pool_backward_ref(torch.randn(1, 81, 8), 8, 9)
 
 
 def test_launcher_bad_device_and_grad_shape():

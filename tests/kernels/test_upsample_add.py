@@ -155,11 +155,23 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("fn", [upsample_add, mod.upsample_add_fwd], ids=["public", "launcher"])
+@pytest.mark.parametrize("fn", [upsample_add, mod.upsample_add_fwd, upsample_add_ref],
+                         ids=["public", "launcher", "ref"])
 @pytest.mark.parametrize("what, call, name", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
 def test_bad_input_raises(fn, what, call, name):
     with pytest.raises(ValueError, match=name):
         call(fn)
+
+
+def test_refs_take_the_ops_arguments():
+    """An int grid and hw work for the references as for the op; their backward checks its arguments too."""
+    sparse, dense = torch.randn(2, 16, 8), torch.randn(2, 64, 8)
+    torch.testing.assert_close(upsample_add_ref(sparse, dense, 8, 4), upsample_add_ref(sparse, dense, (8, 8), (4, 4)))
+    torch.testing.assert_close(upsample_add_backward_ref(dense, 8, 4), upsample_add_backward_ref(dense, (8, 8), (4, 4)))
+    with pytest.raises(ValueError, match="hw"):
+        upsample_add_backward_ref(torch.randn(1, 60, 8), (8, 8), 4)
+    with pytest.raises(ValueError, match="grid"):
+        upsample_add_backward_ref(torch.randn(1, 64, 8), 8, 9)
 
 
 def test_bwd_launcher_bad_input():
