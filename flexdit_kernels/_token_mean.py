@@ -131,10 +131,12 @@ def _token_mean_bwd_kernel(
 # NOTE: tile sizes are unmeasured on a GPU. The reasoning: whole rows in registers (C = 1152 -> BLOCK_C = 2048,
 # the masked lanes load nothing) in tiles of at most 8192 elements, 32 fp32 per thread on 8 warps (4 token rows at
 # C = 1152); a run of up to 128 tokens per program (295 KB of x at C = 1152 in bf16), shrunk while the grid has
-# fewer programs than the forward's 2 or the backward's 4 per SM. The forward's fp32 partial row per run (4*C bytes)
-# is at most 1/8 of the x it sums (runs of >= 4 tokens at 2 bytes); one run per batch entry skips the combine.
+# fewer programs than the forward's 2 or the backward's 4 per SM. The forward keeps runs of at least 8 tokens, so
+# its fp32 partial row per run (4*C bytes) is at most a quarter of the bf16 x it sums; one run per batch entry skips
+# the combine.
 _TILE = 8192
 _MAX_RUN = 128
+_MIN_FWD_RUN = 8
 _FWD_PROGRAMS_PER_SM = 2
 _BWD_PROGRAMS_PER_SM = 4
 _COMBINE_BLOCK_C = 256
@@ -147,11 +149,11 @@ def _blocks(n_tokens: int, n_channels: int) -> Tuple[int, int, int]:
     return block_n, block_c, 8 if block_c >= 1024 else 4
 
 
-def _run(n_tokens: int, n_batch: int, block_n: int, programs_per_sm: int, device: torch.device) -> int:
-    """Tokens per program: up to _MAX_RUN, a multiple of block_n, halved while the grid is too small."""
-    run = max(block_n, min(_MAX_RUN, next_pow2(n_tokens)))
+def _run(n_tokens: int, n_batch: int, min_run: int, programs_per_sm: int, device: torch.device) -> int:
+    """Tokens per program: up to _MAX_RUN, at least min_run (a power of two), halved while the grid is too small."""
+    run = max(min_run, min(_MAX_RUN, next_pow2(n_tokens)))
     target = programs_per_sm * sm_count(device)
-    while run > block_n and n_batch * cdiv(n_tokens, run) < target:
+    while run > min_run and n_batch * cdiv(n_tokens, run) < target:
         run //= 2
     return run
 
@@ -162,7 +164,7 @@ def _token_mean_fwd(x: torch.Tensor, eps: float) -> torch.Tensor:
     if b == 0:
         return out
     block_n, block_c, num_warps = _blocks(n, c)
-    run = _run(n, b, block_n, _FWD_PROGRAMS_PER_SM, x.device)
+    run = _run(n, b, max(block_n, _MIN_FWD_RUN), _FWD_PROGRAMS_PER_SM, x.device)
     n_runs = cdiv(n, run)
     idx64 = not fits_int32(x)
     if n_runs == 1:

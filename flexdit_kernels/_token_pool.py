@@ -55,22 +55,26 @@ def _rect_sum(base, r0, r1, c0, c1, w, stride_n, stride_c, offs_c, mask_c,
 @triton.jit
 def _token_pool_fwd_kernel(
     X, OUT,
-    h, w, grid_h, grid_w, n_channels,
+    h, w, grid_h, grid_w, n_channels, windows_per_program,
     stride_x_b, stride_x_n, stride_x_c,
     stride_out_b, stride_out_m, stride_out_c,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, IDX64: tl.constexpr,
 ):
-    """Program (channel block, window row i, batch): the G_w windows of row i, one after the other; together they
-    read the band of token rows floor(i*h/G_h) .. ceil((i+1)*h/G_h) - 1 once (tens of KB at DiT sizes)."""
+    """Program (channel block, run of windows_per_program windows of window row i, batch), one window after the
+    other. With the whole row (large grids) a program reads the band of token rows floor(i*h/G_h) ..
+    ceil((i+1)*h/G_h) - 1 once, tens of KB at DiT sizes; small grids split rows so that the GPU stays busy."""
     offs_c, mask_c = _channel_offsets(tl.program_id(0), n_channels, BLOCK_C, EVEN_C)
-    i = tl.program_id(1)
+    n_runs = (grid_w + windows_per_program - 1) // windows_per_program
+    i = tl.program_id(1) // n_runs
+    j_start = (tl.program_id(1) % n_runs) * windows_per_program
+    j_end = tl.minimum(j_start + windows_per_program, grid_w)
     b = tl.program_id(2).to(tl.int64)
     x_base = X + b * stride_x_b
     out_base = OUT + b * stride_out_b
     # AdaptiveAvgPool2d window: [floor(i*h/G), ceil((i+1)*h/G)) on each axis.
     r0 = (i * h) // grid_h
     r1 = ((i + 1) * h + grid_h - 1) // grid_h
-    for j in range(0, grid_w):
+    for j in range(j_start, j_end):
         c0 = (j * w) // grid_w
         c1 = ((j + 1) * w + grid_w - 1) // grid_w
         total = _rect_sum(x_base, r0, r1, c0, c1, w, stride_x_n, stride_x_c, offs_c, mask_c,
@@ -139,9 +143,9 @@ def _token_pool_bwd_kernel(
 
 # NOTE: tile sizes are unmeasured on a GPU. The reasoning: a channel block of 256 (or 128, so that C = 1152 is 9
 # whole blocks) is 256-512 B of one token row in bf16, whole 32-B sectors, read as 16-B vectors; tiles of at most
-# 4096 elements keep 4 warps at 32 fp32 accumulators per thread; a program moves a band of token rows (forward) or
-# up to 128 tokens (backward), tens of KB, and the backward shrinks that run until the grid has about 8 programs per
-# SM so small batches still fill the GPU.
+# 4096 elements keep 4 warps at 32 fp32 accumulators per thread; a program moves the windows of a sparse row (forward:
+# a band of token rows) or up to 128 tokens (backward), tens of KB, and both runs shrink until the grid has about 8
+# programs per SM, so that small batches and grids still fill the GPU.
 _TILE = 4096
 _NUM_WARPS = 4
 _MAX_RUN = 128
@@ -159,12 +163,12 @@ def channel_block(n_channels: int) -> Tuple[int, bool]:
     return block, n_channels % block == 0
 
 
-def token_run(n_tokens: int, block_n: int, programs_per_token: int, device: torch.device) -> int:
-    """Tokens per program for the token-parallel kernels: up to _MAX_RUN, a multiple of block_n, halved while the
-    grid (programs_per_token programs per run) has fewer than _PROGRAMS_PER_SM programs per SM."""
-    run = max(block_n, min(_MAX_RUN, next_pow2(n_tokens)))
+def token_run(n_items: int, block: int, programs_per_run: int, device: torch.device, max_run: int = _MAX_RUN) -> int:
+    """Items (tokens, or windows of a sparse row) per program: up to max_run, at least `block`, halved while the
+    grid (programs_per_run programs per run of items) has fewer than _PROGRAMS_PER_SM programs per SM."""
+    run = max(block, min(max_run, next_pow2(n_items)))
     target = _PROGRAMS_PER_SM * sm_count(device)
-    while run > block_n and programs_per_token * cdiv(n_tokens, run) < target:
+    while run > block and programs_per_run * cdiv(n_items, run) < target:
         run //= 2
     return run
 
@@ -181,8 +185,10 @@ def _token_pool_fwd(x: torch.Tensor, h: int, w: int, gh: int, gw: int) -> torch.
         return out
     block_c, even_c = channel_block(c)
     block_t = max(1, min(next_pow2(_max_window(h, gh) * _max_window(w, gw)), _TILE // block_c))
-    _token_pool_fwd_kernel[(cdiv(c, block_c), gh, b)](
-        x, out, h, w, gh, gw, c,
+    c_blocks = cdiv(c, block_c)
+    run = token_run(gw, 1, c_blocks * gh * b, x.device, max_run=gw)
+    _token_pool_fwd_kernel[(c_blocks, gh * cdiv(gw, run), b)](
+        x, out, h, w, gh, gw, c, run,
         x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         BLOCK_T=block_t, BLOCK_C=block_c, EVEN_C=even_c, IDX64=not fits_int32(x, out), num_warps=_NUM_WARPS,

@@ -55,22 +55,26 @@ def _upsample_add_fwd_kernel(
 @triton.jit
 def _upsample_add_bwd_kernel(
     DOUT, DSPARSE,
-    h, w, grid_h, grid_w, n_channels,
+    h, w, grid_h, grid_w, n_channels, windows_per_program,
     stride_dout_b, stride_dout_n, stride_dout_c,
     stride_ds_b, stride_ds_m, stride_ds_c,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, IDX64: tl.constexpr,
 ):
-    """Program (channel block, sparse row I, batch): each sparse token (I, J) of the row sums its children, so no
-    atomics are needed. The children of (I, J) are the rectangle rows ceil(I*h/G_h) .. ceil((I+1)*h/G_h) - 1, same
-    for columns; the row's rectangles tile a band of token rows, read once."""
+    """Program (channel block, run of windows_per_program sparse tokens of sparse row I, batch): each sparse token
+    (I, J) sums its children, so no atomics are needed. The children of (I, J) are the rectangle rows
+    ceil(I*h/G_h) .. ceil((I+1)*h/G_h) - 1, same for columns; a whole row's rectangles tile a band of token rows,
+    read once."""
     offs_c, mask_c = _channel_offsets(tl.program_id(0), n_channels, BLOCK_C, EVEN_C)
-    i = tl.program_id(1)
+    n_runs = (grid_w + windows_per_program - 1) // windows_per_program
+    i = tl.program_id(1) // n_runs
+    j_start = (tl.program_id(1) % n_runs) * windows_per_program
+    j_end = tl.minimum(j_start + windows_per_program, grid_w)
     b = tl.program_id(2).to(tl.int64)
     dout_base = DOUT + b * stride_dout_b
     ds_base = DSPARSE + b * stride_ds_b
     r0 = (i * h + grid_h - 1) // grid_h
     r1 = ((i + 1) * h + grid_h - 1) // grid_h
-    for j in range(0, grid_w):
+    for j in range(j_start, j_end):
         c0 = (j * w + grid_w - 1) // grid_w
         c1 = ((j + 1) * w + grid_w - 1) // grid_w
         total = _rect_sum(dout_base, r0, r1, c0, c1, w, stride_dout_n, stride_dout_c, offs_c, mask_c,
@@ -86,8 +90,8 @@ def _upsample_add_bwd_kernel(
 # ----------------------------------------------------------------------------------------------------------------
 
 # NOTE: tile sizes are unmeasured on a GPU; the reasoning is _token_pool's: channel blocks of 128-256, tiles of at
-# most 4096 elements on 4 warps, up to 128 tokens (forward: 64 KB read and written in bf16 at C-block 128) or a band
-# of token rows (backward) per program.
+# most 4096 elements on 4 warps, up to 128 tokens (forward: 64 KB read and written in bf16 at C-block 128) or the
+# children of a sparse row (backward: a band of token rows) per program, fewer while the grid is small.
 _TILE = 4096
 _NUM_WARPS = 4
 
@@ -121,8 +125,10 @@ def _upsample_add_bwd(grad_out: torch.Tensor, h: int, w: int, gh: int, gw: int) 
     # Children rectangles have sides ceil(size/G) or floor(size/G): take the largest area.
     max_area = -(-h // gh) * -(-w // gw)
     block_t = max(1, min(next_pow2(max_area), _TILE // block_c))
-    _upsample_add_bwd_kernel[(cdiv(c, block_c), gh, b)](
-        grad_out, ds, h, w, gh, gw, c,
+    c_blocks = cdiv(c, block_c)
+    run = token_run(gw, 1, c_blocks * gh * b, grad_out.device, max_run=gw)
+    _upsample_add_bwd_kernel[(c_blocks, gh * cdiv(gw, run), b)](
+        grad_out, ds, h, w, gh, gw, c, run,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         ds.stride(0), ds.stride(1), ds.stride(2),
         BLOCK_T=block_t, BLOCK_C=block_c, EVEN_C=even_c, IDX64=not fits_int32(grad_out, ds), num_warps=_NUM_WARPS,

@@ -200,11 +200,15 @@ def test_guard_buffers(case, dtype, atol, rtol, kernels_only):
     torch.testing.assert_close(x.grad, ref_dx, atol=atol, rtol=rtol)
 
 
-def test_long_token_runs(monkeypatch, kernels_only):
-    """With one SM the backward gives each program 128 tokens: several BLOCK_N steps and a partial last run."""
-    monkeypatch.setattr(mod, "sm_count", lambda device: 1)
+@pytest.mark.parametrize("sms", [0, 3])
+def test_long_runs(monkeypatch, sms, kernels_only):
+    """Runs shrink only until the grid has 8 programs per SM. With no SM count to reach the runs are the longest: a
+    whole sparse row of 7 windows per forward program, 128 tokens per backward program (two BLOCK_N steps, the last
+    run partial); with 3 SMs the rows split into runs of 3, 3 and 1 windows."""
+    monkeypatch.setattr(mod, "sm_count", lambda device: sms)
     hw, grid, c = (12, 20), (5, 7), 40
-    grad_out = torch.randn(2, 35, c)
+    x, grad_out = torch.randn(2, 240, c), torch.randn(2, 35, c)
+    torch.testing.assert_close(mod.token_pool_fwd(x, hw, grid), token_pool_ref(x, hw, grid))
     torch.testing.assert_close(mod.token_pool_bwd(grad_out, hw, grid), token_pool_backward_ref(grad_out, hw, grid))
 
 

@@ -221,13 +221,17 @@ def test_guard_buffers(case, dtype, atol, rtol, kernels_only):
     torch.testing.assert_close(dense.grad, ref_dd, atol=0, rtol=0)
 
 
-def test_long_token_runs(monkeypatch, kernels_only):
-    """With one SM the forward gives each program 128 tokens: several BLOCK_N steps and a partial last run."""
-    monkeypatch.setattr(_token_pool, "sm_count", lambda device: 1)
+@pytest.mark.parametrize("sms", [0, 3])
+def test_long_runs(monkeypatch, sms, kernels_only):
+    """Runs shrink only until the grid has 8 programs per SM. With no SM count to reach the runs are the longest: 128
+    tokens per forward program (two BLOCK_N steps, the last run partial), a whole sparse row of 7 per backward
+    program; with 3 SMs the rows split into runs of 3, 3 and 1 sparse tokens."""
+    monkeypatch.setattr(_token_pool, "sm_count", lambda device: sms)
     hw, grid, c = (12, 20), (5, 7), 40
-    sparse, dense = torch.randn(2, 35, c), torch.randn(2, 240, c)
+    sparse, dense, grad_out = torch.randn(2, 35, c), torch.randn(2, 240, c), torch.randn(2, 240, c)
     torch.testing.assert_close(mod.upsample_add_fwd(sparse, dense, hw, grid),
                                upsample_add_ref(sparse, dense, hw, grid))
+    torch.testing.assert_close(mod.upsample_add_bwd(grad_out, hw, grid), upsample_add_backward_ref(grad_out, hw, grid))
 
 
 def test_int64_index_path(monkeypatch, kernels_only):
