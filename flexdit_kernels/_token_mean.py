@@ -18,16 +18,16 @@ from ._validate import cdiv, check_kernel_device, fits_int32, mean_args, mean_ba
 # the backward. Grid: (token run, batch); int32 index math on an int64 batch base.
 
 @triton.jit
-def _normalize_rows(X_base, offs_n, mask_n, offs_c, mask_c, stride_x_n, stride_x_c, n_channels, eps,
+def _normalize_rows(x_base, offs_n, mask_n, offs_c, mask_c, stride_x_n, stride_x_c, n_channels, eps,
                     IDX64: tl.constexpr):
-    """Load BLOCK_N token rows and return (xhat, mask) in fp32, xhat = (x - mean) * rstd per row and 0 outside
+    """Load BLOCK_N token rows and return (xhat, rstd, mask): xhat = (x - mean) * rstd per row in fp32, 0 outside
     the mask. Two passes over the row in registers (mean, then the mean squared deviation): exact when the mean is
     large against the spread, unlike E[x^2] - E[x]^2."""
     tok = offs_n
     if IDX64:
         tok = tok.to(tl.int64)
     mask = mask_n[:, None] & mask_c[None, :]
-    x = tl.load(X_base + tok[:, None] * stride_x_n + offs_c[None, :] * stride_x_c, mask=mask, other=0.0)
+    x = tl.load(x_base + tok[:, None] * stride_x_n + offs_c[None, :] * stride_x_c, mask=mask, other=0.0)
     x = x.to(tl.float32)
     mean = tl.sum(x, axis=1) / n_channels
     xc = tl.where(mask, x - mean[:, None], 0.0)
@@ -249,10 +249,13 @@ def _backward(grad_out: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tens
 
 class _TokenMeanFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, eps):
-        ctx.eps = eps
-        ctx.save_for_backward(x)
+    def forward(x, eps):
         return _forward(x, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):     # separate from forward, so torch.func.grad can take the Function
+        x, ctx.eps = inputs
+        ctx.save_for_backward(x)
 
     @staticmethod
     def backward(ctx, grad_out):
