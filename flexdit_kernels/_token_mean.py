@@ -249,13 +249,10 @@ def _backward(grad_out: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tens
 
 class _TokenMeanFunction(torch.autograd.Function):
     @staticmethod
-    def forward(x, eps):
-        return _forward(x, eps)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):     # separate from forward, so torch.func.grad can take the Function
-        x, ctx.eps = inputs
+    def forward(ctx, x, eps):
+        ctx.eps = eps
         ctx.save_for_backward(x)
+        return _forward(x, eps)
 
     @staticmethod
     def backward(ctx, grad_out):

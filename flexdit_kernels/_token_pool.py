@@ -256,12 +256,9 @@ def _backward(grad_out: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]
 
 class _TokenPoolFunction(torch.autograd.Function):
     @staticmethod
-    def forward(x, hw, grid):
+    def forward(ctx, x, hw, grid):
+        ctx.hw, ctx.grid = hw, grid
         return _forward(x, hw, grid)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):     # separate from forward, so torch.func.grad can take the Function
-        _, ctx.hw, ctx.grid = inputs
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -177,12 +177,9 @@ def _backward(grad_out: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]
 
 class _UpsampleAddFunction(torch.autograd.Function):
     @staticmethod
-    def forward(sparse, dense, hw, grid):
+    def forward(ctx, sparse, dense, hw, grid):
+        ctx.hw, ctx.grid = hw, grid
         return _forward(sparse, dense, hw, grid)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):     # separate from forward, so torch.func.grad can take the Function
-        _, _, ctx.hw, ctx.grid = inputs
 
     @staticmethod
     def backward(ctx, grad_out):
