@@ -200,6 +200,18 @@ def test_guard_buffers(case, dtype, atol, rtol, kernels_only):
     torch.testing.assert_close(x.grad, ref_dx, atol=atol, rtol=rtol)
 
 
+def test_frames_folded_into_batch(kernels_only):
+    """Video frames folded into the batch, (B, T, N, C) -> (B*T, N, C), are a view (here of a channel slice too):
+    the op reads it through its batch stride and allocates nothing but its output."""
+    video = torch.randn(2, 3, 48, 16)[..., 4:12]                          # (B, T, N, C), channel-sliced
+    x = video.flatten(0, 1)                                              # (B*T, N, C), still a view
+    assert x._base is not None
+    with guard_allocations() as allocs:
+        out = token_pool(x, (6, 8), (3, 5))
+    assert len(allocs.tensors) == 1
+    torch.testing.assert_close(out, token_pool_ref(x.contiguous(), (6, 8), (3, 5)))
+
+
 @pytest.mark.parametrize("sms", [0, 3])
 def test_long_runs(monkeypatch, sms, kernels_only):
     """Runs shrink only until the grid has 8 programs per SM. With no SM count to reach the runs are the longest: a

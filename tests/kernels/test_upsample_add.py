@@ -221,6 +221,17 @@ def test_guard_buffers(case, dtype, atol, rtol, kernels_only):
     torch.testing.assert_close(dense.grad, ref_dd, atol=0, rtol=0)
 
 
+def test_frames_folded_into_batch(kernels_only):
+    """Video frames folded into the batch, (B, T, N, C) -> (B*T, N, C), are views: the op reads them through their
+    batch strides and allocates nothing but its output."""
+    sparse = torch.randn(2, 3, 15, 16)[..., 4:12].flatten(0, 1)           # (B*T, M, C) views of channel slices
+    dense = torch.randn(2, 3, 48, 16)[..., 4:12].flatten(0, 1)            # (B*T, N, C)
+    with guard_allocations() as allocs:
+        out = upsample_add(sparse, dense, (6, 8), (3, 5))
+    assert len(allocs.tensors) == 1
+    torch.testing.assert_close(out, upsample_add_ref(sparse.contiguous(), dense.contiguous(), (6, 8), (3, 5)))
+
+
 @pytest.mark.parametrize("sms", [0, 3])
 def test_long_runs(monkeypatch, sms, kernels_only):
     """Runs shrink only until the grid has 8 programs per SM. With no SM count to reach the runs are the longest: 128
