@@ -122,7 +122,7 @@ def run(args, results: Results, device: torch.device = torch.device("cpu")) -> L
     import flexdit_kernels as fk
     ops = getattr(args, "ops", None) or OPS
     calls = getattr(args, "calls", None) or 2000
-    repeats = getattr(args, "repeats", None) or 7
+    repeats = getattr(args, "repeats", None) or 15
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows: List[Row] = []
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="+", choices=OPS, default=None)
     parser.add_argument("--calls", type=int, default=2000, help="calls per timed repeat (forward)")
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--csv", metavar="PATH")
     args = parser.parse_args(argv)
