@@ -3,7 +3,8 @@ upsample_add, forward and forward+backward.
 
 Tiny fp32 CPU tensors (B=2, 8x8 tokens, G=4, C=16), one intra-op thread, so the numbers are Python and dispatcher
 time, not arithmetic. Each timing is the best of `--repeats` means over `--calls` calls, in CPU time of the calling
-thread (so that other processes on a shared machine do not inflate it). Two paths:
+thread (so that other processes on a shared machine do not inflate it); an op and its baseline take turns within
+each repeat. Two paths:
 - "reference": the public op on the CPU (backend "auto" without the interpreter runs each op's `*_ref`) against
   the `*_ref` called directly (forward: the bare call; forward+backward: `ref(x).backward(g)` through autograd).
   The difference is what validation, dispatch and the autograd wrapper cost.
@@ -17,7 +18,7 @@ import argparse
 import contextlib
 import sys
 import time
-from typing import Callable, List
+from typing import Callable, List, Sequence
 
 import torch
 
@@ -27,17 +28,20 @@ OPS = ("token_pool", "token_mean", "upsample_add")
 HW, GRID, B, C = (8, 8), (4, 4), 2, 16
 
 
-def _best_mean_us(fn: Callable[[], object], calls: int, repeats: int) -> float:
-    """Best of `repeats` means over `calls` calls, in CPU time of the calling thread (intra-op threads are set to
-    one), so other processes on a shared machine do not count."""
-    for _ in range(max(10, calls // 10)):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.thread_time_ns()
-        for _ in range(calls):
+def _best_mean_us(fns: Sequence[Callable[[], object]], calls: int, repeats: int) -> List[float]:
+    """Per function, the best of `repeats` means over `calls` calls, in CPU time of the calling thread (intra-op
+    threads are set to one), so other processes on a shared machine do not count. The functions take turns within
+    each repeat, so that an op and its baseline see the same machine."""
+    for fn in fns:
+        for _ in range(max(10, calls // 10)):
             fn()
-        best = min(best, (time.thread_time_ns() - t0) / calls / 1e3)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            t0 = time.thread_time_ns()
+            for _ in range(calls):
+                fn()
+            best[k] = min(best[k], (time.thread_time_ns() - t0) / calls / 1e3)
     return best
 
 
@@ -110,7 +114,8 @@ def _cases():
     }
 
 
-def _measure(results: Results, op: str, path: str, mode: str, op_us: float, base_us: float) -> List[Row]:
+def _measure(results: Results, op: str, path: str, mode: str, fn, baseline, calls: int, repeats: int) -> List[Row]:
+    op_us, base_us = _best_mean_us((fn, baseline), calls, repeats)
     case = f"{op} {mode}"
     return [results.add("overhead", case, path, "us", op_us, "us", mode=mode),
             results.add("overhead", case, path, "baseline_us", base_us, "us", mode=mode),
@@ -121,7 +126,7 @@ def run(args, results: Results, device: torch.device = torch.device("cpu")) -> L
     """Add the overhead rows to `results` and return them. Uses args.ops, args.calls, args.repeats when present."""
     import flexdit_kernels as fk
     ops = getattr(args, "ops", None) or OPS
-    calls = getattr(args, "calls", None) or 2000
+    calls = getattr(args, "calls", None) or 1000
     repeats = getattr(args, "repeats", None) or 15
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -142,24 +147,19 @@ def run(args, results: Results, device: torch.device = torch.device("cpu")) -> L
 
             with fk.backend("reference" if fk.interpreting() else "auto"):
                 with torch.no_grad():
-                    rows += _measure(results, op, "reference", "fwd", _best_mean_us(lambda: call(*inputs), calls,
-                                                                                     repeats),
-                                     _best_mean_us(lambda: ref(*inputs), calls, repeats))
-                rows += _measure(results, op, "reference", "fwd+bwd", _best_mean_us(op_fb, calls // 4, repeats),
-                                 _best_mean_us(ref_fb, calls // 4, repeats))
+                    rows += _measure(results, op, "reference", "fwd", lambda: call(*inputs), lambda: ref(*inputs),
+                                     calls, repeats)
+                rows += _measure(results, op, "reference", "fwd+bwd", op_fb, ref_fb, calls // 4, repeats)
             with _stubbed_kernels():
                 with torch.no_grad():
-                    rows += _measure(results, op, "triton-stub", "fwd",
-                                     _best_mean_us(lambda: call(*inputs), calls, repeats),
-                                     _best_mean_us(lambda: fwd(*inputs), calls, repeats))
-
+                    rows += _measure(results, op, "triton-stub", "fwd", lambda: call(*inputs), lambda: fwd(*inputs),
+                                     calls, repeats)
                 bare = _bare_function(fwd, bwd)
 
                 def launchers_fb():
                     bare(*leaves).backward(grad_out)
 
-                rows += _measure(results, op, "triton-stub", "fwd+bwd", _best_mean_us(op_fb, calls // 4, repeats),
-                                 _best_mean_us(launchers_fb, calls // 4, repeats))
+                rows += _measure(results, op, "triton-stub", "fwd+bwd", op_fb, launchers_fb, calls // 4, repeats)
     finally:
         torch.set_num_threads(threads)
     return rows
@@ -174,7 +174,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.overhead", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ops", nargs="+", choices=OPS, default=None)
-    parser.add_argument("--calls", type=int, default=2000, help="calls per timed repeat (forward)")
+    parser.add_argument("--calls", type=int, default=1000,
+                        help="calls per timed repeat (forward; a quarter of them forward+backward)")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--csv", metavar="PATH")
