@@ -237,6 +237,7 @@ def test_int64_index_path(monkeypatch, kernels_only):
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")     # torch.jit.trace, still what fvcore uses
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks, constants in a trace
 def test_jit_trace_sees_one_op():
     """torch.jit.trace (fvcore's FLOP counter) records the custom op, not what runs inside it."""
     x = torch.randn(2, 48, 8)
