@@ -1,6 +1,13 @@
-"""The one place that decides whether an op runs its Triton kernel or its PyTorch reference."""
+"""The one place that decides whether an op runs its Triton kernel or its PyTorch reference, and how it is called.
+
+Backends: "reference" never runs a kernel; "triton" always does (CUDA tensors, or CPU tensors under the
+interpreter); "auto" runs kernels on CUDA (or under the interpreter) except at the shapes that `AUTO_TABLE` sends
+to the reference, where the PyTorch path is the faster one. On the CPU without the interpreter every backend but
+"triton" takes the reference.
+"""
 import contextlib
 import os
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -37,7 +44,7 @@ def backend(name: str):
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:
-    """Whether an op on these tensors runs its Triton kernel.
+    """Whether an op on these tensors runs its Triton kernel (the shape-blind part of the decision).
 
     "auto": Triton when the tensors are on CUDA, or on the CPU under `TRITON_INTERPRET=1`; the reference otherwise.
     "triton": always Triton (a CPU tensor without the interpreter is an error), "reference": never.
@@ -50,3 +57,66 @@ def use_triton(*tensors: torch.Tensor) -> bool:
             raise ValueError("backend 'triton' needs CUDA tensors or TRITON_INTERPRET=1")
         return True
     return on_cuda or (interpreting() and all(t.device.type == "cpu" for t in tensors))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shape-aware choice for "auto"
+# ----------------------------------------------------------------------------------------------------------------
+
+# Per op (forward and backward apart), rows of (conditions, path); the first row whose conditions all hold decides,
+# no matching row means "triton". A condition maps a shape key to an inclusive (low, high) range, None for an open
+# end. Keys: "batch" (B, frames folded in), "tokens" (dense N = h*w), "sparse" (M = G_h*G_w; token_mean has none),
+# "channels" (C). Example row: ({"tokens": (None, 256), "sparse": (100, None)}, "reference").
+#
+# The rows are filled from `python -m bench kernels --backward` on a GPU (a row wherever a kernel's speedup over the
+# PyTorch path is below 1.0 at a shape). The H100 measurements on record were taken with the previous kernels
+# (one window or 16 tokens per program, channel blocks on the slow grid axis, two passes over x in token_mean); they
+# do not describe the present kernels, so the table starts empty: every shape runs its kernel until a bench run says
+# otherwise.
+AUTO_TABLE: Dict[str, List[Tuple[Dict[str, Tuple[Optional[int], Optional[int]]], str]]] = {
+    "token_pool": [],
+    "token_pool_backward": [],
+    "token_mean": [],
+    "token_mean_backward": [],
+    "upsample_add": [],
+    "upsample_add_backward": [],
+}
+PATHS = ("triton", "reference")
+
+
+def table_path(op: str, **shape: int) -> str:
+    """The path `AUTO_TABLE` names for `op` at this shape: "triton" or "reference"."""
+    for conditions, path in AUTO_TABLE[op]:
+        for key, (low, high) in conditions.items():
+            value = shape[key]
+            if (low is not None and value < low) or (high is not None and value > high):
+                break
+        else:
+            return path
+    return "triton"
+
+
+def use_kernel(op: str, *tensors: torch.Tensor, **shape: int) -> bool:
+    """Whether `op` runs its Triton kernel on these tensors at this shape: `use_triton`, then for "auto" the table."""
+    if not use_triton(*tensors):
+        return False
+    return _backend != "auto" or table_path(op, **shape) == "triton"
+
+
+def opaque_call(*tensors: torch.Tensor) -> bool:
+    """Whether an op goes through its registered `torch.ops.flexdit.*` custom op rather than the light eager path.
+
+    The custom op is one opaque node for torch.compile (dynamo), `torch.jit.trace` (fvcore's FLOP counter), dispatch
+    modes (FlopCounterMode, FakeTensorMode, make_fx) and meta / fake / subclass tensors; plain eager calls skip its
+    dispatcher round trip (tens of microseconds) and take a `torch.autograd.Function` instead.
+    NOTE: the Functions keep the old `forward(ctx, ...)` form: the `setup_context` form costs 20-30 µs more per
+    call (torch 2.13, 2-core CPU).
+    """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    for t in tensors:
+        if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+            return True
+        if t.is_meta:
+            return True
+    return False

@@ -1,91 +1,88 @@
 """token_mean: mean over tokens of LayerNorm(x) without affine (the Poolingformer's pooled input).
-x: (B, N, C) fp32/fp16/bf16, any N and C -> (B, C) in x's dtype, statistics and sums in fp32."""
+x: (B, N, C) fp32/fp16/bf16, any strides, N and C -> (B, C) in x's dtype, statistics and sums in fp32."""
+from typing import Tuple
+
 import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
-from ._validate import check_kernel_device, check_same, check_tensor
+from ._dispatch import opaque_call, use_kernel
+from ._validate import cdiv, check_kernel_device, fits_int32, mean_args, mean_backward_args, next_pow2, sm_count
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
+# A program owns a run of tokens of one batch entry and whole channel rows (BLOCK_C = next_pow2(C) >= C), so each
+# token's LayerNorm statistics come from registers: x crosses memory once in the forward, and x and grad_out once in
+# the backward. Grid: (token run, batch); int32 index math on an int64 batch base.
 
 @triton.jit
-def _token_stats(x_base, offs_n, mask_n, stride_x_n, stride_x_c, n_channels, eps,
-                 BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Per-token LayerNorm mean and 1/std in fp32 for BLOCK_N tokens, one sweep over C in BLOCK_C chunks.
-    Chunks are merged with Chan's parallel update (mean and sum of squared deviations), which stays exact when the
-    mean is large against the spread, unlike E[x^2] - E[x]^2."""
-    mean = tl.zeros([BLOCK_N], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    count = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for c0 in range(0, n_channels, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < n_channels
-        mask = mask_n[:, None] & mask_c[None, :]
-        x = tl.load(x_base + offs_n[:, None] * stride_x_n + offs_c[None, :] * stride_x_c,
-                    mask=mask, other=0.0).to(tl.float32)
-        n_chunk = tl.minimum(n_channels - c0, BLOCK_C).to(tl.float32)
-        chunk_mean = tl.sum(x, axis=1) / n_chunk
-        dev = tl.where(mask, x - chunk_mean[:, None], 0.0)
-        chunk_m2 = tl.sum(dev * dev, axis=1)
-        delta = chunk_mean - mean
-        total = count + n_chunk
-        mean += delta * (n_chunk / total)
-        m2 += chunk_m2 + delta * delta * (count * n_chunk / total)
-        count = total
-    rstd = 1.0 / tl.sqrt(m2 / n_channels + eps)
-    return mean, rstd
+def _normalize_rows(x_base, offs_n, mask_n, offs_c, mask_c, stride_x_n, stride_x_c, n_channels, eps,
+                    IDX64: tl.constexpr):
+    """Load BLOCK_N token rows and return (xhat, rstd, mask): xhat = (x - mean) * rstd per row in fp32, 0 outside
+    the mask. Two passes over the row in registers (mean, then the mean squared deviation): exact when the mean is
+    large against the spread, unlike E[x^2] - E[x]^2."""
+    tok = offs_n
+    if IDX64:
+        tok = tok.to(tl.int64)
+    mask = mask_n[:, None] & mask_c[None, :]
+    x = tl.load(x_base + tok[:, None] * stride_x_n + offs_c[None, :] * stride_x_c, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    mean = tl.sum(x, axis=1) / n_channels
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / n_channels + eps)
+    return xc * rstd[:, None], rstd, mask
 
 
 @triton.jit
 def _token_mean_fwd_kernel(
-    X, PARTIAL,
-    n_tokens, n_channels, eps,
+    X, OUT,
+    n_tokens, n_channels, tokens_per_program, eps,
     stride_x_b, stride_x_n, stride_x_c,
-    stride_p_b, stride_p_k,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    stride_out_b, stride_out_k, stride_out_c,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, FINAL: tl.constexpr, IDX64: tl.constexpr,
 ):
-    """One program per (batch, chunk of BLOCK_N tokens): the chunk's sum of normalized tokens, (C,) in fp32, goes to
-    its own row of PARTIAL, so the split over tokens needs no atomics and sums in a fixed order. The second sweep
-    over the chunk's C channels re-reads what the first just brought into cache, so x crosses HBM once."""
-    n_chunks = (n_tokens + BLOCK_N - 1) // BLOCK_N  # inline cdiv: tl.cdiv is a jit call, slow when interpreted
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // n_chunks
-    k = pid % n_chunks
-    offs_n = k * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_tokens
+    """Program (token run k, batch): the run's sum of normalized tokens, BLOCK_N rows at a time, in fp32. FINAL
+    (one run covers all N tokens): OUT is the (B, C) result, the sum / N in its dtype; otherwise OUT is the fp32
+    (B, runs, C) workspace, row k, which `_token_mean_combine_kernel` adds up in a fixed order (no atomics)."""
+    k = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_c = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_C), BLOCK_C), BLOCK_C)
+    mask_c = offs_c < n_channels
     x_base = X + b * stride_x_b
-    mean, rstd = _token_stats(x_base, offs_n, mask_n, stride_x_n, stride_x_c, n_channels, eps, BLOCK_N, BLOCK_C)
-    p_base = PARTIAL + b * stride_p_b + k * stride_p_k
-    for c0 in range(0, n_channels, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < n_channels
-        mask = mask_n[:, None] & mask_c[None, :]
-        x = tl.load(x_base + offs_n[:, None] * stride_x_n + offs_c[None, :] * stride_x_c,
-                    mask=mask, other=0.0).to(tl.float32)
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        tl.store(p_base + offs_c, tl.sum(xhat, axis=0), mask=mask_c)
+    start = k * tokens_per_program
+    end = tl.minimum(start + tokens_per_program, n_tokens)
+    acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        xhat, rstd, mask = _normalize_rows(x_base, offs_n, offs_n < end, offs_c, mask_c, stride_x_n, stride_x_c,
+                                           n_channels, eps, IDX64)
+        acc += tl.sum(xhat, axis=0)
+    out_ptrs = OUT + b * stride_out_b + k * stride_out_k + offs_c * stride_out_c
+    if FINAL:
+        tl.store(out_ptrs, (acc / n_tokens).to(OUT.dtype.element_ty), mask=mask_c)
+    else:
+        tl.store(out_ptrs, acc, mask=mask_c)
 
 
 @triton.jit
 def _token_mean_combine_kernel(
     PARTIAL, OUT,
-    n_chunks, n_tokens, n_channels,
+    n_runs, n_tokens, n_channels,
     stride_p_b, stride_p_k,
     stride_out_b, stride_out_c,
     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """One program per (batch, channel block): sum the chunks' partial rows in order, divide by N, cast."""
-    b = tl.program_id(0).to(tl.int64)
-    offs_c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    """Program (channel block, batch): the runs' partial rows summed in order, divided by N, cast."""
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_c = tl.max_contiguous(tl.multiple_of(offs_c, BLOCK_C), BLOCK_C)
+    b = tl.program_id(1).to(tl.int64)
     mask_c = offs_c < n_channels
     acc = tl.zeros([BLOCK_K, BLOCK_C], dtype=tl.float32)
-    for k0 in range(0, n_chunks, BLOCK_K):
+    for k0 in range(0, n_runs, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = (offs_k < n_chunks)[:, None] & mask_c[None, :]
+        mask = (offs_k < n_runs)[:, None] & mask_c[None, :]
         acc += tl.load(PARTIAL + b * stride_p_b + offs_k[:, None] * stride_p_k + offs_c[None, :], mask=mask, other=0.0)
     out = tl.sum(acc, axis=0) / n_tokens
     tl.store(OUT + b * stride_out_b + offs_c * stride_out_c, out.to(OUT.dtype.element_ty), mask=mask_c)
@@ -94,50 +91,36 @@ def _token_mean_combine_kernel(
 @triton.jit
 def _token_mean_bwd_kernel(
     DOUT, X, DX,
-    n_tokens, n_channels, eps,
+    n_tokens, n_channels, tokens_per_program, eps,
     stride_dout_b, stride_dout_c,
     stride_x_b, stride_x_n, stride_x_c,
     stride_dx_b, stride_dx_n, stride_dx_c,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
 ):
-    """One program per (batch, BLOCK_N tokens): LayerNorm backward with the same upstream g = grad_out / N on every
-    token, dx = rstd * (g - mean_c(g) - xhat * mean_c(xhat * g)). Statistics are recomputed from x (the forward
-    keeps none); three sweeps over C, the last two served from cache."""
-    n_blocks = (n_tokens + BLOCK_N - 1) // BLOCK_N  # inline cdiv: tl.cdiv is a jit call, slow when interpreted
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // n_blocks
-    offs_n = (pid % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < n_tokens
+    """Program (token run, batch): LayerNorm backward with the same upstream g = grad_out / N on every token,
+    dx = rstd * (g - mean_c(g) - xhat * mean_c(xhat * g)); g is loaded once per program, each x row once, and the
+    statistics are recomputed in registers (the forward keeps none)."""
+    k = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_c = tl.max_contiguous(tl.multiple_of(tl.arange(0, BLOCK_C), BLOCK_C), BLOCK_C)
+    mask_c = offs_c < n_channels
     x_base = X + b * stride_x_b
-    dout_base = DOUT + b * stride_dout_b
-    mean, rstd = _token_stats(x_base, offs_n, mask_n, stride_x_n, stride_x_c, n_channels, eps, BLOCK_N, BLOCK_C)
-
-    dot = tl.zeros([BLOCK_N], dtype=tl.float32)     # sum_c xhat * g, per token
-    g_sum = tl.zeros([BLOCK_N], dtype=tl.float32)   # sum_c g, the same for every token
-    for c0 in range(0, n_channels, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < n_channels
-        mask = mask_n[:, None] & mask_c[None, :]
-        x = tl.load(x_base + offs_n[:, None] * stride_x_n + offs_c[None, :] * stride_x_c,
-                    mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(dout_base + offs_c * stride_dout_c, mask=mask_c, other=0.0).to(tl.float32) / n_tokens
-        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
-        dot += tl.sum(xhat * g[None, :], axis=1)
-        g_sum += tl.sum(g, axis=0)
-    dot_mean = dot / n_channels
-    g_mean = g_sum / n_channels
-
     dx_base = DX + b * stride_dx_b
-    for c0 in range(0, n_channels, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < n_channels
-        mask = mask_n[:, None] & mask_c[None, :]
-        x = tl.load(x_base + offs_n[:, None] * stride_x_n + offs_c[None, :] * stride_x_c,
-                    mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(dout_base + offs_c * stride_dout_c, mask=mask_c, other=0.0).to(tl.float32) / n_tokens
-        xhat = (x - mean[:, None]) * rstd[:, None]
-        dx = rstd[:, None] * (g[None, :] - g_mean[:, None] - xhat * dot_mean[:, None])
-        tl.store(dx_base + offs_n[:, None] * stride_dx_n + offs_c[None, :] * stride_dx_c,
+    g = tl.load(DOUT + b * stride_dout_b + offs_c * stride_dout_c, mask=mask_c, other=0.0).to(tl.float32)
+    g = g / n_tokens
+    g_mean = tl.sum(g, axis=0) / n_channels
+    start = k * tokens_per_program
+    end = tl.minimum(start + tokens_per_program, n_tokens)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        xhat, rstd, mask = _normalize_rows(x_base, offs_n, offs_n < end, offs_c, mask_c, stride_x_n, stride_x_c,
+                                           n_channels, eps, IDX64)
+        dot_mean = tl.sum(xhat * g[None, :], axis=1) / n_channels
+        dx = rstd[:, None] * ((g - g_mean)[None, :] - xhat * dot_mean[:, None])
+        tok = offs_n
+        if IDX64:
+            tok = tok.to(tl.int64)
+        tl.store(dx_base + tok[:, None] * stride_dx_n + offs_c[None, :] * stride_dx_c,
                  dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -145,94 +128,141 @@ def _token_mean_bwd_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
 
-# NOTE: block sizes below are unmeasured on GPU (no GPU was available when they were written). The reasoning:
-# 128 channels = 256 B per token row in bf16 (C = 1152 is exactly 9 blocks); the forward shrinks its token chunk
-# from 32 towards 4 until B * chunks reaches ~_TARGET_PROGRAMS (about 4 programs per SM of a 132-SM H100), so a
-# batch of 8 with N = 256 still fills the GPU; partial rows cost C fp32 per chunk, small next to the chunk's x.
-_MAX_BLOCK_C = 128
-_TILE = 2048
-_TARGET_PROGRAMS = 528
-_NUM_WARPS = 4
+# NOTE: tile sizes are unmeasured on a GPU. The reasoning: whole rows in registers (C = 1152 -> BLOCK_C = 2048,
+# the masked lanes load nothing) in tiles of at most 8192 elements, 32 fp32 per thread on 8 warps (4 token rows at
+# C = 1152); a run of up to 128 tokens per program (295 KB of x at C = 1152 in bf16), shrunk while the grid has
+# fewer programs than the forward's 2 or the backward's 4 per SM. The forward keeps runs of at least 8 tokens, so
+# its fp32 partial row per run (4*C bytes) is at most a quarter of the bf16 x it sums; one run per batch entry skips
+# the combine.
+_TILE = 8192
+_MAX_RUN = 128
+_MIN_FWD_RUN = 8
+_FWD_PROGRAMS_PER_SM = 2
+_BWD_PROGRAMS_PER_SM = 4
+_COMBINE_BLOCK_C = 256
 
 
-def _block_c(n_channels: int) -> int:
-    return min(_MAX_BLOCK_C, triton.next_power_of_2(n_channels))
+def _blocks(n_tokens: int, n_channels: int) -> Tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_C, num_warps) for whole channel rows."""
+    block_c = max(16, next_pow2(n_channels))
+    block_n = max(1, min(_TILE // block_c, next_pow2(n_tokens), 64))
+    return block_n, block_c, 8 if block_c >= 1024 else 4
 
 
-def _check_x(x: torch.Tensor) -> None:
-    check_tensor("x", x, 3)
-    check_kernel_device("x", x)
-    if x.shape[1] == 0 or x.shape[2] == 0:
-        raise ValueError(f"x must have at least one token and one channel, got shape {tuple(x.shape)}")
+def _run(n_tokens: int, n_batch: int, min_run: int, programs_per_sm: int, device: torch.device) -> int:
+    """Tokens per program: up to _MAX_RUN, at least min_run (a power of two), halved while the grid is too small."""
+    run = max(min_run, min(_MAX_RUN, next_pow2(n_tokens)))
+    target = programs_per_sm * sm_count(device)
+    while run > min_run and n_batch * cdiv(n_tokens, run) < target:
+        run //= 2
+    return run
+
+
+def _token_mean_fwd(x: torch.Tensor, eps: float) -> torch.Tensor:
+    b, n, c = x.shape
+    out = torch.empty((b, c), device=x.device, dtype=x.dtype)
+    if b == 0:
+        return out
+    block_n, block_c, num_warps = _blocks(n, c)
+    run = _run(n, b, max(block_n, _MIN_FWD_RUN), _FWD_PROGRAMS_PER_SM, x.device)
+    n_runs = cdiv(n, run)
+    idx64 = not fits_int32(x)
+    if n_runs == 1:
+        _token_mean_fwd_kernel[(1, b)](
+            x, out, n, c, run, eps,
+            x.stride(0), x.stride(1), x.stride(2),
+            out.stride(0), 0, out.stride(1),
+            BLOCK_N=block_n, BLOCK_C=block_c, FINAL=True, IDX64=idx64, num_warps=num_warps,
+        )
+        return out
+    partial = torch.empty((b, n_runs, c), device=x.device, dtype=torch.float32)
+    _token_mean_fwd_kernel[(n_runs, b)](
+        x, partial, n, c, run, eps,
+        x.stride(0), x.stride(1), x.stride(2),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        BLOCK_N=block_n, BLOCK_C=block_c, FINAL=False, IDX64=idx64, num_warps=num_warps,
+    )
+    combine_c = min(_COMBINE_BLOCK_C, block_c)
+    block_k = max(1, min(next_pow2(n_runs), 4096 // combine_c))
+    _token_mean_combine_kernel[(cdiv(c, combine_c), b)](
+        partial, out, n_runs, n, c,
+        partial.stride(0), partial.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_K=block_k, BLOCK_C=combine_c, num_warps=4,
+    )
+    return out
+
+
+def _token_mean_bwd(grad_out: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    b, n, c = x.shape
+    dx = torch.empty_like(x)
+    if b == 0:
+        return dx
+    block_n, block_c, num_warps = _blocks(n, c)
+    run = _run(n, b, block_n, _BWD_PROGRAMS_PER_SM, x.device)
+    _token_mean_bwd_kernel[(cdiv(n, run), b)](
+        grad_out, x, dx, n, c, run, eps,
+        grad_out.stride(0), grad_out.stride(1),
+        x.stride(0), x.stride(1), x.stride(2),
+        dx.stride(0), dx.stride(1), dx.stride(2),
+        BLOCK_N=block_n, BLOCK_C=block_c, IDX64=not fits_int32(x, dx), num_warps=num_warps,
+    )
+    return dx
 
 
 def token_mean_fwd(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Launch the LayerNorm-mean kernels. x: (B, N, C), any strides (read in place, no copy) -> (B, C) contiguous."""
-    _check_x(x)
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
-    b, n, c = x.shape
-    out = x.new_empty(b, c)
-    if b == 0:
-        return out
-    block_c = _block_c(c)
-    block_n = 32
-    while block_n > 4 and b * triton.cdiv(n, block_n) < _TARGET_PROGRAMS:
-        block_n //= 2
-    block_n = min(block_n, triton.next_power_of_2(n))
-    n_chunks = triton.cdiv(n, block_n)
-    partial = torch.empty(b, n_chunks, c, dtype=torch.float32, device=x.device)
-    _token_mean_fwd_kernel[(b * n_chunks,)](
-        x, partial, n, c, float(eps),
-        x.stride(0), x.stride(1), x.stride(2),
-        partial.stride(0), partial.stride(1),
-        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=_NUM_WARPS,
-    )
-    block_k = max(1, min(triton.next_power_of_2(n_chunks), _TILE // block_c))
-    _token_mean_combine_kernel[(b, triton.cdiv(c, block_c))](
-        partial, out, n_chunks, n, c,
-        partial.stride(0), partial.stride(1),
-        out.stride(0), out.stride(1),
-        BLOCK_K=block_k, BLOCK_C=block_c, num_warps=_NUM_WARPS,
-    )
-    return out
+    eps = mean_args(x, eps)
+    check_kernel_device("x", x)
+    return _token_mean_fwd(x, eps)
 
 
 def token_mean_bwd(grad_out: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Launch the backward. grad_out: (B, C), x: (B, N, C), any strides -> dx laid out like `torch.empty_like(x)`
     (the op's fake impl promises that layout)."""
-    _check_x(x)
-    check_tensor("grad_out", grad_out, 2)
-    check_same(("x", "grad_out"), (x, grad_out))
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
-    b, n, c = x.shape
-    if tuple(grad_out.shape) != (b, c):
-        raise ValueError(f"grad_out must have shape {(b, c)} to match x {tuple(x.shape)}, got {tuple(grad_out.shape)}")
-    dx = torch.empty_like(x)
-    if b == 0:
-        return dx
-    block_c = _block_c(c)
-    block_n = min(_TILE // block_c, triton.next_power_of_2(n))
-    _token_mean_bwd_kernel[(b * triton.cdiv(n, block_n),)](
-        grad_out, x, dx, n, c, float(eps),
-        grad_out.stride(0), grad_out.stride(1),
-        x.stride(0), x.stride(1), x.stride(2),
-        dx.stride(0), dx.stride(1), dx.stride(2),
-        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=_NUM_WARPS,
-    )
-    return dx
+    check_kernel_device("x", x)
+    eps = mean_backward_args(grad_out, x, eps)
+    check_kernel_device("grad_out", grad_out)
+    return _token_mean_bwd(grad_out, x, eps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
+# As in _token_pool: compilers, tracers, dispatch modes and meta tensors see the custom op `flexdit::token_mean`;
+# eager calls take `_forward` (no gradient needed), the reference (both directions on it) or `_TokenMeanFunction`.
+
+def _forward(x: torch.Tensor, eps: float) -> torch.Tensor:
+    b, n, c = x.shape
+    if use_kernel("token_mean", x, batch=b, tokens=n, channels=c):
+        return _token_mean_fwd(x, eps)
+    return token_mean_ref(x, eps)
+
+
+def _backward(grad_out: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
+    b, n, c = x.shape
+    if use_kernel("token_mean_backward", grad_out, x, batch=b, tokens=n, channels=c):
+        return _token_mean_bwd(grad_out, x, eps)
+    return token_mean_backward_ref(grad_out, x, eps)
+
+
+class _TokenMeanFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, eps):
+        ctx.eps = eps
+        ctx.save_for_backward(x)
+        return _forward(x, eps)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        return _backward(grad_out, x, ctx.eps), None
+
 
 @torch.library.custom_op("flexdit::token_mean", mutates_args=())
 def _token_mean_op(x: torch.Tensor, eps: float) -> torch.Tensor:
-    if use_triton(x):
-        return token_mean_fwd(x, eps)
-    return token_mean_ref(x, eps)
+    return _forward(x, eps)
 
 
 @_token_mean_op.register_fake
@@ -242,9 +272,7 @@ def _(x, eps):
 
 @torch.library.custom_op("flexdit::token_mean_backward", mutates_args=())
 def _token_mean_backward_op(grad_out: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    if use_triton(grad_out, x):
-        return token_mean_bwd(grad_out, x, eps)
-    return token_mean_backward_ref(grad_out, x, eps)
+    return _backward(grad_out, x, eps)
 
 
 @_token_mean_backward_op.register_fake
@@ -252,34 +280,36 @@ def _(grad_out, x, eps):
     return torch.empty_like(x)
 
 
-def _setup_context(ctx, inputs, output):
+def _op_setup_context(ctx, inputs, output):
     x, ctx.eps = inputs
     ctx.save_for_backward(x)
 
 
-def _backward(ctx, grad_out):
+def _op_backward(ctx, grad_out):
     (x,) = ctx.saved_tensors
-    # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
     return _token_mean_backward_op(grad_out, x, ctx.eps), None
 
 
-_token_mean_op.register_autograd(_backward, setup_context=_setup_context)
+_token_mean_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def token_mean(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Mean over tokens of each token's LayerNorm (no affine): `LayerNorm(x).mean(1)`.
 
     Args:
-        x: (B, N, C) tokens; eps: LayerNorm epsilon (DiT uses 1e-6).
+        x: (B, N, C) tokens, any strides; eps: LayerNorm epsilon (DiT uses 1e-6).
     Returns:
         (B, C) in x's dtype.
     """
-    check_tensor("x", x, 3)
-    if x.shape[1] == 0 or x.shape[2] == 0:
-        raise ValueError(f"x must have at least one token and one channel, got shape {tuple(x.shape)}")
-    if not eps > 0:
-        raise ValueError(f"eps must be positive, got {eps}")
-    return _token_mean_op(x, float(eps))
+    eps = mean_args(x, eps)
+    if opaque_call(x):
+        return _token_mean_op(x, eps)
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return _forward(x, eps)
+    shape = dict(batch=x.shape[0], tokens=x.shape[1], channels=x.shape[2])
+    if not (use_kernel("token_mean", x, **shape) or use_kernel("token_mean_backward", x, **shape)):
+        return token_mean_ref(x, eps)             # the reference both ways: PyTorch's autograd, no wrapper
+    return _TokenMeanFunction.apply(x, eps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -287,13 +317,15 @@ def token_mean(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 
 def token_mean_ref(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Pure-PyTorch token_mean in fp32."""
+    """Pure-PyTorch token_mean in fp32 (same arguments and checks as the op)."""
+    eps = mean_args(x, eps)
     xf = x.float()
     return torch.nn.functional.layer_norm(xf, xf.shape[-1:], eps=eps).mean(1).to(x.dtype)
 
 
 def token_mean_backward_ref(grad_out: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Gradient of token_mean: LayerNorm's backward with the upstream gradient grad_out / N on every token."""
+    eps = mean_backward_args(grad_out, x, eps)
     xf = x.float()
     mu = xf.mean(-1, keepdim=True)
     rstd = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps)

@@ -1,13 +1,14 @@
 """token_pool: adaptive average pooling of dense tokens onto a sparse grid (FlexDiT's sparse-token generation).
-x: (B, N = h*w, C) fp32/fp16/bf16, token-major, any C -> (B, M = G_h*G_w, C), PyTorch AdaptiveAvgPool2d windows."""
+x: (B, N = h*w, C) fp32/fp16/bf16, token-major, any strides and C -> (B, M = G_h*G_w, C), AdaptiveAvgPool2d windows."""
 from typing import List, Sequence, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
-from ._validate import check_grid, check_grid_sizes, check_kernel_device, check_tensor, check_tokens
+from ._dispatch import opaque_call, use_kernel
+from ._validate import (cdiv, check_kernel_device, fits_int32, next_pow2, pool_args, pool_backward_args,
+                        sm_count)
 
 Grid = Union[int, Sequence[int]]
 
@@ -15,165 +16,258 @@ Grid = Union[int, Sequence[int]]
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
+# Every kernel here and in _upsample_add puts the channel block on grid axis 0 (the fastest-launched one), so the
+# programs running at once cover whole token rows of neighbouring tokens, the sparse row or token block on axis 1
+# and the batch on axis 2. Index math inside one batch entry is int32 (IDX64 widens it when a batch entry spans
+# 2**31 elements or more) on an int64 batch base. Channels are the contiguous axis: with a unit channel stride
+# (specialised by Triton) and EVEN_C (no channel tail) loads and stores are 16-byte vectors.
+
+@triton.jit
+def _channel_offsets(pid_c, n_channels, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
+    """(offs_c, mask_c) of channel block pid_c; the mask is all-true when BLOCK_C divides C (EVEN_C)."""
+    offs_c = tl.max_contiguous(tl.multiple_of(pid_c * BLOCK_C + tl.arange(0, BLOCK_C), BLOCK_C), BLOCK_C)
+    if EVEN_C:
+        mask_c = tl.full([BLOCK_C], 1, tl.int1)
+    else:
+        mask_c = offs_c < n_channels
+    return offs_c, mask_c
+
+
+@triton.jit
+def _rect_sum(base, r0, r1, c0, c1, w, stride_n, stride_c, offs_c, mask_c,
+              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr):
+    """fp32 sum over the tokens of rows [r0, r1) x columns [c0, c1) of a row-major token grid `w` wide, for the
+    channels offs_c: the rectangle is flattened and read as (BLOCK_T, BLOCK_C) tiles (token rows of contiguous
+    channels). Shared by token_pool's forward (pooling windows) and upsample_add's backward (children)."""
+    rect_w = c1 - c0
+    area = (r1 - r0) * rect_w
+    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for t0 in range(0, area, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tok = (r0 + t // rect_w) * w + (c0 + t % rect_w)
+        if IDX64:
+            tok = tok.to(tl.int64)
+        ptrs = base + tok[:, None] * stride_n + offs_c[None, :] * stride_c
+        acc += tl.load(ptrs, mask=(t < area)[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+    return tl.sum(acc, axis=0)
+
 
 @triton.jit
 def _token_pool_fwd_kernel(
     X, OUT,
-    h, w, grid_h, grid_w, n_channels,
+    h, w, grid_h, grid_w, n_channels, windows_per_program,
     stride_x_b, stride_x_n, stride_x_c,
     stride_out_b, stride_out_m, stride_out_c,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, IDX64: tl.constexpr,
 ):
-    """One program per (batch, sparse window, channel block): the window's tokens are flattened and read
-    BLOCK_T at a time as a (BLOCK_T, BLOCK_C) tile, so a window is one or two wide loads rather than a loop."""
-    pid_bm = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    n_sparse = grid_h * grid_w
-    b = pid_bm // n_sparse
-    m = pid_bm % n_sparse
-    i = m // grid_w
-    j = m % grid_w
+    """Program (channel block, run of windows_per_program windows of window row i, batch), one window after the
+    other. With the whole row (large grids) a program reads the band of token rows floor(i*h/G_h) ..
+    ceil((i+1)*h/G_h) - 1 once, tens of KB at DiT sizes; small grids split rows so that the GPU stays busy."""
+    offs_c, mask_c = _channel_offsets(tl.program_id(0), n_channels, BLOCK_C, EVEN_C)
+    n_runs = (grid_w + windows_per_program - 1) // windows_per_program
+    i = tl.program_id(1) // n_runs
+    j_start = (tl.program_id(1) % n_runs) * windows_per_program
+    j_end = tl.minimum(j_start + windows_per_program, grid_w)
+    b = tl.program_id(2).to(tl.int64)
+    x_base = X + b * stride_x_b
+    out_base = OUT + b * stride_out_b
     # AdaptiveAvgPool2d window: [floor(i*h/G), ceil((i+1)*h/G)) on each axis.
     r0 = (i * h) // grid_h
     r1 = ((i + 1) * h + grid_h - 1) // grid_h
-    c0 = (j * w) // grid_w
-    c1 = ((j + 1) * w + grid_w - 1) // grid_w
-    win_w = c1 - c0
-    area = (r1 - r0) * win_w
-
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < n_channels
-    x_base = X + b * stride_x_b
-    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    for t0 in range(0, area, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        tok = (r0 + t // win_w) * w + (c0 + t % win_w)              # int64: r0, c0 are int64
-        mask = (t < area)[:, None] & mask_c[None, :]
-        ptrs = x_base + tok[:, None] * stride_x_n + offs_c[None, :] * stride_x_c
-        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(acc, axis=0) / area.to(tl.float32)
-    out_ptrs = OUT + b * stride_out_b + m * stride_out_m + offs_c * stride_out_c
-    tl.store(out_ptrs, mean.to(OUT.dtype.element_ty), mask=mask_c)
+    for j in range(j_start, j_end):
+        c0 = (j * w) // grid_w
+        c1 = ((j + 1) * w + grid_w - 1) // grid_w
+        total = _rect_sum(x_base, r0, r1, c0, c1, w, stride_x_n, stride_x_c, offs_c, mask_c,
+                          BLOCK_T, BLOCK_C, IDX64)
+        mean = total / ((r1 - r0) * (c1 - c0)).to(tl.float32)
+        m = i * grid_w + j
+        if IDX64:
+            m = m.to(tl.int64)
+        tl.store(out_base + m * stride_out_m + offs_c * stride_out_c, mean.to(OUT.dtype.element_ty), mask=mask_c)
 
 
 @triton.jit
 def _token_pool_bwd_kernel(
     DOUT, DX,
-    h, w, grid_h, grid_w, n_tokens, n_channels,
+    h, w, grid_h, grid_w, n_tokens, n_channels, tokens_per_program,
     stride_dout_b, stride_dout_m, stride_dout_c,
     stride_dx_b, stride_dx_n, stride_dx_c,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, IDX64: tl.constexpr,
 ):
-    """One program per (batch, block of dense tokens, channel block), written as a gather so no atomics are needed.
-
-    With G <= h, consecutive windows overlap by at most one row, so row r lies in windows
-    floor(r*G/h) .. ceil((r+1)*G/h) - 1, at most two of them; a token sums the gradients of at most 2x2 windows,
-    each divided by that window's area."""
-    n_blocks = (n_tokens + BLOCK_N - 1) // BLOCK_N  # inline cdiv: tl.cdiv is a jit call, slow when interpreted
-    pid_bn = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    b = pid_bn // n_blocks
-    offs_n = (pid_bn % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_n = offs_n < n_tokens
-    mask_c = offs_c < n_channels
-    r = offs_n // w
-    c = offs_n % w
-    i_lo = (r * grid_h) // h
-    i_hi = ((r + 1) * grid_h - 1) // h
-    j_lo = (c * grid_w) // w
-    j_hi = ((c + 1) * grid_w - 1) // w
-
+    """Program (channel block, run of tokens_per_program dense tokens, batch), BLOCK_N tokens at a time, written as
+    a gather so no atomics are needed: with G <= h consecutive windows overlap by at most one row, so row r lies in
+    windows floor(r*G/h) .. ceil((r+1)*G/h) - 1, at most two; a token sums the gradients of at most 2x2 windows,
+    each divided by that window's area. The gradient rows it gathers are few (M << N) and stay in cache."""
+    offs_c, mask_c = _channel_offsets(tl.program_id(0), n_channels, BLOCK_C, EVEN_C)
+    start = tl.program_id(1) * tokens_per_program
+    b = tl.program_id(2).to(tl.int64)
     dout_base = DOUT + b * stride_dout_b
-    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
-    for di in range(2):
-        i = i_lo + di
-        row_ok = i <= i_hi
-        size_r = ((i + 1) * h + grid_h - 1) // grid_h - (i * h) // grid_h
-        for dj in range(2):
-            j = j_lo + dj
-            ok = row_ok & (j <= j_hi) & mask_n
-            size_c = ((j + 1) * w + grid_w - 1) // grid_w - (j * w) // grid_w
-            # Masked-off lanes may hold i = grid_h or j = grid_w; their size is still positive, nothing is loaded.
-            scale = 1.0 / (size_r * size_c).to(tl.float32)
-            ptrs = dout_base + (i * grid_w + j)[:, None] * stride_dout_m + offs_c[None, :] * stride_dout_c
-            g = tl.load(ptrs, mask=ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-            acc += g * scale[:, None]
-    dx_ptrs = DX + b * stride_dx_b + offs_n[:, None] * stride_dx_n + offs_c[None, :] * stride_dx_c
-    tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :])
+    dx_base = DX + b * stride_dx_b
+    end = tl.minimum(start + tokens_per_program, n_tokens)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < end
+        r = offs_n // w
+        c = offs_n % w
+        i_lo = (r * grid_h) // h
+        i_hi = ((r + 1) * grid_h - 1) // h
+        j_lo = (c * grid_w) // w
+        j_hi = ((c + 1) * grid_w - 1) // w
+        acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+        for di in tl.static_range(2):
+            i = i_lo + di
+            row_ok = (i <= i_hi) & mask_n
+            size_r = ((i + 1) * h + grid_h - 1) // grid_h - (i * h) // grid_h
+            for dj in tl.static_range(2):
+                j = j_lo + dj
+                ok = row_ok & (j <= j_hi)
+                size_c = ((j + 1) * w + grid_w - 1) // grid_w - (j * w) // grid_w
+                # Masked-off lanes may hold i = grid_h or j = grid_w; their size is still positive, nothing is loaded.
+                scale = 1.0 / (size_r * size_c).to(tl.float32)
+                m = i * grid_w + j
+                if IDX64:
+                    m = m.to(tl.int64)
+                ptrs = dout_base + m[:, None] * stride_dout_m + offs_c[None, :] * stride_dout_c
+                g = tl.load(ptrs, mask=ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+                acc += g * scale[:, None]
+        tok = offs_n
+        if IDX64:
+            tok = tok.to(tl.int64)
+        tl.store(dx_base + tok[:, None] * stride_dx_n + offs_c[None, :] * stride_dx_c,
+                 acc.to(DX.dtype.element_ty), mask=mask_n[:, None] & mask_c[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
 
-# NOTE: block sizes below are unmeasured on GPU (no GPU was available when they were written). The reasoning:
-# 128 channels = 256 B per token row in bf16, one fully coalesced segment per warp, and C = 1152 is exactly 9 blocks;
-# tiles of at most 2048 elements keep 4 warps at 16 fp32 accumulators per thread.
-_MAX_BLOCK_C = 128
-_TILE = 2048
+# NOTE: tile sizes are unmeasured on a GPU. The reasoning: a channel block of 256 (or 128, so that C = 1152 is 9
+# whole blocks) is 256-512 B of one token row in bf16, whole 32-B sectors, read as 16-B vectors; tiles of at most
+# 4096 elements keep 4 warps at 32 fp32 accumulators per thread; a program moves the windows of a sparse row (forward:
+# a band of token rows) or up to 128 tokens (backward), tens of KB, and both runs shrink until the grid has about 8
+# programs per SM, so that small batches and grids still fill the GPU.
+_TILE = 4096
 _NUM_WARPS = 4
+_MAX_RUN = 128
+_PROGRAMS_PER_SM = 8
 
 
-def _block_c(n_channels: int) -> int:
-    return min(_MAX_BLOCK_C, triton.next_power_of_2(n_channels))
+def channel_block(n_channels: int) -> Tuple[int, bool]:
+    """(BLOCK_C, EVEN_C): 256 when it divides C, else 128 (C >= 128), else C rounded up to a power of two."""
+    if n_channels % 256 == 0:
+        block = 256
+    elif n_channels >= 128:
+        block = 128
+    else:
+        block = max(16, next_pow2(n_channels))
+    return block, n_channels % block == 0
 
 
-def token_pool_fwd(x: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
-    """Launch the pooling kernel. x: (B, h*w, C), any strides (read in place, no copy) -> (B, G_h*G_w, C) contiguous."""
-    check_tensor("x", x, 3)
-    check_kernel_device("x", x)
-    (h, w), (gh, gw) = check_grid(x, hw, grid)
+def token_run(n_items: int, block: int, programs_per_run: int, device: torch.device, max_run: int = _MAX_RUN) -> int:
+    """Items (tokens, or windows of a sparse row) per program: up to max_run, at least `block`, halved while the
+    grid (programs_per_run programs per run of items) has fewer than _PROGRAMS_PER_SM programs per SM."""
+    run = max(block, min(max_run, next_pow2(n_items)))
+    target = _PROGRAMS_PER_SM * sm_count(device)
+    while run > block and programs_per_run * cdiv(n_items, run) < target:
+        run //= 2
+    return run
+
+
+def _max_window(size: int, out: int) -> int:
+    """An upper bound on AdaptiveAvgPool's window length: ceil(size/out), plus one when out does not divide size."""
+    return -(-size // out) + (size % out != 0)
+
+
+def _token_pool_fwd(x: torch.Tensor, h: int, w: int, gh: int, gw: int) -> torch.Tensor:
     b, _, c = x.shape
-    out = x.new_empty(b, gh * gw, c)
+    out = torch.empty((b, gh * gw, c), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
-    block_c = _block_c(c)
-    # Largest window area: window sizes are at most ceil(size/G) + 1 on each axis, use the exact maximum.
-    max_area = max(e - s for s, e in _windows(h, gh)) * max(e - s for s, e in _windows(w, gw))
-    block_t = max(1, min(triton.next_power_of_2(max_area), _TILE // block_c))
-    launch = (b * gh * gw, triton.cdiv(c, block_c))
-    _token_pool_fwd_kernel[launch](
-        x, out, h, w, gh, gw, c,
+    block_c, even_c = channel_block(c)
+    block_t = max(1, min(next_pow2(_max_window(h, gh) * _max_window(w, gw)), _TILE // block_c))
+    c_blocks = cdiv(c, block_c)
+    run = token_run(gw, 1, c_blocks * gh * b, x.device, max_run=gw)
+    _token_pool_fwd_kernel[(c_blocks, gh * cdiv(gw, run), b)](
+        x, out, h, w, gh, gw, c, run,
         x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=_NUM_WARPS,
+        BLOCK_T=block_t, BLOCK_C=block_c, EVEN_C=even_c, IDX64=not fits_int32(x, out), num_warps=_NUM_WARPS,
     )
     return out
 
 
-def token_pool_bwd(grad_out: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
-    """Launch the pooling backward. grad_out: (B, G_h*G_w, C), any strides -> (B, h*w, C) contiguous."""
-    check_tensor("grad_out", grad_out, 3)
-    check_kernel_device("grad_out", grad_out)
-    (h, w), (gh, gw) = check_grid_sizes(hw, grid)
-    check_tokens("grad_out", grad_out, gh * gw, f"grid {gh}x{gw}")
+def _token_pool_bwd(grad_out: torch.Tensor, h: int, w: int, gh: int, gw: int) -> torch.Tensor:
     b, _, c = grad_out.shape
     n = h * w
-    dx = grad_out.new_empty(b, n, c)
+    dx = torch.empty((b, n, c), device=grad_out.device, dtype=grad_out.dtype)
     if dx.numel() == 0:
         return dx
-    block_c = _block_c(c)
-    block_n = min(_TILE // block_c, triton.next_power_of_2(n))
-    launch = (b * triton.cdiv(n, block_n), triton.cdiv(c, block_c))
-    _token_pool_bwd_kernel[launch](
-        grad_out, dx, h, w, gh, gw, n, c,
+    block_c, even_c = channel_block(c)
+    block_n = min(_TILE // block_c, next_pow2(n))
+    c_blocks = cdiv(c, block_c)
+    run = token_run(n, block_n, b * c_blocks, grad_out.device)
+    _token_pool_bwd_kernel[(c_blocks, cdiv(n, run), b)](
+        grad_out, dx, h, w, gh, gw, n, c, run,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dx.stride(0), dx.stride(1), dx.stride(2),
-        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=_NUM_WARPS,
+        BLOCK_N=block_n, BLOCK_C=block_c, EVEN_C=even_c, IDX64=not fits_int32(grad_out, dx), num_warps=_NUM_WARPS,
     )
     return dx
+
+
+def token_pool_fwd(x: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
+    """Launch the pooling kernel. x: (B, h*w, C), any strides (read in place, no copy) -> (B, G_h*G_w, C) contiguous."""
+    (h, w), (gh, gw) = pool_args(x, hw, grid)
+    check_kernel_device("x", x)
+    return _token_pool_fwd(x, h, w, gh, gw)
+
+
+def token_pool_bwd(grad_out: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
+    """Launch the pooling backward. grad_out: (B, G_h*G_w, C), any strides -> (B, h*w, C) contiguous."""
+    (h, w), (gh, gw) = pool_backward_args(grad_out, hw, grid)
+    check_kernel_device("grad_out", grad_out)
+    return _token_pool_bwd(grad_out, h, w, gh, gw)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
+# torch.compile, torch.jit.trace (fvcore), dispatch modes and meta tensors see the custom op `flexdit::token_pool`,
+# one opaque node. Plain eager calls skip its dispatcher (tens of microseconds a call): `_forward` straight away when
+# no input needs a gradient, the reference with PyTorch's own autograd when both directions run the reference, else
+# `_TokenPoolFunction`. All of them run the same `_forward` / `_backward`, which pick kernel or reference per shape.
+
+def _forward(x: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
+    (h, w), (gh, gw) = hw, grid
+    b, n, c = x.shape
+    if use_kernel("token_pool", x, batch=b, tokens=n, sparse=gh * gw, channels=c):
+        return _token_pool_fwd(x, h, w, gh, gw)
+    return token_pool_ref(x, hw, grid)
+
+
+def _backward(grad_out: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
+    # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
+    (h, w), (gh, gw) = hw, grid
+    b, m, c = grad_out.shape
+    if use_kernel("token_pool_backward", grad_out, batch=b, tokens=h * w, sparse=m, channels=c):
+        return _token_pool_bwd(grad_out, h, w, gh, gw)
+    return token_pool_backward_ref(grad_out, hw, grid)
+
+
+class _TokenPoolFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, hw, grid):
+        ctx.hw, ctx.grid = hw, grid
+        return _forward(x, hw, grid)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _backward(grad_out, ctx.hw, ctx.grid), None, None
+
 
 @torch.library.custom_op("flexdit::token_pool", mutates_args=())
 def _token_pool_op(x: torch.Tensor, hw: List[int], grid: List[int]) -> torch.Tensor:
-    if use_triton(x):
-        return token_pool_fwd(x, hw, grid)
-    return token_pool_ref(x, hw, grid)
+    return _forward(x, tuple(hw), tuple(grid))
 
 
 @_token_pool_op.register_fake
@@ -183,9 +277,7 @@ def _(x, hw, grid):
 
 @torch.library.custom_op("flexdit::token_pool_backward", mutates_args=())
 def _token_pool_backward_op(grad_out: torch.Tensor, hw: List[int], grid: List[int]) -> torch.Tensor:
-    if use_triton(grad_out):
-        return token_pool_bwd(grad_out, hw, grid)
-    return token_pool_backward_ref(grad_out, hw, grid)
+    return _backward(grad_out, tuple(hw), tuple(grid))
 
 
 @_token_pool_backward_op.register_fake
@@ -193,32 +285,37 @@ def _(grad_out, hw, grid):
     return grad_out.new_empty(grad_out.shape[0], hw[0] * hw[1], grad_out.shape[2])
 
 
-def _setup_context(ctx, inputs, output):
+def _op_setup_context(ctx, inputs, output):
     _, ctx.hw, ctx.grid = inputs
 
 
-def _backward(ctx, grad_out):
-    # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
+def _op_backward(ctx, grad_out):
     return _token_pool_backward_op(grad_out, ctx.hw, ctx.grid), None, None
 
 
-_token_pool_op.register_autograd(_backward, setup_context=_setup_context)
+_token_pool_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def token_pool(x: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
     """Average-pool tokens on their `h x w` grid down to a `G_h x G_w` grid.
 
     Args:
-        x: (B, N, C) dense tokens in row-major grid order, N = h * w.
+        x: (B, N, C) dense tokens in row-major grid order, N = h * w; any strides (frames folded into B included).
         hw: the token grid, `(h, w)` or `h` for a square one.
         grid: the sparse grid, `(G_h, G_w)` or `G`; each side at most the token grid's.
     Returns:
         (B, G_h * G_w, C) in x's dtype. Window (i, j) covers rows floor(i*h/G_h) .. ceil((i+1)*h/G_h) - 1 and the
         same for columns, as `torch.nn.AdaptiveAvgPool2d`; windows may overlap or differ in size.
     """
-    check_tensor("x", x, 3)
-    hw, grid = check_grid(x, hw, grid)
-    return _token_pool_op(x, list(hw), list(grid))
+    hw, grid = pool_args(x, hw, grid)
+    if opaque_call(x):
+        return _token_pool_op(x, list(hw), list(grid))
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return _forward(x, hw, grid)
+    shape = dict(batch=x.shape[0], tokens=x.shape[1], sparse=grid[0] * grid[1], channels=x.shape[2])
+    if not (use_kernel("token_pool", x, **shape) or use_kernel("token_pool_backward", x, **shape)):
+        return token_pool_ref(x, hw, grid)        # the reference both ways: PyTorch's autograd, no wrapper
+    return _TokenPoolFunction.apply(x, hw, grid)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -242,13 +339,15 @@ def pool_matrix(hw: Sequence[int], grid: Sequence[int], device=None, dtype=torch
     return torch.kron(rows, cols)  # (gh*gw, h*w), row-major on both sides
 
 
-def token_pool_ref(x: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
-    """Pure-PyTorch token_pool: the pooling matrix applied in fp32."""
+def token_pool_ref(x: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
+    """Pure-PyTorch token_pool (same arguments and checks as the op): the pooling matrix applied in fp32."""
+    hw, grid = pool_args(x, hw, grid)
     p = pool_matrix(hw, grid, device=x.device)
     return torch.matmul(p, x.float()).to(x.dtype)
 
 
-def token_pool_backward_ref(grad_out: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
+def token_pool_backward_ref(grad_out: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
     """Gradient of token_pool: each window's output gradient spread evenly over its tokens (overlaps add up)."""
+    hw, grid = pool_backward_args(grad_out, hw, grid)
     p = pool_matrix(hw, grid, device=grad_out.device)
     return torch.matmul(p.t(), grad_out.float()).to(grad_out.dtype)

@@ -1,165 +1,196 @@
 """upsample_add: nearest-neighbour upsampling of sparse tokens to the dense grid fused with a residual add.
-sparse: (B, M = G_h*G_w, C), dense: (B, N = h*w, C), fp32/fp16/bf16, any C -> (B, N, C), PyTorch `nearest` rule."""
-from typing import List, Sequence
+sparse: (B, M = G_h*G_w, C), dense: (B, N = h*w, C), fp32/fp16/bf16, any strides and C -> (B, N, C), `nearest` rule."""
+from typing import List, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
-from ._validate import check_grid, check_kernel_device, check_same, check_tensor, check_tokens
-from ._token_pool import Grid
+from ._dispatch import opaque_call, use_kernel
+from ._token_pool import Grid, _channel_offsets, _rect_sum, channel_block, token_run
+from ._validate import cdiv, check_kernel_device, fits_int32, next_pow2, upsample_args, upsample_backward_args
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
+# Grid axes as in _token_pool: channel block on axis 0, tokens or sparse rows on axis 1, batch on axis 2; int32
+# index math on an int64 batch base.
 
 @triton.jit
 def _upsample_add_fwd_kernel(
     SPARSE, DENSE, OUT,
-    h, w, grid_h, grid_w, n_tokens, n_channels,
+    h, w, grid_h, grid_w, n_tokens, n_channels, tokens_per_program,
     stride_s_b, stride_s_m, stride_s_c,
     stride_d_b, stride_d_n, stride_d_c,
     stride_out_b, stride_out_n, stride_out_c,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, IDX64: tl.constexpr,
 ):
-    """One program per (batch, block of dense tokens, channel block): read each dense token and its parent, write
-    the sum. Parents repeat across neighbouring tokens, so the sparse reads mostly hit the cache."""
-    n_blocks = (n_tokens + BLOCK_N - 1) // BLOCK_N  # inline cdiv: tl.cdiv is a jit call, slow when interpreted
-    pid_bn = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    b = pid_bn // n_blocks
-    offs_n = (pid_bn % n_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (offs_n < n_tokens)[:, None] & (offs_c < n_channels)[None, :]
-    # Nearest rule: parent row floor(i*G_h/h), parent column floor(j*G_w/w).
-    parent = ((offs_n // w) * grid_h // h) * grid_w + (offs_n % w) * grid_w // w
-    s = tl.load(SPARSE + b * stride_s_b + parent[:, None] * stride_s_m + offs_c[None, :] * stride_s_c,
-                mask=mask, other=0.0)
-    d = tl.load(DENSE + b * stride_d_b + offs_n[:, None] * stride_d_n + offs_c[None, :] * stride_d_c,
-                mask=mask, other=0.0)
-    out = s.to(tl.float32) + d.to(tl.float32)
-    tl.store(OUT + b * stride_out_b + offs_n[:, None] * stride_out_n + offs_c[None, :] * stride_out_c,
-             out.to(OUT.dtype.element_ty), mask=mask)
+    """Program (channel block, run of tokens_per_program dense tokens, batch), BLOCK_N tokens at a time: read each
+    dense token and its parent, write the sum. Parents repeat across neighbouring tokens and the sparse tensor is
+    small (M << N), so its reads hit the cache; dense and out cross memory once."""
+    offs_c, mask_c = _channel_offsets(tl.program_id(0), n_channels, BLOCK_C, EVEN_C)
+    start = tl.program_id(1) * tokens_per_program
+    b = tl.program_id(2).to(tl.int64)
+    s_base = SPARSE + b * stride_s_b
+    d_base = DENSE + b * stride_d_b
+    out_base = OUT + b * stride_out_b
+    end = tl.minimum(start + tokens_per_program, n_tokens)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask = (offs_n < end)[:, None] & mask_c[None, :]
+        # Nearest rule: parent row floor(i*G_h/h), parent column floor(j*G_w/w).
+        parent = ((offs_n // w) * grid_h // h) * grid_w + (offs_n % w) * grid_w // w
+        tok = offs_n
+        if IDX64:
+            parent = parent.to(tl.int64)
+            tok = tok.to(tl.int64)
+        s = tl.load(s_base + parent[:, None] * stride_s_m + offs_c[None, :] * stride_s_c, mask=mask, other=0.0)
+        d = tl.load(d_base + tok[:, None] * stride_d_n + offs_c[None, :] * stride_d_c, mask=mask, other=0.0)
+        out = s.to(tl.float32) + d.to(tl.float32)
+        tl.store(out_base + tok[:, None] * stride_out_n + offs_c[None, :] * stride_out_c,
+                 out.to(OUT.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _upsample_add_bwd_kernel(
     DOUT, DSPARSE,
-    h, w, grid_h, grid_w, n_channels,
+    h, w, grid_h, grid_w, n_channels, windows_per_program,
     stride_dout_b, stride_dout_n, stride_dout_c,
     stride_ds_b, stride_ds_m, stride_ds_c,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, IDX64: tl.constexpr,
 ):
-    """One program per (batch, sparse token, channel block) sums its children, so no atomics are needed: the
-    children of (I, J) are the rectangle rows ceil(I*h/G_h) .. ceil((I+1)*h/G_h) - 1, same for columns, read as
-    flattened (BLOCK_T, BLOCK_C) tiles."""
-    pid_bm = tl.program_id(0).to(tl.int64)
-    pid_c = tl.program_id(1).to(tl.int64)
-    n_sparse = grid_h * grid_w
-    b = pid_bm // n_sparse
-    m = pid_bm % n_sparse
-    i = m // grid_w
-    j = m % grid_w
+    """Program (channel block, run of windows_per_program sparse tokens of sparse row I, batch): each sparse token
+    (I, J) sums its children, so no atomics are needed. The children of (I, J) are the rectangle rows
+    ceil(I*h/G_h) .. ceil((I+1)*h/G_h) - 1, same for columns; a whole row's rectangles tile a band of token rows,
+    read once."""
+    offs_c, mask_c = _channel_offsets(tl.program_id(0), n_channels, BLOCK_C, EVEN_C)
+    n_runs = (grid_w + windows_per_program - 1) // windows_per_program
+    i = tl.program_id(1) // n_runs
+    j_start = (tl.program_id(1) % n_runs) * windows_per_program
+    j_end = tl.minimum(j_start + windows_per_program, grid_w)
+    b = tl.program_id(2).to(tl.int64)
+    dout_base = DOUT + b * stride_dout_b
+    ds_base = DSPARSE + b * stride_ds_b
     r0 = (i * h + grid_h - 1) // grid_h
     r1 = ((i + 1) * h + grid_h - 1) // grid_h
-    c0 = (j * w + grid_w - 1) // grid_w
-    c1 = ((j + 1) * w + grid_w - 1) // grid_w
-    rect_w = c1 - c0
-    area = (r1 - r0) * rect_w
-
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < n_channels
-    dout_base = DOUT + b * stride_dout_b
-    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    for t0 in range(0, area, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        tok = (r0 + t // rect_w) * w + (c0 + t % rect_w)
-        mask = (t < area)[:, None] & mask_c[None, :]
-        ptrs = dout_base + tok[:, None] * stride_dout_n + offs_c[None, :] * stride_dout_c
-        acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    ds_ptrs = DSPARSE + b * stride_ds_b + m * stride_ds_m + offs_c * stride_ds_c
-    tl.store(ds_ptrs, tl.sum(acc, axis=0).to(DSPARSE.dtype.element_ty), mask=mask_c)
+    for j in range(j_start, j_end):
+        c0 = (j * w + grid_w - 1) // grid_w
+        c1 = ((j + 1) * w + grid_w - 1) // grid_w
+        total = _rect_sum(dout_base, r0, r1, c0, c1, w, stride_dout_n, stride_dout_c, offs_c, mask_c,
+                          BLOCK_T, BLOCK_C, IDX64)
+        m = i * grid_w + j
+        if IDX64:
+            m = m.to(tl.int64)
+        tl.store(ds_base + m * stride_ds_m + offs_c * stride_ds_c, total.to(DSPARSE.dtype.element_ty), mask=mask_c)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
 
-# NOTE: block sizes below are unmeasured on GPU (no GPU was available when they were written). The reasoning:
-# 128 channels = 256 B per token row in bf16, one fully coalesced segment per warp, and C = 1152 is exactly 9 blocks;
-# tiles of at most 2048 elements keep 4 warps at 16 fp32 values per thread and operand.
-_MAX_BLOCK_C = 128
-_TILE = 2048
+# NOTE: tile sizes are unmeasured on a GPU; the reasoning is _token_pool's: channel blocks of 128-256, tiles of at
+# most 4096 elements on 4 warps, up to 128 tokens (forward: 64 KB read and written in bf16 at C-block 128) or the
+# children of a sparse row (backward: a band of token rows) per program, fewer while the grid is small.
+_TILE = 4096
 _NUM_WARPS = 4
 
 
-def _block_c(n_channels: int) -> int:
-    return min(_MAX_BLOCK_C, triton.next_power_of_2(n_channels))
+def _upsample_add_fwd(sparse: torch.Tensor, dense: torch.Tensor, h: int, w: int, gh: int, gw: int) -> torch.Tensor:
+    b, n, c = dense.shape
+    out = torch.empty((b, n, c), device=dense.device, dtype=dense.dtype)
+    if out.numel() == 0:
+        return out
+    block_c, even_c = channel_block(c)
+    block_n = min(_TILE // block_c, next_pow2(n))
+    c_blocks = cdiv(c, block_c)
+    run = token_run(n, block_n, b * c_blocks, dense.device)
+    _upsample_add_fwd_kernel[(c_blocks, cdiv(n, run), b)](
+        sparse, dense, out, h, w, gh, gw, n, c, run,
+        sparse.stride(0), sparse.stride(1), sparse.stride(2),
+        dense.stride(0), dense.stride(1), dense.stride(2),
+        out.stride(0), out.stride(1), out.stride(2),
+        BLOCK_N=block_n, BLOCK_C=block_c, EVEN_C=even_c, IDX64=not fits_int32(sparse, dense, out),
+        num_warps=_NUM_WARPS,
+    )
+    return out
+
+
+def _upsample_add_bwd(grad_out: torch.Tensor, h: int, w: int, gh: int, gw: int) -> torch.Tensor:
+    b, _, c = grad_out.shape
+    ds = torch.empty((b, gh * gw, c), device=grad_out.device, dtype=grad_out.dtype)
+    if ds.numel() == 0:
+        return ds
+    block_c, even_c = channel_block(c)
+    # Children rectangles have sides ceil(size/G) or floor(size/G): take the largest area.
+    max_area = -(-h // gh) * -(-w // gw)
+    block_t = max(1, min(next_pow2(max_area), _TILE // block_c))
+    c_blocks = cdiv(c, block_c)
+    run = token_run(gw, 1, c_blocks * gh * b, grad_out.device, max_run=gw)
+    _upsample_add_bwd_kernel[(c_blocks, gh * cdiv(gw, run), b)](
+        grad_out, ds, h, w, gh, gw, c, run,
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        ds.stride(0), ds.stride(1), ds.stride(2),
+        BLOCK_T=block_t, BLOCK_C=block_c, EVEN_C=even_c, IDX64=not fits_int32(grad_out, ds), num_warps=_NUM_WARPS,
+    )
+    return ds
 
 
 def upsample_add_fwd(sparse: torch.Tensor, dense: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
     """Launch the fused upsample + add. sparse: (B, G_h*G_w, C), dense: (B, h*w, C), any strides (read in place)
     -> (B, h*w, C) contiguous (the op's fake impl promises that layout)."""
-    check_tensor("sparse", sparse, 3)
-    check_tensor("dense", dense, 3)
-    check_same(("dense", "sparse"), (dense, sparse))
+    (h, w), (gh, gw) = upsample_args(sparse, dense, hw, grid)
     check_kernel_device("dense", dense)
-    (h, w), (gh, gw) = check_grid(dense, hw, grid)
-    if sparse.shape[0] != dense.shape[0] or sparse.shape[2] != dense.shape[2]:
-        raise ValueError(f"sparse {tuple(sparse.shape)} and dense {tuple(dense.shape)} differ in batch or channels")
-    check_tokens("sparse", sparse, gh * gw, f"grid {gh}x{gw}")
-    b, n, c = dense.shape
-    out = dense.new_empty(dense.shape)
-    if out.numel() == 0:
-        return out
-    block_c = _block_c(c)
-    block_n = min(_TILE // block_c, triton.next_power_of_2(n))
-    launch = (b * triton.cdiv(n, block_n), triton.cdiv(c, block_c))
-    _upsample_add_fwd_kernel[launch](
-        sparse, dense, out, h, w, gh, gw, n, c,
-        sparse.stride(0), sparse.stride(1), sparse.stride(2),
-        dense.stride(0), dense.stride(1), dense.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_N=block_n, BLOCK_C=block_c, num_warps=_NUM_WARPS,
-    )
-    return out
+    return _upsample_add_fwd(sparse, dense, h, w, gh, gw)
 
 
 def upsample_add_bwd(grad_out: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
     """Launch the sparse-gradient kernel. grad_out: (B, h*w, C), any strides -> (B, G_h*G_w, C) contiguous.
     The dense gradient is grad_out itself and needs no kernel."""
-    check_tensor("grad_out", grad_out, 3)
+    (h, w), (gh, gw) = upsample_backward_args(grad_out, hw, grid)
     check_kernel_device("grad_out", grad_out)
-    (h, w), (gh, gw) = check_grid(grad_out, hw, grid)
-    b, _, c = grad_out.shape
-    ds = grad_out.new_empty(b, gh * gw, c)
-    if ds.numel() == 0:
-        return ds
-    block_c = _block_c(c)
-    # Children rectangles have sides ceil(size/G) or floor(size/G): take the largest area.
-    max_area = -(-h // gh) * -(-w // gw)
-    block_t = max(1, min(triton.next_power_of_2(max_area), _TILE // block_c))
-    launch = (b * gh * gw, triton.cdiv(c, block_c))
-    _upsample_add_bwd_kernel[launch](
-        grad_out, ds, h, w, gh, gw, c,
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        ds.stride(0), ds.stride(1), ds.stride(2),
-        BLOCK_T=block_t, BLOCK_C=block_c, num_warps=_NUM_WARPS,
-    )
-    return ds
+    return _upsample_add_bwd(grad_out, h, w, gh, gw)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
+# As in _token_pool: compilers, tracers, dispatch modes and meta tensors see the custom op `flexdit::upsample_add`;
+# eager calls take `_forward` (no gradient needed), the reference (both directions on it) or `_UpsampleAddFunction`.
+
+def _forward(sparse: torch.Tensor, dense: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
+    (h, w), (gh, gw) = hw, grid
+    b, n, c = dense.shape
+    if use_kernel("upsample_add", sparse, dense, batch=b, tokens=n, sparse=gh * gw, channels=c):
+        return _upsample_add_fwd(sparse, dense, h, w, gh, gw)
+    return upsample_add_ref(sparse, dense, hw, grid)
+
+
+def _backward(grad_out: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
+    # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
+    (h, w), (gh, gw) = hw, grid
+    b, n, c = grad_out.shape
+    if use_kernel("upsample_add_backward", grad_out, batch=b, tokens=n, sparse=gh * gw, channels=c):
+        return _upsample_add_bwd(grad_out, h, w, gh, gw)
+    return upsample_add_backward_ref(grad_out, hw, grid)
+
+
+class _UpsampleAddFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, sparse, dense, hw, grid):
+        ctx.hw, ctx.grid = hw, grid
+        return _forward(sparse, dense, hw, grid)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        # The dense gradient is grad_out itself.
+        ds = _backward(grad_out, ctx.hw, ctx.grid) if ctx.needs_input_grad[0] else None
+        return ds, grad_out, None, None
+
 
 @torch.library.custom_op("flexdit::upsample_add", mutates_args=())
 def _upsample_add_op(sparse: torch.Tensor, dense: torch.Tensor, hw: List[int], grid: List[int]) -> torch.Tensor:
-    if use_triton(sparse, dense):
-        return upsample_add_fwd(sparse, dense, hw, grid)
-    return upsample_add_ref(sparse, dense, hw, grid)
+    return _forward(sparse, dense, tuple(hw), tuple(grid))
 
 
 @_upsample_add_op.register_fake
@@ -169,9 +200,7 @@ def _(sparse, dense, hw, grid):
 
 @torch.library.custom_op("flexdit::upsample_add_backward", mutates_args=())
 def _upsample_add_backward_op(grad_out: torch.Tensor, hw: List[int], grid: List[int]) -> torch.Tensor:
-    if use_triton(grad_out):
-        return upsample_add_bwd(grad_out, hw, grid)
-    return upsample_add_backward_ref(grad_out, hw, grid)
+    return _backward(grad_out, tuple(hw), tuple(grid))
 
 
 @_upsample_add_backward_op.register_fake
@@ -179,38 +208,37 @@ def _(grad_out, hw, grid):
     return grad_out.new_empty(grad_out.shape[0], grid[0] * grid[1], grad_out.shape[2])
 
 
-def _setup_context(ctx, inputs, output):
+def _op_setup_context(ctx, inputs, output):
     _, _, ctx.hw, ctx.grid = inputs
 
 
-def _backward(ctx, grad_out):
-    # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()), and the dense
-    # gradient is grad_out itself.
+def _op_backward(ctx, grad_out):
+    # The dense gradient is grad_out itself.
     return _upsample_add_backward_op(grad_out, ctx.hw, ctx.grid), grad_out, None, None
 
 
-_upsample_add_op.register_autograd(_backward, setup_context=_setup_context)
+_upsample_add_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def upsample_add(sparse: torch.Tensor, dense: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
     """`nearest_upsample(sparse) + dense` on the dense token grid.
 
     Args:
-        sparse: (B, G_h * G_w, C) sparse tokens, row-major.
-        dense: (B, h * w, C) dense tokens, same dtype and device.
+        sparse: (B, G_h * G_w, C) sparse tokens, row-major; any strides.
+        dense: (B, h * w, C) dense tokens, same dtype and device; any strides.
         hw: the dense grid `(h, w)` or `h`; grid: the sparse grid `(G_h, G_w)` or `G`.
     Returns:
-        (B, h * w, C): dense token (i, j) plus sparse token (floor(i*G_h/h), floor(j*G_w/w)).
+        (B, h * w, C) contiguous: dense token (i, j) plus sparse token (floor(i*G_h/h), floor(j*G_w/w)).
     """
-    check_tensor("sparse", sparse, 3)
-    check_tensor("dense", dense, 3)
-    check_same(("dense", "sparse"), (dense, sparse))
-    hw, grid = check_grid(dense, hw, grid)
-    if sparse.shape[0] != dense.shape[0] or sparse.shape[2] != dense.shape[2]:
-        raise ValueError(f"sparse {tuple(sparse.shape)} and dense {tuple(dense.shape)} differ in batch or channels")
-    if sparse.shape[1] != grid[0] * grid[1]:
-        raise ValueError(f"sparse has {sparse.shape[1]} tokens but grid is {grid[0]}x{grid[1]}")
-    return _upsample_add_op(sparse, dense, list(hw), list(grid))
+    hw, grid = upsample_args(sparse, dense, hw, grid)
+    if opaque_call(sparse, dense):
+        return _upsample_add_op(sparse, dense, list(hw), list(grid))
+    if not ((sparse.requires_grad or dense.requires_grad) and torch.is_grad_enabled()):
+        return _forward(sparse, dense, hw, grid)
+    shape = dict(batch=dense.shape[0], tokens=dense.shape[1], sparse=grid[0] * grid[1], channels=dense.shape[2])
+    if not (use_kernel("upsample_add", sparse, dense, **shape) or use_kernel("upsample_add_backward", dense, **shape)):
+        return upsample_add_ref(sparse, dense, hw, grid)    # the reference both ways: PyTorch's autograd
+    return _UpsampleAddFunction.apply(sparse, dense, hw, grid)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,14 +253,17 @@ def parent_index(hw: Sequence[int], grid: Sequence[int], device=None) -> torch.T
     return (rows[:, None] * gw + cols[None, :]).reshape(-1)
 
 
-def upsample_add_ref(sparse: torch.Tensor, dense: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
-    """Pure-PyTorch upsample_add: gather each dense token's parent, add in fp32."""
+def upsample_add_ref(sparse: torch.Tensor, dense: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
+    """Pure-PyTorch upsample_add (same arguments and checks as the op): gather each dense token's parent, add in
+    fp32."""
+    hw, grid = upsample_args(sparse, dense, hw, grid)
     up = sparse.float()[:, parent_index(hw, grid, sparse.device)]
     return (up + dense.float()).to(dense.dtype).contiguous()
 
 
-def upsample_add_backward_ref(grad_out: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
+def upsample_add_backward_ref(grad_out: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
     """Gradient for `sparse`: the sum of each parent's children's gradients (the dense gradient is grad_out)."""
+    hw, grid = upsample_backward_args(grad_out, hw, grid)
     b, _, c = grad_out.shape
     out = torch.zeros(b, grid[0] * grid[1], c, dtype=torch.float32, device=grad_out.device)
     out.index_add_(1, parent_index(hw, grid, grad_out.device), grad_out.float())

@@ -70,3 +70,102 @@ def check_kernel_device(name: str, t: torch.Tensor) -> None:
     """A Triton launcher needs CUDA tensors, or CPU tensors when the interpreter runs the kernels."""
     if not (t.is_cuda or (t.device.type == "cpu" and interpreting())):
         raise ValueError(f"{name} is on {t.device}; Triton kernels need CUDA (or the CPU with TRITON_INTERPRET=1)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-op argument checks, shared by each op, its launchers and its reference
+# ----------------------------------------------------------------------------------------------------------------
+
+def pool_args(x, hw, grid) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """token_pool(x, hw, grid): x (B, h*w, C) float; returns ((h, w), (G_h, G_w))."""
+    check_tensor("x", x, 3)
+    return check_grid(x, hw, grid)
+
+
+def pool_backward_args(grad_out, hw, grid) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """token_pool's backward(grad_out, hw, grid): grad_out (B, G_h*G_w, C) float."""
+    check_tensor("grad_out", grad_out, 3)
+    hw, grid = check_grid_sizes(hw, grid)
+    check_tokens("grad_out", grad_out, grid[0] * grid[1], f"grid {grid[0]}x{grid[1]}")
+    return hw, grid
+
+
+def upsample_args(sparse, dense, hw, grid) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """upsample_add(sparse, dense, hw, grid): sparse (B, G_h*G_w, C), dense (B, h*w, C), same dtype and device."""
+    check_tensor("sparse", sparse, 3)
+    check_tensor("dense", dense, 3)
+    check_same(("dense", "sparse"), (dense, sparse))
+    hw, grid = check_grid(dense, hw, grid)
+    if sparse.shape[0] != dense.shape[0] or sparse.shape[2] != dense.shape[2]:
+        raise ValueError(f"sparse {tuple(sparse.shape)} and dense {tuple(dense.shape)} differ in batch or channels")
+    check_tokens("sparse", sparse, grid[0] * grid[1], f"grid {grid[0]}x{grid[1]}")
+    return hw, grid
+
+
+def upsample_backward_args(grad_out, hw, grid) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """upsample_add's backward(grad_out, hw, grid): grad_out (B, h*w, C) float."""
+    check_tensor("grad_out", grad_out, 3)
+    return check_grid(grad_out, hw, grid)
+
+
+def mean_args(x, eps) -> float:
+    """token_mean(x, eps): x (B, N, C) float with N, C >= 1, eps > 0; returns eps as a float."""
+    check_tensor("x", x, 3)
+    if x.shape[1] == 0 or x.shape[2] == 0:
+        raise ValueError(f"x must have at least one token and one channel, got shape {tuple(x.shape)}")
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise ValueError(f"eps must be a positive float, got {eps!r}") from None
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    return eps
+
+
+def mean_backward_args(grad_out, x, eps) -> float:
+    """token_mean's backward(grad_out, x, eps): grad_out (B, C) like x's batch and channels."""
+    eps = mean_args(x, eps)
+    check_tensor("grad_out", grad_out, 2)
+    check_same(("x", "grad_out"), (x, grad_out))
+    b, _, c = x.shape
+    if tuple(grad_out.shape) != (b, c):
+        raise ValueError(f"grad_out must have shape {(b, c)} to match x {tuple(x.shape)}, got {tuple(grad_out.shape)}")
+    return eps
+
+
+def fits_int32(*tensors: torch.Tensor) -> bool:
+    """Whether every element offset inside one batch entry (dim 0) of each tensor fits in int32: then the kernels
+    do their index math in int32 on an int64 batch base."""
+    for t in tensors:
+        if t.is_contiguous() and t.numel() < 2**31:
+            continue
+        span = 0
+        for size, stride in zip(t.shape[1:], t.stride()[1:]):
+            span += (size - 1) * abs(stride) if size > 0 else 0
+        if span >= 2**31:
+            return False
+    return True
+
+
+# Plain-int forms of triton.cdiv / triton.next_power_of_2, which are far slower to call from Python (they unwrap
+# constexprs) and run on every launch.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+_SM_COUNTS = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached); 132, an H100's, elsewhere (the interpreter), so launch
+    grids come out the same shape as on the GPU."""
+    if device.type != "cuda":
+        return 132
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]

@@ -4,7 +4,9 @@ import torch
 
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
 
-# (B, (h, w), (G_h, G_w), C): divisible, non-divisible, overlapping windows, non-square, identity, G = 1, C = 1152.
+# (B, (h, w), (G_h, G_w), C): divisible, non-divisible, overlapping windows, non-square, identity (M = N), G = 1
+# (M = 1), N not a power of two; C = 40 (one partial channel block), 200 (a whole block of 128 and a tail of 72),
+# 1152 (nine whole blocks, no channel mask).
 CASES = [
     (3, (16, 16), (6, 6), 40),
     (1, (16, 16), (8, 8), 40),
@@ -16,9 +18,10 @@ CASES = [
     (1, (12, 20), (12, 20), 40),
     (3, (16, 16), (1, 1), 40),
     (1, (8, 8), (3, 3), 1152),
+    (2, (7, 9), (3, 4), 200),
 ]
 # Every case in fp32; fp16 on the awkward ones only, to keep the interpreter run short.
-FP16_CASES = {0, 6, 9}
+FP16_CASES = {0, 6, 9, 10}
 
 
 def kernel_params(ids):

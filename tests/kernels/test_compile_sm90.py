@@ -29,6 +29,7 @@ HW = (32, 16)
 GRIDS = (6, 8, 10)
 HEAD_DIMS = (72, 64)
 BATCHES = (1, 32)
+ODD_CHANNELS = 200      # pool / mean / upsample-add: one block of 128 and a masked tail of 72
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -126,6 +127,27 @@ def _record_all(full):
             for b in batches + ((8,) if full else ()):
                 tm.token_mean_fwd(e(b, n, CHANNELS, dtype=dt))
                 tm.token_mean_bwd(e(b, CHANNELS, dtype=dt), e(b, n, CHANNELS, dtype=dt))
+        # A channel count with a tail (masked last channel block; token_mean rows of 256 lanes) and an odd grid.
+        c, s, g = ODD_CHANNELS, 12, 5
+        tp.token_pool_fwd(e(1, s * s, c, dtype=dt), s, g)
+        tp.token_pool_bwd(e(1, g * g, c, dtype=dt), s, g)
+        ua.upsample_add_fwd(e(1, g * g, c, dtype=dt), e(1, s * s, c, dtype=dt), s, g)
+        ua.upsample_add_bwd(e(1, s * s, c, dtype=dt), s, g)
+        tm.token_mean_fwd(e(1, s * s, c, dtype=dt))
+        tm.token_mean_bwd(e(1, c, dtype=dt), e(1, s * s, c, dtype=dt))
+        if full:
+            # The int64 index variants (a batch entry spanning 2**31 elements or more), forced at a small shape.
+            wide = [(m, "fits_int32", m.fits_int32) for m in (tm, tp, ua)]
+            for m, name, _ in wide:
+                setattr(m, name, lambda *tensors: False)
+            tp.token_pool_fwd(e(1, 1024, CHANNELS, dtype=dt), 32, 8)
+            tp.token_pool_bwd(e(1, 64, CHANNELS, dtype=dt), 32, 8)
+            ua.upsample_add_fwd(e(1, 64, CHANNELS, dtype=dt), e(1, 1024, CHANNELS, dtype=dt), 32, 8)
+            ua.upsample_add_bwd(e(1, 1024, CHANNELS, dtype=dt), 32, 8)
+            tm.token_mean_fwd(e(1, 1024, CHANNELS, dtype=dt))
+            tm.token_mean_bwd(e(1, CHANNELS, dtype=dt), e(1, 1024, CHANNELS, dtype=dt))
+            for m, name, real in wide:
+                setattr(m, name, real)
         for d in HEAD_DIMS if full else (72,):
             h = CHANNELS // d
             for s in hws:
@@ -245,7 +267,8 @@ def _run(tmp_path, *args):
 
 
 def test_compile_sm90_representative(tmp_path):
-    """bf16, 32x32 tokens, G = 10, D = 72, B = 1: every kernel, each attention path (~25 s on 2 cores). fp32 is
+    """bf16, 32x32 tokens, G = 10, D = 72, B = 1 (plus C = 200 on 12x12 -> 5x5 for the pool, mean and upsample-add
+    kernels): every kernel, each attention path (~35 s on 2 cores). fp32 is
     left to the opt-in test: its ieee-precision dots take minutes to compile (the fused-dq backward alone ~250 s)."""
     report = _run(tmp_path, "--jobs", "2")
     assert {v["kernel"] for v in report["variants"]} == ALL_KERNELS
@@ -253,7 +276,7 @@ def test_compile_sm90_representative(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("FLEXDIT_COMPILE_ALL") != "1",
-                    reason="212 variants take about 6 min on 2 cores: set FLEXDIT_COMPILE_ALL=1")
+                    reason="281 variants take about 7 min on 2 cores: set FLEXDIT_COMPILE_ALL=1")
 def test_compile_sm90_all(tmp_path):
     """Every dtype, token grid, G, head dim and batch the launchers see at DiT-XL/2 shapes."""
     report = _run(tmp_path, "--all", "--jobs", "2")

@@ -8,13 +8,17 @@ from hypothesis import strategies as st
 
 from flexdit_kernels import token_mean, token_mean_backward_ref, token_mean_ref
 
+from .guard import check_gaps, guard_allocations, guarded
+
 # The package re-exports the function under the module's name, so fetch the module itself.
+from flexdit_kernels import _dispatch
 from flexdit_kernels import _token_mean as mod
 
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
 
-# (B, N, C, shift): N from the token grids (16x16, 12x20) and awkward ones (1, 37), C = 40 and 1152; `shift` adds a
-# large common offset to every channel, where a one-pass E[x^2] - E[x]^2 variance would lose its digits.
+# (B, N, C, shift): N from the token grids (16x16, 12x20) and awkward ones (1, 37, 63), C = 40, 200 and 1152 (whole
+# rows of 64, 256 and 2048 lanes, the rest masked); `shift` adds a large common offset to every channel, where a
+# one-pass E[x^2] - E[x]^2 variance would lose its digits.
 CASES = [
     (3, 64, 40, 0.0),
     (1, 256, 40, 0.0),
@@ -22,9 +26,10 @@ CASES = [
     (2, 37, 40, 100.0),
     (3, 1, 40, 0.0),
     (1, 24, 1152, 0.0),
+    (2, 63, 200, 0.0),
 ]
 # Every case in fp32; fp16 on the awkward ones only, to keep the interpreter run short.
-FP16_CASES = {0, 3, 5}
+FP16_CASES = {0, 3, 5, 6}
 KERNEL_PARAMS = [pytest.param(case, *dt, id=f"B{case[0]}-N{case[1]}-C{case[2]}-shift{case[3]:g}-{str(dt[0])[6:]}")
                  for k, case in enumerate(CASES) for dt in DTYPES if dt[0] == torch.float32 or k in FP16_CASES]
 
@@ -143,11 +148,19 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("fn", [token_mean, mod.token_mean_fwd], ids=["public", "launcher"])
+@pytest.mark.parametrize("fn", [token_mean, mod.token_mean_fwd, token_mean_ref], ids=["public", "launcher", "ref"])
 @pytest.mark.parametrize("what, call, name", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
 def test_bad_input_raises(fn, what, call, name):
     with pytest.raises(ValueError, match=name):
         call(fn)
+
+
+def test_backward_ref_checks_its_arguments():
+    x = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="grad_out must have shape"):
+        token_mean_backward_ref(torch.randn(2, 7), x)
+    with pytest.raises(ValueError, match="eps"):
+        token_mean_backward_ref(torch.randn(2, 8), x, 0.0)
 
 
 def test_launchers_bad_device_and_grad():
@@ -172,20 +185,111 @@ def test_backward_of_sum_reads_stride_zero_gradient(kernels_only):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GPU: bf16 at the model's sizes
+# Guard buffers, long token runs, how the op is called
 # ----------------------------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("b, n, c", [(2, 63, 200), (1, 37, 40), (2, 1, 24)])
+def test_guard_buffers(b, n, c, dtype, atol, rtol, kernels_only):
+    """Inputs as strided views in NaN-filled buffers, launcher allocations (outputs, the fp32 workspace) in sentinel
+    buffers: forward and backward read nothing outside their inputs and write nothing outside their outputs."""
+    x, grad_out = _inputs(b, n, c, 0.0, dtype)
+    x = guarded(x).requires_grad_()
+    grad_out = guarded(grad_out)
+    with guard_allocations() as allocs:
+        out = token_mean(x)
+        out.backward(grad_out)
+    assert not out.isnan().any() and not x.grad.isnan().any()
+    allocs.check()
+    check_gaps(x, "x")
+    check_gaps(grad_out, "grad_out")
+    ref_out, ref_dx = _grads_via_ref(x, grad_out)
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(x.grad, ref_dx, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("sms, n", [(1, 240), (1, 100), (1000, 240)],
+                         ids=["runs-of-128", "one-run-per-batch-entry", "shortest-runs"])
+def test_token_runs(monkeypatch, sms, n, kernels_only):
+    """The SM count sets the run of tokens per program. One SM: runs of 128 tokens (two BLOCK_N steps each, the last
+    run partial), or at N = 100 one run per batch entry (the forward skips the combine); many SMs: runs of one
+    BLOCK_N, many partial rows for the combine."""
+    monkeypatch.setattr(mod, "sm_count", lambda device: sms)
+    x, grad_out = _inputs(2, n, 40, 3.0, torch.float32)
+    torch.testing.assert_close(mod.token_mean_fwd(x), token_mean_ref(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mod.token_mean_bwd(grad_out, x), token_mean_backward_ref(grad_out, x),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_int64_index_path(monkeypatch, kernels_only):
+    """The IDX64 variants (taken when a batch entry spans 2**31 elements or more), forced at a small shape."""
+    monkeypatch.setattr(mod, "fits_int32", lambda *tensors: False)
+    x, grad_out = _inputs(2, 37, 24, 0.0, torch.float32)
+    x.requires_grad_()
+    out = token_mean(x)
+    out.backward(grad_out)
+    ref_out, ref_dx = _grads_via_ref(x, grad_out)
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x.grad, ref_dx, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")     # torch.jit.trace, still what fvcore uses
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks, constants in a trace
+def test_jit_trace_sees_one_op():
+    """torch.jit.trace (fvcore's FLOP counter) records the custom op, not what runs inside it."""
+    graph = str(torch.jit.trace(lambda t: token_mean(t, 1e-6), (torch.randn(2, 12, 8),)).graph)
+    assert "flexdit::token_mean" in graph and "aten::layer_norm" not in graph
+
+
+@pytest.mark.parametrize("fwd_row, bwd_row, expected", [
+    (True, False, ["token_mean_ref", "_token_mean_bwd"]),
+    (False, True, ["_token_mean_fwd", "token_mean_backward_ref"]),
+    (True, True, ["token_mean_ref"]),                      # the reference both ways, through PyTorch's autograd
+    (False, False, ["_token_mean_fwd", "_token_mean_bwd"]),
+])
+def test_auto_table_is_honoured(monkeypatch, fwd_row, bwd_row, expected):
+    row = [({"batch": (2, 2), "tokens": (12, 12), "channels": (None, 8)}, "reference")]
+    monkeypatch.setitem(_dispatch.AUTO_TABLE, "token_mean", row if fwd_row else [])
+    monkeypatch.setitem(_dispatch.AUTO_TABLE, "token_mean_backward", row if bwd_row else [])
+    calls = []
+    for name in ("token_mean_ref", "token_mean_backward_ref", "_token_mean_fwd", "_token_mean_bwd"):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    x, grad_out = _inputs(2, 12, 8, 0.0, torch.float32)
+    x.requires_grad_()
+    token_mean(x).backward(grad_out)
+    assert calls == expected
+    torch.testing.assert_close(x.grad, token_mean_backward_ref(grad_out, x.detach()), atol=1e-5, rtol=1e-5)
+    calls.clear()
+    token_mean(torch.randn(2, 13, 8))                                         # N = 13 misses the row
+    assert calls == ["_token_mean_fwd"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: bf16 and fp16 at the model's sizes
+# ----------------------------------------------------------------------------------------------------------------
+
+GPU_DTYPES = [(torch.bfloat16, 1e-2, 1e-2, 2e-2), (torch.float16, 2e-3, 2e-3, 4e-3)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [1024, 256])
-def test_gpu_bf16_model_sizes(n):
-    b, c = 8, 1152
-    x = (torch.randn(b, n, c, device="cuda") * 2 + 1).to(torch.bfloat16)
-    grad_out = (torch.randn(b, c, device="cuda") * n).to(torch.bfloat16)
+@pytest.mark.parametrize("dtype, atol, rtol, grad_tol", GPU_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("b", [32, 8])
+@pytest.mark.parametrize("n", [1024, 256, 64])
+def test_gpu_model_sizes(n, b, dtype, atol, rtol, grad_tol):
+    """DiT-XL/2: C = 1152, N = 32x32 (512 px), 16x16 (256 px) and an 8x8 sparse grid; B = 32 and 8 (one run per
+    batch entry, or many runs and the combine)."""
+    c = 1152
+    x = (torch.randn(b, n, c, device="cuda") * 2 + 1).to(dtype)
+    grad_out = (torch.randn(b, c, device="cuda") * n).to(dtype)
     out = mod.token_mean_fwd(x)
-    torch.testing.assert_close(out, token_mean_ref(x), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out, token_mean_ref(x), atol=atol, rtol=rtol)
     assert torch.equal(mod.token_mean_fwd(x), out)                           # split-N combine is deterministic
     dx = mod.token_mean_bwd(grad_out, x)
-    torch.testing.assert_close(dx, token_mean_backward_ref(grad_out, x), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(dx, token_mean_backward_ref(grad_out, x), atol=grad_tol, rtol=grad_tol)
+    assert torch.equal(mod.token_mean_bwd(grad_out, x), dx)
     xk = x.clone().requires_grad_()
-    token_mean(xk).backward(grad_out)
+    out_op = token_mean(xk)
+    out_op.backward(grad_out)
+    assert torch.equal(out_op, out)
     torch.testing.assert_close(xk.grad, dx, atol=0, rtol=0)

@@ -6,11 +6,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import flexdit_kernels as fk
 from flexdit_kernels import token_pool, token_pool_backward_ref, token_pool_ref
 
 from .grid_cases import DTYPES, kernel_params
+from .guard import check_gaps, guard_allocations, guarded
 
 # The package re-exports the function under the module's name, so fetch the module itself.
+from flexdit_kernels import _dispatch
 from flexdit_kernels import _token_pool as mod
 
 
@@ -136,11 +139,22 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("fn", [token_pool, mod.token_pool_fwd], ids=["public", "launcher"])
+@pytest.mark.parametrize("fn", [token_pool, mod.token_pool_fwd, token_pool_ref], ids=["public", "launcher", "ref"])
 @pytest.mark.parametrize("what, call, name", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
 def test_bad_input_raises(fn, what, call, name):
     with pytest.raises(ValueError, match=name):
         call(fn)
+
+
+def test_refs_take_the_ops_arguments():
+    """An int grid and hw work for the references as for the op; their backward checks the gradient's tokens."""
+    x = torch.randn(2, 64, 8)
+    torch.testing.assert_close(token_pool_ref(x, 8, 4), token_pool_ref(x, (8, 8), (4, 4)))
+    assert token_pool_ref(x, 8, 4).shape == (2, 16, 8)
+    with pytest.raises(ValueError, match="grad_out has 15 tokens"):
+        token_pool_backward_ref(torch.randn(1, 15, 8), (8, 8), 4)
+    with pytest.raises(ValueError, match="grid"):
+        token_pool_backward_ref(torch.randn(1, 81, 8), 8, 9)
 
 
 def test_launcher_bad_device_and_grad_shape():
@@ -160,20 +174,166 @@ def test_backward_of_sum_reads_stride_zero_gradient(kernels_only):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GPU: bf16 at the model's sizes
+# Guard buffers, long token runs, how the op is called
 # ----------------------------------------------------------------------------------------------------------------
 
+GUARD_CASES = [(2, (7, 9), (3, 4), 200), (1, (12, 20), (5, 7), 40), (2, (6, 6), (6, 6), 24)]
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("case", GUARD_CASES, ids=_ids)
+def test_guard_buffers(case, dtype, atol, rtol, kernels_only):
+    """Inputs as strided views in NaN-filled buffers, launcher allocations in sentinel buffers: forward and backward
+    read nothing outside their inputs and write nothing outside their outputs."""
+    b, hw, grid, c = case
+    x = guarded(torch.randn(b, hw[0] * hw[1], c, dtype=dtype)).requires_grad_()
+    grad_out = guarded(torch.randn(b, grid[0] * grid[1], c, dtype=dtype))
+    with guard_allocations() as allocs:
+        out = token_pool(x, hw, grid)
+        out.backward(grad_out)
+    assert not out.isnan().any() and not x.grad.isnan().any()
+    allocs.check()
+    check_gaps(x, "x")
+    check_gaps(grad_out, "grad_out")
+    ref_out, ref_dx = _grads_via_ref(x, hw, grid, grad_out)
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(x.grad, ref_dx, atol=atol, rtol=rtol)
+
+
+def test_frames_folded_into_batch(kernels_only):
+    """Video frames folded into the batch, (B, T, N, C) -> (B*T, N, C), are a view (here of a channel slice too):
+    the op reads it through its batch stride and allocates nothing but its output."""
+    video = torch.randn(2, 3, 48, 16)[..., 4:12]                          # (B, T, N, C), channel-sliced
+    x = video.flatten(0, 1)                                              # (B*T, N, C), still a view
+    assert x._base is not None
+    with guard_allocations() as allocs:
+        out = token_pool(x, (6, 8), (3, 5))
+    assert len(allocs.tensors) == 1
+    torch.testing.assert_close(out, token_pool_ref(x.contiguous(), (6, 8), (3, 5)))
+
+
+@pytest.mark.parametrize("sms", [0, 3])
+def test_long_runs(monkeypatch, sms, kernels_only):
+    """Runs shrink only until the grid has 8 programs per SM. With no SM count to reach the runs are the longest: a
+    whole sparse row of 7 windows per forward program, 128 tokens per backward program (two BLOCK_N steps, the last
+    run partial); with 3 SMs the rows split into runs of 3, 3 and 1 windows."""
+    monkeypatch.setattr(mod, "sm_count", lambda device: sms)
+    hw, grid, c = (12, 20), (5, 7), 40
+    x, grad_out = torch.randn(2, 240, c), torch.randn(2, 35, c)
+    torch.testing.assert_close(mod.token_pool_fwd(x, hw, grid), token_pool_ref(x, hw, grid))
+    torch.testing.assert_close(mod.token_pool_bwd(grad_out, hw, grid), token_pool_backward_ref(grad_out, hw, grid))
+
+
+def test_int64_index_path(monkeypatch, kernels_only):
+    """The IDX64 variants (taken when a batch entry spans 2**31 elements or more), forced at a small shape."""
+    monkeypatch.setattr(mod, "fits_int32", lambda *tensors: False)
+    x = torch.randn(2, 63, 24, requires_grad=True)
+    grad_out = torch.randn(2, 12, 24)
+    out = token_pool(x, (7, 9), (3, 4))
+    out.backward(grad_out)
+    ref_out, ref_dx = _grads_via_ref(x, (7, 9), (3, 4), grad_out)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(x.grad, ref_dx)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")     # torch.jit.trace, still what fvcore uses
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks, constants in a trace
+def test_jit_trace_sees_one_op():
+    """torch.jit.trace (fvcore's FLOP counter) records the custom op, not what runs inside it."""
+    x = torch.randn(2, 48, 8)
+    graph = str(torch.jit.trace(lambda t: token_pool(t, (6, 8), (3, 5)), (x,)).graph)
+    assert "flexdit::token_pool" in graph and "aten::matmul" not in graph
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shape-aware dispatch: the table in _dispatch
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_table_path_rules(monkeypatch):
+    monkeypatch.setitem(_dispatch.AUTO_TABLE, "token_pool", [
+        ({"tokens": (None, 256), "sparse": (100, None)}, "reference"),
+        ({"batch": (4, 8)}, "triton"),
+        ({"batch": (1, 8)}, "reference"),
+    ])
+    path = _dispatch.table_path
+    assert path("token_pool", batch=32, tokens=256, sparse=100, channels=8) == "reference"   # both ends inclusive
+    assert path("token_pool", batch=32, tokens=257, sparse=100, channels=8) == "triton"      # no row matches
+    assert path("token_pool", batch=4, tokens=1024, sparse=64, channels=8) == "triton"       # first match wins
+    assert path("token_pool", batch=2, tokens=1024, sparse=64, channels=8) == "reference"
+    assert all(p in _dispatch.PATHS for rows in _dispatch.AUTO_TABLE.values() for _, p in rows)
+
+
+def _spy(monkeypatch, calls, name):
+    real = getattr(mod, name)
+
+    def spy(*args, **kwargs):
+        calls.append(name)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(mod, name, spy)
+
+
+@pytest.mark.parametrize("fwd_row, bwd_row, expected", [
+    (True, False, ["token_pool_ref", "_token_pool_bwd"]),
+    (False, True, ["_token_pool_fwd", "token_pool_backward_ref"]),
+    (True, True, ["token_pool_ref"]),                      # the reference both ways, through PyTorch's autograd
+    (False, False, ["_token_pool_fwd", "_token_pool_bwd"]),
+])
+def test_auto_table_is_honoured(monkeypatch, fwd_row, bwd_row, expected):
+    hw, grid = (6, 8), (3, 5)
+    row = [({"tokens": (48, 48), "sparse": (15, 15), "channels": (None, 8), "batch": (2, 2)}, "reference")]
+    monkeypatch.setitem(_dispatch.AUTO_TABLE, "token_pool", row if fwd_row else [])
+    monkeypatch.setitem(_dispatch.AUTO_TABLE, "token_pool_backward", row if bwd_row else [])
+    calls = []
+    for name in ("token_pool_ref", "token_pool_backward_ref", "_token_pool_fwd", "_token_pool_bwd"):
+        _spy(monkeypatch, calls, name)
+    x = torch.randn(2, 48, 8, requires_grad=True)
+    grad_out = torch.randn(2, 15, 8)
+    token_pool(x, hw, grid).backward(grad_out)
+    assert calls == expected
+    torch.testing.assert_close(x.grad, token_pool_backward_ref(grad_out, hw, grid))
+    # Another shape (C = 16) misses the row; the "triton" backend ignores the table.
+    calls.clear()
+    token_pool(torch.randn(2, 48, 16), hw, grid)
+    with fk.backend("triton"):
+        token_pool(torch.randn(2, 48, 8), hw, grid)
+    assert calls == ["_token_pool_fwd", "_token_pool_fwd"]
+
+
+def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
+    """Without the interpreter CPU tensors take the reference whatever the table says; so does the reference backend."""
+    monkeypatch.setitem(_dispatch.AUTO_TABLE, "token_pool", [({}, "triton")])
+    x = torch.randn(2, 48, 8)
+    assert _dispatch.use_kernel("token_pool", x, batch=2, tokens=48, sparse=15, channels=8)
+    with fk.backend("reference"):
+        assert not _dispatch.use_kernel("token_pool", x, batch=2, tokens=48, sparse=15, channels=8)
+    monkeypatch.setattr(_dispatch, "interpreting", lambda: False)
+    assert not _dispatch.use_kernel("token_pool", x, batch=2, tokens=48, sparse=15, channels=8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: bf16 and fp16 at the model's sizes
+# ----------------------------------------------------------------------------------------------------------------
+
+GPU_DTYPES = [(torch.bfloat16, 1e-2, 1e-2), (torch.float16, 2e-3, 2e-3)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("hw, grid", [((32, 32), (8, 8)), ((32, 32), (10, 10)), ((16, 16), (6, 6))])
-def test_gpu_bf16_model_sizes(hw, grid):
-    b, c = 8, 1152
-    x = torch.randn(b, hw[0] * hw[1], c, device="cuda", dtype=torch.bfloat16)
-    grad_out = torch.randn(b, grid[0] * grid[1], c, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("side", [32, 16])
+@pytest.mark.parametrize("g", [6, 8, 10])
+def test_gpu_model_sizes(g, side, dtype, atol, rtol):
+    """DiT-XL/2: B = 32, 32x32 (512 px) and 16x16 (256 px) tokens, C = 1152, FlexDiT grids 6, 8, 10."""
+    b, c, hw, grid = 32, 1152, (side, side), (g, g)
+    x = torch.randn(b, side * side, c, device="cuda", dtype=dtype)
+    grad_out = torch.randn(b, g * g, c, device="cuda", dtype=dtype)
     out = mod.token_pool_fwd(x, hw, grid)
-    torch.testing.assert_close(out, token_pool_ref(x, hw, grid), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(out, token_pool_ref(x, hw, grid), atol=atol, rtol=rtol)
     dx = mod.token_pool_bwd(grad_out, hw, grid)
-    torch.testing.assert_close(dx, token_pool_backward_ref(grad_out, hw, grid), atol=1e-2, rtol=1e-2)
-    assert torch.equal(mod.token_pool_bwd(grad_out, hw, grid), dx)           # no atomics: bitwise repeatable
+    torch.testing.assert_close(dx, token_pool_backward_ref(grad_out, hw, grid), atol=atol, rtol=rtol)
+    assert torch.equal(mod.token_pool_fwd(x, hw, grid), out)                # fixed order: bitwise repeatable
+    assert torch.equal(mod.token_pool_bwd(grad_out, hw, grid), dx)          # no atomics: bitwise repeatable
     xk = x.clone().requires_grad_()
-    token_pool(xk, hw, grid).backward(grad_out)
+    out_op = token_pool(xk, hw, grid)
+    out_op.backward(grad_out)
+    assert torch.equal(out_op, out)
     torch.testing.assert_close(xk.grad, dx, atol=0, rtol=0)

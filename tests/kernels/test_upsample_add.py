@@ -9,8 +9,10 @@ from hypothesis import strategies as st
 from flexdit_kernels import upsample_add, upsample_add_backward_ref, upsample_add_ref
 
 from .grid_cases import DTYPES, kernel_params
+from .guard import check_gaps, guard_allocations, guarded
 
 # The package re-exports the function under the module's name, so fetch the module itself.
+from flexdit_kernels import _dispatch, _token_pool
 from flexdit_kernels import _upsample_add as mod
 
 
@@ -153,11 +155,23 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("fn", [upsample_add, mod.upsample_add_fwd], ids=["public", "launcher"])
+@pytest.mark.parametrize("fn", [upsample_add, mod.upsample_add_fwd, upsample_add_ref],
+                         ids=["public", "launcher", "ref"])
 @pytest.mark.parametrize("what, call, name", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
 def test_bad_input_raises(fn, what, call, name):
     with pytest.raises(ValueError, match=name):
         call(fn)
+
+
+def test_refs_take_the_ops_arguments():
+    """An int grid and hw work for the references as for the op; their backward checks its arguments too."""
+    sparse, dense = torch.randn(2, 16, 8), torch.randn(2, 64, 8)
+    torch.testing.assert_close(upsample_add_ref(sparse, dense, 8, 4), upsample_add_ref(sparse, dense, (8, 8), (4, 4)))
+    torch.testing.assert_close(upsample_add_backward_ref(dense, 8, 4), upsample_add_backward_ref(dense, (8, 8), (4, 4)))
+    with pytest.raises(ValueError, match="hw"):
+        upsample_add_backward_ref(torch.randn(1, 60, 8), (8, 8), 4)
+    with pytest.raises(ValueError, match="grid"):
+        upsample_add_backward_ref(torch.randn(1, 64, 8), 8, 9)
 
 
 def test_bwd_launcher_bad_input():
@@ -179,23 +193,133 @@ def test_backward_of_sum_reads_stride_zero_gradient(kernels_only):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# GPU: bf16 at the model's sizes
+# Guard buffers, long token runs, how the op is called
 # ----------------------------------------------------------------------------------------------------------------
 
+GUARD_CASES = [(2, (7, 9), (3, 4), 200), (1, (12, 20), (5, 7), 40), (2, (6, 6), (1, 1), 24)]
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("case", GUARD_CASES, ids=_ids)
+def test_guard_buffers(case, dtype, atol, rtol, kernels_only):
+    """Inputs as strided views in NaN-filled buffers, launcher allocations in sentinel buffers: forward and backward
+    read nothing outside their inputs and write nothing outside their outputs."""
+    b, hw, grid, c = case
+    sparse = guarded(torch.randn(b, grid[0] * grid[1], c, dtype=dtype)).requires_grad_()
+    dense = guarded(torch.randn(b, hw[0] * hw[1], c, dtype=dtype)).requires_grad_()
+    grad_out = guarded(torch.randn(b, hw[0] * hw[1], c, dtype=dtype))
+    with guard_allocations() as allocs:
+        out = upsample_add(sparse, dense, hw, grid)
+        out.backward(grad_out)
+    assert not out.isnan().any() and not sparse.grad.isnan().any() and not dense.grad.isnan().any()
+    allocs.check()
+    for name, t in (("sparse", sparse), ("dense", dense), ("grad_out", grad_out)):
+        check_gaps(t, name)
+    ref_out, ref_ds, ref_dd = _grads_via_ref(sparse, dense, hw, grid, grad_out)
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(sparse.grad, ref_ds, atol=atol, rtol=rtol)
+    torch.testing.assert_close(dense.grad, ref_dd, atol=0, rtol=0)
+
+
+def test_frames_folded_into_batch(kernels_only):
+    """Video frames folded into the batch, (B, T, N, C) -> (B*T, N, C), are views: the op reads them through their
+    batch strides and allocates nothing but its output."""
+    sparse = torch.randn(2, 3, 15, 16)[..., 4:12].flatten(0, 1)           # (B*T, M, C) views of channel slices
+    dense = torch.randn(2, 3, 48, 16)[..., 4:12].flatten(0, 1)            # (B*T, N, C)
+    with guard_allocations() as allocs:
+        out = upsample_add(sparse, dense, (6, 8), (3, 5))
+    assert len(allocs.tensors) == 1
+    torch.testing.assert_close(out, upsample_add_ref(sparse.contiguous(), dense.contiguous(), (6, 8), (3, 5)))
+
+
+@pytest.mark.parametrize("sms", [0, 3])
+def test_long_runs(monkeypatch, sms, kernels_only):
+    """Runs shrink only until the grid has 8 programs per SM. With no SM count to reach the runs are the longest: 128
+    tokens per forward program (two BLOCK_N steps, the last run partial), a whole sparse row of 7 per backward
+    program; with 3 SMs the rows split into runs of 3, 3 and 1 sparse tokens."""
+    monkeypatch.setattr(_token_pool, "sm_count", lambda device: sms)
+    hw, grid, c = (12, 20), (5, 7), 40
+    sparse, dense, grad_out = torch.randn(2, 35, c), torch.randn(2, 240, c), torch.randn(2, 240, c)
+    torch.testing.assert_close(mod.upsample_add_fwd(sparse, dense, hw, grid),
+                               upsample_add_ref(sparse, dense, hw, grid))
+    torch.testing.assert_close(mod.upsample_add_bwd(grad_out, hw, grid), upsample_add_backward_ref(grad_out, hw, grid))
+
+
+def test_int64_index_path(monkeypatch, kernels_only):
+    """The IDX64 variants (taken when a batch entry spans 2**31 elements or more), forced at a small shape."""
+    monkeypatch.setattr(mod, "fits_int32", lambda *tensors: False)
+    sparse = torch.randn(2, 12, 24, requires_grad=True)
+    dense = torch.randn(2, 63, 24, requires_grad=True)
+    grad_out = torch.randn(2, 63, 24)
+    out = upsample_add(sparse, dense, (7, 9), (3, 4))
+    out.backward(grad_out)
+    ref_out, ref_ds, _ = _grads_via_ref(sparse, dense, (7, 9), (3, 4), grad_out)
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(sparse.grad, ref_ds)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")     # torch.jit.trace, still what fvcore uses
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks, constants in a trace
+def test_jit_trace_sees_one_op():
+    """torch.jit.trace (fvcore's FLOP counter) records the custom op, not what runs inside it."""
+    sparse, dense = torch.randn(2, 15, 8), torch.randn(2, 48, 8)
+    graph = str(torch.jit.trace(lambda s, d: upsample_add(s, d, (6, 8), (3, 5)), (sparse, dense)).graph)
+    assert "flexdit::upsample_add" in graph and "aten::index" not in graph
+
+
+@pytest.mark.parametrize("fwd_row, bwd_row, expected", [
+    (True, False, ["upsample_add_ref", "_upsample_add_bwd"]),
+    (False, True, ["_upsample_add_fwd", "upsample_add_backward_ref"]),
+    (True, True, ["upsample_add_ref"]),                    # the reference both ways, through PyTorch's autograd
+    (False, False, ["_upsample_add_fwd", "_upsample_add_bwd"]),
+])
+def test_auto_table_is_honoured(monkeypatch, fwd_row, bwd_row, expected):
+    hw, grid = (6, 8), (3, 5)
+    row = [({"tokens": (48, 48), "sparse": (15, 15), "channels": (None, 8), "batch": (2, 2)}, "reference")]
+    monkeypatch.setitem(_dispatch.AUTO_TABLE, "upsample_add", row if fwd_row else [])
+    monkeypatch.setitem(_dispatch.AUTO_TABLE, "upsample_add_backward", row if bwd_row else [])
+    calls = []
+    for name in ("upsample_add_ref", "upsample_add_backward_ref", "_upsample_add_fwd", "_upsample_add_bwd"):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    sparse = torch.randn(2, 15, 8, requires_grad=True)
+    dense = torch.randn(2, 48, 8, requires_grad=True)
+    grad_out = torch.randn(2, 48, 8)
+    upsample_add(sparse, dense, hw, grid).backward(grad_out)
+    assert calls == expected
+    torch.testing.assert_close(sparse.grad, upsample_add_backward_ref(grad_out, hw, grid))
+    torch.testing.assert_close(dense.grad, grad_out)
+    calls.clear()
+    upsample_add(torch.randn(2, 15, 16), torch.randn(2, 48, 16), hw, grid)     # C = 16 misses the row
+    assert calls == ["_upsample_add_fwd"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# GPU: bf16 and fp16 at the model's sizes
+# ----------------------------------------------------------------------------------------------------------------
+
+GPU_DTYPES = [(torch.bfloat16, 2e-2, 2e-2), (torch.float16, 4e-3, 4e-3)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("hw, grid", [((32, 32), (8, 8)), ((32, 32), (10, 10)), ((16, 16), (6, 6))])
-def test_gpu_bf16_model_sizes(hw, grid):
-    b, c = 8, 1152
-    sparse = torch.randn(b, grid[0] * grid[1], c, device="cuda", dtype=torch.bfloat16)
-    dense = torch.randn(b, hw[0] * hw[1], c, device="cuda", dtype=torch.bfloat16)
-    grad_out = torch.randn(b, hw[0] * hw[1], c, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype, atol, rtol", GPU_DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("side", [32, 16])
+@pytest.mark.parametrize("g", [6, 8, 10])
+def test_gpu_model_sizes(g, side, dtype, atol, rtol):
+    """DiT-XL/2: B = 32, 32x32 (512 px) and 16x16 (256 px) tokens, C = 1152, FlexDiT grids 6, 8, 10."""
+    b, c, hw, grid = 32, 1152, (side, side), (g, g)
+    sparse = torch.randn(b, g * g, c, device="cuda", dtype=dtype)
+    dense = torch.randn(b, side * side, c, device="cuda", dtype=dtype)
+    grad_out = torch.randn(b, side * side, c, device="cuda", dtype=dtype)
     out = mod.upsample_add_fwd(sparse, dense, hw, grid)
     torch.testing.assert_close(out, upsample_add_ref(sparse, dense, hw, grid), atol=0, rtol=0)
     ds = mod.upsample_add_bwd(grad_out, hw, grid)
-    torch.testing.assert_close(ds, upsample_add_backward_ref(grad_out, hw, grid), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(ds, upsample_add_backward_ref(grad_out, hw, grid), atol=atol, rtol=rtol)
     assert torch.equal(mod.upsample_add_bwd(grad_out, hw, grid), ds)         # no atomics: bitwise repeatable
     s = sparse.clone().requires_grad_()
     d = dense.clone().requires_grad_()
-    upsample_add(s, d, hw, grid).backward(grad_out)
+    out_op = upsample_add(s, d, hw, grid)
+    out_op.backward(grad_out)
+    assert torch.equal(out_op, out)
     torch.testing.assert_close(s.grad, ds, atol=0, rtol=0)
     torch.testing.assert_close(d.grad, grad_out, atol=0, rtol=0)
