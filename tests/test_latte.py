@@ -273,8 +273,8 @@ def test_pooling_with_frames_folded_into_the_batch(backend, monkeypatch):
             return launcher(*args)
         monkeypatch.setattr(module, name, record)
 
-    spy(_token_pool, "token_pool_fwd")
-    spy(_upsample_add, "upsample_add_fwd")
+    spy(_token_pool, "_token_pool_fwd")
+    spy(_upsample_add, "_upsample_add_fwd")
     b, frames, hw, grid, c = 2, 3, (4, 6), (2, 3), 16
     n, m = hw[0] * hw[1], grid[0] * grid[1]
     for step in (1, 2):  # every frame of a clip, then every other frame (frame stride 2·(N+1)·(C+2))
