@@ -269,8 +269,10 @@ def test_attention_validation_grid(device):
 # ----------------------------------------------------------------------------------------------------------------
 
 GPU_DTYPES = [torch.bfloat16, torch.float16]
-# 64x1024 and 1x1024 split-K, 1024x64, 64x64 and 1x64 few-keys, 130x130 and 1024x1024 the flash loop (kept on Triton).
-GPU_SHAPES = [(64, 1024), (1, 1024), (1024, 64), (64, 64), (1, 64), (130, 130), (1024, 1024)]
+# Split-K: 64x1024, 36x1024 (FlexDiT's G = 6 grid queries), 1x1024; few-keys: 1024x64, 1024x100 (G = 10 keys), 64x64,
+# 1x64; the flash loop (kept on Triton): 130x130, 1024x1024.
+GPU_SHAPES = [(64, 1024), (36, 1024), (1, 1024), (1024, 64), (1024, 100), (64, 64), (1, 64), (130, 130),
+              (1024, 1024)]
 
 
 @pytest.mark.gpu
