@@ -249,8 +249,9 @@ def _run(tmp_path, *args):
 
 
 def test_compile_sm90_representative(tmp_path):
-    """bf16, 32x32 tokens, G = 10, D = 72, B = 1: every kernel, each attention path (~25 s on 2 cores). fp32 is
-    left to the opt-in test: its ieee-precision dots take minutes to compile (the fused-dq backward alone ~250 s)."""
+    """bf16, 32x32 tokens, G = 10, D = 72, B = 1: every kernel, each attention path (about a minute on 2 cores).
+    fp32 is left to the opt-in test: its ieee-precision dots take minutes to compile (the fused-dq backward alone
+    ~250 s with the former 64 + 16 head-dim split)."""
     report = _run(tmp_path, "--jobs", "2")
     assert {v["kernel"] for v in report["variants"]} == ALL_KERNELS
     # attention holds the head dim 72 as one 128-column tile in every kernel
