@@ -492,6 +492,10 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     fuse_dq = lk <= MAX_KEYS_ONE_TILE
     block_n = max(16, triton.next_power_of_2(lk)) if fuse_dq else 64
     block_m = min(64, max(16, triton.next_power_of_2(lq)))
+    if fuse_dq and q.element_size() == 4 and block_n * _block_d(d) >= 128 * 128:
+        # NOTE: fp32 with 128 keys x 128 head-dim columns needs 262,656 B of shared memory at BLOCK_M = 64 (more than
+        # the 232,448 B of an sm_90 block); BLOCK_M = 32 needs 196,864 B (sm_90 cubins from triton 3.6 and 3.9).
+        block_m = min(block_m, 32)
     n_kblocks = triton.cdiv(lk, block_n)
     q_splits, q_chunk = _splits(n_kblocks * bh, triton.cdiv(lq, block_m), block_m, q.device)
     dq = torch.empty((b, lq, h, d), device=q.device, dtype=q.dtype) if fuse_dq else None

@@ -109,6 +109,38 @@ def test_split_k_fills_the_gpu():
     assert few.chunk % few.block_n == 0 and (few.n_splits - 1) * few.chunk < 1024   # every split non-empty
 
 
+class _Stop(Exception):
+    pass
+
+
+class _FakeKernel:
+    """Stands in for a kernel: `kernel[grid](*args, **meta)` records meta and launches nothing (raises if `stop`)."""
+
+    def __init__(self, stop=False):
+        self.meta, self.stop = {}, stop
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.meta.update(meta)
+            if self.stop:
+                raise _Stop
+        return launch
+
+
+@pytest.mark.parametrize("dtype, block_m", [(torch.float32, 32), (torch.float16, 64)])
+def test_fused_backward_fits_sm90_shared_memory(monkeypatch, dtype, block_m):
+    """fp32 with 128 keys x 128 head-dim columns runs the fused dk/dv/dq kernel at BLOCK_M = 32 (its sm_90 cubin
+    needs 262,656 B of shared memory at BLOCK_M = 64, over the 232,448 B of a block)."""
+    dkdv = _FakeKernel(stop=True)
+    monkeypatch.setattr(A, "_attention_bwd_preprocess_kernel", _FakeKernel())
+    monkeypatch.setattr(A, "_attention_bwd_dkdv_kernel", dkdv)
+    q, k = torch.empty(1, 64, 2, 72, dtype=dtype), torch.empty(1, 100, 2, 72, dtype=dtype)
+    with pytest.raises(_Stop):
+        A.attention_bwd(torch.empty_like(q), q, k, k, q, torch.empty(1, 2, 64), 0.1)
+    meta = dkdv.meta
+    assert meta["FUSE_DQ"] and meta["BLOCK_N"] == 128 and meta["BLOCK_D"] == 128 and meta["BLOCK_M"] == block_m
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Numerics on every path
 # ----------------------------------------------------------------------------------------------------------------
