@@ -15,10 +15,18 @@ EXPECTED_PATH = {(64, 256): "split_k", (256, 64): "few_keys", (36, 100): "few_ke
 FLOOR = {torch.float32: 2e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
 
+DEFAULT_ROUTES = A.ROUTES
+TRITON_ROUTES = tuple(r for r in A.ROUTES if r.path != "sdpa")
+HEAD_DIMS = (64, 72, 80, 128)
+# One shape per Triton path (CPU): few-keys with two programs along the queries, split-K with three key splits (the
+# last one partial), the flash loop with three query and three key blocks.
+PATH_SHAPES = {"few_keys": (100, 36), "split_k": (20, 150), "flash": (130, 130)}
+
+
 @pytest.fixture(autouse=True)
 def _triton_everywhere(monkeypatch):
     """Keep every shape on Triton (no SDPA routing) unless a test says otherwise."""
-    monkeypatch.setattr(A, "SDPA_MIN_TOKENS", None)
+    monkeypatch.setattr(A, "ROUTES", TRITON_ROUTES)
 
 
 def _fused_views(b, lq, lk, h, d, dtype, device, self_attention=False):
@@ -67,19 +75,29 @@ def _check_against_torch(q, k, v, fwd_factor=2.0, bwd_factor=3.0):
 def test_attention_path_routing(monkeypatch):
     for (lq, lk), path in EXPECTED_PATH.items():
         assert A.attention_path(lq, lk) == path
-    monkeypatch.setattr(A, "SDPA_MIN_TOKENS", 256)
+    monkeypatch.setattr(A, "ROUTES", DEFAULT_ROUTES)
     assert A.attention_path(1024, 1024) == "sdpa"
     assert A.attention_path(256, 256) == "sdpa"
     assert A.attention_path(1024, 64) == "few_keys" and A.attention_path(64, 1024) == "split_k"
-    assert A.attention_path(130, 130) == "flash"
-    assert A.attention_path(1024, 1024, sdpa_min_tokens=None) == "flash"
+    assert A.attention_path(130, 130) == "flash" and A.attention_path(255, 1024) == "flash"
+    assert A.attention_path(1024, 1024, sdpa=False) == "flash"
 
 
-@pytest.mark.parametrize("d, tiles", [(8, (16, 0)), (16, (16, 0)), (24, (32, 0)), (40, (32, 16)), (56, (64, 0)),
-                                      (64, (64, 0)), (72, (64, 16)), (80, (64, 16)), (88, (64, 32)),
-                                      (96, (64, 32)), (104, (128, 0)), (128, (128, 0))])
-def test_head_dim_tiles(d, tiles):
-    assert A._head_dim_tiles(d) == tiles
+def test_routes_are_one_table(monkeypatch):
+    """The decisions are the rows of ROUTES, read in order; a few-keys row past the kernel's tile is refused."""
+    monkeypatch.setattr(A, "ROUTES", (A.Route("sdpa", min_lq=100), A.Route("split_k")))
+    assert A.attention_path(100, 10) == "sdpa" and A.attention_path(99, 10) == "split_k"
+    assert A.attention_path(100, 10, sdpa=False) == "split_k"
+    monkeypatch.setattr(A, "ROUTES", (A.Route("few_keys", max_lk=256),))
+    assert A.attention_path(8, 128) == "few_keys"
+    with pytest.raises(ValueError, match="few_keys"):
+        A.attention_path(8, 129)
+
+
+@pytest.mark.parametrize("d, block_d", [(8, 16), (16, 16), (24, 32), (40, 64), (64, 64), (72, 128), (80, 128),
+                                        (104, 128), (128, 128)])
+def test_head_dim_is_one_tile(d, block_d):
+    assert A._block_d(d) == block_d
 
 
 def test_split_k_fills_the_gpu():
@@ -91,19 +109,64 @@ def test_split_k_fills_the_gpu():
     assert few.chunk % few.block_n == 0 and (few.n_splits - 1) * few.chunk < 1024   # every split non-empty
 
 
+class _Stop(Exception):
+    pass
+
+
+class _FakeKernel:
+    """Stands in for a kernel: `kernel[grid](*args, **meta)` records meta and launches nothing (raises if `stop`)."""
+
+    def __init__(self, stop=False):
+        self.meta, self.stop = {}, stop
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.meta.update(meta)
+            if self.stop:
+                raise _Stop
+        return launch
+
+
+@pytest.mark.parametrize("dtype, block_m", [(torch.float32, 32), (torch.float16, 64)])
+def test_fused_backward_fits_sm90_shared_memory(monkeypatch, dtype, block_m):
+    """fp32 with 128 keys x 128 head-dim columns runs the fused dk/dv/dq kernel at BLOCK_M = 32 (its sm_90 cubin
+    needs 262,656 B of shared memory at BLOCK_M = 64, over the 232,448 B of a block)."""
+    dkdv = _FakeKernel(stop=True)
+    monkeypatch.setattr(A, "_attention_bwd_preprocess_kernel", _FakeKernel())
+    monkeypatch.setattr(A, "_attention_bwd_dkdv_kernel", dkdv)
+    q, k = torch.empty(1, 64, 2, 72, dtype=dtype), torch.empty(1, 100, 2, 72, dtype=dtype)
+    with pytest.raises(_Stop):
+        A.attention_bwd(torch.empty_like(q), q, k, k, q, torch.empty(1, 2, 64), 0.1)
+    meta = dkdv.meta
+    assert meta["FUSE_DQ"] and meta["BLOCK_N"] == 128 and meta["BLOCK_D"] == 128 and meta["BLOCK_M"] == block_m
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Numerics on every path
 # ----------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("d", [64, 72])
 @pytest.mark.parametrize("lq, lk", SHAPES)
-def test_attention_matches_fp64(lq, lk, d, dtype, device):
+def test_attention_matches_fp64(lq, lk, dtype, device):
+    """FlexDiT's head dim 72 on awkward shapes of every path, forward and backward, from fused-projection views."""
     b, h = (1, 2) if lq * lk > 10_000 else (2, 2)                      # interpreter time
     cfg = A._fwd_config(lq, lk, b * h, device)                           # what the launcher will run
     assert A.attention_path(lq, lk) == cfg.path == EXPECTED_PATH[(lq, lk)]
     if cfg.path == "split_k":
         assert cfg.n_splits > 1                                          # the combine kernel runs
+    q, k, v = _fused_views(b, lq, lk, h, 72, dtype, device, self_attention=(lq == lk))
+    _check_against_torch(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("d", [d for d in HEAD_DIMS if d != 72])
+@pytest.mark.parametrize("path", PATH_SHAPES)
+def test_every_path_every_head_dim(path, d, dtype, device):
+    """Head dims 64, 80 and 128 (72: above) on every path, forward and backward, from fused-projection views."""
+    lq, lk = PATH_SHAPES[path]
+    b, h = 1, 2
+    cfg = A._fwd_config(lq, lk, b * h, device)
+    assert cfg.path == path and (cfg.n_splits >= 2 or path == "flash")
     q, k, v = _fused_views(b, lq, lk, h, d, dtype, device, self_attention=(lq == lk))
     _check_against_torch(q, k, v)
 
@@ -116,7 +179,7 @@ def test_split_k_single_split(monkeypatch, device):
     _check_against_torch(q, k, v)
 
 
-@pytest.mark.parametrize("d", [8, 40, 128])
+@pytest.mark.parametrize("d", [8, 40, 104])
 def test_other_head_dims(d, device):
     q, k, v = _fused_views(1, 40, 150, 2, d, torch.float16, device)
     _check_against_torch(q, k, v)
@@ -150,7 +213,7 @@ def test_attention_property(lq, lk, d8, h):
 # ----------------------------------------------------------------------------------------------------------------
 
 def test_dense_routes_to_sdpa(monkeypatch, device):
-    monkeypatch.setattr(A, "SDPA_MIN_TOKENS", 256)
+    monkeypatch.setattr(A, "ROUTES", DEFAULT_ROUTES)
 
     def fail(*args):
         raise AssertionError("the Triton forward must not run for a dense shape routed to SDPA")
@@ -222,18 +285,52 @@ def test_attention_validation_device():
         attention(q, q.cuda(), q.cuda())
 
 
+def test_attention_validation_grid(device):
+    """More batch x heads than a CUDA grid axis holds is refused before any launch, naming q."""
+    q = torch.zeros(1, 1, A.MAX_GRID_YZ + 1, 8, device=device)
+    with pytest.raises(ValueError, match="q: batch x heads"):
+        attention(q, q, q)
+    with pytest.raises(ValueError, match=r"head dim \(q.shape\[3\]\)"):
+        A.attention_fwd(torch.zeros(1, 4, 2, 60, device=device), torch.zeros(1, 4, 2, 60, device=device),
+                        torch.zeros(1, 4, 2, 60, device=device), 1.0)
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# GPU: FlexDiT's shapes at full size in bf16 (DiT-XL/2 at 512²: B = 32 with guidance, 16 heads, D = 72)
+# GPU: bf16 and fp16 on every path and head dim from fused-projection views, then FlexDiT's full size
+# (DiT-XL/2 at 512²: B = 32 with guidance, 16 heads, D = 72)
 # ----------------------------------------------------------------------------------------------------------------
 
+GPU_DTYPES = [torch.bfloat16, torch.float16]
+# Every head dim: 64x1024 split-K, 1024x64, 64x64 and 1x64 few-keys, 130x130 the flash loop. D = 72 also: 36x1024 and
+# 1x1024 split-K (FlexDiT's G = 6 grid; one query), 1024x100 few-keys (G = 10), 1024x1024 the flash loop (kept on
+# Triton). Each (dtype, D) compiles its own kernels, so the extra shapes stay at FlexDiT's D.
+GPU_SHAPES = [(64, 1024), (1024, 64), (130, 130), (64, 64), (1, 64)]
+GPU_SHAPES_D72 = [(36, 1024), (1, 1024), (1024, 100), (1024, 1024)]
+GPU_CASES = [(lq, lk, d) for d in HEAD_DIMS for lq, lk in GPU_SHAPES] + [(lq, lk, 72) for lq, lk in GPU_SHAPES_D72]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("lq, lk", [(64, 1024), (1024, 64), (36, 1024), (1024, 100), (64, 64), (100, 36),
-                                    (1024, 1024), (130, 130)])
-def test_attention_full_size_gpu(lq, lk, dtype):
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("lq, lk, d", GPU_CASES)
+def test_attention_gpu(lq, lk, d, dtype):
+    """Forward and every gradient within the error bound, B = 2, H = 4, q/k/v views of a fused projection."""
     device = torch.device("cuda")
-    q, k, v = _fused_views(32, lq, lk, 16, 72, dtype, device, self_attention=(lq == lk))
+    q, k, v = _fused_views(2, lq, lk, 4, d, dtype, device, self_attention=(lq == lk))
     _check_against_torch(q, k, v)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("lq, lk", [(64, 1024), (1024, 64)])
+def test_attention_full_size_forward_gpu(lq, lk, dtype):
+    device = torch.device("cuda")
+    q, k, v = _fused_views(32, lq, lk, 16, 72, dtype, device)
+    out = attention(q, k, v)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all()
+    exact = attention_ref(q.double(), k.double(), v.double())
+    bound = 2.0 * _err(attention_ref(q, k, v), exact) + FLOOR[dtype] * max(1.0, exact.abs().max().item())
+    assert _err(out, exact) <= bound, f"error {_err(out, exact):.3g} > bound {bound:.3g}"
 
 
 @pytest.mark.gpu
@@ -248,6 +345,6 @@ def test_split_k_small_batch_gpu(bh):
 
 @pytest.mark.gpu
 def test_dense_sdpa_route_gpu(monkeypatch):
-    monkeypatch.setattr(A, "SDPA_MIN_TOKENS", 256)
+    monkeypatch.setattr(A, "ROUTES", DEFAULT_ROUTES)
     q, k, v = _fused_views(32, 1024, 1024, 16, 72, torch.bfloat16, torch.device("cuda"), self_attention=True)
     _check_against_torch(q, k, v)

@@ -234,7 +234,9 @@ def main(argv):
         results = [_compile_one(i) for i in range(len(requests))]
     report = [{"variant": _describe(r[1], r[2], r[0], r[4]), "kernel": r[0].__name__, "error": err,
                "seconds": round(sec, 2), "shared": shared} for r, (err, sec, shared) in zip(requests, results)]
-    print(json.dumps({"variants": report, "seconds": round(time.perf_counter() - t0, 1)}))
+    import flexdit_kernels
+    print(json.dumps({"variants": report, "seconds": round(time.perf_counter() - t0, 1),
+                      "kernels_from": os.path.dirname(os.path.abspath(flexdit_kernels.__file__))}))
     return 0
 
 
@@ -260,6 +262,8 @@ def _run(tmp_path, *args):
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     if "skip" in report:
         pytest.skip(report["skip"])
+    # the kernels of this checkout, not those of another install of the package
+    assert report["kernels_from"] == os.path.join(ROOT, "flexdit_kernels"), report["kernels_from"]
     failed = [f"{v['variant']}\n    {v['error']}" for v in report["variants"] if v["error"]]
     assert not failed, f"{len(failed)} of {len(report['variants'])} variants fail to compile for sm_90:\n" + \
         "\n".join(failed)
@@ -268,10 +272,14 @@ def _run(tmp_path, *args):
 
 def test_compile_sm90_representative(tmp_path):
     """bf16, 32x32 tokens, G = 10, D = 72, B = 1 (plus C = 200 on 12x12 -> 5x5 for the pool, mean and upsample-add
-    kernels): every kernel, each attention path (~35 s on 2 cores). fp32 is
-    left to the opt-in test: its ieee-precision dots take minutes to compile (the fused-dq backward alone ~250 s)."""
+    kernels): every kernel, each attention path (about a minute on 2 cores). fp32 is left to the opt-in test: its
+    ieee-precision dots take minutes to compile."""
     report = _run(tmp_path, "--jobs", "2")
     assert {v["kernel"] for v in report["variants"]} == ALL_KERNELS
+    # attention holds the head dim 72 as one 128-column tile in every kernel
+    for v in report["variants"]:
+        if v["kernel"].startswith("_attention"):
+            assert "'HEAD_DIM': 72" in v["variant"] and "'BLOCK_D': 128" in v["variant"], v["variant"]
 
 
 @pytest.mark.slow
