@@ -96,17 +96,19 @@ class _Recorder:
 def _record_all(full):
     """Drive every launcher at the DiT-XL/2 shapes; returns {key: compile request}, deduplicated."""
     import torch
-    import flexdit_kernels  # noqa: F401 - the package imports the four op modules
+    import flexdit_kernels  # noqa: F401 - the package imports the op modules
 
     sink = {}
-    mods = [sys.modules[f"flexdit_kernels._{m}"] for m in ("attention", "token_mean", "token_pool", "upsample_add")]
+    mods = [sys.modules[f"flexdit_kernels._{m}"] for m in ("attention", "token_mean", "token_pool", "upsample_add",
+                                                           "layernorm_modulate", "gated_residual",
+                                                           "gated_residual_layernorm_modulate")]
     for mod in mods:
         for name, obj in list(vars(mod).items()):
             if hasattr(obj, "params") and hasattr(obj, "fn") and name.endswith("_kernel"):
                 setattr(mod, name, _Recorder(obj, sink))
     # The launchers accept CPU tensors only when the interpreter runs; they launch nothing here (recorders).
     os.environ["TRITON_INTERPRET"] = "1"
-    att, tm, tp, ua = mods
+    att, tm, tp, ua, lm, gr, fu = mods
 
     dtypes = (torch.float32, torch.float16, torch.bfloat16) if full else (torch.bfloat16,)
     hws = HW if full else (32,)
@@ -127,6 +129,19 @@ def _record_all(full):
             for b in batches + ((8,) if full else ()):
                 tm.token_mean_fwd(e(b, n, CHANNELS, dtype=dt))
                 tm.token_mean_bwd(e(b, CHANNELS, dtype=dt), e(b, n, CHANNELS, dtype=dt))
+        # adaLN ops: fp32 residual stream, `dt` branch output, adaLN chunks and LayerNorm-modulate output (autocast).
+        for n in {s * s for s in hws} | {g * g for g in grids}:
+            for b in batches:
+                x32, ada = e(b, n, CHANNELS), e(b, 6 * CHANNELS, dtype=dt)
+                gate, shift, scale = (ada[:, i * CHANNELS:(i + 1) * CHANNELS] for i in (2, 3, 4))
+                y = e(b, n, CHANNELS, dtype=dt)
+                lm.layernorm_modulate_fwd(x32, shift, scale, 1e-6, dt)
+                lm.layernorm_modulate_bwd(y, x32, scale, 1e-6, dt)
+                gr.gated_residual_fwd(x32, y, gate)
+                gr.gated_residual_inplace_fwd(x32, y, gate)
+                gr.gated_residual_bwd(x32, y, gate)
+                fu.gated_residual_layernorm_modulate_fwd(x32, y, gate, shift, scale, 1e-6, dt)
+                fu.gated_residual_layernorm_modulate_bwd(x32, y, x32, y, gate, scale, 1e-6, dt)
         # A channel count with a tail (masked last channel block; token_mean rows of 256 lanes) and an odd grid.
         c, s, g = ODD_CHANNELS, 12, 5
         tp.token_pool_fwd(e(1, s * s, c, dtype=dt), s, g)
@@ -249,6 +264,9 @@ ALL_KERNELS = {
     "_token_mean_fwd_kernel", "_token_mean_combine_kernel", "_token_mean_bwd_kernel",
     "_attention_fwd_few_keys_kernel", "_attention_fwd_kernel", "_attention_fwd_combine_kernel",
     "_attention_bwd_preprocess_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel",
+    "_layernorm_modulate_fwd_kernel", "_layernorm_modulate_bwd_kernel", "_column_sum_kernel",
+    "_gated_residual_fwd_kernel", "_gated_residual_bwd_kernel",
+    "_gated_residual_layernorm_modulate_fwd_kernel", "_gated_residual_layernorm_modulate_bwd_kernel",
 }
 
 
