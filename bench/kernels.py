@@ -148,22 +148,16 @@ PATH_PROBES = ((64, 64), (16, 16), (64, 1024), (16, 256), (192, 192), (256, 256)
 def triton_everywhere():
     """Keep every attention shape on the Triton kernels (no routing of dense shapes to SDPA) inside the block."""
     module = importlib.import_module("flexdit_kernels._attention")
-    if not hasattr(module, "SDPA_MIN_TOKENS"):
-        yield
-        return
-    saved = module.SDPA_MIN_TOKENS
-    module.SDPA_MIN_TOKENS = None
+    saved = module.ROUTES
+    module.ROUTES = tuple(r for r in saved if r.path != "sdpa")
     try:
         yield
     finally:
-        module.SDPA_MIN_TOKENS = saved
+        module.ROUTES = saved
 
 
 def attention_path_of(lq: int, lk: int, forced: bool = False) -> str:
-    if forced:
-        with triton_everywhere():
-            return fk.attention_path(lq, lk)
-    return fk.attention_path(lq, lk)
+    return fk.attention_path(lq, lk, sdpa=not forced)
 
 
 @dataclass
