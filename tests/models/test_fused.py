@@ -24,7 +24,8 @@ def test_fused_flexdit_runs_at_most_half_the_ops():
         dense_ops = sum(flexdit.count_ops(dense, x, t, y, autocast_dtype=torch.bfloat16).values())
         dense_fused = sum(flexdit.count_ops(flexdit.set_fused(dense), x, t, y,
                                             autocast_dtype=torch.bfloat16).values())
-    # 1008 ops per forward before the fused kernels (issue #13's proxy); the fused FlexDiT-XL/2 runs about 405.
+    # 1008 ops per forward before the fused kernels (issue #13's proxy, counted on a fresh autocast region: ~320 of
+    # them cast weights); the fused FlexDiT-XL/2 runs 405 on a warm region, 727 on a fresh one.
     assert fused <= 1008 // 2, fused
     assert unfused >= 1.5 * fused and dense_ops >= 1.5 * dense_fused, (unfused, fused, dense_ops, dense_fused)
 
