@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import flexdit_kernels as fk
+from flexdit_kernels._validate import pair
 
 
 def modulate(x, shift, scale):
@@ -15,11 +16,9 @@ def modulate(x, shift, scale):
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def to_pair(value: Union[int, Sequence[int]]) -> Tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    h, w = value
-    return int(h), int(w)
+def to_pair(value: Union[int, Sequence[int]], name: str = "size") -> Tuple[int, int]:
+    """An int `n` or a pair `(h, w)` of positive ints, as a tuple (ValueError naming `name` otherwise)."""
+    return pair(name, value)
 
 
 #################################################################################

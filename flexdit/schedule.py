@@ -11,14 +11,9 @@ from typing import Sequence
 
 import torch
 
+from flexdit_kernels._validate import pair
+
 __all__ = ["DensitySchedule"]
-
-
-def _as_hw(token_grid) -> tuple[int, int]:
-    if isinstance(token_grid, int):
-        return token_grid, token_grid
-    h, w = token_grid
-    return int(h), int(w)
 
 
 class DensitySchedule:
@@ -44,7 +39,7 @@ class DensitySchedule:
             if g < 1:
                 raise ValueError(f"grids must be positive grid sides, got {grids}")
         if token_grid is not None:
-            h, w = _as_hw(token_grid)
+            h, w = pair("token_grid", token_grid)
             if max(grids) > min(h, w):
                 raise ValueError(
                     f"grids {grids}: a sparse grid side exceeds the token grid {h}x{w} (must be <= {min(h, w)})")
@@ -73,7 +68,7 @@ class DensitySchedule:
             raise ValueError(f"r_min ({r_min}) must not exceed r_max ({r_max})")
         if num_stages < 1:
             raise ValueError(f"num_stages must be >= 1, got {num_stages}")
-        h, w = _as_hw(token_grid)
+        h, w = pair("token_grid", token_grid)
         n = h * w
         if num_stages == 1:
             rates = [float(r_min)]
