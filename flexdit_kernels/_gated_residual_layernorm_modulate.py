@@ -10,8 +10,8 @@ from ._dispatch import use_triton
 from ._gated_residual import _check_args as _check_residual_args
 from ._gated_residual import gated_residual_ref
 from ._layernorm_modulate import (
-    _centered_rows, _check_eps, _check_modulation, _check_out_dtype, _check_x, _default_out_dtype, _num_warps,
-    _row_blocks, _splits, column_sum, layernorm_modulate_backward_ref, layernorm_modulate_ref,
+    _centered_rows, _check_eps, _check_modulation, _check_out_dtype, _check_x, _default_out_dtype,
+    _modulated_rows_grad, _num_warps, _row_blocks, _splits, column_sum, layernorm_modulate_backward_ref, layernorm_modulate_ref,
 )
 from ._validate import check_kernel_device, check_tensor
 
@@ -97,10 +97,7 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
         rhat = rc * rstd[:, None]
         acc_shift += tl.sum(du, axis=0)
         acc_scale += tl.sum(du * rhat, axis=0)
-        gh = du * scale1[None, :]
-        g_mean = tl.sum(gh, axis=1) / n_channels
-        dot_mean = tl.sum(gh * rhat, axis=1) / n_channels
-        d = rstd[:, None] * (gh - g_mean[:, None] - rhat * dot_mean[:, None])
+        d = _modulated_rows_grad(du, rhat, rstd, scale1, n_channels)
         d += tl.load(DR + b * stride_dr_b + offs_n[:, None] * stride_dr_n + offs_c[None, :] * stride_dr_c,
                      mask=mask, other=0.0).to(tl.float32)
         y = tl.load(Y + b * stride_y_b + offs_n[:, None] * stride_y_n + offs_c[None, :] * stride_y_c,

@@ -25,6 +25,16 @@ def _centered_rows(x, mask, n_channels, eps):
 
 
 @triton.jit
+def _modulated_rows_grad(g, xhat, rstd, scale1, n_channels):
+    """The gradient w.r.t. the LayerNorm input of rows whose output was xhat·scale1 + shift, given its gradient g:
+    rstd·(g·scale1 − mean(g·scale1) − xhat·mean(g·scale1·xhat)), for (BLOCK_N, BLOCK_C) fp32 tiles."""
+    gh = g * scale1[None, :]
+    g_mean = tl.sum(gh, axis=1) / n_channels
+    dot_mean = tl.sum(gh * xhat, axis=1) / n_channels
+    return rstd[:, None] * (gh - g_mean[:, None] - xhat * dot_mean[:, None])
+
+
+@triton.jit
 def _layernorm_modulate_fwd_kernel(
     X, SHIFT, SCALE, OUT,
     n_tokens, n_channels, eps,
@@ -87,10 +97,7 @@ def _layernorm_modulate_bwd_kernel(
         xhat = xc * rstd[:, None]
         acc_shift += tl.sum(g, axis=0)
         acc_scale += tl.sum(g * xhat, axis=0)
-        gh = g * scale1[None, :]
-        g_mean = tl.sum(gh, axis=1) / n_channels
-        dot_mean = tl.sum(gh * xhat, axis=1) / n_channels
-        dx = rstd[:, None] * (gh - g_mean[:, None] - xhat * dot_mean[:, None])
+        dx = _modulated_rows_grad(g, xhat, rstd, scale1, n_channels)
         tl.store(DX + b * stride_dx_b + offs_n[:, None] * stride_dx_n + offs_c[None, :],
                  dx.to(DX.dtype.element_ty), mask=mask)
     part = b * stride_part_b + tl.program_id(1).to(tl.int64) * stride_part_s + offs_c
