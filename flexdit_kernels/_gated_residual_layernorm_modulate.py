@@ -11,7 +11,8 @@ from ._gated_residual import _check_args as _check_residual_args
 from ._gated_residual import gated_residual_ref
 from ._layernorm_modulate import (
     _centered_rows, _check_eps, _check_modulation, _check_out_dtype, _check_x, _default_out_dtype,
-    _modulated_rows_grad, _num_warps, _row_blocks, _splits, column_sum, layernorm_modulate_backward_ref, layernorm_modulate_ref,
+    _modulated_rows_grad, _num_warps, _row_blocks, _splits, column_sum, layernorm_modulate_backward_ref,
+    layernorm_modulate_ref,
 )
 from ._validate import check_kernel_device, check_tensor
 
