@@ -1,5 +1,5 @@
-"""Dense checkpoints of the project's layouts (DiT, PixArt-α) → FlexDiT by the paper's weight mapping: block i becomes
-layer i of the plan."""
+"""Dense checkpoints of the project's layouts (DiT, PixArt-α) → FlexDiT by the paper's weight mapping: block i
+becomes layer i of the plan."""
 from typing import Mapping, Union
 
 import torch

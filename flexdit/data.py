@@ -4,8 +4,8 @@ Shard format: a folder of `*.npz` files (read in sorted name order), each holdin
   `latents`  float16 or float32, (n, 4, h, w): VAE latents already multiplied by the VAE scaling factor (0.18215);
              for video, (n, T, 4, h, w): T frames of latents per clip;
   `labels`   int64 (any integer dtype is accepted), (n,): class indices in [0, num_classes).
-Every shard must have the same (4, h, w) (or (T, 4, h, w)). `python -m flexdit.data IMAGE_DIR OUT_DIR --vae VAE_DIR` writes shards from
-an ImageFolder tree (one sub-folder per class, classes sorted by name); it needs diffusers.
+Every shard must have the same (4, h, w) (or (T, 4, h, w)). `python -m flexdit.data IMAGE_DIR OUT_DIR --vae VAE_DIR`
+writes shards from an ImageFolder tree (one sub-folder per class, classes sorted by name); it needs diffusers.
 """
 from __future__ import annotations
 

@@ -129,7 +129,7 @@ class Attention(nn.Module):
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
-        # The dense DiT keeps PyTorch SDPA (the honest baseline); FlexDiT layers go through flexdit_kernels.attention (the _attention module).
+        # The dense DiT keeps PyTorch SDPA (the honest baseline); FlexDiT layers go through flexdit_kernels.attention.
         self.use_kernel = use_kernel
 
     def forward(self, x):

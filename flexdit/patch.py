@@ -377,7 +377,7 @@ def apply_patch(model, plan=None, schedule=None):
 
     To tinker with: `Plan(0, 0, (1, 3, 1, 1), depth)` (all dense) reproduces the host; `group` beyond (1, s, 1, 1).
 
-    Blocks are re-used by the paper's mapping (Poolingformers keep V, cross layers split Q and KV, fusion W1 = 0, W2 = I)
+    Blocks are re-used by the paper's mapping (Poolingformers keep V, cross layers split Q and KV, W1 = 0, W2 = I)
     as copies: the original blocks are kept untouched and `remove_patch` restores them. Patching twice equals
     patching once. The forward signature is unchanged. A patched model needs fine-tuning (`flexdit-finetune`)
     before its samples are good. Raises ValueError for unsupported models or blocks, a plan that does not fit

@@ -1,4 +1,4 @@
-"""Temporal token density: which sparse grid side G a FlexDiT uses at diffusion timestep t (arXiv 2412.06028, temporal token density).
+"""Temporal token density: which sparse grid side G a FlexDiT uses at diffusion timestep t (arXiv 2412.06028).
 
 The timestep range [0, T) is cut into S equal stages (stage 0 holds the clean end t < T/S, stage S-1 the noisy
 end). Stage k has a constant pruning rate r_k = r_min + k/(S-1)·(r_max − r_min) and grid side
