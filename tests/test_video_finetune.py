@@ -38,6 +38,10 @@ def test_flexlatte_forward_and_grid_per_call():
         model(x, t, y, grid=5)
     with pytest.raises(ValueError, match=r"x must be \(B, 4, T, H, W\)"):
         model(x[:, :, 0], t, y)
+    with pytest.raises(ValueError, match="num_classes must be >= 1"):
+        FlexLatteConfig(transformer=TINY, num_classes=0, plan=Plan(**PLAN))
+    with pytest.raises(ValueError, match="but depth is 6"):
+        FlexLatteConfig(transformer=TINY, plan=Plan(1, 1, (1, 2, 1, 1), 1))
 
 
 def test_finetune_cli_on_video_shards_trains_and_resumes(tmp_path, capsys):
