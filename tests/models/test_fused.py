@@ -13,7 +13,10 @@ def _xl_shaped(name):
     return flexdit.create_model(name, input_size=16, hidden_size=64, num_heads=8).eval()
 
 
-def test_fused_flexdit_runs_at_most_half_the_ops():
+def test_fused_flexdit_runs_far_fewer_ops():
+    """Ops per forward (aten + flexdit, about one GPU launch each) under bf16 autocast, counted on a warm autocast
+    region (weights already cast, as in a sampling loop). FlexDiT-XL/2's layers: 690 unfused, 405 fused; the dense
+    DiT-XL/2: 673 and 361. (On a fresh region every count grows by ~320 weight casts: 1012 and 727 for FlexDiT.)"""
     x, t, y = toy_inputs(batch=2, size=(16, 16))
     flex = _xl_shaped("FlexDiT-XL/2")
     with fk.backend("reference"):
@@ -24,10 +27,8 @@ def test_fused_flexdit_runs_at_most_half_the_ops():
         dense_ops = sum(flexdit.count_ops(dense, x, t, y, autocast_dtype=torch.bfloat16).values())
         dense_fused = sum(flexdit.count_ops(flexdit.set_fused(dense), x, t, y,
                                             autocast_dtype=torch.bfloat16).values())
-    # 1008 ops per forward before the fused kernels (issue #13's proxy, counted on a fresh autocast region: ~320 of
-    # them cast weights); the fused FlexDiT-XL/2 runs 405 on a warm region, 727 on a fresh one.
-    assert fused <= 1008 // 2, fused
-    assert unfused >= 1.5 * fused and dense_ops >= 1.5 * dense_fused, (unfused, fused, dense_ops, dense_fused)
+    assert fused <= 0.6 * unfused and dense_fused <= 0.6 * dense_ops, (fused, unfused, dense_fused, dense_ops)
+    assert fused <= 410, fused   # regression guard on today's count
 
 
 @pytest.mark.parametrize("kind", ["flexdit", "dense"])
