@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from .layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, to_pair
-from .plan import GridLike, Plan, Slot, parse_grid, split_plan_fields
+from .plan import GridLike, Plan, Slot, split_plan_fields
 from .router import FlexLayer, RouteState, norm_modulate, set_fused
 
 
@@ -188,11 +188,6 @@ class BackboneConfig:
     def __post_init__(self):
         if isinstance(self.input_size, (list, tuple)):
             self.input_size = tuple(int(v) for v in self.input_size)
-        h, w = to_pair(self.input_size)
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"input_size {h}x{w} is not divisible by patch_size {self.patch_size}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         self.plan = Plan.coerce(self.plan, self.depth, self.token_grid)
 
     @property
@@ -259,8 +254,7 @@ class FlexDiT(_DiTShell):
         Returns (B, out_channels, H, W). The grid may change from call to call (temporal density schedule).
         """
         hw = self.token_grid
-        grid = parse_grid(self.config.plan.grid if grid is None else grid, hw) if self.config.plan.num_modules \
-            else None
+        grid = self.config.plan.sparse_grid(grid, hw)
         x, c = self.embed(x, t, y)                                      # (B, N, C)
         x = self.route_state.run(self.blocks, x, hw, grid, c)           # (B, N, C)
         x = self.final_layer(x, c)                                      # (B, N, p*p*out)

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .layers import Mlp, PatchEmbed, TimestepEmbedder, _1d_sincos, to_pair
 from .models import BackboneConfig
-from .plan import DECIDED_PLANS, GridLike, Plan, Slot, parse_grid, split_plan_fields
+from .plan import DECIDED_PLANS, GridLike, Plan, Slot, split_plan_fields
 from .router import FlexLayer, RouteState, norm_modulate, set_fused
 
 
@@ -225,8 +225,7 @@ class FlexPixArt(_PixArtShell):
     def forward(self, x, t, y, mask=None, grid: Optional[GridLike] = None):
         """As PixArt.forward; grid: sparse grid G, (G_h, G_w) or "GhxGw" for this call (default: the plan's)."""
         hw = self.token_grid
-        plan = self.config.plan
-        grid = parse_grid(plan.grid if grid is None else grid, hw) if plan.num_modules else None
+        grid = self.config.plan.sparse_grid(grid, hw)
         x, t_emb, t0, text, bias = self.embed(x, t, y, mask)   # (B, N, C)
         x = self.route_state.run(self.blocks, x, hw, grid, t0, text, bias)
         return self.unpatchify(self.final_layer(x, t_emb))

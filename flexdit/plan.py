@@ -10,7 +10,6 @@ from flexdit_kernels._validate import pair
 GridLike = Union[int, str, Sequence[int]]
 
 DEFAULT_GRID = 8
-LAYER_KINDS = ("pool", "gen", "sparse", "recover", "dense")
 
 # Decided layer plans by depth (P, K, (g, s, r, d), T): DiT-XL (28), DiT-L (24), DiT-S and DiT-B (12).
 DECIDED_PLANS = {
@@ -136,6 +135,11 @@ class Plan:
     @property
     def depth(self) -> int:
         return self.num_pool + self.num_modules * sum(self.group) + self.num_top
+
+    def sparse_grid(self, grid: Optional[GridLike], token_grid: Tuple[int, int]) -> Optional[Tuple[int, int]]:
+        """The sparse grid of one forward: `grid` (None: the plan's), checked against the token grid; None when the
+        plan has no Sparse-Dense Token Module (nothing is pooled)."""
+        return parse_grid(self.grid if grid is None else grid, token_grid) if self.num_modules else None
 
     def check(self, depth: int, token_grid: Tuple[int, int]) -> None:
         """The plan has `depth` layers and its grid fits the token grid."""

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .plan import GridLike, Plan, parse_grid
+from .plan import GridLike, Plan
 from .patch import apply_patch
 
 # Latte-XL/2 (Latte-1's transformer): 28 spatial/temporal pairs of 16 heads x 72.
@@ -101,5 +101,5 @@ class FlexLatte(nn.Module):
         if self.training and self.config.class_dropout_prob > 0:   # label dropout for classifier-free guidance
             drop = torch.rand(y.shape[0], device=y.device) < self.config.class_dropout_prob
             y = torch.where(drop, self.config.num_classes, y)
-        self._grids.current = parse_grid(self.config.plan.grid if grid is None else grid, self.token_grid)
+        self._grids.current = self.config.plan.sparse_grid(grid, self.token_grid)
         return self.transformer(x, timestep=t, encoder_hidden_states=self.class_captions[y], return_dict=False)[0]
