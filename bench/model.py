@@ -62,16 +62,17 @@ def model_inputs(batch: int, image_size: int, device: torch.device, num_classes:
     return x, t, y
 
 
-def per_image_macs(name: str, image_size: int, grid: int) -> Dict[str, int]:
-    """MACs of one image for the dense model and FlexDiT at `grid`, counted on the meta device."""
+def per_image_macs(name: str, image_size: int, grids) -> Dict:
+    """MACs of one image: {"dense": the dense model, G: FlexDiT at grid G for each G in `grids`}, counted on the
+    meta device."""
     from flexdit.flops import count_macs
     latent = image_size // 8
     with torch.device("meta"):
         dense = create_model(name, input_size=latent)
-        flex = FlexDiT(flexdit_config(name, input_size=latent, grid=grid))
+        flex = FlexDiT(flexdit_config(name, input_size=latent, grid=max(grids)))
         x, t = torch.empty(1, 4, latent, latent), torch.zeros(1)
         y = torch.zeros(1, dtype=torch.long)
-    return {"dense": count_macs(dense, x, t, y).total, "flexdit": count_macs(flex, x, t, y, grid=grid).total}
+    return {"dense": count_macs(dense, x, t, y).total, **{g: count_macs(flex, x, t, y, grid=g).total for g in grids}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,8 +260,8 @@ def run(args, results: Results, device: torch.device) -> None:
         dense, flex = build_models(args.model, args.image_size, args.grid, device)
         inputs, dense_kw, flex_kw = model_inputs(args.batch_size, args.image_size, device), {}, {"grid": args.grid}
         try:
-            macs = per_image_macs(args.model, args.image_size, args.grid)
-            macs["flexdit-ref"] = macs["flexdit"]
+            counts = per_image_macs(args.model, args.image_size, [args.grid])
+            macs = {"dense": counts["dense"], "flexdit": counts[args.grid], "flexdit-ref": counts[args.grid]}
         except ImportError as err:   # fvcore is optional: the times stand without the MAC columns
             macs = None
             results.notes.append(f"no GMACs / TFLOP/s columns: {_first_line(err)}")

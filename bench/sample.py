@@ -18,7 +18,7 @@ from flexdit import DensitySchedule
 from flexdit.diffusion import CudaGraphDenoiser, create_diffusion, grid_steps, sample_latents
 
 from .common import Results, bench_fn, format_table, positive_int, synchronize
-from .model import _autocast, build_models
+from .model import _autocast, build_models, per_image_macs
 
 MODES = ("eager", "compile", "cuda-graph")
 IMPLS = ("dense", "flexdit", "flexdit-ref")    # flexdit: Triton kernels (CUDA); flexdit-ref: the PyTorch reference
@@ -143,16 +143,8 @@ def count_macs_by_grid(name: str, image_size: int, grids) -> Optional[Dict]:
         import fvcore  # noqa: F401
     except ImportError:
         return None
-    from flexdit import FlexDiT, count_macs, create_model, flexdit_config
-    latent = image_size // 8
-    with torch.device("meta"):
-        dense = create_model(name, input_size=latent)
-        flex = FlexDiT(flexdit_config(name, input_size=latent, grid=max(grids)))
-        x, t, y = torch.empty(1, 4, latent, latent), torch.zeros(1), torch.zeros(1, dtype=torch.long)
-    out = {None: count_macs(dense, x, t, y).total}
-    for g in sorted(set(grids)):
-        out[g] = count_macs(flex, x, t, y, grid=g).total
-    return out
+    macs = per_image_macs(name, image_size, sorted(set(grids)))
+    return {None: macs.pop("dense"), **macs}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,7 +175,6 @@ def _check_kernels(flex, schedule, args, device, results) -> bool:
 def run(args, results: Results, device: torch.device) -> None:
     if not hasattr(args, "runs"):
         resolve(args, device)
-    dtype = args.torch_dtype
     latent = args.image_size // 8
     token_grid = latent // int(args.model.split("/")[-1])
     schedule = (DensitySchedule(parse_grids(args.grids), token_grid=token_grid) if args.grids

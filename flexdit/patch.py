@@ -13,8 +13,6 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.nn as nn
 
-import flexdit_kernels as fk
-
 from .convert import from_dit
 from .layers import to_pair
 from .models import FlexDiTConfig
