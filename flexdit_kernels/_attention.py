@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
+from ._dispatch import custom_op, use_triton
 from ._validate import check_same, check_tensor
 
 MAX_HEAD_DIM = 128
@@ -527,7 +527,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("flexdit::attention", mutates_args=())
+@custom_op("flexdit::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Lq, H, D), lse (B, H, Lq) fp32): the log-sum-exp is kept for the Triton backward."""
@@ -542,7 +542,7 @@ def _(q, k, v, scale):
     return q.new_empty((b, lq, h, d)), q.new_empty((b, h, lq), dtype=torch.float32)
 
 
-@torch.library.custom_op("flexdit::attention_backward", mutates_args=())
+@custom_op("flexdit::attention_backward", mutates_args=())
 def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor, scale: float
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ to the reference, where the PyTorch path is the faster one. On the CPU without t
 "triton" takes the reference.
 """
 import contextlib
+import functools
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -41,6 +42,28 @@ def backend(name: str):
         yield
     finally:
         set_backend(previous)
+
+
+def custom_op(name: str, mutates_args=()):
+    """`torch.library.custom_op` for a flexdit op: its tensor results come back contiguous whichever path made them
+    (a reference may follow its inputs' strides), as the op's fake promises; a compiled graph views them by those
+    strides."""
+    def register(fn):
+        @functools.wraps(fn)
+        def impl(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if isinstance(out, tuple):
+                return tuple(t.contiguous() for t in out)
+            return out if out is None else out.contiguous()
+        return torch.library.custom_op(name, mutates_args=mutates_args)(impl)
+    return register
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast runs GEMMs in on `device_type` ("cuda", "cpu", ...) when it is on there, else None."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
 
 
 def use_triton(*tensors: torch.Tensor) -> bool:

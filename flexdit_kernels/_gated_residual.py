@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
+from ._dispatch import custom_op, use_triton
 from ._layernorm_modulate import _TARGET_PROGRAMS, column_sum
 from ._validate import check_kernel_device, check_tensor
 
@@ -182,7 +182,7 @@ def gated_residual_bwd(grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tens
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("flexdit::gated_residual", mutates_args=())
+@custom_op("flexdit::gated_residual", mutates_args=())
 def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     if use_triton(x, y, gate):
         return gated_residual_fwd(x, y, gate)
@@ -194,7 +194,7 @@ def _(x, y, gate):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op("flexdit::gated_residual_inplace", mutates_args=("x",))
+@custom_op("flexdit::gated_residual_inplace", mutates_args=("x",))
 def _gated_residual_inplace_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
     if use_triton(x, y, gate):
         gated_residual_inplace_fwd(x, y, gate)
@@ -207,7 +207,7 @@ def _(x, y, gate):
     return None
 
 
-@torch.library.custom_op("flexdit::gated_residual_backward", mutates_args=())
+@custom_op("flexdit::gated_residual_backward", mutates_args=())
 def _gated_residual_backward_op(grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
                                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     if use_triton(grad_out, y, gate):

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
+from ._dispatch import custom_op, use_triton
 from ._gated_residual import _check_args as _check_residual_args
 from ._gated_residual import gated_residual_ref
 from ._layernorm_modulate import (
@@ -212,7 +212,7 @@ def gated_residual_layernorm_modulate_bwd(grad_r: torch.Tensor, grad_u: torch.Te
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("flexdit::gated_residual_layernorm_modulate", mutates_args=())
+@custom_op("flexdit::gated_residual_layernorm_modulate", mutates_args=())
 def _gated_residual_layernorm_modulate_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                                           scale: torch.Tensor, eps: float, out_dtype: torch.dtype
                                           ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -226,7 +226,7 @@ def _(x, y, gate, shift, scale, eps, out_dtype):
     return x.new_empty(x.shape), x.new_empty(x.shape, dtype=out_dtype)
 
 
-@torch.library.custom_op("flexdit::gated_residual_layernorm_modulate_backward", mutates_args=())
+@custom_op("flexdit::gated_residual_layernorm_modulate_backward", mutates_args=())
 def _gated_residual_layernorm_modulate_backward_op(
         grad_r: torch.Tensor, grad_u: torch.Tensor, r: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
         scale: torch.Tensor, eps: float, shift_dtype: torch.dtype

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import use_triton
+from ._dispatch import autocast_dtype, custom_op, use_triton
 from ._validate import FLOAT_DTYPES, check_kernel_device, check_tensor
 
 
@@ -275,7 +275,7 @@ def layernorm_modulate_bwd(grad_out: torch.Tensor, x: torch.Tensor, scale: torch
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("flexdit::layernorm_modulate", mutates_args=())
+@custom_op("flexdit::layernorm_modulate", mutates_args=())
 def _layernorm_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                            out_dtype: torch.dtype) -> torch.Tensor:
     if use_triton(x, shift, scale):
@@ -288,7 +288,7 @@ def _(x, shift, scale, eps, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
-@torch.library.custom_op("flexdit::layernorm_modulate_backward", mutates_args=())
+@custom_op("flexdit::layernorm_modulate_backward", mutates_args=())
 def _layernorm_modulate_backward_op(grad_out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float,
                                     shift_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(grad_out, x, scale):
@@ -319,10 +319,7 @@ _layernorm_modulate_op.register_autograd(_backward, setup_context=_setup_context
 
 def _default_out_dtype(x: torch.Tensor) -> torch.dtype:
     """The autocast dtype of x's device when autocast is on there (the dtype the next GEMM runs in), else x's."""
-    device_type = x.device.type
-    if device_type in ("cuda", "cpu", "xpu", "mps") and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return x.dtype
+    return autocast_dtype(x.device.type) or x.dtype
 
 
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,

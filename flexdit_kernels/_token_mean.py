@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import opaque_call, use_kernel
+from ._dispatch import custom_op, opaque_call, use_kernel
 from ._validate import cdiv, check_kernel_device, fits_int32, mean_args, mean_backward_args, next_pow2, sm_count
 
 
@@ -195,7 +195,7 @@ def _token_mean_fwd(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 def _token_mean_bwd(grad_out: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     b, n, c = x.shape
-    dx = torch.empty_like(x)
+    dx = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
     if b == 0:
         return dx
     block_n, block_c, num_warps = _blocks(n, c)
@@ -218,8 +218,7 @@ def token_mean_fwd(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def token_mean_bwd(grad_out: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Launch the backward. grad_out: (B, C), x: (B, N, C), any strides -> dx laid out like `torch.empty_like(x)`
-    (the op's fake impl promises that layout)."""
+    """Launch the backward. grad_out: (B, C), x: (B, N, C), any strides -> dx (B, N, C) contiguous."""
     check_kernel_device("x", x)
     eps = mean_backward_args(grad_out, x, eps)
     check_kernel_device("grad_out", grad_out)
@@ -260,7 +259,7 @@ class _TokenMeanFunction(torch.autograd.Function):
         return _backward(grad_out, x, ctx.eps), None
 
 
-@torch.library.custom_op("flexdit::token_mean", mutates_args=())
+@custom_op("flexdit::token_mean", mutates_args=())
 def _token_mean_op(x: torch.Tensor, eps: float) -> torch.Tensor:
     return _forward(x, eps)
 
@@ -270,14 +269,14 @@ def _(x, eps):
     return x.new_empty(x.shape[0], x.shape[2])
 
 
-@torch.library.custom_op("flexdit::token_mean_backward", mutates_args=())
+@custom_op("flexdit::token_mean_backward", mutates_args=())
 def _token_mean_backward_op(grad_out: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return _backward(grad_out, x, eps)
 
 
 @_token_mean_backward_op.register_fake
 def _(grad_out, x, eps):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 def _op_setup_context(ctx, inputs, output):

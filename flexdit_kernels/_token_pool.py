@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import opaque_call, use_kernel
+from ._dispatch import custom_op, opaque_call, use_kernel
 from ._validate import (cdiv, check_kernel_device, fits_int32, next_pow2, pool_args, pool_backward_args,
                         sm_count)
 
@@ -265,7 +265,7 @@ class _TokenPoolFunction(torch.autograd.Function):
         return _backward(grad_out, ctx.hw, ctx.grid), None, None
 
 
-@torch.library.custom_op("flexdit::token_pool", mutates_args=())
+@custom_op("flexdit::token_pool", mutates_args=())
 def _token_pool_op(x: torch.Tensor, hw: List[int], grid: List[int]) -> torch.Tensor:
     return _forward(x, tuple(hw), tuple(grid))
 
@@ -275,7 +275,7 @@ def _(x, hw, grid):
     return x.new_empty(x.shape[0], grid[0] * grid[1], x.shape[2])
 
 
-@torch.library.custom_op("flexdit::token_pool_backward", mutates_args=())
+@custom_op("flexdit::token_pool_backward", mutates_args=())
 def _token_pool_backward_op(grad_out: torch.Tensor, hw: List[int], grid: List[int]) -> torch.Tensor:
     return _backward(grad_out, tuple(hw), tuple(grid))
 

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import opaque_call, use_kernel
+from ._dispatch import custom_op, opaque_call, use_kernel
 from ._token_pool import Grid, _channel_offsets, _rect_sum, channel_block, token_run
 from ._validate import cdiv, check_kernel_device, fits_int32, next_pow2, upsample_args, upsample_backward_args
 
@@ -188,7 +188,7 @@ class _UpsampleAddFunction(torch.autograd.Function):
         return ds, grad_out, None, None
 
 
-@torch.library.custom_op("flexdit::upsample_add", mutates_args=())
+@custom_op("flexdit::upsample_add", mutates_args=())
 def _upsample_add_op(sparse: torch.Tensor, dense: torch.Tensor, hw: List[int], grid: List[int]) -> torch.Tensor:
     return _forward(sparse, dense, tuple(hw), tuple(grid))
 
@@ -198,7 +198,7 @@ def _(sparse, dense, hw, grid):
     return dense.new_empty(dense.shape)
 
 
-@torch.library.custom_op("flexdit::upsample_add_backward", mutates_args=())
+@custom_op("flexdit::upsample_add_backward", mutates_args=())
 def _upsample_add_backward_op(grad_out: torch.Tensor, hw: List[int], grid: List[int]) -> torch.Tensor:
     return _backward(grad_out, tuple(hw), tuple(grid))
 
