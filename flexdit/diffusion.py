@@ -16,6 +16,8 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
+from flexdit_kernels._dispatch import autocast_dtype
+
 from .schedule import DensitySchedule
 
 __all__ = [
@@ -361,13 +363,6 @@ def grid_steps(diffusion: GaussianDiffusion, schedule: DensitySchedule | None = 
 # CUDA graphs
 # ---------------------------------------------------------------------------------------------------------------
 
-def _autocast_state(device_type: str = "cuda"):
-    """(enabled, dtype) of the autocast context active for `device_type`."""
-    if not torch.is_autocast_enabled(device_type):
-        return False, None
-    return True, torch.get_autocast_dtype(device_type)
-
-
 class _Graph:
     """One captured guided forward: static inputs (x, t, y), its output, and what the capture cost."""
 
@@ -382,7 +377,8 @@ class CudaGraphDenoiser:
     A graph is captured the first time its key (grid side, latent shape and dtype, guidance settings, autocast
     dtype) is seen: the inputs are copied into static buffers, a few eager calls on a side stream warm up the
     allocator and the kernels' autotuning, then the guided forward (the doubled batch with guidance) is captured
-    with the autocast weight cache off (a cached cast would live outside the graph's memory). Each later call
+    with autocast's weight cache off (its casts would live outside the graph's memory). The `flexdit.layers.Linear`s
+    of a fused model keep the casts the warm-up made, so their replay casts no weight. Each later call
     copies x, t, y into the buffers, replays, and returns a copy of the output. All graphs share one memory pool:
     they run one at a time and every output is copied out at once.
 
@@ -390,7 +386,8 @@ class CudaGraphDenoiser:
     how many graphs exist, their capture time and the GPU memory they hold.
 
     Args:
-        model: a DiT / FlexDiT on a CUDA device (eval mode; it must not change while graphs are held).
+        model: a DiT / FlexDiT on a CUDA device (eval mode; it must not change while graphs are held: a replay
+            reads the weights, or their casts, it was captured with).
         warmup: eager calls before each capture.
     """
 
@@ -419,7 +416,7 @@ class CudaGraphDenoiser:
 
         def fn(x, t):
             grid = _grid_of(schedule, t)
-            key = (grid, tuple(x.shape), x.dtype, str(x.device), *settings, _autocast_state(x.device.type))
+            key = (grid, tuple(x.shape), x.dtype, str(x.device), *settings, autocast_dtype(x.device.type))
             g = self._graphs.get(key)
             if g is None:
                 g = self._graphs[key] = self._capture(x, t, y, grid, settings)
@@ -440,11 +437,11 @@ class CudaGraphDenoiser:
     def _capture(self, x, t, y, grid, settings) -> _Graph:
         use_cfg, cfg_scale, cfg_channels, null_class = settings
         device = x.device
-        enabled, dtype = _autocast_state(device.type)
+        dtype = autocast_dtype(device.type)
         model = self.model
 
         def forward(xs, ts, ys):
-            with torch.no_grad(), (torch.autocast(device.type, dtype=dtype, cache_enabled=False) if enabled
+            with torch.no_grad(), (torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype is not None
                                    else contextlib.nullcontext()):
                 return _guided_forward(model, xs, ts, ys, torch.full_like(ys, null_class), cfg_scale,
                                        cfg_channels, use_cfg, grid)

@@ -227,20 +227,27 @@ class _OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_ops(model: nn.Module, *inputs, autocast_dtype=None, **kwargs) -> Counter:
+def count_ops(model: nn.Module, *inputs, autocast_dtype=None, new_region: bool = False, **kwargs) -> Counter:
     """The ops one `model(*inputs, **kwargs)` runs, by name: each is one kernel launch on a GPU (or a few).
 
-    With `autocast_dtype` the forward runs under autocast on the inputs' device, counted on a second forward inside
-    the same autocast region: the first one fills autocast's weight-cast cache, as the first step of a sampling loop
-    does.
+    With `autocast_dtype` the forward runs under autocast on the inputs' device, counted on a second forward, as
+    in a sampling loop after its first step: inside the same autocast region as the first (autocast's cache holds
+    the cast weights), or with `new_region` in an autocast region of its own (a loop that opens one per step).
     """
-    device = next(t.device for t in inputs if isinstance(t, torch.Tensor))
-    region = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
     counter = _OpCounter()
-    with torch.no_grad(), region:
-        if autocast_dtype:
+    with torch.no_grad():
+        if not autocast_dtype:
+            with counter:
+                model(*inputs, **kwargs)
+            return counter.ops
+        device = next(t.device for t in inputs if isinstance(t, torch.Tensor))
+        with torch.autocast(device.type, dtype=autocast_dtype):
             model(*inputs, **kwargs)
-        with counter:
+            if not new_region:
+                with counter:
+                    model(*inputs, **kwargs)
+                return counter.ops
+        with torch.autocast(device.type, dtype=autocast_dtype), counter:
             model(*inputs, **kwargs)
     return counter.ops
 
