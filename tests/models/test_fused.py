@@ -18,7 +18,7 @@ def _xl_shaped(name):
 def test_fused_flexdit_runs_far_fewer_ops():
     """Ops per forward (aten + flexdit, about one GPU launch each) under bf16 autocast, counted on a sampling loop's
     second step, with the loop opening one autocast region per step (each step recasts the weights unless cached) or
-    one region for all steps. FlexDiT-XL/2's layers: unfused 956 / 634, fused 349 / 347; the dense DiT-XL/2: unfused
+    one region for all steps. FlexDiT-XL/2's layers: unfused 956 / 634, fused 347 / 345; the dense DiT-XL/2: unfused
     907 / 617, fused 307 / 305. (Before the fused kernels FlexDiT ran 1008 per forward in a region of its own.)"""
     x, t, y = toy_inputs(batch=2, size=(16, 16))
     flex = _xl_shaped("FlexDiT-XL/2")
