@@ -38,8 +38,9 @@ class Linear(nn.Linear):
     _cast = None
 
     def forward(self, x):
-        # (a compiled graph casts the weights itself)
-        if self.fused and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if torch.compiler.is_compiling():  # a compiled graph casts the weights itself and leaves the cache alone
+            return super().forward(x)
+        if self.fused and not torch.is_grad_enabled():
             dtype = autocast_dtype(x.device.type)
             if dtype is not None:
                 w, b = self._cast_params(dtype)

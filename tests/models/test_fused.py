@@ -39,11 +39,13 @@ def test_fused_flexdit_runs_far_fewer_ops():
                 assert fused <= 0.5 * min(unfused, 1008), (fused, unfused)
 
 
-def test_linear_keeps_its_autocast_cast_until_the_weight_changes():
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_keeps_its_autocast_cast_until_the_weight_changes(bias):
     """`flexdit.layers.Linear` with `fused`: the same numbers as nn.Linear under autocast, no weight cast in a later
-    autocast region, and never a stale weight (in-place update, load_state_dict, .to(), autograd)."""
+    autocast region, never a stale weight (in-place update, load_state_dict, .to(), autograd), and a compiled call
+    leaves the cache alone."""
     torch.manual_seed(0)
-    lin, ref = Linear(8, 4), torch.nn.Linear(8, 4)
+    lin, ref = Linear(8, 4, bias=bias), torch.nn.Linear(8, 4, bias=bias)
     ref.load_state_dict(lin.state_dict())
     lin.fused = True
     x = torch.randn(3, 8)
@@ -53,13 +55,17 @@ def test_linear_keeps_its_autocast_cast_until_the_weight_changes():
             torch.testing.assert_close(lin(x), ref(x), rtol=0, atol=0)
 
     check()
+    cached = lin._cast
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):   # compiled: its own casts, cache untouched
+        torch.testing.assert_close(torch.compile(lin, backend="eager", fullgraph=True)(x), ref(x), rtol=0, atol=0)
+    assert lin._cast is cached
     ops = flexdit.count_ops(lin, x, autocast_dtype=torch.bfloat16, new_region=True)
-    assert ops == {"aten._to_copy": 1, "aten.addmm": 1}, ops          # the input's cast only
+    assert ops == {"aten._to_copy": 1, "aten.addmm" if bias else "aten.mm": 1}, ops   # the input's cast only
     with torch.no_grad():
         for p in (*lin.parameters(), *ref.parameters()):
             p.add_(1)
     check()
-    other = torch.nn.Linear(8, 4)
+    other = torch.nn.Linear(8, 4, bias=bias)
     lin.load_state_dict(other.state_dict())
     ref.load_state_dict(other.state_dict())
     check()
