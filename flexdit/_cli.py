@@ -15,7 +15,8 @@ import torch
 from .schedule import DensitySchedule
 
 __all__ = ["build_model", "model_config", "parse_model_args", "schedule_from_args", "add_schedule_args",
-           "sample_seed", "DistContext", "resolve_device", "backend_context", "autocast_context", "usage_errors",
+           "sample_seed", "DistContext", "resolve_device", "add_device_args", "backend_context", "autocast_context",
+           "usage_errors",
            "fail"]
 
 
@@ -300,6 +301,13 @@ class DistContext:
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device and --backend, read by `DistContext` and `backend_context`."""
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
+    p.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto",
+                   help="flexdit_kernels backend (auto: Triton on CUDA, the PyTorch reference on the CPU)")
 
 
 def backend_context(name: str, device: torch.device):

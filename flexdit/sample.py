@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._cli import (DistContext, add_schedule_args, autocast_context, backend_context, build_model,
+from ._cli import (DistContext, add_device_args, add_schedule_args, autocast_context, backend_context, build_model,
                    create_checked, model_config, parse_model_args, sample_seed, schedule_from_args, usage_errors)
 from .diffusion import CudaGraphDenoiser, create_diffusion, model_num_classes, sample_latents
 
@@ -110,10 +110,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="samples")
     p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder, to decode PNGs")
-    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK when available, else cpu")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto",
-                   help="flexdit_kernels backend (auto: Triton on CUDA, the PyTorch reference on the CPU)")
+    add_device_args(p)
     speed = p.add_mutually_exclusive_group()
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the forward (one graph per density stage)")

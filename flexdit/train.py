@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
-from ._cli import (DistContext, add_schedule_args, autocast_context, backend_context, create_checked, model_config,
-                   parse_model_args, schedule_from_args, usage_errors)
+from ._cli import (DistContext, add_device_args, add_schedule_args, autocast_context, backend_context, create_checked,
+                   model_config, parse_model_args, schedule_from_args, usage_errors)
 from .data import LatentShards
 from .diffusion import create_diffusion
 from .schedule import DensitySchedule
@@ -193,9 +193,7 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-every", type=int, default=10_000)
     p.add_argument("--resume", default="auto",
                    help="'auto' (latest checkpoint in out-dir, if any), a checkpoint path, or 'none'")
-    p.add_argument("--device", default=None)
-    p.add_argument("--backend", choices=["auto", "triton", "reference"], default="auto",
-                   help="flexdit_kernels backend (auto: Triton on CUDA, the PyTorch reference on the CPU)")
+    add_device_args(p)
     p.add_argument("--quiet", action="store_true")
     return p.parse_args(argv)
 
