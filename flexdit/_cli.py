@@ -16,8 +16,7 @@ from .schedule import DensitySchedule
 
 __all__ = ["build_model", "model_config", "parse_model_args", "schedule_from_args", "add_schedule_args",
            "sample_seed", "DistContext", "resolve_device", "add_device_args", "backend_context", "autocast_context",
-           "usage_errors",
-           "fail"]
+           "usage_errors", "fail"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
