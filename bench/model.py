@@ -90,8 +90,8 @@ def sampling_region(mode: str, device, dtype):
     """One autocast region around the timed calls of eager and compile forwards (each opens a nested one), as a
     sampling loop runs: autocast casts each fp32 weight to the low-precision dtype once per outermost region, so the
     timed forwards find them cast, for the dense model and FlexDiT alike. (CUDA-graph capture keeps autocast's casts
-    in the graph, with the cache off; the fused variants' `flexdit.layers.Linear`s keep theirs from the warm-up, so
-    their replays cast no weight: part of what `dense-fused` shows over `dense` in that mode.)"""
+    in the graph, with the cache off; the `flexdit.layers.Linear`s of every variant but `dense` (fused on) keep theirs
+    from the warm-up, so their replays cast no weight: part of what `dense-fused` shows over `dense` in that mode.)"""
     return contextlib.nullcontext() if mode == "cuda-graph" else _autocast(device, dtype)
 
 
