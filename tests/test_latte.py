@@ -4,7 +4,6 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import flexdit
 import flexdit_kernels as fk
@@ -13,6 +12,7 @@ from flexdit.flops import count_macs, count_macs_dispatch
 from flexdit.patch import TemporalFlexLayer
 from flexdit.plan import parse_video_grid
 
+from .kernels.test_layernorm_modulate import _OpLog
 from .models.helpers import randomize_, toy_config, toy_dit, toy_inputs
 
 diffusers = pytest.importorskip("diffusers")
@@ -164,29 +164,18 @@ def test_grid_changes_per_call():
 
 
 def test_pipeline_runs_patched_and_unpatched():
-    transformers = pytest.importorskip("transformers")
-    from .test_patch import tiny_vae
-    from .test_pixart import tiny_tokenizer
+    from .test_patch import check_pipeline_patch_round_trip, tiny_vae
+    from .test_pixart import tiny_text_encoder, tiny_tokenizer
 
-    t5 = transformers.T5Config(vocab_size=16, d_model=24, d_kv=8, num_heads=2, num_layers=1, d_ff=32)
-    pipe = diffusers.LattePipeline(tokenizer=tiny_tokenizer(), text_encoder=transformers.T5EncoderModel(t5).eval(),
+    pipe = diffusers.LattePipeline(tokenizer=tiny_tokenizer(), text_encoder=tiny_text_encoder(),
                                    vae=tiny_vae(), transformer=tiny_latte(frames=4, caption_channels=24),
                                    scheduler=diffusers.DDIMScheduler())
-    pipe.set_progress_bar_config(disable=True)
 
     def sample():
         return pipe("a red cat", num_inference_steps=2, guidance_scale=2.0, video_length=4, height=32, width=32,
                     output_type="pt", clean_caption=False, generator=torch.Generator().manual_seed(0)).frames
 
-    with fk.backend("reference"):
-        dense = sample()
-        apply_patch(pipe, TOY_PLAN)
-        assert is_patched(pipe.transformer)
-        flex = sample()
-        remove_patch(pipe)
-        restored = sample()
-    assert flex.shape == dense.shape == (1, 4, 3, 32, 32) and bool((abs(flex - dense) > 1e-4).any())
-    assert (restored == dense).all()
+    check_pipeline_patch_round_trip(pipe, sample, (1, 4, 3, 32, 32))
 
 
 def test_kernel_path_equals_reference(device):
@@ -246,16 +235,6 @@ def test_bad_inputs_are_refused():
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels with the frames folded into the batch; the video grid
 # ----------------------------------------------------------------------------------------------------------------
-
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_pooling_with_frames_folded_into_the_batch(backend, monkeypatch):

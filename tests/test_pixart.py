@@ -5,11 +5,11 @@ import torch
 import flexdit_kernels as fk
 from flexdit.convert import flex_pixart_from_pixart
 from flexdit.diffusers_convert import pixart_config_from_diffusers, pixart_from_diffusers
-from flexdit.patch import apply_patch, is_patched, remove_patch
+from flexdit.patch import apply_patch
 from flexdit.pixart import FlexPixArt, PixArtBlock, create_pixart
 
 from .models.helpers import TOY, randomize_, toy_inputs
-from .test_patch import TOY_PLAN, caption, tiny_pixart, tiny_vae
+from .test_patch import TOY_PLAN, caption, check_pipeline_patch_round_trip, tiny_pixart, tiny_vae
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -99,28 +99,24 @@ def tiny_tokenizer():
                                                 unk_token="<unk>")
 
 
-def test_pixart_pipeline_runs_patched_and_unpatched():
+def tiny_text_encoder():
+    """A one-layer T5 encoder of width 24 over `tiny_tokenizer`'s vocabulary (skips the test without transformers)."""
     transformers = pytest.importorskip("transformers")
     t5 = transformers.T5Config(vocab_size=16, d_model=24, d_kv=8, num_heads=2, num_layers=1, d_ff=32)
-    pipe = diffusers.PixArtAlphaPipeline(tokenizer=tiny_tokenizer(), text_encoder=transformers.T5EncoderModel(t5).eval(),
+    return transformers.T5EncoderModel(t5).eval()
+
+
+def test_pixart_pipeline_runs_patched_and_unpatched():
+    pipe = diffusers.PixArtAlphaPipeline(tokenizer=tiny_tokenizer(), text_encoder=tiny_text_encoder(),
                                          vae=tiny_vae(), transformer=tiny_pixart(),
                                          scheduler=diffusers.DDIMScheduler())
-    pipe.set_progress_bar_config(disable=True)
 
     def sample():
         return pipe("a red cat", num_inference_steps=2, guidance_scale=2.0, output_type="np", max_sequence_length=8,
                     use_resolution_binning=False, clean_caption=False,
                     generator=torch.Generator().manual_seed(0)).images
 
-    with fk.backend("reference"):
-        dense = sample()
-        apply_patch(pipe, TOY_PLAN)
-        assert is_patched(pipe.transformer)
-        flex = sample()
-        remove_patch(pipe)
-        restored = sample()
-    assert flex.shape == dense.shape == (1, 32, 32, 3) and bool((abs(flex - dense) > 1e-4).any())
-    assert (restored == dense).all()
+    check_pipeline_patch_round_trip(pipe, sample, (1, 32, 32, 3))
 
 
 def test_flexpixart_kernel_path_equals_references(device):

@@ -193,6 +193,8 @@ def test_opcheck():
 
 
 class _OpLog(TorchDispatchMode):
+    """Every op that reaches the dispatcher, by overload name (views included), in order."""
+
     def __init__(self):
         super().__init__()
         self.ops = []
