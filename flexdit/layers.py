@@ -31,7 +31,8 @@ class Linear(nn.Linear):
 
     Outside autograd and under autocast it keeps the cast weight and bias, keyed on their storage and version, so a
     sampling loop that opens an autocast region per step casts nothing after its first step. The copy is dropped by a
-    forward with autograd or with `fused` off, and by `.to()`/`.half()`; with autograd the cast is autocast's own.
+    forward with autograd or with `fused` off, by `.to()`/`.half()` and by `set_fused`; with autograd the cast is
+    autocast's own.
     """
 
     fused = False

@@ -28,10 +28,13 @@ def norm_modulate(norm: nn.LayerNorm, x, shift, scale, fused: bool):
 
 def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
     """Turn the fused adaLN kernels (LayerNorm-modulate, gated residual) on or off in every layer of `model`, and
-    with them the cast cache of its `flexdit.layers.Linear`s (a weight cast once per update under autocast)."""
+    with them the cast cache of its `flexdit.layers.Linear`s (a weight cast once per update under autocast); the
+    casts they hold are freed."""
     for module in model.modules():
         if hasattr(module, "fused"):
             module.fused = fused
+        if isinstance(module, Linear):
+            module._cast = None
     return model
 
 

@@ -76,7 +76,10 @@ def test_linear_keeps_its_autocast_cast_until_the_weight_changes(bias):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         lin(x).sum().backward()                                       # autograd: autocast's own cast
     assert lin._cast is None and lin.weight.grad is not None
-    lin.fused = False
+    check()
+    assert lin._cast is not None
+    flexdit.set_fused(lin, False)                                     # frees the cast at once
+    assert lin._cast is None
     check()
     assert lin._cast is None
 
