@@ -65,3 +65,12 @@ def test_results_have_the_fakes_layout(name, path, device):
     op, args = {n: (op, args) for n, op, args in cases(device)}[name]
     with fk.backend(path):
         torch.library.opcheck(op.default, args, test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", NAMES)
+def test_kernel_results_have_the_fakes_layout_on_the_gpu(name):
+    """The same check on the compiled Triton kernels (`.ci/gpu` runs only the gpu-marked tests)."""
+    op, args = {n: (op, args) for n, op, args in cases("cuda")}[name]
+    with fk.backend("triton"):
+        torch.library.opcheck(op.default, args, test_utils=("test_faketensor",))
