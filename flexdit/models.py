@@ -124,7 +124,9 @@ class _DiTShell(nn.Module):
             raise ValueError(f"x has spatial size {tuple(x.shape[2:])}, the model was built for {h}x{w}")
         if t.shape != x.shape[:1] or y.shape != x.shape[:1]:
             raise ValueError(f"t {tuple(t.shape)} and y {tuple(y.shape)} must be ({x.shape[0]},)")
-        tokens = self.x_embedder(x) + self.pos_embed                         # (B, N, C)
+        # pos_embed first: the sum takes its row-major layout, so the residual stream is contiguous from the first
+        # layer on (the patch embedding's tokens are a transposed view of the convolution's output).
+        tokens = self.pos_embed + self.x_embedder(x)                         # (B, N, C)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)          # (B, C)
         return tokens, c
 

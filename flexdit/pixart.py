@@ -173,7 +173,7 @@ class _PixArtShell(nn.Module):
         if y.dim() != 3 or y.shape[0] != x.shape[0] or y.shape[2] != self.config.caption_channels:
             raise ValueError(f"y must be (B, L, {self.config.caption_channels}), got {tuple(y.shape)}")
         tokens = self.x_embedder(x)
-        tokens = (tokens + self.pos_embed).to(tokens.dtype)                     # (B, N, C)
+        tokens = (self.pos_embed + tokens).to(tokens.dtype)  # (B, N, C), row-major as pos_embed (see DiT's embed)
         t_emb = self.t_embedder(t)                                               # (B, C)
         t0 = self.t_block(t_emb)                                                 # (B, 6C)
         text = self.y_embedder(y)                                                # (B, L, C)

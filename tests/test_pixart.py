@@ -31,6 +31,7 @@ def test_diffusers_pixart_converts_to_native_dense():
         torch.testing.assert_close(dense(x, t, text, mask), ref)
         assert not torch.allclose(dense(x, t, text), ref)  # the caption mask is honoured
     torch.testing.assert_close(dense.pos_embed, host.pos_embed.pos_embed)
+    assert dense.embed(x, t, text, mask)[0].is_contiguous()             # the residual stream starts row-major
 
 
 def test_patched_diffusers_pixart_equals_native_flexpixart():

@@ -7,7 +7,7 @@ import torch
 import flexdit
 from flexdit.layers import TimestepEmbedder, get_2d_sincos_pos_embed
 
-from .helpers import toy_dit, toy_inputs
+from .helpers import toy_config, toy_dit, toy_inputs
 
 
 def published_dit_xl2_shapes(input_size=32):
@@ -47,6 +47,14 @@ def test_pos_embed_layout():
     omega = 1.0 / 10000 ** (np.arange(c // 4) / (c / 4))
     expected = np.concatenate([np.sin(j * omega), np.cos(j * omega), np.sin(i * omega), np.cos(i * omega)])
     np.testing.assert_allclose(table[i * w + j], expected, rtol=1e-6, atol=1e-7)
+
+
+def test_embedded_tokens_are_row_major():
+    """The residual stream enters the first layer contiguous (the kernels would read a transposed one with strided
+    loads), though the patch embedding's tokens are a transposed view of the convolution's output."""
+    for model in (toy_dit(), flexdit.from_dit(toy_dit(), toy_config())):
+        tokens, _ = model.embed(*toy_inputs())
+        assert model.x_embedder(toy_inputs()[0]).stride(1) == 1 and tokens.is_contiguous()
 
 
 def test_timestep_embedding_is_cos_then_sin():

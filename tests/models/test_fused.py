@@ -129,8 +129,8 @@ def test_fused_model_within_fp16_noise(kind):
 @pytest.mark.parametrize("path", ["reference", "triton"])
 def test_compiled_flexdit_equals_eager(path):
     """torch.compile (AOT autograd, whole graph) of the fused FlexDiT, forward and every gradient, equals eager: the
-    flexdit ops' results have the layout their fakes promise, on either path, whatever their inputs' strides (the
-    patch embedding hands the first layer a transposed tensor)."""
+    flexdit ops' results have the layout their fakes promise, on either path (tests/kernels/test_op_layouts.py checks
+    each op on strided inputs)."""
     model = randomize_(flexdit.FlexDiT(toy_config()), seed=3)
     x, t, y = toy_inputs()
 
