@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from flexdit_kernels import attention, attention_ref, backend
+from flexdit_kernels import attention, attention_ref, backend, interpreting
 from flexdit_kernels import _attention as A
 
 SHAPES = [(64, 256), (256, 64), (36, 100), (100, 36), (1, 64), (64, 1), (130, 130)]
@@ -275,6 +275,18 @@ def _t(*shape, dtype=torch.float32):
 def test_attention_validation(args, match):
     with pytest.raises(ValueError, match=match):
         attention(*args)
+
+
+def test_attention_refuses_bf16_on_the_interpreter():
+    """The interpreter's bf16 dots return wrong numbers without an error: a bf16 call that would take a Triton path
+    there is refused, naming q; SDPA-routed shapes and the reference backend still run."""
+    if not interpreting():
+        pytest.skip("runs the Triton interpreter (TRITON_INTERPRET=1)")
+    q = _t(2, 8, 2, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="q is bfloat16, which the Triton interpreter"):
+        attention(q, q, q)
+    with backend("reference"):
+        assert attention(q, q, q).dtype == torch.bfloat16
 
 
 def test_attention_validation_device():
