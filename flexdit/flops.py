@@ -232,7 +232,8 @@ def count_ops(model: nn.Module, *inputs, autocast_dtype=None, new_region: bool =
 
     With `autocast_dtype` the forward runs under autocast on the inputs' device, counted on a second forward, as
     in a sampling loop after its first step: inside the same autocast region as the first (autocast's cache holds
-    the cast weights), or with `new_region` in an autocast region of its own (a loop that opens one per step).
+    the cast weights), or with `new_region` in an autocast region of its own (a loop that opens one per step). Call
+    it outside any autocast region: autocast's cache lives until the outermost region ends.
     """
     counter = _OpCounter()
     with torch.no_grad():

@@ -8,61 +8,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import flexdit_kernels as fk
-from flexdit_kernels._dispatch import autocast_dtype
 from flexdit_kernels._validate import pair
 
 
 def modulate(x, shift, scale):
     """adaLN modulation; shift, scale: (B, C) broadcast over the tokens of x: (B, L, C)."""
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def adaln_input(c):
-    """SiLU(c), the input of every adaLN modulation GEMM of a DiT, computed once per forward rather than once per
-    block; under autocast it is cast to the autocast dtype here, once, for all of those GEMMs."""
-    c = F.silu(c)
-    dtype = autocast_dtype(c.device.type)
-    return c if dtype is None else c.to(dtype)
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` that, with `fused` on (see `flexdit.set_fused`), casts its weight for autocast once per weight
-    update instead of once per autocast region.
-
-    Outside autograd and under autocast it keeps the cast weight and bias, keyed on their storage and version, so a
-    sampling loop that opens an autocast region per step casts nothing after its first step. The copy is dropped by a
-    forward with autograd or with `fused` off, by `.to()`/`.half()` and by `set_fused`; with autograd the cast is
-    autocast's own.
-    """
-
-    fused = False
-    _cast = None
-
-    def forward(self, x):
-        if torch.compiler.is_compiling():  # a compiled graph casts the weights itself and leaves the cache alone
-            return super().forward(x)
-        if self.fused and not torch.is_grad_enabled():
-            dtype = autocast_dtype(x.device.type)
-            if dtype is not None:
-                w, b = self._cast_params(dtype)
-                return F.linear(x, w, b)
-        if self._cast is not None:
-            self._cast = None
-        return super().forward(x)
-
-    def _cast_params(self, dtype):
-        """(weight, bias) as autocast casts them, from the cache while the parameters are unchanged."""
-        w, b = self._parameters["weight"], self._parameters["bias"]   # (faster than attribute lookup)
-        key = (dtype, w.data_ptr(), w._version, None if b is None else b._version)
-        if self._cast is None or self._cast[0] != key:
-            if w.dtype == torch.float64:                                  # autocast leaves float64 alone
-                return w, b
-            self._cast = (key, w.to(dtype), None if b is None else b.to(dtype))
-        return self._cast[1], self._cast[2]
-
-    def _apply(self, fn, recurse=True):
-        self._cast = None
-        return super()._apply(fn, recurse)
 
 
 def to_pair(value: Union[int, Sequence[int]], name: str = "size") -> Tuple[int, int]:
@@ -80,9 +31,9 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size, frequency_embedding_size=256):
         super().__init__()
         self.mlp = nn.Sequential(
-            Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
             nn.SiLU(),
-            Linear(hidden_size, hidden_size, bias=True),
+            nn.Linear(hidden_size, hidden_size, bias=True),
         )
         self.frequency_embedding_size = frequency_embedding_size
 
@@ -161,9 +112,9 @@ class Mlp(nn.Module):
 
     def __init__(self, dim, hidden):
         super().__init__()
-        self.fc1 = Linear(dim, hidden)
+        self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU(approximate="tanh")
-        self.fc2 = Linear(hidden, dim)
+        self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x):
         return self.fc2(self.act(self.fc1(x)))
@@ -176,8 +127,8 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.qkv = Linear(dim, dim * 3, bias=True)
-        self.proj = Linear(dim, dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
         # The dense DiT keeps PyTorch SDPA (the honest baseline); FlexDiT layers go through flexdit_kernels.attention.
         self.use_kernel = use_kernel
 
@@ -199,9 +150,9 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
-        self.q = Linear(dim, dim, bias=True)
-        self.kv = Linear(dim, dim * 2, bias=True)
-        self.proj = Linear(dim, dim)
+        self.q = nn.Linear(dim, dim, bias=True)
+        self.kv = nn.Linear(dim, dim * 2, bias=True)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, context):
         b, lq, c = x.shape
@@ -216,8 +167,8 @@ class PoolingAttention(nn.Module):
 
     def __init__(self, dim):
         super().__init__()
-        self.v = Linear(dim, dim, bias=True)
-        self.proj = Linear(dim, dim)
+        self.v = nn.Linear(dim, dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, u_mean):
         """u_mean: (B, C) mean of the modulated tokens → (B, C), the same output for every token."""

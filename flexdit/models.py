@@ -6,8 +6,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .layers import (LabelEmbedder, Linear, Mlp, PatchEmbed, TimestepEmbedder, adaln_input, get_2d_sincos_pos_embed,
-                     to_pair)
+from .layers import LabelEmbedder, Mlp, PatchEmbed, TimestepEmbedder, get_2d_sincos_pos_embed, to_pair
 from .plan import GridLike, Plan, Slot, split_plan_fields
 from .router import FlexLayer, RouteState, norm_modulate, set_fused
 
@@ -30,17 +29,15 @@ class DiTBlock(FlexLayer):
         self.build_attention(hidden_size, num_heads, use_kernel)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, 6 * hidden_size, bias=True))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
 
     def forward(self, x, c):
-        """x: (B, L, C) tokens, c: (B, C) activated conditioning SiLU(t_emb + y_emb) (`adaln_input`, computed once
-        per forward by the model) -> the next layer's tokens."""
+        """x: (B, L, C) tokens, c: (B, C) conditioning -> the next layer's tokens."""
         return self.route(x, c)
 
     def modulation(self, x, c):
-        """shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, C). The SiLU of
-        `adaLN_modulation` has run once for all blocks (`adaln_input`); index 1 is its linear, with DiT's names."""
-        return self.adaLN_modulation[1](c).chunk(6, dim=1)
+        """shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, C)."""
+        return self.adaLN_modulation(c).chunk(6, dim=1)
 
 
 class FinalLayer(nn.Module):
@@ -51,12 +48,11 @@ class FinalLayer(nn.Module):
     def __init__(self, hidden_size, patch_size, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), Linear(hidden_size, 2 * hidden_size, bias=True))
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
 
     def forward(self, x, c):
-        """x: (B, N, C), c: (B, C) activated conditioning (`adaln_input`, as the blocks get it)."""
-        shift, scale = self.adaLN_modulation[1](c).chunk(2, dim=1)
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(norm_modulate(self.norm_final, x, shift, scale, self.fused))
 
 
@@ -167,7 +163,6 @@ class DiT(_DiTShell):
     def forward(self, x, t, y):
         """x: (B, C_in, H, W) latents, t: (B,) timesteps, y: (B,) labels → (B, out_channels, H, W)."""
         x, c = self.embed(x, t, y)       # (B, N, C)
-        c = adaln_input(c)
         for block in self.blocks:
             x = block(x, c)
         x = self.final_layer(x, c)       # (B, N, p*p*out)
@@ -263,7 +258,6 @@ class FlexDiT(_DiTShell):
         hw = self.token_grid
         grid = self.config.plan.sparse_grid(grid, hw)
         x, c = self.embed(x, t, y)                                      # (B, N, C)
-        c = adaln_input(c)
         x = self.route_state.run(self.blocks, x, hw, grid, c)           # (B, N, C)
         x = self.final_layer(x, c)                                      # (B, N, p*p*out)
         return self.unpatchify(x)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Linear, Mlp, PatchEmbed, TimestepEmbedder, _1d_sincos, to_pair
+from .layers import Mlp, PatchEmbed, TimestepEmbedder, _1d_sincos, to_pair
 from .models import BackboneConfig
 from .plan import DECIDED_PLANS, GridLike, Plan, Slot, split_plan_fields
 from .router import FlexLayer, RouteState, norm_modulate, set_fused
@@ -44,9 +44,9 @@ class CaptionEmbedder(nn.Module):
     def __init__(self, caption_channels, hidden_size):
         super().__init__()
         self.y_proj = nn.Module()
-        self.y_proj.fc1 = Linear(caption_channels, hidden_size)
+        self.y_proj.fc1 = nn.Linear(caption_channels, hidden_size)
         self.y_proj.act = nn.GELU(approximate="tanh")
-        self.y_proj.fc2 = Linear(hidden_size, hidden_size)
+        self.y_proj.fc2 = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, y):
         return self.y_proj.fc2(self.y_proj.act(self.y_proj.fc1(y)))
@@ -58,9 +58,9 @@ class TextCrossAttention(nn.Module):
     def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
-        self.q_linear = Linear(dim, dim)
-        self.kv_linear = Linear(dim, 2 * dim)
-        self.proj = Linear(dim, dim)
+        self.q_linear = nn.Linear(dim, dim)
+        self.kv_linear = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, y, bias=None):
         b, n, c = x.shape
@@ -110,7 +110,7 @@ class PixArtFinalLayer(nn.Module):
     def __init__(self, hidden_size, patch_size, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.linear = Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
         self.scale_shift_table = nn.Parameter(torch.randn(2, hidden_size) / hidden_size ** 0.5)
 
     def forward(self, x, t_emb):
@@ -139,7 +139,7 @@ class _PixArtShell(nn.Module):
         self.register_buffer("pos_embed", None, persistent=False)
         self.reset_pos_embed()                                                   # (1, N, C), fixed
         self.t_embedder = TimestepEmbedder(c)
-        self.t_block = nn.Sequential(nn.SiLU(), Linear(c, 6 * c))
+        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c))
         self.y_embedder = CaptionEmbedder(cfg.caption_channels, c)
         self.final_layer = PixArtFinalLayer(c, p, self.out_channels)
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 
 import flexdit_kernels as fk
 
-from .layers import Attention, CrossAttention, Linear, PoolingAttention, modulate
+from .layers import Attention, CrossAttention, PoolingAttention, modulate
 from .plan import Slot
 
 
@@ -27,14 +27,10 @@ def norm_modulate(norm: nn.LayerNorm, x, shift, scale, fused: bool):
 
 
 def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
-    """Turn the fused adaLN kernels (LayerNorm-modulate, gated residual) on or off in every layer of `model`, and
-    with them the cast cache of its `flexdit.layers.Linear`s (a weight cast once per update under autocast); the
-    casts they hold are freed."""
+    """Turn the fused adaLN kernels (LayerNorm-modulate, gated residual) on or off in every layer of `model`."""
     for module in model.modules():
         if hasattr(module, "fused"):
             module.fused = fused
-        if isinstance(module, Linear):
-            module._cast = None
     return model
 
 
@@ -99,8 +95,8 @@ class FlexLayer(nn.Module):
         else:
             self.attn = Attention(dim, num_heads, use_kernel=use_kernel)
         if self.kind == "recover":
-            self.fuse_sparse = Linear(dim, dim)  # W1, applied to the M sparse tokens
-            self.fuse_dense = Linear(dim, dim)   # W2, applied to the N dense tokens
+            self.fuse_sparse = nn.Linear(dim, dim)  # W1, applied to the M sparse tokens
+            self.fuse_dense = nn.Linear(dim, dim)   # W2, applied to the N dense tokens
 
     def reset_fusion(self) -> None:
         """W1 = 0, W2 = I (zero biases): the fused tokens equal the dense skip at initialisation."""

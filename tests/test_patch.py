@@ -8,6 +8,7 @@ import torch.nn as nn
 import flexdit
 import flexdit_kernels as fk
 from flexdit import FlexPatch, Plan, apply_patch, is_patched, remove_patch
+from flexdit.layers import Attention, Mlp, modulate
 
 from .models.helpers import TOY, randomize_, toy_config, toy_dit, toy_inputs
 
@@ -90,6 +91,38 @@ def test_patched_diffusers_dit_equals_flexdit_from_converted_weights():
         torch.testing.assert_close(dense(x, t, y), call(host, "diffusers-dit", x, t, y))
         apply_patch(host, TOY_PLAN)
         torch.testing.assert_close(call(host, "diffusers-dit", x, t, y), flex(x, t, y))
+
+
+class DiTBlock(nn.Module):
+    """A block as facebookresearch/DiT writes it: the SiLU inside adaLN_modulation, fed the host's raw c."""
+
+    def __init__(self, hidden, heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden, heads)
+        self.norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden, 4 * hidden)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 6 * hidden))
+
+    def forward(self, x, c):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+def test_patched_dit_with_the_published_blocks():
+    """A DiT whose blocks are the published ones, not flexdit's: the same function as flexdit.DiT, and the same again
+    patched with an all-dense plan (the patched layers take the conditioning the host's blocks took)."""
+    dit = toy_dit()
+    host = copy.deepcopy(dit)
+    host.blocks = nn.ModuleList(DiTBlock(TOY["hidden_size"], TOY["num_heads"]) for _ in dit.blocks)
+    host.load_state_dict(dit.state_dict())
+    x, t, y = toy_inputs()
+    with fk.backend("reference"), torch.no_grad():
+        ref = dit(x, t, y)
+        torch.testing.assert_close(host(x, t, y), ref, rtol=0, atol=0)
+        apply_patch(host, DENSE_PLAN)
+        torch.testing.assert_close(host(x, t, y), ref, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("target", sorted(HOSTS))

@@ -5,8 +5,6 @@ import torch
 import flexdit
 import flexdit_kernels as fk
 
-from flexdit.layers import Linear
-
 from .helpers import randomize_, toy_config, toy_dit, toy_inputs
 
 
@@ -17,9 +15,9 @@ def _xl_shaped(name):
 
 def test_fused_flexdit_runs_far_fewer_ops():
     """Ops per forward (aten + flexdit, about one GPU launch each) under bf16 autocast, counted on a sampling loop's
-    second step, with the loop opening one autocast region per step (each step recasts the weights unless cached) or
-    one region for all steps. FlexDiT-XL/2's layers: unfused 956 / 634, fused 347 / 345; the dense DiT-XL/2: unfused
-    907 / 617, fused 307 / 305. (Before the fused kernels FlexDiT ran 1008 per forward in a region of its own.)"""
+    second step, with the loop opening one autocast region per step or one region for all steps (autocast then holds
+    the weights' bf16 casts: ~320 ops fewer per step). FlexDiT-XL/2's layers: unfused 1008 / 686, fused 723 / 401; the
+    dense DiT-XL/2: unfused 963 / 673, fused 651 / 361."""
     x, t, y = toy_inputs(batch=2, size=(16, 16))
     flex = _xl_shaped("FlexDiT-XL/2")
     dense = _xl_shaped("DiT-XL/2")
@@ -29,59 +27,12 @@ def test_fused_flexdit_runs_far_fewer_ops():
                                      new_region=new_region).values())
 
     with fk.backend("reference"):
-        for new_region in (True, False):
+        for new_region, ratio, guard in ((True, 0.75, 730), (False, 0.6, 405)):
             fused, unfused = ops(flex, True, new_region), ops(flex, False, new_region)
             dense_fused, dense_unfused = ops(dense, True, new_region), ops(dense, False, new_region)
-            assert fused <= 0.6 * unfused and dense_fused <= 0.6 * dense_unfused, (fused, unfused, dense_fused,
-                                                                                   dense_unfused)
-            assert fused <= 355, fused   # regression guard on today's count
-            if new_region:
-                assert fused <= 0.5 * min(unfused, 1008), (fused, unfused)
-
-
-@pytest.mark.parametrize("bias", [True, False])
-def test_linear_keeps_its_autocast_cast_until_the_weight_changes(bias):
-    """`flexdit.layers.Linear` with `fused`: the same numbers as nn.Linear under autocast, no weight cast in a later
-    autocast region, never a stale weight (in-place update, load_state_dict, .to(), autograd), and a compiled call
-    leaves the cache alone."""
-    torch.manual_seed(0)
-    lin, ref = Linear(8, 4, bias=bias), torch.nn.Linear(8, 4, bias=bias)
-    ref.load_state_dict(lin.state_dict())
-    lin.fused = True
-    x = torch.randn(3, 8)
-
-    def check():
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            torch.testing.assert_close(lin(x), ref(x), rtol=0, atol=0)
-
-    check()
-    cached = lin._cast
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):   # compiled: its own casts, cache untouched
-        torch.testing.assert_close(torch.compile(lin, backend="eager", fullgraph=True)(x), ref(x), rtol=0, atol=0)
-    assert lin._cast is cached
-    ops = flexdit.count_ops(lin, x, autocast_dtype=torch.bfloat16, new_region=True)
-    assert ops == {"aten._to_copy": 1, "aten.addmm" if bias else "aten.mm": 1}, ops   # the input's cast only
-    with torch.no_grad():
-        for p in (*lin.parameters(), *ref.parameters()):
-            p.add_(1)
-    check()
-    other = torch.nn.Linear(8, 4, bias=bias)
-    lin.load_state_dict(other.state_dict())
-    ref.load_state_dict(other.state_dict())
-    check()
-    lin.double()
-    assert lin._cast is None
-    lin.float()
-    check()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        lin(x).sum().backward()                                       # autograd: autocast's own cast
-    assert lin._cast is None and lin.weight.grad is not None
-    check()
-    assert lin._cast is not None
-    flexdit.set_fused(lin, False)                                     # frees the cast at once
-    assert lin._cast is None
-    check()
-    assert lin._cast is None
+            assert fused <= ratio * unfused and dense_fused <= ratio * dense_unfused, (
+                new_region, fused, unfused, dense_fused, dense_unfused)
+            assert fused <= guard, (new_region, fused)   # regression guard on today's count
 
 
 @pytest.mark.parametrize("kind", ["flexdit", "dense"])
