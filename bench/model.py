@@ -10,6 +10,7 @@ import torch
 
 import flexdit_kernels as fk
 from flexdit import FlexDiT, create_model, flexdit_config, from_dit, set_fused
+from flexdit.diffusion import with_linear_casts
 
 from .common import Results, bench_fn, format_table, matmul_tflops, peak_memory_mib, synchronize
 
@@ -89,20 +90,21 @@ def _autocast(device, dtype, cache_enabled=True):
 def sampling_region(mode: str, device, dtype):
     """One autocast region around the timed calls of eager and compile forwards (each opens a nested one), as a
     sampling loop runs: autocast casts each fp32 weight to the low-precision dtype once per outermost region, so the
-    timed forwards find them cast, for the dense model and FlexDiT alike. (CUDA-graph capture keeps autocast's casts
-    in the graph, with the cache off; the `flexdit.layers.Linear`s of every variant but `dense` (fused on) keep theirs
-    from the warm-up, so their replays cast no weight: part of what `dense-fused` shows over `dense` in that mode.)"""
+    timed forwards find them cast, for the dense model and FlexDiT alike. (CUDA-graph capture runs with the cache off
+    and the weights cast once beforehand: see `make_forward`.)"""
     return contextlib.nullcontext() if mode == "cuda-graph" else _autocast(device, dtype)
 
 
 def make_forward(model, inputs, kwargs, mode: str, device, dtype, backend: str):
     """A zero-argument callable running one forward `model(*inputs, **kwargs)` in `mode`, and the compile / capture
-    time in seconds."""
+    time in seconds. A CUDA graph is captured with autocast's cache off and the model's linear weights cast once,
+    before the capture (`with_linear_casts`, as `CudaGraphDenoiser` does): a replay casts no weight."""
     cache = mode != "cuda-graph"
+    call = with_linear_casts(model, dtype)[0] if mode == "cuda-graph" and dtype != torch.float32 else model
 
     def eager():
         with torch.no_grad(), _autocast(device, dtype, cache), fk.backend(backend):
-            return model(*inputs, **kwargs)
+            return call(*inputs, **kwargs)
 
     if mode == "eager":
         return eager, None

@@ -363,6 +363,33 @@ def grid_steps(diffusion: GaussianDiffusion, schedule: DensitySchedule | None = 
 # CUDA graphs
 # ---------------------------------------------------------------------------------------------------------------
 
+def with_linear_casts(module: torch.nn.Module, dtype: torch.dtype):
+    """(call, casts): `call(*args, **kwargs)` runs `module` with the weight and bias of each of its nn.Linear layers
+    replaced by a `dtype` copy made here, once (`torch.func.functional_call`); `casts` holds those copies by parameter
+    name. Under autocast to `dtype` the result is autocast's own, without the per-forward weight casts: for a CUDA
+    graph, whose capture runs with autocast's cache off, the replay then casts no weight. The copies do not follow
+    later changes of the weights."""
+    copies: dict[int, torch.Tensor] = {}
+    casts = {f"{prefix}.{name}" if prefix else name: copies.setdefault(id(p), p.detach().to(dtype))
+             for prefix, m in module.named_modules() if isinstance(m, torch.nn.Linear)
+             for name, p in m.named_parameters(recurse=False)}
+
+    def call(*args, **kwargs):
+        return torch.func.functional_call(module, casts, args, kwargs)
+    return call, casts
+
+
+class _GuidedForward(torch.nn.Module):
+    """`_guided_forward` of a model as a module, so that `with_linear_casts` can swap the model's parameters."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        return _guided_forward(self.model, *args)
+
+
 class _Graph:
     """One captured guided forward: static inputs (x, t, y), its output, and what the capture cost."""
 
@@ -377,8 +404,9 @@ class CudaGraphDenoiser:
     A graph is captured the first time its key (grid side, latent shape and dtype, guidance settings, autocast
     dtype) is seen: the inputs are copied into static buffers, a few eager calls on a side stream warm up the
     allocator and the kernels' autotuning, then the guided forward (the doubled batch with guidance) is captured
-    with autocast's weight cache off (its casts would live outside the graph's memory). The `flexdit.layers.Linear`s
-    of a fused model keep the casts the warm-up made, so their replay casts no weight. Each later call
+    with autocast's weight cache off (its casts would live outside the graph's memory). Under autocast the denoiser
+    holds an autocast-dtype copy of every nn.Linear weight and bias instead (`with_linear_casts`, made once per dtype),
+    so a replay casts no weight. Each later call
     copies x, t, y into the buffers, replays, and returns a copy of the output. All graphs share one memory pool:
     they run one at a time and every output is copied out at once.
 
@@ -386,8 +414,8 @@ class CudaGraphDenoiser:
     how many graphs exist, their capture time and the GPU memory they hold.
 
     Args:
-        model: a DiT / FlexDiT on a CUDA device (eval mode; it must not change while graphs are held: a replay
-            reads the weights, or their casts, it was captured with).
+        model: a DiT / FlexDiT on a CUDA device (eval mode; it must not change while graphs are held: call `reset()`
+            after changing its weights).
         warmup: eager calls before each capture.
     """
 
@@ -402,6 +430,7 @@ class CudaGraphDenoiser:
         self.model = model
         self.warmup = int(warmup)
         self._graphs: dict[tuple, _Graph] = {}
+        self._casts: dict[torch.dtype, tuple] = {}   # autocast dtype -> with_linear_casts(...) of the guided forward
         self._pool = None
 
     def model_fn(self, y: torch.Tensor, cfg_scale: float = 1.0, schedule: DensitySchedule | None = None,
@@ -438,13 +467,16 @@ class CudaGraphDenoiser:
         use_cfg, cfg_scale, cfg_channels, null_class = settings
         device = x.device
         dtype = autocast_dtype(device.type)
-        model = self.model
+        guided = _GuidedForward(self.model)
+        if dtype is not None:
+            if dtype not in self._casts:
+                self._casts[dtype] = with_linear_casts(guided, dtype)
+            guided = self._casts[dtype][0]
 
         def forward(xs, ts, ys):
             with torch.no_grad(), (torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype is not None
                                    else contextlib.nullcontext()):
-                return _guided_forward(model, xs, ts, ys, torch.full_like(ys, null_class), cfg_scale,
-                                       cfg_channels, use_cfg, grid)
+                return guided(xs, ts, ys, torch.full_like(ys, null_class), cfg_scale, cfg_channels, use_cfg, grid)
 
         start = time.perf_counter()
         xs, ts, ys = x.clone(), t.clone(), y.clone()
@@ -469,17 +501,21 @@ class CudaGraphDenoiser:
 
     def info(self) -> dict:
         """{"graphs": [{"grid", "batch", "capture_s", "memory_bytes", "replays"}, ...], "num_graphs",
-        "graph_memory_bytes" (growth of reserved GPU memory across the captures), "capture_s"}. The batch is the
-        sampler's; with guidance the graph runs twice as many latents."""
+        "graph_memory_bytes" (growth of reserved GPU memory across the captures), "cast_memory_bytes" (the weight
+        copies), "capture_s"}. The batch is the sampler's; with guidance the graph runs twice as many latents."""
         graphs = [{"grid": key[0], "batch": key[1][0], "capture_s": g.capture_s, "memory_bytes": g.memory_bytes,
                    "replays": g.replays} for key, g in self._graphs.items()]
+        copies = {id(t): t for _, casts in self._casts.values() for t in casts.values()}.values()
         return {"graphs": graphs, "num_graphs": len(graphs),
                 "graph_memory_bytes": sum(g["memory_bytes"] for g in graphs),
+                "cast_memory_bytes": sum(t.numel() * t.element_size() for t in copies),
                 "capture_s": sum(g["capture_s"] for g in graphs)}
 
     def reset(self) -> None:
-        """Drop every graph and its memory (call after changing the model's weights or structure)."""
+        """Drop every graph, the weight copies and their memory (call after changing the model's weights or
+        structure)."""
         self._graphs.clear()
+        self._casts.clear()
         self._pool = None
         gc.collect()
         if torch.cuda.is_available():

@@ -230,7 +230,8 @@ def graph_summary(info: dict) -> str:
     keys = ", ".join(f"{'dense' if g['grid'] is None else 'G' + str(g['grid'])}x{g['batch']}"
                      for g in info["graphs"])
     return (f"CUDA graphs: {info['num_graphs']} captured ({keys}); graph memory "
-            f"{info['graph_memory_bytes'] / 2**20:.1f} MiB; capture {info['capture_s']:.2f} s")
+            f"{info['graph_memory_bytes'] / 2**20:.1f} MiB, weight copies {info['cast_memory_bytes'] / 2**20:.1f} MiB; "
+            f"capture {info['capture_s']:.2f} s")
 
 
 if __name__ == "__main__":

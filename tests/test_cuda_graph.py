@@ -52,6 +52,8 @@ def test_cuda_graph_matches_eager_with_guidance_and_schedule(sampler, steps):
     g = info["cuda_graph"]
     assert sorted(x["grid"] for x in g["graphs"]) == [6, 8, 9, 10] and {x["batch"] for x in g["graphs"]} == {4}
     assert sum(x["replays"] for x in g["graphs"]) == steps and g["graph_memory_bytes"] > 0
+    linear_bytes = sum(p.numel() * 2 for m in flex.modules() if isinstance(m, torch.nn.Linear) for p in m.parameters())
+    assert g["cast_memory_bytes"] == linear_bytes                  # one bf16 copy of each linear weight and bias
     again, info2 = run(flex, sched, graphs)            # the graphs are kept: nothing is captured again
     assert info2["cuda_graph"]["num_graphs"] == 4
     _close_in_bf16(again, eager)
@@ -74,7 +76,32 @@ def test_cli_cuda_graph_matches_eager(tmp_path, capsys):
     assert main(common + ["--out-dir", str(tmp_path / "eager")]) == 0
     assert main(common + ["--cuda-graph", "--out-dir", str(tmp_path / "graph")]) == 0
     out = capsys.readouterr().out
-    assert "CUDA graphs: 8 captured" in out and "graph memory" in out   # 4 grids x batches of 2 and 1
+    assert "CUDA graphs: 8 captured" in out and "graph memory" in out and "weight copies" in out  # 4 grids x (2, 1)
     with np.load(tmp_path / "eager" / "latents.npz") as a, np.load(tmp_path / "graph" / "latents.npz") as b:
         _close_in_bf16(torch.from_numpy(b["latents"]), torch.from_numpy(a["latents"]))
     assert json.loads((tmp_path / "graph" / "args.json").read_text())["cuda_graph"] is True
+
+
+def test_linear_casts_equal_autocast_without_weight_casts():
+    """`with_linear_casts` (what the CUDA graphs run): under bf16 autocast the same output as the model itself,
+    bitwise, guided or not, with no linear weight cast left in a forward of a fresh autocast region."""
+    from flexdit import count_ops
+    from flexdit.diffusion import _guided_forward, _GuidedForward, with_linear_casts
+
+    dense, flex = _models("cpu")
+    x, t, y = torch.randn(2, 4, 32, 32), torch.tensor([10, 900]), torch.tensor([1, 207])
+    bf16 = torch.bfloat16
+    for model in (dense, flex):
+        call, casts = with_linear_casts(model, bf16)
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        assert len(casts) == 2 * len(linears) and all(c.dtype == bf16 for c in casts.values())
+        with fk.backend("reference"), torch.no_grad(), torch.autocast("cpu", dtype=bf16, cache_enabled=False):
+            assert torch.equal(call(x, t, y), model(x, t, y))
+            args = (x, t, y, torch.full_like(y, 1000), 4.0, 3, True, None)
+            guided = with_linear_casts(_GuidedForward(model), bf16)[0]
+            assert torch.equal(guided(*args), _guided_forward(model, *args))
+        with fk.backend("reference"):
+            fresh = count_ops(call, x, t, y, autocast_dtype=bf16, new_region=True)["aten._to_copy"]
+            warm = count_ops(model, x, t, y, autocast_dtype=bf16)["aten._to_copy"]
+        # Only the patch embedding's convolution weight and bias are still cast per region; the linears' are not.
+        assert fresh == warm + 2, (fresh, warm)
