@@ -131,7 +131,8 @@ def make_forward(model, inputs, kwargs, mode: str, device, dtype, backend: str):
         with torch.cuda.graph(graph):
             eager()                  # static inputs: the replay reads them in place
         synchronize(device)
-        return graph.replay, time.perf_counter() - start
+        # The replay reads the weight copies `call` holds: the returned callable keeps them alive.
+        return (lambda graph=graph, keep=call: graph.replay()), time.perf_counter() - start
     raise ValueError(f"unknown mode {mode!r}")
 
 

@@ -251,6 +251,7 @@ def _time_run(results, case, impl, mode, model, schedule, backend, diffusion, y,
         if graphs:
             info = graphs.info()
             results.add("sample", case, impl, "graph_MiB", info["graph_memory_bytes"] / 2**20, "MiB", mode=mode)
+            results.add("sample", case, impl, "copies_MiB", info["cast_memory_bytes"] / 2**20, "MiB", mode=mode)
             results.add("sample", case, impl, "graphs", info["num_graphs"], "", mode=mode)
         if device.type == "cuda":
             results.add("sample", case, impl, "peak_MiB", torch.cuda.max_memory_allocated(device) / 2**20, "MiB",
@@ -265,5 +266,5 @@ def _time_run(results, case, impl, mode, model, schedule, backend, diffusion, y,
 
 def table(results: Results) -> str:
     return format_table(results, "sample", ["ms", "images/s", "speedup", "GMACs/fwd", "TMACs/img", "setup_s",
-                                            "graphs", "graph_MiB", "peak_MiB"],
+                                            "graphs", "graph_MiB", "copies_MiB", "peak_MiB"],
                         "whole sampling runs with classifier-free guidance (ms per batch: median [p20, p80])")

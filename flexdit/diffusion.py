@@ -366,13 +366,19 @@ def grid_steps(diffusion: GaussianDiffusion, schedule: DensitySchedule | None = 
 def with_linear_casts(module: torch.nn.Module, dtype: torch.dtype):
     """(call, casts): `call(*args, **kwargs)` runs `module` with the weight and bias of each of its nn.Linear layers
     replaced by a `dtype` copy made here, once (`torch.func.functional_call`); `casts` holds those copies by parameter
-    name. Under autocast to `dtype` the result is autocast's own, without the per-forward weight casts: for a CUDA
-    graph, whose capture runs with autocast's cache off, the replay then casts no weight. The copies do not follow
-    later changes of the weights."""
+    name (parameters already in `dtype` are left as they are). Under autocast to `dtype` the result is autocast's
+    own, without the per-forward weight casts: for a CUDA graph, whose capture runs with autocast's cache off, the
+    replay then casts no weight. Whoever replays must keep `casts` alive, and the copies do not follow later changes
+    of the weights. (A Linear weight shared with another kind of module would reach that module as the copy too.)"""
     copies: dict[int, torch.Tensor] = {}
-    casts = {f"{prefix}.{name}" if prefix else name: copies.setdefault(id(p), p.detach().to(dtype))
-             for prefix, m in module.named_modules() if isinstance(m, torch.nn.Linear)
-             for name, p in m.named_parameters(recurse=False)}
+    casts = {}
+    for prefix, m in module.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            for name, p in m.named_parameters(recurse=False):
+                if p.dtype != dtype:
+                    if id(p) not in copies:
+                        copies[id(p)] = p.detach().to(dtype)
+                    casts[f"{prefix}.{name}" if prefix else name] = copies[id(p)]
 
     def call(*args, **kwargs):
         return torch.func.functional_call(module, casts, args, kwargs)
