@@ -370,6 +370,10 @@ def with_linear_casts(module: torch.nn.Module, dtype: torch.dtype):
     own, without the per-forward weight casts: for a CUDA graph, whose capture runs with autocast's cache off, the
     replay then casts no weight. Whoever replays must keep `casts` alive, and the copies do not follow later changes
     of the weights. (A Linear weight shared with another kind of module would reach that module as the copy too.)"""
+    if not isinstance(module, torch.nn.Module):
+        raise ValueError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise ValueError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     copies: dict[int, torch.Tensor] = {}
     casts = {}
     for prefix, m in module.named_modules():
@@ -434,6 +438,7 @@ class CudaGraphDenoiser:
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1, got {warmup}")
         self.model = model
+        self._guided = _GuidedForward(model)
         self.warmup = int(warmup)
         self._graphs: dict[tuple, _Graph] = {}
         self._casts: dict[torch.dtype, tuple] = {}   # autocast dtype -> with_linear_casts(...) of the guided forward
@@ -473,10 +478,10 @@ class CudaGraphDenoiser:
         use_cfg, cfg_scale, cfg_channels, null_class = settings
         device = x.device
         dtype = autocast_dtype(device.type)
-        guided = _GuidedForward(self.model)
+        guided = self._guided
         if dtype is not None:
             if dtype not in self._casts:
-                self._casts[dtype] = with_linear_casts(guided, dtype)
+                self._casts[dtype] = with_linear_casts(self._guided, dtype)
             guided = self._casts[dtype][0]
 
         def forward(xs, ts, ys):

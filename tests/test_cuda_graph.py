@@ -105,3 +105,9 @@ def test_linear_casts_equal_autocast_without_weight_casts():
             warm = count_ops(model, x, t, y, autocast_dtype=bf16)["aten._to_copy"]
         # Only the patch embedding's convolution weight and bias are still cast per region; the linears' are not.
         assert fresh == warm + 2, (fresh, warm)
+    with pytest.raises(ValueError, match="module must be a torch.nn.Module"):
+        with_linear_casts(lambda x: x, bf16)
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+        with_linear_casts(dense, torch.int8)
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+        with_linear_casts(dense, "bf16")

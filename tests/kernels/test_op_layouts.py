@@ -1,6 +1,8 @@
 """Every flexdit op, forward and backward, on either path, returns tensors laid out as its fake implementation says
 (torch.library.opcheck) when fed strided inputs: a compiled graph views an op's results by the fake's strides, so a
 path that followed its inputs' strides would fail (or read wrong numbers) inside torch.compile."""
+import functools
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ B, H, W, GRID, C = 2, 4, 5, (3, 2), 8
 N, M = H * W, GRID[0] * GRID[1]
 
 
-def strided(*shape, device="cpu"):
+def _strided(*shape, device="cpu"):
     """A random tensor of `shape` whose memory order is not the row-major one: the middle dims are swapped (3-d and
     4-d: tokens are not the second-fastest dim; 2-d: a transpose)."""
     if len(shape) == 2:
@@ -23,10 +25,7 @@ def cases(device="cpu"):
     """(name, op, args) for every flexdit op, its tensors on `device` and strided."""
     ops = torch.ops.flexdit
     f32 = torch.float32
-
-    def strided(*shape):
-        return globals()["strided"](*shape, device=device)
-
+    strided = functools.partial(_strided, device=device)
     q, k, v = strided(B, M, 2, C), strided(B, N, 2, C), strided(B, N, 2, C)
     with fk.backend("reference"):
         out, lse = ops.attention(q, k, v, 0.35)
@@ -54,6 +53,11 @@ def cases(device="cpu"):
 NAMES = [name for name, _, _ in cases()]
 
 
+def case(name, device):
+    """(op, args) of the case `name`, its tensors on `device`."""
+    return next((op, args) for n, op, args in cases(device) if n == name)
+
+
 def test_every_op_is_covered():
     ops = {n for n in dir(torch.ops.flexdit) if not n.startswith("_") and n != "name"}
     assert ops == set(NAMES), ops ^ set(NAMES)
@@ -62,7 +66,7 @@ def test_every_op_is_covered():
 @pytest.mark.parametrize("path", ["reference", "triton"])
 @pytest.mark.parametrize("name", NAMES)
 def test_results_have_the_fakes_layout(name, path, device):
-    op, args = {n: (op, args) for n, op, args in cases(device)}[name]
+    op, args = case(name, device)
     with fk.backend(path):
         torch.library.opcheck(op.default, args, test_utils=("test_faketensor", "test_aot_dispatch_dynamic"))
 
@@ -71,6 +75,6 @@ def test_results_have_the_fakes_layout(name, path, device):
 @pytest.mark.parametrize("name", NAMES)
 def test_kernel_results_have_the_fakes_layout_on_the_gpu(name):
     """The same check on the compiled Triton kernels (`.ci/gpu` runs only the gpu-marked tests)."""
-    op, args = {n: (op, args) for n, op, args in cases("cuda")}[name]
+    op, args = case(name, "cuda")
     with fk.backend("triton"):
         torch.library.opcheck(op.default, args, test_utils=("test_faketensor",))

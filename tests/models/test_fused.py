@@ -13,6 +13,12 @@ def _xl_shaped(name):
     return flexdit.create_model(name, input_size=16, hidden_size=64, num_heads=8).eval()
 
 
+def _toy_model(kind):
+    """A toy FlexDiT converted from a toy DiT ("flexdit") or the DiT itself ("dense"), random weights, eval mode."""
+    base = flexdit.from_dit(toy_dit(), toy_config()) if kind == "flexdit" else toy_dit()
+    return randomize_(base, seed=3).eval()
+
+
 def test_fused_flexdit_runs_far_fewer_ops():
     """Ops per forward (aten + flexdit, about one GPU launch each) under bf16 autocast, counted on a sampling loop's
     second step, with the loop opening one autocast region per step or one region for all steps (autocast then holds
@@ -39,8 +45,7 @@ def test_fused_flexdit_runs_far_fewer_ops():
 def test_fused_model_equals_unfused(kind):
     """Kernel path (interpreter on the CPU), fp32: outputs and every parameter gradient of the fused model match the
     unfused one."""
-    base = flexdit.from_dit(toy_dit(), toy_config()) if kind == "flexdit" else toy_dit()
-    model = randomize_(base, seed=3).eval()
+    model = _toy_model(kind)
     x, t, y = toy_inputs()
 
     def run(fused):
@@ -62,8 +67,7 @@ def test_fused_model_equals_unfused(kind):
 def test_fused_model_within_fp16_noise(kind):
     """The CPU counterpart of the bf16 GPU test below (the interpreter cannot run bf16 dots): under fp16 autocast the
     fused kernel path's error against fp32 is at most 2x the unfused reference path's own fp16 error."""
-    base = flexdit.from_dit(toy_dit(), toy_config()) if kind == "flexdit" else toy_dit()
-    model = randomize_(base, seed=3).eval()
+    model = _toy_model(kind)
     x, t, y = toy_inputs()
     with torch.no_grad():
         with fk.backend("reference"):
