@@ -12,7 +12,7 @@ from flexdit.flops import count_macs, count_macs_dispatch
 from flexdit.patch import TemporalFlexLayer
 from flexdit.plan import parse_video_grid
 
-from .kernels.test_layernorm_modulate import _OpLog
+from .kernels.helpers import OpLog
 from .models.helpers import randomize_, toy_config, toy_dit, toy_inputs
 
 diffusers = pytest.importorskip("diffusers")
@@ -265,7 +265,7 @@ def test_pooling_with_frames_folded_into_the_batch(backend, monkeypatch):
         assert folded.data_ptr() == x.data_ptr() and folded._base is not None    # views, not copies
         assert folded_s.data_ptr() == s.data_ptr() and folded_s._base is not None
         launched.clear()
-        with fk.backend(backend), torch.no_grad(), _OpLog() as log:
+        with fk.backend(backend), torch.no_grad(), OpLog() as log:
             pooled = fk.token_pool(folded, hw, grid)
             up = fk.upsample_add(folded_s, folded, hw, grid)
         if backend == "auto":  # the Triton kernels (the interpreter on a CPU)

@@ -12,7 +12,7 @@ from flexdit_kernels import gated_residual, gated_residual_backward_ref, gated_r
 from flexdit_kernels import _gated_residual as mod
 
 from .guard import check_gaps, guard_allocations, guarded
-from .test_layernorm_modulate import _OpLog
+from .helpers import OpLog, kernels_only_fixture
 
 # (x dtype, y/gate dtype, atol, rtol): the fp32 residual stream with a low-precision branch, as under autocast.
 DTYPES = [
@@ -44,13 +44,7 @@ def _grads_via_ref(x, y, gate, grad_out):
     return out, [t.grad for t in leaves]
 
 
-@pytest.fixture
-def kernels_only(monkeypatch):
-    """Make the custom ops' reference branch fail, so a passing test proves the Triton kernels ran."""
-    def boom(*args, **kwargs):
-        raise AssertionError("reference called where the Triton kernel should run")
-    monkeypatch.setattr(mod, "gated_residual_ref", boom)
-    monkeypatch.setattr(mod, "gated_residual_backward_ref", boom)
+kernels_only = kernels_only_fixture(mod, "gated_residual")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -234,7 +228,7 @@ def test_opcheck():
 
 def test_one_op_per_call():
     x, y, gate, _ = _inputs(1, 4, 8, torch.float32, torch.float32)
-    with _OpLog() as log:
+    with OpLog() as log:
         gated_residual(x, y, gate)
         with torch.no_grad():
             gated_residual(x, y, gate, inplace=True)

@@ -11,10 +11,11 @@ from flexdit_kernels import (
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 from flexdit_kernels import _gated_residual_layernorm_modulate as mod
+
 from flexdit_kernels import _layernorm_modulate as lm
 
 from .guard import check_gaps, guard_allocations, guarded
-from .test_layernorm_modulate import _OpLog
+from .helpers import OpLog, kernels_only_fixture
 
 # (x dtype, branch/modulation dtype, atol): the fp32 residual stream with fp16 branch and adaLN chunks, or all fp16.
 DTYPES = [(torch.float32, torch.float32, 1e-5), (torch.float32, torch.float16, 1e-5), (torch.float16, torch.float16,
@@ -43,13 +44,7 @@ def _grads_via_ref(x, y, gate, shift, scale, grad_r, grad_u, eps=1e-6):
     return r, u, [t.grad for t in leaves]
 
 
-@pytest.fixture
-def kernels_only(monkeypatch):
-    """Make the custom ops' reference branch fail, so a passing test proves the Triton kernels ran."""
-    def boom(*args, **kwargs):
-        raise AssertionError("reference called where the Triton kernel should run")
-    monkeypatch.setattr(mod, "gated_residual_layernorm_modulate_ref", boom)
-    monkeypatch.setattr(mod, "gated_residual_layernorm_modulate_backward_ref", boom)
+kernels_only = kernels_only_fixture(mod, "gated_residual_layernorm_modulate")
 
 
 @pytest.mark.parametrize("case, x_dtype, y_dtype, atol", PARAMS)
@@ -133,7 +128,7 @@ def test_torch_compile_fullgraph_and_opcheck():
         torch.testing.assert_close(leaf.grad, ref)
     args = [t.detach().requires_grad_() for t in (x, y, gate, shift, scale)]
     torch.library.opcheck(torch.ops.flexdit.gated_residual_layernorm_modulate.default, (*args, 1e-6, torch.float16))
-    with _OpLog() as log:
+    with OpLog() as log:
         gated_residual_layernorm_modulate(x, y, gate, shift, scale)
     assert log.ops == ["flexdit.gated_residual_layernorm_modulate.default"]
 

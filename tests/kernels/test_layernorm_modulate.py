@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from flexdit_kernels import layernorm_modulate, layernorm_modulate_backward_ref, layernorm_modulate_ref
 
@@ -14,6 +13,7 @@ from flexdit_kernels import layernorm_modulate, layernorm_modulate_backward_ref,
 from flexdit_kernels import _layernorm_modulate as mod
 
 from .guard import check_gaps, guard_allocations, guarded
+from .helpers import OpLog, kernels_only_fixture
 
 DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
 
@@ -46,13 +46,7 @@ def _grads_via_ref(x, shift, scale, grad_out, eps=1e-6):
     return out, [t.grad for t in leaves]
 
 
-@pytest.fixture
-def kernels_only(monkeypatch):
-    """Make the custom ops' reference branch fail, so a passing test proves the Triton kernels ran."""
-    def boom(*args, **kwargs):
-        raise AssertionError("reference called where the Triton kernel should run")
-    monkeypatch.setattr(mod, "layernorm_modulate_ref", boom)
-    monkeypatch.setattr(mod, "layernorm_modulate_backward_ref", boom)
+kernels_only = kernels_only_fixture(mod, "layernorm_modulate")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,22 +186,10 @@ def test_opcheck():
                           (grad_out, x.detach(), scale.detach().half(), 1e-6, torch.float32))
 
 
-class _OpLog(TorchDispatchMode):
-    """Every op that reaches the dispatcher, by overload name (views included), in order."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_one_op_per_call():
     """An op counter sees one `flexdit.layernorm_modulate` per forward, whatever backend runs inside it."""
     x, shift, scale, _ = _inputs(1, 4, 8, 0.0, torch.float32)
-    with _OpLog() as log:
+    with OpLog() as log:
         layernorm_modulate(x, shift, scale)
     assert log.ops == ["flexdit.layernorm_modulate.default"]
 

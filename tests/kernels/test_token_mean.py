@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from flexdit_kernels import token_mean, token_mean_backward_ref, token_mean_ref
 
 from .guard import check_gaps, guard_allocations, guarded
+from .helpers import kernels_only_fixture
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 from flexdit_kernels import _dispatch
@@ -49,13 +50,7 @@ def _grads_via_ref(x, grad_out, eps=1e-6):
     return out, xr.grad
 
 
-@pytest.fixture
-def kernels_only(monkeypatch):
-    """Make the custom ops' reference branch fail, so a passing test proves the Triton kernels ran."""
-    def boom(*args, **kwargs):
-        raise AssertionError("reference called where the Triton kernel should run")
-    monkeypatch.setattr(mod, "token_mean_ref", boom)
-    monkeypatch.setattr(mod, "token_mean_backward_ref", boom)
+kernels_only = kernels_only_fixture(mod, "token_mean")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from flexdit_kernels import token_pool, token_pool_backward_ref, token_pool_ref
 
 from .grid_cases import DTYPES, kernel_params
 from .guard import check_gaps, guard_allocations, guarded
+from .helpers import kernels_only_fixture
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 from flexdit_kernels import _dispatch
@@ -33,13 +34,7 @@ def _grads_via_ref(x, hw, grid, grad_out):
     return out, xr.grad
 
 
-@pytest.fixture
-def kernels_only(monkeypatch):
-    """Make the custom ops' reference branch fail, so a passing test proves the Triton kernels ran."""
-    def boom(*args, **kwargs):
-        raise AssertionError("reference called where the Triton kernel should run")
-    monkeypatch.setattr(mod, "token_pool_ref", boom)
-    monkeypatch.setattr(mod, "token_pool_backward_ref", boom)
+kernels_only = kernels_only_fixture(mod, "token_pool")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from flexdit_kernels import upsample_add, upsample_add_backward_ref, upsample_ad
 
 from .grid_cases import DTYPES, kernel_params
 from .guard import check_gaps, guard_allocations, guarded
+from .helpers import kernels_only_fixture
 
 # The package re-exports the function under the module's name, so fetch the module itself.
 from flexdit_kernels import _dispatch, _token_pool
@@ -33,13 +34,7 @@ def _grads_via_ref(sparse, dense, hw, grid, grad_out):
     return out, s.grad, d.grad
 
 
-@pytest.fixture
-def kernels_only(monkeypatch):
-    """Make the custom ops' reference branch fail, so a passing test proves the Triton kernels ran."""
-    def boom(*args, **kwargs):
-        raise AssertionError("reference called where the Triton kernel should run")
-    monkeypatch.setattr(mod, "upsample_add_ref", boom)
-    monkeypatch.setattr(mod, "upsample_add_backward_ref", boom)
+kernels_only = kernels_only_fixture(mod, "upsample_add")
 
 
 # ----------------------------------------------------------------------------------------------------------------
