@@ -160,6 +160,13 @@ def _gated_residual_layernorm_modulate(device, dtype):
     return fwd_bwd("gated_residual_layernorm_modulate", fused, ref, [x, y, gate, shift, scale])
 
 
+@launch("silu")
+def _silu(device, dtype):
+    fk = _fk()
+    c = _randn(2, 2 * C, device=device, dtype=torch.float32)[:, C:]      # the fp32 conditioning, strided
+    return fwd_bwd("silu", lambda a: fk.silu(a, dtype), lambda a: fk.silu_ref(a, dtype), [c])
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Driver
 # ----------------------------------------------------------------------------------------------------------------

@@ -87,7 +87,7 @@ OP_HANDLES = {
 ZERO_OPS = ("aten::add", "aten::add_", "aten::sub", "aten::mul", "aten::mul_", "aten::div", "aten::silu",
             "aten::gelu", "aten::exp", "aten::cos", "aten::sin", "aten::embedding", "aten::softmax",
             "aten::mean", "aten::rsub", "aten::neg", "aten::expand_as", "flexdit::gated_residual",
-            "flexdit::gated_residual_inplace")
+            "flexdit::gated_residual_inplace", "flexdit::silu")
 
 
 # ----------------------------------------------------------------------------------------------------------------

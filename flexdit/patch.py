@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from .convert import from_dit
-from .layers import to_pair
+from .layers import adaln_silu, to_pair
 from .models import FlexDiTConfig
 from .plan import Plan, Slot, parse_grid
 from .router import FlexLayer, RouteState
@@ -123,7 +123,8 @@ class DiffusersFlexLayer(FlexLayer):
         if self.ada_single:
             return (self.scale_shift_table[None] + timestep.reshape(len(timestep), 6, -1)).unbind(1)
         ada = self.norm1
-        return ada.linear(ada.silu(ada.emb(timestep, cond["class_labels"], hidden_dtype=x.dtype))).chunk(6, dim=1)
+        emb = ada.emb(timestep, cond["class_labels"], hidden_dtype=x.dtype)
+        return ada.linear(adaln_silu(emb, self.fused)).chunk(6, dim=1)
 
     def attn_layer_norm(self):
         return self.norm1 if self.ada_single else self.norm1.norm

@@ -27,7 +27,7 @@ def norm_modulate(norm: nn.LayerNorm, x, shift, scale, fused: bool):
 
 
 def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
-    """Turn the fused adaLN kernels (LayerNorm-modulate, gated residual) on or off in every layer of `model`."""
+    """Turn the fused adaLN kernels (LayerNorm-modulate, gated residual, SiLU) on or off in every layer of `model`."""
     for module in model.modules():
         if hasattr(module, "fused"):
             module.fused = fused

@@ -42,6 +42,8 @@ def cases(device="cpu"):
            (strided(B, N, C), strided(B, N, C), x, y, gate, scale, 1e-6, f32))
     yield "layernorm_modulate", ops.layernorm_modulate, (x, shift, scale, 1e-6, f32)
     yield "layernorm_modulate_backward", ops.layernorm_modulate_backward, (strided(B, N, C), x, scale, 1e-6, f32)
+    yield "silu", ops.silu, (shift, f32)
+    yield "silu_backward", ops.silu_backward, (strided(B, C), shift)
     yield "token_mean", ops.token_mean, (x, 1e-6)
     yield "token_mean_backward", ops.token_mean_backward, (strided(B, C), x, 1e-6)
     yield "token_pool", ops.token_pool, (x, [H, W], list(GRID))

@@ -22,8 +22,8 @@ def _toy_model(kind):
 def test_fused_flexdit_runs_far_fewer_ops():
     """Ops per forward (aten + flexdit, about one GPU launch each) under bf16 autocast, counted on a sampling loop's
     second step, with the loop opening one autocast region per step or one region for all steps (autocast then holds
-    the weights' bf16 casts: ~320 ops fewer per step). FlexDiT-XL/2's layers: unfused 1008 / 686, fused 723 / 401; the
-    dense DiT-XL/2: unfused 963 / 673, fused 651 / 361."""
+    the weights' bf16 casts: ~320 ops fewer per step). FlexDiT-XL/2's layers: unfused 1008 / 686, fused 694 / 372; the
+    dense DiT-XL/2: unfused 963 / 673, fused 622 / 332."""
     x, t, y = toy_inputs(batch=2, size=(16, 16))
     flex = _xl_shaped("FlexDiT-XL/2")
     dense = _xl_shaped("DiT-XL/2")
@@ -33,7 +33,7 @@ def test_fused_flexdit_runs_far_fewer_ops():
                                      new_region=new_region).values())
 
     with fk.backend("reference"):
-        for new_region, ratio, guard in ((True, 0.75, 730), (False, 0.6, 405)):
+        for new_region, ratio, guard in ((True, 0.7, 694), (False, 0.55, 372)):
             fused, unfused = ops(flex, True, new_region), ops(flex, False, new_region)
             dense_fused, dense_unfused = ops(dense, True, new_region), ops(dense, False, new_region)
             assert fused <= ratio * unfused and dense_fused <= ratio * dense_unfused, (
