@@ -1,5 +1,6 @@
-"""`python -m bench.overhead`: host (CPU) time that the flexdit ops add per call, for token_pool, token_mean and
-upsample_add, forward and forward+backward.
+"""`python -m bench.overhead`: host (CPU) time that the flexdit ops add per call, for the pooling ops (token_pool,
+token_mean, upsample_add), attention on a Triton path (few keys) and the adaLN ops (layernorm_modulate,
+gated_residual, gated_residual_layernorm_modulate, silu), forward and forward+backward.
 
 Tiny fp32 CPU tensors (B=2, 8x8 tokens, G=4, C=16), one intra-op thread, so the numbers are Python and dispatcher
 time, not arithmetic. Each timing is the best of `--repeats` means over `--calls` calls, in CPU time of the calling
@@ -24,7 +25,8 @@ import torch
 
 from .common import Results, Row, env_tags, format_table, write_csv, write_json
 
-OPS = ("token_pool", "token_mean", "upsample_add")
+OPS = ("token_pool", "token_mean", "upsample_add", "attention", "layernorm_modulate", "gated_residual",
+       "gated_residual_layernorm_modulate", "silu")
 HW, GRID, B, C = (8, 8), (4, 4), 2, 16
 
 
@@ -75,15 +77,21 @@ class _NoLaunch:
 @contextlib.contextmanager
 def _stubbed_kernels():
     """Kernel launches become no-ops and every op takes its Triton path (its launchers run, nothing computes)."""
-    from flexdit_kernels import _dispatch, _token_mean, _token_pool, _upsample_add
+    from flexdit_kernels import (_attention, _dispatch, _gated_residual, _gated_residual_layernorm_modulate,
+                                 _layernorm_modulate, _silu, _token_mean, _token_pool, _upsample_add, _validate)
     saved = []
-    for mod in (_token_pool, _token_mean, _upsample_add):
+    for mod in (_token_pool, _token_mean, _upsample_add, _attention, _layernorm_modulate, _gated_residual,
+                _gated_residual_layernorm_modulate, _silu):
         for name, obj in list(vars(mod).items()):
             if name.endswith("_kernel") and hasattr(obj, "fn"):
                 saved.append((mod, name, obj))
                 setattr(mod, name, _NoLaunch())
-    saved.append((_dispatch, "use_triton", _dispatch.use_triton))
-    _dispatch.use_triton = lambda *tensors: True
+    # The path choice wherever a module holds its own name for it; the launchers' device check.
+    for mod in (_dispatch, _attention, _layernorm_modulate, _gated_residual, _gated_residual_layernorm_modulate, _silu):
+        saved.append((mod, "use_triton", mod.use_triton))
+        mod.use_triton = lambda *tensors: True
+    saved.append((_validate, "interpreting", _validate.interpreting))
+    _validate.interpreting = lambda: True
     try:
         yield
     finally:
@@ -94,10 +102,17 @@ def _stubbed_kernels():
 def _cases():
     """Per op: (op call, reference call, stubbed-launcher forward, stubbed-launcher backward, inputs, grad_out)."""
     import flexdit_kernels as fk
-    from flexdit_kernels import _token_mean, _token_pool, _upsample_add
+    from flexdit_kernels import (_attention, _gated_residual, _gated_residual_layernorm_modulate, _layernorm_modulate,
+                                 _silu, _token_mean, _token_pool, _upsample_add)
     n, m = HW[0] * HW[1], GRID[0] * GRID[1]
     x = torch.randn(B, n, C)
     sparse, dense = torch.randn(B, m, C), torch.randn(B, n, C)
+    y, ada = torch.randn(B, n, C), torch.randn(B, 6 * C)
+    gate, shift, scale = ada[:, 2 * C:3 * C], ada[:, 3 * C:4 * C], ada[:, 4 * C:5 * C]   # adaLN chunks, strided
+    fused = _gated_residual_layernorm_modulate
+    q, k, v = torch.randn(B, m, 2, 8), torch.randn(B, n, 2, 8), torch.randn(B, n, 2, 8)    # m queries, n keys
+    att_scale = 8 ** -0.5
+    out, lse = _attention._forward_ref(q, k, v, att_scale)
     return {
         "token_pool": (lambda x: fk.token_pool(x, HW, GRID), lambda x: fk.token_pool_ref(x, HW, GRID),
                        lambda x: _token_pool._token_pool_fwd(x, *HW, *GRID),
@@ -111,6 +126,24 @@ def _cases():
                          lambda s, d: _upsample_add._upsample_add_fwd(s, d, *HW, *GRID),
                          lambda g, s, d: _upsample_add._upsample_add_bwd(g, *HW, *GRID),
                          (sparse, dense), torch.randn(B, n, C)),
+        "attention": (fk.attention, fk.attention_ref, lambda q, k, v: _attention.attention_fwd(q, k, v, att_scale)[0],
+                      lambda g, q, k, v: _attention.attention_bwd(g, q, k, v, out, lse, att_scale),
+                      (q, k, v), torch.randn(B, m, 2, 8)),
+        "layernorm_modulate": (fk.layernorm_modulate, fk.layernorm_modulate_ref,
+                               _layernorm_modulate.layernorm_modulate_fwd,
+                               lambda g, x, shift, scale: _layernorm_modulate.layernorm_modulate_bwd(g, x, scale),
+                               (x, shift, scale), torch.randn(B, n, C)),
+        "gated_residual": (fk.gated_residual, fk.gated_residual_ref, _gated_residual.gated_residual_fwd,
+                           lambda g, x, y, gate: _gated_residual.gated_residual_bwd(g, y, gate),
+                           (x, y, gate), torch.randn(B, n, C)),
+        # Timed through its second output (the MLP input); the backward gets both gradients.
+        "gated_residual_layernorm_modulate": (
+            lambda *a: fk.gated_residual_layernorm_modulate(*a)[1],
+            lambda *a: fk.gated_residual_layernorm_modulate_ref(*a)[1],
+            lambda *a: fused.gated_residual_layernorm_modulate_fwd(*a)[1],
+            lambda g, x, y, gate, shift, scale: fused.gated_residual_layernorm_modulate_bwd(g, g, x, y, gate, scale),
+            (x, y, gate, shift, scale), torch.randn(B, n, C)),
+        "silu": (fk.silu, fk.silu_ref, _silu.silu_fwd, _silu.silu_bwd, (shift,), torch.randn(B, C)),
     }
 
 

@@ -18,6 +18,7 @@ __all__ = [
     "gated_residual", "gated_residual_ref", "gated_residual_backward_ref",
     "gated_residual_layernorm_modulate", "gated_residual_layernorm_modulate_ref",
     "gated_residual_layernorm_modulate_backward_ref",
+    "silu", "silu_ref", "silu_backward_ref",
     "token_mean", "token_mean_ref", "token_mean_backward_ref",
     "token_pool", "token_pool_ref", "token_pool_backward_ref", "pool_matrix",
     "upsample_add", "upsample_add_ref", "upsample_add_backward_ref", "parent_index",

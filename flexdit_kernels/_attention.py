@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import custom_op, interpreting, use_triton
+from ._dispatch import call_op, custom_op, interpreting, kernel_function, use_triton
 from ._validate import check_same, check_tensor
 
 MAX_HEAD_DIM = 128
@@ -533,6 +533,11 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     """(out (B, Lq, H, D), lse (B, H, Lq) fp32): the log-sum-exp is kept for the Triton backward."""
     if use_triton(q, k, v):
         return attention_fwd(q, k, v, scale)
+    return _forward_ref(q, k, v, scale)
+
+
+def _forward_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     return attention_ref(q, k, v, scale), attention_lse_ref(q, k, scale)
 
 
@@ -563,13 +568,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse)
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _attention_backward_op(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
-    return dq, dk, dv, None
+def _backward_with(backward_op):
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = backward_op(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
+        return dq, dk, dv, None
+    return backward
 
 
-_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_attention_op.register_autograd(_backward_with(_attention_backward_op), setup_context=_setup_context)
+_KernelFunction = kernel_function(attention_fwd, _setup_context, _backward_with(attention_bwd))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
@@ -609,7 +617,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
         # PyTorch SDPA with its own autograd (cuDNN / flash backward on GPU): dense shapes on the Triton backend,
         # every shape on the reference backend (which so skips the log-sum-exp the Triton backward needs).
         return attention_ref(q, k, v, scale)
-    return _attention_op(q, k, v, scale)[0]
+    return call_op(_attention_op, _KernelFunction, attention_fwd, _forward_ref, (q, k, v), q, k, v, scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -51,12 +51,16 @@ def custom_op(name: str, mutates_args=()):
     def register(fn):
         @functools.wraps(fn)
         def impl(*args, **kwargs):
-            out = fn(*args, **kwargs)
-            if isinstance(out, tuple):
-                return tuple(t.contiguous() for t in out)
-            return out if out is None else out.contiguous()
+            return _contiguous(fn(*args, **kwargs))
         return torch.library.custom_op(name, mutates_args=mutates_args)(impl)
     return register
+
+
+def _contiguous(out):
+    """An op's result (a tensor, a tuple of tensors or None) with every tensor contiguous."""
+    if isinstance(out, tuple):
+        return tuple(t.contiguous() for t in out)
+    return out if out is None else out.contiguous()
 
 
 def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
@@ -143,3 +147,35 @@ def opaque_call(*tensors: torch.Tensor) -> bool:
         if t.is_meta:
             return True
     return False
+
+
+def kernel_function(forward, setup_context, backward) -> type:
+    """A `torch.autograd.Function` for the eager Triton path of an op: `forward(*inputs)` (the op's launcher), then
+    the op's own `setup_context(ctx, inputs, output)`, and `backward(ctx, *grads)` calling the backward launcher:
+    the custom op's autograd without its dispatcher round trip."""
+    class KernelFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            output = forward(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    return KernelFunction
+
+
+def call_op(op, function, kernel, reference, tensors, *args):
+    """Run a public op on its checked arguments `args` (`tensors`: the tensors among them): the registered custom op
+    `op` where `opaque_call` says so; else the `reference` (differentiated by PyTorch's autograd, results made
+    contiguous as the op's are) where `use_triton` says no; else the `kernel` launcher, through the autograd `function`
+    when autograd records the call."""
+    if opaque_call(*tensors):
+        return op(*args)
+    if not use_triton(*tensors):
+        return _contiguous(reference(*args))
+    if function is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return function.apply(*args)
+    return kernel(*args)

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import custom_op, use_triton
+from ._dispatch import call_op, custom_op, kernel_function, use_triton
 from ._layernorm_modulate import _TARGET_PROGRAMS, column_sum
 from ._validate import check_kernel_device, check_tensor
 
@@ -199,7 +199,11 @@ def _gated_residual_inplace_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Ten
     if use_triton(x, y, gate):
         gated_residual_inplace_fwd(x, y, gate)
     else:
-        x.copy_(gated_residual_ref(x, y, gate))
+        _inplace_ref(x, y, gate)
+
+
+def _inplace_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
+    x.copy_(gated_residual_ref(x, y, gate))
 
 
 @_gated_residual_inplace_op.register_fake
@@ -225,13 +229,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(y, gate)       # d/dx is the identity: x itself is not kept
 
 
-def _backward(ctx, grad_out):
-    y, gate = ctx.saved_tensors
-    dy, dgate = _gated_residual_backward_op(grad_out, y, gate)
-    return grad_out, dy, dgate
+def _backward_with(backward_op):
+    def backward(ctx, grad_out):
+        y, gate = ctx.saved_tensors
+        dy, dgate = backward_op(grad_out, y, gate)
+        return grad_out, dy, dgate
+    return backward
 
 
-_gated_residual_op.register_autograd(_backward, setup_context=_setup_context)
+_gated_residual_op.register_autograd(_backward_with(_gated_residual_backward_op), setup_context=_setup_context)
+_KernelFunction = kernel_function(gated_residual_fwd, _setup_context, _backward_with(gated_residual_bwd))
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -253,9 +260,9 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace
     _check_args(x, y, gate)
     if inplace and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or gate.requires_grad)):
         _check_no_overlap(x)
-        _gated_residual_inplace_op(x, y, gate)
+        call_op(_gated_residual_inplace_op, None, gated_residual_inplace_fwd, _inplace_ref, (x, y, gate), x, y, gate)
         return x
-    return _gated_residual_op(x, y, gate)
+    return call_op(_gated_residual_op, _KernelFunction, gated_residual_fwd, gated_residual_ref, (x, y, gate), x, y, gate)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import custom_op, use_triton
+from ._dispatch import call_op, custom_op, kernel_function, use_triton
 from ._gated_residual import _check_args as _check_residual_args
 from ._gated_residual import gated_residual_ref
 from ._layernorm_modulate import (
@@ -248,14 +248,18 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[0], y, gate, scale)      # r, not x: the statistics are r's
 
 
-def _backward(ctx, grad_r, grad_u):
-    r, y, gate, scale = ctx.saved_tensors
-    dx, dy, dgate, dshift, dscale = _gated_residual_layernorm_modulate_backward_op(
-        grad_r, grad_u, r, y, gate, scale, ctx.eps, ctx.shift_dtype)
-    return dx, dy, dgate, dshift, dscale, None, None
+def _backward_with(backward_op):
+    def backward(ctx, grad_r, grad_u):
+        r, y, gate, scale = ctx.saved_tensors
+        dx, dy, dgate, dshift, dscale = backward_op(grad_r, grad_u, r, y, gate, scale, ctx.eps, ctx.shift_dtype)
+        return dx, dy, dgate, dshift, dscale, None, None
+    return backward
 
 
-_gated_residual_layernorm_modulate_op.register_autograd(_backward, setup_context=_setup_context)
+_gated_residual_layernorm_modulate_op.register_autograd(_backward_with(_gated_residual_layernorm_modulate_backward_op),
+                                                        setup_context=_setup_context)
+_KernelFunction = kernel_function(gated_residual_layernorm_modulate_fwd, _setup_context,
+                                  _backward_with(gated_residual_layernorm_modulate_bwd))
 
 
 def gated_residual_layernorm_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
@@ -279,7 +283,9 @@ def gated_residual_layernorm_modulate(x: torch.Tensor, y: torch.Tensor, gate: to
     _check_eps(eps)
     out_dtype = _default_out_dtype(x) if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype)
-    return _gated_residual_layernorm_modulate_op(x, y, gate, shift, scale, float(eps), out_dtype)
+    return call_op(_gated_residual_layernorm_modulate_op, _KernelFunction, gated_residual_layernorm_modulate_fwd,
+                   gated_residual_layernorm_modulate_ref, (x, y, gate, shift, scale), x, y, gate, shift, scale,
+                   float(eps), out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import autocast_dtype, custom_op, use_triton
+from ._dispatch import autocast_dtype, call_op, custom_op, kernel_function, use_triton
 from ._validate import FLOAT_DTYPES, check_kernel_device, check_tensor
 
 
@@ -307,14 +307,17 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, scale)
 
 
-def _backward(ctx, grad_out):
-    x, scale = ctx.saved_tensors
-    # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
-    dx, dshift, dscale = _layernorm_modulate_backward_op(grad_out, x, scale, ctx.eps, ctx.shift_dtype)
-    return dx, dshift, dscale, None, None
+def _backward_with(backward_op):
+    def backward(ctx, grad_out):
+        x, scale = ctx.saved_tensors
+        # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
+        dx, dshift, dscale = backward_op(grad_out, x, scale, ctx.eps, ctx.shift_dtype)
+        return dx, dshift, dscale, None, None
+    return backward
 
 
-_layernorm_modulate_op.register_autograd(_backward, setup_context=_setup_context)
+_layernorm_modulate_op.register_autograd(_backward_with(_layernorm_modulate_backward_op), setup_context=_setup_context)
+_KernelFunction = kernel_function(layernorm_modulate_fwd, _setup_context, _backward_with(layernorm_modulate_bwd))
 
 
 def _default_out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -343,7 +346,8 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     _check_eps(eps)
     out_dtype = _default_out_dtype(x) if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype)
-    return _layernorm_modulate_op(x, shift, scale, float(eps), out_dtype)
+    return call_op(_layernorm_modulate_op, _KernelFunction, layernorm_modulate_fwd, layernorm_modulate_ref,
+                   (x, shift, scale), x, shift, scale, float(eps), out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

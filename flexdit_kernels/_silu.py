@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import custom_op, use_triton
+from ._dispatch import call_op, custom_op, kernel_function, use_triton
 from ._layernorm_modulate import _check_out_dtype, _default_out_dtype
 from ._validate import check_kernel_device, check_tensor
 
@@ -131,12 +131,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x)
 
 
-def _backward(ctx, grad_out):
-    (x,) = ctx.saved_tensors
-    return _silu_backward_op(grad_out, x), None
+def _backward_with(backward_op):
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        return backward_op(grad_out, x), None
+    return backward
 
 
-_silu_op.register_autograd(_backward, setup_context=_setup_context)
+_silu_op.register_autograd(_backward_with(_silu_backward_op), setup_context=_setup_context)
+_KernelFunction = kernel_function(silu_fwd, _setup_context, _backward_with(silu_bwd))
 
 
 def silu(x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -154,7 +157,7 @@ def silu(x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tens
     _check_x(x)
     out_dtype = _default_out_dtype(x) if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype)
-    return _silu_op(x, out_dtype)
+    return call_op(_silu_op, _KernelFunction, silu_fwd, silu_ref, (x,), x, out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -258,3 +258,16 @@ def test_plot_of_a_missing_file_is_one_line_exit_2(tmp_path, capsys):
 def test_kernel_family(name, family):
     from bench.model import kernel_family
     assert kernel_family(name) == family
+
+
+def test_overhead_covers_every_op_with_an_eager_path(tmp_path, capsys):
+    """`python -m bench.overhead` measures every op, both paths, forward and forward+backward (a very short run: the
+    numbers are not checked, only that each row exists and each op's stubbed launchers ran)."""
+    from bench import overhead
+    path = tmp_path / "overhead.json"
+    assert overhead.main(["--calls", "4", "--repeats", "1", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["rows"]
+    cases = {(r["case"], r["impl"]) for r in rows if r["metric"] == "overhead_us"}
+    assert cases == {(f"{op} {mode}", impl) for op in overhead.OPS for mode in ("fwd", "fwd+bwd")
+                     for impl in ("reference", "triton-stub")}
+    assert "host overhead per call" in capsys.readouterr().out

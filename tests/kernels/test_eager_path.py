@@ -1,0 +1,100 @@
+"""Eager calls of the flexdit ops skip the custom-op dispatcher (its host cost: `python -m bench.overhead`) and still
+compute the op, forward and backward, on the Triton path (interpreter) and on the reference path, with contiguous
+results from strided inputs as the custom op gives. torch.compile,
+tracing and dispatch modes take the custom op instead (each op's own tests: compile, opcheck, one op per call)."""
+import pytest
+import torch
+
+import flexdit_kernels as fk
+from flexdit_kernels import (_attention, _gated_residual, _gated_residual_layernorm_modulate, _layernorm_modulate,
+                             _silu, _token_mean, _token_pool, _upsample_add)
+
+B, HW, GRID, C = 2, (5, 7), (2, 3), 24
+N, M = HW[0] * HW[1], GRID[0] * GRID[1]
+
+
+def _tokens(n):
+    """(B, n, C) tokens, batch-minor in memory (strided)."""
+    return torch.randn(n, B, C).transpose(0, 1)
+
+
+def _chunks():
+    """gate, shift, scale: strided chunks of one (B, 6C) adaLN projection."""
+    ada = torch.randn(B, 6 * C)
+    return ada[:, 2 * C:3 * C], ada[:, 3 * C:4 * C], ada[:, 4 * C:5 * C]
+
+
+# name: (module, public op, its reference, inputs)
+CASES = {
+    # M queries on N keys, heads of 16: a Triton path (few keys / split keys), not SDPA.
+    "attention": (_attention, fk.attention, fk.attention_ref,
+                  lambda: (torch.randn(B, M, 2, 16), torch.randn(B, N, 2, 16), torch.randn(B, N, 2, 16))),
+    "token_pool": (_token_pool, lambda x: fk.token_pool(x, HW, GRID), lambda x: fk.token_pool_ref(x, HW, GRID),
+                   lambda: (_tokens(N),)),
+    "token_mean": (_token_mean, lambda x: fk.token_mean(x), lambda x: fk.token_mean_ref(x),
+                   lambda: (_tokens(N),)),
+    "upsample_add": (_upsample_add, lambda s, d: fk.upsample_add(s, d, HW, GRID),
+                     lambda s, d: fk.upsample_add_ref(s, d, HW, GRID),
+                     lambda: (_tokens(M), _tokens(N))),
+    "layernorm_modulate": (_layernorm_modulate, fk.layernorm_modulate, fk.layernorm_modulate_ref,
+                           lambda: (_tokens(N), *_chunks()[1:])),
+    "gated_residual": (_gated_residual, fk.gated_residual, fk.gated_residual_ref,
+                       lambda: (_tokens(N), _tokens(N), _chunks()[0])),
+    "gated_residual_layernorm_modulate": (
+        _gated_residual_layernorm_modulate, fk.gated_residual_layernorm_modulate,
+        fk.gated_residual_layernorm_modulate_ref, lambda: (_tokens(N), _tokens(N), *_chunks())),
+    "silu": (_silu, fk.silu, fk.silu_ref, lambda: (3 * torch.randn(B, C),)),
+}
+
+
+def _no_custom_ops(monkeypatch, module):
+    """Every custom op of `module` (forward and backward) fails when called."""
+    def boom(*args, **kwargs):
+        raise AssertionError("the custom op was called from an eager call")
+    names = [name for name, obj in vars(module).items() if name.endswith("_op") and hasattr(obj, "register_fake")]
+    assert names
+    for name in names:
+        monkeypatch.setattr(module, name, boom)
+
+
+def _flat(out, contiguous=False):
+    """The op's result(s) as one flat tensor; with `contiguous`, first check that each result is contiguous."""
+    assert not contiguous or all(t.is_contiguous() for t in (out if isinstance(out, tuple) else (out,)))
+    return torch.cat([t.flatten() for t in out]) if isinstance(out, tuple) else out.flatten()
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_eager_call_skips_the_custom_op(name, path, monkeypatch):
+    if path == "triton" and not fk.interpreting():
+        pytest.skip("the Triton path on the CPU needs TRITON_INTERPRET=1")
+    module, call, ref, make_inputs = CASES[name]
+    inputs = make_inputs()
+    ref_leaves = [t.clone().requires_grad_() for t in inputs]
+    want = _flat(ref(*ref_leaves))
+    grad_out = torch.randn_like(want)
+    want.backward(grad_out)
+
+    _no_custom_ops(monkeypatch, module)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    with fk.backend(path):
+        with torch.no_grad():
+            got_no_grad = _flat(call(*inputs), contiguous=True)
+        got = _flat(call(*leaves), contiguous=True)
+        got.backward(grad_out)
+    torch.testing.assert_close(got_no_grad, want.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got.detach(), want.detach(), atol=1e-5, rtol=1e-5)
+    for i, (leaf, ref_leaf) in enumerate(zip(leaves, ref_leaves)):
+        torch.testing.assert_close(leaf.grad, ref_leaf.grad, atol=1e-4, rtol=1e-4, msg=lambda m: f"input {i}: {m}")
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_eager_inplace_residual_skips_the_custom_op(path, monkeypatch):
+    if path == "triton" and not fk.interpreting():
+        pytest.skip("the Triton path on the CPU needs TRITON_INTERPRET=1")
+    x, y, gate = CASES["gated_residual"][3]()
+    want = fk.gated_residual_ref(x, y, gate)
+    _no_custom_ops(monkeypatch, _gated_residual)
+    with fk.backend(path), torch.no_grad():
+        assert fk.gated_residual(x, y, gate, inplace=True) is x
+    torch.testing.assert_close(x, want)
