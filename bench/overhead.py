@@ -11,7 +11,8 @@ each repeat. Two paths:
   The difference is what validation, dispatch and the autograd wrapper cost.
 - "triton-stub": the Triton path with every kernel launch (`kernel[grid](...)`) replaced by a no-op, against the
   same stubbed launchers called directly (forward: `_fwd`; forward+backward: a bare `torch.autograd.Function` that
-  runs `_fwd` and `_bwd` and nothing else, `.backward(g)` through the engine). The difference is what validation,
+  runs `_fwd` and `_bwd` and returns a gradient for every input, `.backward(g)` through the engine, which
+  accumulates them into the leaves' .grad as it does the op's). The difference is what validation,
   dispatch and the op's wrapper add on top of its launchers; Triton's own launch cost is in neither (needs a GPU).
 Rows: suite "overhead", case "<op> <mode>", impl the path, metrics "us" (the op), "baseline_us", "overhead_us".
 """
@@ -48,17 +49,22 @@ def _best_mean_us(fns: Sequence[Callable[[], object]], calls: int, repeats: int)
 
 
 def _bare_function(fwd, bwd):
-    """The least an autograd-capable call of the launchers costs: a Function that runs them and nothing else."""
+    """The least an autograd-capable call of the launchers costs: a Function that runs them and returns one gradient
+    per input (made once), so that autograd accumulates into every leaf's .grad as it does for the op."""
+    grads = []
+
     class Bare(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
             ctx.inputs = inputs
+            if not grads:
+                grads.extend(torch.zeros_like(t) for t in inputs)
             return fwd(*inputs)
 
         @staticmethod
         def backward(ctx, grad_out):
             bwd(grad_out, *ctx.inputs)
-            return (None,) * len(ctx.inputs)
+            return tuple(grads)
 
     return Bare.apply
 
@@ -112,7 +118,7 @@ def _cases():
     fused = _gated_residual_layernorm_modulate
     q, k, v = torch.randn(B, m, 2, 8), torch.randn(B, n, 2, 8), torch.randn(B, n, 2, 8)    # m queries, n keys
     att_scale = 8 ** -0.5
-    out, lse = _attention._forward_ref(q, k, v, att_scale)
+    out, lse = _attention._attention_body(q, k, v, att_scale)     # the reference backend's: cases are built on it
     return {
         "token_pool": (lambda x: fk.token_pool(x, HW, GRID), lambda x: fk.token_pool_ref(x, HW, GRID),
                        lambda x: _token_pool._token_pool_fwd(x, *HW, *GRID),

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import Mlp, PatchEmbed, TimestepEmbedder, _1d_sincos, to_pair
+from .layers import Mlp, PatchEmbed, SiLU, TimestepEmbedder, _1d_sincos, to_pair
 from .models import BackboneConfig
 from .plan import DECIDED_PLANS, GridLike, Plan, Slot, split_plan_fields
 from .router import FlexLayer, RouteState, norm_modulate, set_fused
@@ -139,7 +139,7 @@ class _PixArtShell(nn.Module):
         self.register_buffer("pos_embed", None, persistent=False)
         self.reset_pos_embed()                                                   # (1, N, C), fixed
         self.t_embedder = TimestepEmbedder(c)
-        self.t_block = nn.Sequential(nn.SiLU(), nn.Linear(c, 6 * c))
+        self.t_block = nn.Sequential(SiLU(), nn.Linear(c, 6 * c))
         self.y_embedder = CaptionEmbedder(cfg.caption_channels, c)
         self.final_layer = PixArtFinalLayer(c, p, self.out_channels)
 

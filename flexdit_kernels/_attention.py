@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import call_op, custom_op, interpreting, kernel_function, use_triton
+from ._dispatch import call_op, custom_op, interpreting, op_function, use_triton
 from ._validate import check_same, check_tensor
 
 MAX_HEAD_DIM = 128
@@ -527,18 +527,15 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
 
-@custom_op("flexdit::attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attention_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Lq, H, D), lse (B, H, Lq) fp32): the log-sum-exp is kept for the Triton backward."""
     if use_triton(q, k, v):
         return attention_fwd(q, k, v, scale)
-    return _forward_ref(q, k, v, scale)
-
-
-def _forward_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     return attention_ref(q, k, v, scale), attention_lse_ref(q, k, scale)
+
+
+_attention_op = custom_op("flexdit::attention", mutates_args=())(_attention_body)
 
 
 @_attention_op.register_fake
@@ -547,13 +544,15 @@ def _(q, k, v, scale):
     return q.new_empty((b, lq, h, d)), q.new_empty((b, h, lq), dtype=torch.float32)
 
 
-@custom_op("flexdit::attention_backward", mutates_args=())
-def _attention_backward_op(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+def _attention_backward_body(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            out: torch.Tensor, lse: torch.Tensor, scale: float
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(grad_out, q, k, v):
         return attention_bwd(grad_out, q, k, v, out, lse, scale)
     return attention_backward_ref(grad_out, q, k, v, out, scale)
+
+
+_attention_backward_op = custom_op("flexdit::attention_backward", mutates_args=())(_attention_backward_body)
 
 
 @_attention_backward_op.register_fake
@@ -577,7 +576,7 @@ def _backward_with(backward_op):
 
 
 _attention_op.register_autograd(_backward_with(_attention_backward_op), setup_context=_setup_context)
-_KernelFunction = kernel_function(attention_fwd, _setup_context, _backward_with(attention_bwd))
+_Function = op_function(_attention_body, _setup_context, _backward_with(_attention_backward_body))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
@@ -617,7 +616,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
         # PyTorch SDPA with its own autograd (cuDNN / flash backward on GPU): dense shapes on the Triton backend,
         # every shape on the reference backend (which so skips the log-sum-exp the Triton backward needs).
         return attention_ref(q, k, v, scale)
-    return call_op(_attention_op, _KernelFunction, attention_fwd, _forward_ref, (q, k, v), q, k, v, scale)[0]
+    return call_op(_attention_op, _Function, _attention_body, (q, k, v), q, k, v, scale)[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 _BACKENDS = ("auto", "triton", "reference")
 _backend = os.environ.get("FLEXDIT_BACKEND", "auto")
@@ -134,12 +135,14 @@ def opaque_call(*tensors: torch.Tensor) -> bool:
     """Whether an op goes through its registered `torch.ops.flexdit.*` custom op rather than the light eager path.
 
     The custom op is one opaque node for torch.compile (dynamo), `torch.jit.trace` (fvcore's FLOP counter), dispatch
-    modes (FlopCounterMode, FakeTensorMode, make_fx) and meta / fake / subclass tensors; plain eager calls skip its
-    dispatcher round trip (tens of microseconds) and take a `torch.autograd.Function` instead.
+    modes (FlopCounterMode, FakeTensorMode, make_fx), functorch transforms (vmap, grad: the op's batching fallback)
+    and meta / fake / subclass tensors; plain eager calls skip its dispatcher round trip (tens of microseconds) and
+    take the op's body or its `op_function` twin instead (`call_op`).
     NOTE: the Functions keep the old `forward(ctx, ...)` form: the `setup_context` form costs 20-30 µs more per
     call (torch 2.13, 2-core CPU).
     """
-    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0:
+    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
+            or torch._C._are_functorch_transforms_active()):    # vmap, grad, ...: the op's batching rules
         return True
     for t in tensors:
         if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
@@ -149,33 +152,32 @@ def opaque_call(*tensors: torch.Tensor) -> bool:
     return False
 
 
-def kernel_function(forward, setup_context, backward) -> type:
-    """A `torch.autograd.Function` for the eager Triton path of an op: `forward(*inputs)` (the op's launcher), then
-    the op's own `setup_context(ctx, inputs, output)`, and `backward(ctx, *grads)` calling the backward launcher:
-    the custom op's autograd without its dispatcher round trip."""
-    class KernelFunction(torch.autograd.Function):
+def op_function(forward, setup_context, backward) -> type:
+    """The eager twin of a custom op with autograd: a `torch.autograd.Function` that runs the op's body
+    `forward(*inputs)` (results contiguous, as the op's), the op's `setup_context(ctx, inputs, output)` and
+    `backward(ctx, *grads)` on the backward op's body. The same computation without the dispatcher round trip, and
+    once differentiable like the op (its backward has no autograd formula: a double backward raises)."""
+    class OpFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
-            output = forward(*inputs)
+            output = _contiguous(forward(*inputs))
             setup_context(ctx, inputs, output)
             return output
 
         @staticmethod
+        @once_differentiable
         def backward(ctx, *grads):
             return backward(ctx, *grads)
 
-    return KernelFunction
+    return OpFunction
 
 
-def call_op(op, function, kernel, reference, tensors, *args):
-    """Run a public op on its checked arguments `args` (`tensors`: the tensors among them): the registered custom op
-    `op` where `opaque_call` says so; else the `reference` (differentiated by PyTorch's autograd, results made
-    contiguous as the op's are) where `use_triton` says no; else the `kernel` launcher, through the autograd `function`
-    when autograd records the call."""
+def call_op(op, function, forward, tensors, *args):
+    """Run an op on its checked arguments `args` (`tensors`: the tensors among them): the registered custom op `op`
+    where `opaque_call` says so, its autograd twin `function` (`op_function`) when autograd records the call, else
+    its body `forward` (which picks the Triton kernel or the reference), results contiguous."""
     if opaque_call(*tensors):
         return op(*args)
-    if not use_triton(*tensors):
-        return _contiguous(reference(*args))
     if function is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return function.apply(*args)
-    return kernel(*args)
+    return _contiguous(forward(*args))

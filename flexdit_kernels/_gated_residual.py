@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import call_op, custom_op, kernel_function, use_triton
+from ._dispatch import call_op, custom_op, op_function, use_triton
 from ._layernorm_modulate import _TARGET_PROGRAMS, column_sum
 from ._validate import check_kernel_device, check_tensor
 
@@ -182,11 +182,13 @@ def gated_residual_bwd(grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tens
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
 
-@custom_op("flexdit::gated_residual", mutates_args=())
-def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+def _gated_residual_body(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     if use_triton(x, y, gate):
         return gated_residual_fwd(x, y, gate)
     return gated_residual_ref(x, y, gate)
+
+
+_gated_residual_op = custom_op("flexdit::gated_residual", mutates_args=())(_gated_residual_body)
 
 
 @_gated_residual_op.register_fake
@@ -194,16 +196,22 @@ def _(x, y, gate):
     return x.new_empty(x.shape)
 
 
-@custom_op("flexdit::gated_residual_inplace", mutates_args=("x",))
-def _gated_residual_inplace_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
+def _gated_residual_inplace_body(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
     if use_triton(x, y, gate):
         gated_residual_inplace_fwd(x, y, gate)
     else:
-        _inplace_ref(x, y, gate)
+        x.copy_(gated_residual_ref(x, y, gate))
 
 
-def _inplace_ref(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
-    x.copy_(gated_residual_ref(x, y, gate))
+_gated_residual_inplace_op = custom_op("flexdit::gated_residual_inplace",
+                                       mutates_args=("x",))(_gated_residual_inplace_body)
+
+
+def _inplace_eager(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
+    """The in-place update outside the dispatcher: the body, then x's version bumped as an in-place op bumps it (the
+    kernel's write alone would not), so that autograd refuses a graph that saved the old x."""
+    _gated_residual_inplace_body(x, y, gate)
+    torch.autograd.graph.increment_version(x)
 
 
 @_gated_residual_inplace_op.register_fake
@@ -211,12 +219,15 @@ def _(x, y, gate):
     return None
 
 
-@custom_op("flexdit::gated_residual_backward", mutates_args=())
-def _gated_residual_backward_op(grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
+def _gated_residual_backward_body(grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
                                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     if use_triton(grad_out, y, gate):
         return gated_residual_bwd(grad_out, y, gate)
     return gated_residual_backward_ref(grad_out, y, gate)
+
+
+_gated_residual_backward_op = custom_op("flexdit::gated_residual_backward",
+                                        mutates_args=())(_gated_residual_backward_body)
 
 
 @_gated_residual_backward_op.register_fake
@@ -238,7 +249,7 @@ def _backward_with(backward_op):
 
 
 _gated_residual_op.register_autograd(_backward_with(_gated_residual_backward_op), setup_context=_setup_context)
-_KernelFunction = kernel_function(gated_residual_fwd, _setup_context, _backward_with(gated_residual_bwd))
+_Function = op_function(_gated_residual_body, _setup_context, _backward_with(_gated_residual_backward_body))
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -260,9 +271,9 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace
     _check_args(x, y, gate)
     if inplace and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or gate.requires_grad)):
         _check_no_overlap(x)
-        call_op(_gated_residual_inplace_op, None, gated_residual_inplace_fwd, _inplace_ref, (x, y, gate), x, y, gate)
+        call_op(_gated_residual_inplace_op, None, _inplace_eager, (x, y, gate), x, y, gate)
         return x
-    return call_op(_gated_residual_op, _KernelFunction, gated_residual_fwd, gated_residual_ref, (x, y, gate), x, y, gate)
+    return call_op(_gated_residual_op, _Function, _gated_residual_body, (x, y, gate), x, y, gate)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import call_op, custom_op, kernel_function, use_triton
+from ._dispatch import call_op, custom_op, op_function, use_triton
 from ._gated_residual import _check_args as _check_residual_args
 from ._gated_residual import gated_residual_ref
 from ._layernorm_modulate import (
@@ -212,8 +212,7 @@ def gated_residual_layernorm_modulate_bwd(grad_r: torch.Tensor, grad_u: torch.Te
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
 
-@custom_op("flexdit::gated_residual_layernorm_modulate", mutates_args=())
-def _gated_residual_layernorm_modulate_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+def _gated_residual_layernorm_modulate_body(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                                           scale: torch.Tensor, eps: float, out_dtype: torch.dtype
                                           ) -> Tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x, y, gate, shift, scale):
@@ -221,19 +220,27 @@ def _gated_residual_layernorm_modulate_op(x: torch.Tensor, y: torch.Tensor, gate
     return gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale, eps, out_dtype)
 
 
+_gated_residual_layernorm_modulate_op = custom_op("flexdit::gated_residual_layernorm_modulate", mutates_args=())(
+    _gated_residual_layernorm_modulate_body)
+
+
 @_gated_residual_layernorm_modulate_op.register_fake
 def _(x, y, gate, shift, scale, eps, out_dtype):
     return x.new_empty(x.shape), x.new_empty(x.shape, dtype=out_dtype)
 
 
-@custom_op("flexdit::gated_residual_layernorm_modulate_backward", mutates_args=())
-def _gated_residual_layernorm_modulate_backward_op(
+def _gated_residual_layernorm_modulate_backward_body(
         grad_r: torch.Tensor, grad_u: torch.Tensor, r: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
         scale: torch.Tensor, eps: float, shift_dtype: torch.dtype
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(grad_r, grad_u, r, y, gate, scale):
         return gated_residual_layernorm_modulate_bwd(grad_r, grad_u, r, y, gate, scale, eps, shift_dtype)
     return gated_residual_layernorm_modulate_backward_ref(grad_r, grad_u, r, y, gate, scale, eps, shift_dtype)
+
+
+_gated_residual_layernorm_modulate_backward_op = custom_op(
+    "flexdit::gated_residual_layernorm_modulate_backward", mutates_args=())(
+    _gated_residual_layernorm_modulate_backward_body)
 
 
 @_gated_residual_layernorm_modulate_backward_op.register_fake
@@ -258,8 +265,8 @@ def _backward_with(backward_op):
 
 _gated_residual_layernorm_modulate_op.register_autograd(_backward_with(_gated_residual_layernorm_modulate_backward_op),
                                                         setup_context=_setup_context)
-_KernelFunction = kernel_function(gated_residual_layernorm_modulate_fwd, _setup_context,
-                                  _backward_with(gated_residual_layernorm_modulate_bwd))
+_Function = op_function(_gated_residual_layernorm_modulate_body, _setup_context,
+                        _backward_with(_gated_residual_layernorm_modulate_backward_body))
 
 
 def gated_residual_layernorm_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
@@ -283,9 +290,8 @@ def gated_residual_layernorm_modulate(x: torch.Tensor, y: torch.Tensor, gate: to
     _check_eps(eps)
     out_dtype = _default_out_dtype(x) if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype)
-    return call_op(_gated_residual_layernorm_modulate_op, _KernelFunction, gated_residual_layernorm_modulate_fwd,
-                   gated_residual_layernorm_modulate_ref, (x, y, gate, shift, scale), x, y, gate, shift, scale,
-                   float(eps), out_dtype)
+    return call_op(_gated_residual_layernorm_modulate_op, _Function, _gated_residual_layernorm_modulate_body,
+                   (x, y, gate, shift, scale), x, y, gate, shift, scale, float(eps), out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

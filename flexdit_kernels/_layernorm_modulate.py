@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import autocast_dtype, call_op, custom_op, kernel_function, use_triton
+from ._dispatch import autocast_dtype, call_op, custom_op, op_function, use_triton
 from ._validate import FLOAT_DTYPES, check_kernel_device, check_tensor
 
 
@@ -275,12 +275,14 @@ def layernorm_modulate_bwd(grad_out: torch.Tensor, x: torch.Tensor, scale: torch
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
 
-@custom_op("flexdit::layernorm_modulate", mutates_args=())
-def _layernorm_modulate_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+def _layernorm_modulate_body(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                            out_dtype: torch.dtype) -> torch.Tensor:
     if use_triton(x, shift, scale):
         return layernorm_modulate_fwd(x, shift, scale, eps, out_dtype)
     return layernorm_modulate_ref(x, shift, scale, eps, out_dtype)
+
+
+_layernorm_modulate_op = custom_op("flexdit::layernorm_modulate", mutates_args=())(_layernorm_modulate_body)
 
 
 @_layernorm_modulate_op.register_fake
@@ -288,12 +290,15 @@ def _(x, shift, scale, eps, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
-@custom_op("flexdit::layernorm_modulate_backward", mutates_args=())
-def _layernorm_modulate_backward_op(grad_out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float,
+def _layernorm_modulate_backward_body(grad_out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float,
                                     shift_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(grad_out, x, scale):
         return layernorm_modulate_bwd(grad_out, x, scale, eps, shift_dtype)
     return layernorm_modulate_backward_ref(grad_out, x, scale, eps, shift_dtype)
+
+
+_layernorm_modulate_backward_op = custom_op("flexdit::layernorm_modulate_backward", mutates_args=())(
+    _layernorm_modulate_backward_body)
 
 
 @_layernorm_modulate_backward_op.register_fake
@@ -317,7 +322,7 @@ def _backward_with(backward_op):
 
 
 _layernorm_modulate_op.register_autograd(_backward_with(_layernorm_modulate_backward_op), setup_context=_setup_context)
-_KernelFunction = kernel_function(layernorm_modulate_fwd, _setup_context, _backward_with(layernorm_modulate_bwd))
+_Function = op_function(_layernorm_modulate_body, _setup_context, _backward_with(_layernorm_modulate_backward_body))
 
 
 def _default_out_dtype(x: torch.Tensor) -> torch.dtype:
@@ -346,8 +351,8 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     _check_eps(eps)
     out_dtype = _default_out_dtype(x) if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype)
-    return call_op(_layernorm_modulate_op, _KernelFunction, layernorm_modulate_fwd, layernorm_modulate_ref,
-                   (x, shift, scale), x, shift, scale, float(eps), out_dtype)
+    return call_op(_layernorm_modulate_op, _Function, _layernorm_modulate_body, (x, shift, scale), x, shift, scale,
+                   float(eps), out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,9 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import call_op, custom_op, kernel_function, use_triton
+from ._dispatch import call_op, custom_op, op_function, use_triton
 from ._layernorm_modulate import _check_out_dtype, _default_out_dtype
-from ._validate import check_kernel_device, check_tensor
+from ._validate import cdiv, check_kernel_device, check_tensor, next_pow2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -44,14 +44,17 @@ def _silu_bwd_kernel(DOUT, X, DX, n_channels, stride_dout_b, stride_dout_c, stri
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
 
-# NOTE: not tuned on a GPU. An adaLN input is one (B, C) vector per sample (C = 1152 for DiT-XL): a few programs of
-# 1024 channels per row, 4 values per thread at 8 warps.
+# NOTE: not tuned on a GPU. An adaLN input is one (B, C) vector per sample (C = 1152 for DiT-XL): programs of up to
+# 1024 channels of a row, 4 values per thread (8 warps at 1024, one warp at 128 or fewer).
 _MAX_BLOCK_C = 1024
-_NUM_WARPS = 8
 
 
 def _block_c(n_channels: int) -> int:
-    return min(_MAX_BLOCK_C, triton.next_power_of_2(max(n_channels, 1)))
+    return min(_MAX_BLOCK_C, next_pow2(n_channels))
+
+
+def _num_warps(block_c: int) -> int:
+    return max(1, min(8, block_c // 128))
 
 
 def _check_x(x: torch.Tensor, name: str = "x") -> None:
@@ -77,8 +80,8 @@ def silu_fwd(x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.
     if out.numel() == 0:
         return out
     block_c = _block_c(c)
-    _silu_fwd_kernel[(b, triton.cdiv(c, block_c))](
-        x, out, c, x.stride(0), x.stride(1), out.stride(0), BLOCK_C=block_c, num_warps=_NUM_WARPS)
+    _silu_fwd_kernel[(b, cdiv(c, block_c))](
+        x, out, c, x.stride(0), x.stride(1), out.stride(0), BLOCK_C=block_c, num_warps=_num_warps(block_c))
     return out
 
 
@@ -92,9 +95,9 @@ def silu_bwd(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if dx.numel() == 0:
         return dx
     block_c = _block_c(c)
-    _silu_bwd_kernel[(b, triton.cdiv(c, block_c))](
+    _silu_bwd_kernel[(b, cdiv(c, block_c))](
         grad_out, x, dx, c, grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), dx.stride(0),
-        BLOCK_C=block_c, num_warps=_NUM_WARPS)
+        BLOCK_C=block_c, num_warps=_num_warps(block_c))
     return dx
 
 
@@ -102,11 +105,13 @@ def silu_bwd(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
 
-@custom_op("flexdit::silu", mutates_args=())
-def _silu_op(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def _silu_body(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     if use_triton(x):
         return silu_fwd(x, out_dtype)
     return silu_ref(x, out_dtype)
+
+
+_silu_op = custom_op("flexdit::silu", mutates_args=())(_silu_body)
 
 
 @_silu_op.register_fake
@@ -114,11 +119,13 @@ def _(x, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype)
 
 
-@custom_op("flexdit::silu_backward", mutates_args=())
-def _silu_backward_op(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _silu_backward_body(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     if use_triton(grad_out, x):
         return silu_bwd(grad_out, x)
     return silu_backward_ref(grad_out, x)
+
+
+_silu_backward_op = custom_op("flexdit::silu_backward", mutates_args=())(_silu_backward_body)
 
 
 @_silu_backward_op.register_fake
@@ -139,7 +146,7 @@ def _backward_with(backward_op):
 
 
 _silu_op.register_autograd(_backward_with(_silu_backward_op), setup_context=_setup_context)
-_KernelFunction = kernel_function(silu_fwd, _setup_context, _backward_with(silu_bwd))
+_Function = op_function(_silu_body, _setup_context, _backward_with(_silu_backward_body))
 
 
 def silu(x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -157,7 +164,7 @@ def silu(x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tens
     _check_x(x)
     out_dtype = _default_out_dtype(x) if out_dtype is None else out_dtype
     _check_out_dtype(out_dtype)
-    return call_op(_silu_op, _KernelFunction, silu_fwd, silu_ref, (x,), x, out_dtype)
+    return call_op(_silu_op, _Function, _silu_body, (x,), x, out_dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import custom_op, opaque_call, use_kernel
+from ._dispatch import call_op, custom_op, op_function, use_kernel
 from ._validate import cdiv, check_kernel_device, fits_int32, mean_args, mean_backward_args, next_pow2, sm_count
 
 
@@ -229,7 +229,7 @@ def token_mean_bwd(grad_out: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
 # As in _token_pool: compilers, tracers, dispatch modes and meta tensors see the custom op `flexdit::token_mean`;
-# eager calls take `_forward` (no gradient needed), the reference (both directions on it) or `_TokenMeanFunction`.
+# eager calls take `_forward` (no gradient needed) or `_Function`, the op's autograd twin (`call_op`).
 
 def _forward(x: torch.Tensor, eps: float) -> torch.Tensor:
     b, n, c = x.shape
@@ -244,19 +244,6 @@ def _backward(grad_out: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tens
     if use_kernel("token_mean_backward", grad_out, x, batch=b, tokens=n, channels=c):
         return _token_mean_bwd(grad_out, x, eps)
     return token_mean_backward_ref(grad_out, x, eps)
-
-
-class _TokenMeanFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, eps):
-        ctx.eps = eps
-        ctx.save_for_backward(x)
-        return _forward(x, eps)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        return _backward(grad_out, x, ctx.eps), None
 
 
 @custom_op("flexdit::token_mean", mutates_args=())
@@ -284,12 +271,15 @@ def _op_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x)
 
 
-def _op_backward(ctx, grad_out):
-    (x,) = ctx.saved_tensors
-    return _token_mean_backward_op(grad_out, x, ctx.eps), None
+def _backward_with(backward):
+    def op_backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        return backward(grad_out, x, ctx.eps), None
+    return op_backward
 
 
-_token_mean_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+_token_mean_op.register_autograd(_backward_with(_token_mean_backward_op), setup_context=_op_setup_context)
+_Function = op_function(_forward, _op_setup_context, _backward_with(_backward))
 
 
 def token_mean(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -301,14 +291,7 @@ def token_mean(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
         (B, C) in x's dtype.
     """
     eps = mean_args(x, eps)
-    if opaque_call(x):
-        return _token_mean_op(x, eps)
-    if not (x.requires_grad and torch.is_grad_enabled()):
-        return _forward(x, eps)
-    shape = dict(batch=x.shape[0], tokens=x.shape[1], channels=x.shape[2])
-    if not (use_kernel("token_mean", x, **shape) or use_kernel("token_mean_backward", x, **shape)):
-        return token_mean_ref(x, eps)             # the reference both ways: PyTorch's autograd, no wrapper
-    return _TokenMeanFunction.apply(x, eps)
+    return call_op(_token_mean_op, _Function, _forward, (x,), x, eps)
 
 
 # ----------------------------------------------------------------------------------------------------------------

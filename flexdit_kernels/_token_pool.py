@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import custom_op, opaque_call, use_kernel
+from ._dispatch import call_op, custom_op, op_function, use_kernel
 from ._validate import (cdiv, check_kernel_device, fits_int32, next_pow2, pool_args, pool_backward_args,
                         sm_count)
 
@@ -233,9 +233,9 @@ def token_pool_bwd(grad_out: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
 # torch.compile, torch.jit.trace (fvcore), dispatch modes and meta tensors see the custom op `flexdit::token_pool`,
-# one opaque node. Plain eager calls skip its dispatcher (tens of microseconds a call): `_forward` straight away when
-# no input needs a gradient, the reference with PyTorch's own autograd when both directions run the reference, else
-# `_TokenPoolFunction`. All of them run the same `_forward` / `_backward`, which pick kernel or reference per shape.
+# one opaque node. Plain eager calls skip its dispatcher (`call_op`): `_forward` straight away when no input needs a
+# gradient, else `_Function`, the op's autograd twin. All of them run the same `_forward` / `_backward`, which pick
+# kernel or reference per shape.
 
 def _forward(x: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
     (h, w), (gh, gw) = hw, grid
@@ -252,17 +252,6 @@ def _backward(grad_out: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]
     if use_kernel("token_pool_backward", grad_out, batch=b, tokens=h * w, sparse=m, channels=c):
         return _token_pool_bwd(grad_out, h, w, gh, gw)
     return token_pool_backward_ref(grad_out, hw, grid)
-
-
-class _TokenPoolFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, hw, grid):
-        ctx.hw, ctx.grid = hw, grid
-        return _forward(x, hw, grid)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return _backward(grad_out, ctx.hw, ctx.grid), None, None
 
 
 @custom_op("flexdit::token_pool", mutates_args=())
@@ -289,11 +278,14 @@ def _op_setup_context(ctx, inputs, output):
     _, ctx.hw, ctx.grid = inputs
 
 
-def _op_backward(ctx, grad_out):
-    return _token_pool_backward_op(grad_out, ctx.hw, ctx.grid), None, None
+def _backward_with(backward):
+    def op_backward(ctx, grad_out):
+        return backward(grad_out, ctx.hw, ctx.grid), None, None
+    return op_backward
 
 
-_token_pool_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+_token_pool_op.register_autograd(_backward_with(_token_pool_backward_op), setup_context=_op_setup_context)
+_Function = op_function(_forward, _op_setup_context, _backward_with(_backward))
 
 
 def token_pool(x: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
@@ -308,14 +300,7 @@ def token_pool(x: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
         same for columns, as `torch.nn.AdaptiveAvgPool2d`; windows may overlap or differ in size.
     """
     hw, grid = pool_args(x, hw, grid)
-    if opaque_call(x):
-        return _token_pool_op(x, list(hw), list(grid))
-    if not (x.requires_grad and torch.is_grad_enabled()):
-        return _forward(x, hw, grid)
-    shape = dict(batch=x.shape[0], tokens=x.shape[1], sparse=grid[0] * grid[1], channels=x.shape[2])
-    if not (use_kernel("token_pool", x, **shape) or use_kernel("token_pool_backward", x, **shape)):
-        return token_pool_ref(x, hw, grid)        # the reference both ways: PyTorch's autograd, no wrapper
-    return _TokenPoolFunction.apply(x, hw, grid)
+    return call_op(_token_pool_op, _Function, _forward, (x,), x, list(hw), list(grid))
 
 
 # ----------------------------------------------------------------------------------------------------------------

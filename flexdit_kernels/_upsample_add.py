@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import custom_op, opaque_call, use_kernel
+from ._dispatch import call_op, custom_op, op_function, use_kernel
 from ._token_pool import Grid, _channel_offsets, _rect_sum, channel_block, token_run
 from ._validate import cdiv, check_kernel_device, fits_int32, next_pow2, upsample_args, upsample_backward_args
 
@@ -156,7 +156,7 @@ def upsample_add_bwd(grad_out: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tens
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
 # As in _token_pool: compilers, tracers, dispatch modes and meta tensors see the custom op `flexdit::upsample_add`;
-# eager calls take `_forward` (no gradient needed), the reference (both directions on it) or `_UpsampleAddFunction`.
+# eager calls take `_forward` (no gradient needed) or `_Function`, the op's autograd twin (`call_op`).
 
 def _forward(sparse: torch.Tensor, dense: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
     (h, w), (gh, gw) = hw, grid
@@ -173,19 +173,6 @@ def _backward(grad_out: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]
     if use_kernel("upsample_add_backward", grad_out, batch=b, tokens=n, sparse=gh * gw, channels=c):
         return _upsample_add_bwd(grad_out, h, w, gh, gw)
     return upsample_add_backward_ref(grad_out, hw, grid)
-
-
-class _UpsampleAddFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, sparse, dense, hw, grid):
-        ctx.hw, ctx.grid = hw, grid
-        return _forward(sparse, dense, hw, grid)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        # The dense gradient is grad_out itself.
-        ds = _backward(grad_out, ctx.hw, ctx.grid) if ctx.needs_input_grad[0] else None
-        return ds, grad_out, None, None
 
 
 @custom_op("flexdit::upsample_add", mutates_args=())
@@ -212,12 +199,16 @@ def _op_setup_context(ctx, inputs, output):
     _, _, ctx.hw, ctx.grid = inputs
 
 
-def _op_backward(ctx, grad_out):
-    # The dense gradient is grad_out itself.
-    return _upsample_add_backward_op(grad_out, ctx.hw, ctx.grid), grad_out, None, None
+def _backward_with(backward):
+    def op_backward(ctx, grad_out):
+        # The dense gradient is grad_out itself.
+        ds = backward(grad_out, ctx.hw, ctx.grid) if ctx.needs_input_grad[0] else None
+        return ds, grad_out, None, None
+    return op_backward
 
 
-_upsample_add_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+_upsample_add_op.register_autograd(_backward_with(_upsample_add_backward_op), setup_context=_op_setup_context)
+_Function = op_function(_forward, _op_setup_context, _backward_with(_backward))
 
 
 def upsample_add(sparse: torch.Tensor, dense: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
@@ -231,14 +222,7 @@ def upsample_add(sparse: torch.Tensor, dense: torch.Tensor, hw: Grid, grid: Grid
         (B, h * w, C) contiguous: dense token (i, j) plus sparse token (floor(i*G_h/h), floor(j*G_w/w)).
     """
     hw, grid = upsample_args(sparse, dense, hw, grid)
-    if opaque_call(sparse, dense):
-        return _upsample_add_op(sparse, dense, list(hw), list(grid))
-    if not ((sparse.requires_grad or dense.requires_grad) and torch.is_grad_enabled()):
-        return _forward(sparse, dense, hw, grid)
-    shape = dict(batch=dense.shape[0], tokens=dense.shape[1], sparse=grid[0] * grid[1], channels=dense.shape[2])
-    if not (use_kernel("upsample_add", sparse, dense, **shape) or use_kernel("upsample_add_backward", dense, **shape)):
-        return upsample_add_ref(sparse, dense, hw, grid)    # the reference both ways: PyTorch's autograd
-    return _UpsampleAddFunction.apply(sparse, dense, hw, grid)
+    return call_op(_upsample_add_op, _Function, _forward, (sparse, dense), sparse, dense, list(hw), list(grid))
 
 
 # ----------------------------------------------------------------------------------------------------------------

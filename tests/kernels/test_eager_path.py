@@ -4,6 +4,7 @@ results from strided inputs as the custom op gives. torch.compile,
 tracing and dispatch modes take the custom op instead (each op's own tests: compile, opcheck, one op per call)."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import flexdit_kernels as fk
 from flexdit_kernels import (_attention, _gated_residual, _gated_residual_layernorm_modulate, _layernorm_modulate,
@@ -98,3 +99,80 @@ def test_eager_inplace_residual_skips_the_custom_op(path, monkeypatch):
     with fk.backend(path), torch.no_grad():
         assert fk.gated_residual(x, y, gate, inplace=True) is x
     torch.testing.assert_close(x, want)
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_double_backward_raises(name, path):
+    """Like the custom op (its backward has no autograd formula), the eager path refuses a second derivative rather
+    than returning one without the second-order terms."""
+    if path == "triton" and not fk.interpreting():
+        pytest.skip("the Triton path on the CPU needs TRITON_INTERPRET=1")
+    _, call, _, make_inputs = CASES[name]
+    leaves = [t.clone().requires_grad_() for t in make_inputs()]
+    with fk.backend(path):
+        out = _flat(call(*leaves))
+        grads = torch.autograd.grad((out * torch.randn_like(out)).sum(), leaves, create_graph=True, allow_unused=True)
+        second = sum((g * g).sum() for g in grads if g is not None)
+        with pytest.raises(RuntimeError):
+            second.backward()
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_eager_inplace_residual_bumps_the_version(path):
+    """Autograd refuses a backward through a graph that saved x before the in-place update, as for any in-place op."""
+    if path == "triton" and not fk.interpreting():
+        pytest.skip("the Triton path on the CPU needs TRITON_INTERPRET=1")
+    x, y, gate = CASES["gated_residual"][3]()
+    x = x.contiguous()
+    w = torch.randn_like(x, requires_grad=True)
+    loss = (w * x).sum()                                       # saves x for w's gradient
+    with fk.backend(path), torch.no_grad():
+        fk.gated_residual(x, y, gate, inplace=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+def test_vmap_takes_the_custom_op(path):
+    """Under torch.vmap the ops go through the custom op (its batching fallback), not the raw launchers."""
+    if path == "triton" and not fk.interpreting():
+        pytest.skip("the Triton path on the CPU needs TRITON_INTERPRET=1")
+    x = 3 * torch.randn(4, B, C)
+    with fk.backend(path):
+        got = torch.vmap(fk.silu)(x)
+    torch.testing.assert_close(got, torch.nn.functional.silu(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_eager_path_equals_the_custom_op_under_autocast(name):
+    """Under fp16 autocast the eager path gives the custom op's results and gradients, dtypes included (Triton path
+    on the interpreter)."""
+    if not fk.interpreting():
+        pytest.skip("the Triton path on the CPU needs TRITON_INTERPRET=1")
+    _, call, _, make_inputs = CASES[name]
+    inputs = make_inputs()
+
+    def run(opaque):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        with fk.backend("triton"), torch.autocast("cpu", dtype=torch.float16):
+            if opaque:                                  # any dispatch mode sends the call to the custom op
+                with _Passthrough():
+                    out = call(*leaves)
+            else:
+                out = call(*leaves)
+        flat = _flat(out)
+        flat.float().sum().backward()
+        return [t.dtype for t in (out if isinstance(out, tuple) else (out,))], flat.detach(), [t.grad for t in leaves]
+
+    dtypes_a, out_a, grads_a = run(False)
+    dtypes_b, out_b, grads_b = run(True)
+    assert dtypes_a == dtypes_b
+    torch.testing.assert_close(out_a, out_b, atol=0, rtol=0)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+class _Passthrough(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))

@@ -270,7 +270,7 @@ def _spy(monkeypatch, calls, name):
 @pytest.mark.parametrize("fwd_row, bwd_row, expected", [
     (True, False, ["token_pool_ref", "_token_pool_bwd"]),
     (False, True, ["_token_pool_fwd", "token_pool_backward_ref"]),
-    (True, True, ["token_pool_ref"]),                      # the reference both ways, through PyTorch's autograd
+    (True, True, ["token_pool_ref", "token_pool_backward_ref"]),
     (False, False, ["_token_pool_fwd", "_token_pool_bwd"]),
 ])
 def test_auto_table_is_honoured(monkeypatch, fwd_row, bwd_row, expected):
