@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import call_op, custom_op, interpreting, op_function, use_triton
+from ._dispatch import call_op, custom_op, interpreting, register_autograd, use_triton
 from ._validate import check_same, check_tensor
 
 MAX_HEAD_DIM = 128
@@ -567,16 +567,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse)
 
 
-def _backward_with(backward_op):
-    def backward(ctx, grad_out, grad_lse):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = backward_op(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
-        return dq, dk, dv, None
-    return backward
+def _op_backward(ctx, backward_op, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = backward_op(grad_out.contiguous(), q, k, v, out, lse, ctx.scale)
+    return dq, dk, dv, None
 
 
-_attention_op.register_autograd(_backward_with(_attention_backward_op), setup_context=_setup_context)
-_Function = op_function(_attention_body, _setup_context, _backward_with(_attention_backward_body))
+_Function = register_autograd(_attention_op, _attention_body, _attention_backward_op,
+                              _attention_backward_body, _setup_context, _op_backward)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:

@@ -11,7 +11,6 @@ import os
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 _BACKENDS = ("auto", "triton", "reference")
 _backend = os.environ.get("FLEXDIT_BACKEND", "auto")
@@ -135,9 +134,9 @@ def opaque_call(*tensors: torch.Tensor) -> bool:
     """Whether an op goes through its registered `torch.ops.flexdit.*` custom op rather than the light eager path.
 
     The custom op is one opaque node for torch.compile (dynamo), `torch.jit.trace` (fvcore's FLOP counter), dispatch
-    modes (FlopCounterMode, FakeTensorMode, make_fx), functorch transforms (vmap, grad: the op's batching fallback)
-    and meta / fake / subclass tensors; plain eager calls skip its dispatcher round trip (tens of microseconds) and
-    take the op's body or its `op_function` twin instead (`call_op`).
+    modes (FlopCounterMode, FakeTensorMode, make_fx), functorch transforms (vmap: the op's batching fallback) and
+    meta / fake / subclass tensors; plain eager calls skip its dispatcher round trip (tens of microseconds) and take
+    the op's body or its eager twin instead (`call_op`).
     NOTE: the Functions keep the old `forward(ctx, ...)` form: the `setup_context` form costs 20-30 µs more per
     call (torch 2.13, 2-core CPU).
     """
@@ -152,30 +151,77 @@ def opaque_call(*tensors: torch.Tensor) -> bool:
     return False
 
 
-def op_function(forward, setup_context, backward) -> type:
-    """The eager twin of a custom op with autograd: a `torch.autograd.Function` that runs the op's body
-    `forward(*inputs)` (results contiguous, as the op's), the op's `setup_context(ctx, inputs, output)` and
-    `backward(ctx, *grads)` on the backward op's body. The same computation without the dispatcher round trip, and
-    once differentiable like the op (its backward has no autograd formula: a double backward raises)."""
+def register_autograd(op, body, backward_op, backward_body, setup_context, backward) -> type:
+    """Give the custom op `op` its autograd and return its eager twin (see `call_op`).
+
+    `setup_context(ctx, inputs, output)` saves what the backward needs; `backward(ctx, bwd, *grads)` returns the inputs'
+    gradients, computed with `bwd`: the backward custom op `backward_op` for `op`, its body `backward_body` (kernel
+    or reference per shape) for the twin. The twin is a `torch.autograd.Function` that runs `body` forward (results
+    contiguous, as the op's): the same computation and saved tensors without the dispatcher round trip.
+
+    Like the op, whose backward has no derivative, the twin is differentiable once: when the backward runs with
+    create_graph=True its results carry a node that raises if a second derivative reaches it, where
+    `torch.autograd.function.once_differentiable` would return them silently without the terms that flow through
+    the saved tensors.
+    """
+    op.register_autograd(lambda ctx, *grads: backward(ctx, backward_op, *grads), setup_context=setup_context)
+
     class OpFunction(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):
-            output = _contiguous(forward(*inputs))
+            output = _contiguous(body(*inputs))
             setup_context(ctx, inputs, output)
             return output
 
         @staticmethod
-        @once_differentiable
         def backward(ctx, *grads):
-            return backward(ctx, *grads)
+            with torch.no_grad():
+                result = backward(ctx, backward_body, *grads)
+            return _NoSecondDerivative.wrap(result, grads) if torch.is_grad_enabled() else result
 
     return OpFunction
 
 
+class _NoSecondDerivative(torch.autograd.Function):
+    """The results of a flexdit op's backward under create_graph=True: their values, and a backward that raises."""
+
+    @staticmethod
+    def forward(ctx, anchor, *tensors):
+        return tuple(t.clone() for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("a flexdit op's backward is not differentiable: no second derivatives through flexdit ops "
+                           "(use the reference backend's PyTorch ops under torch.func, or set_fused(model, False))")
+
+    @classmethod
+    def wrap(cls, result: tuple, grads: tuple) -> tuple:
+        """`result` with each computed tensor behind this node; an incoming gradient passed through as an input's
+        gradient (an identity, as the op's backward passes it) stays differentiable."""
+        where = [i for i, r in enumerate(result)
+                 if isinstance(r, torch.Tensor) and not any(r is g for g in grads)]
+        if not where:
+            return result
+        anchor = torch.zeros((), requires_grad=True)     # so that the outputs get this node as their grad_fn
+        wrapped = cls.apply(anchor, *(result[i] for i in where))
+        out = list(result)
+        for i, t in zip(where, wrapped):
+            out[i] = t
+        return tuple(out)
+
+
 def call_op(op, function, forward, tensors, *args):
-    """Run an op on its checked arguments `args` (`tensors`: the tensors among them): the registered custom op `op`
-    where `opaque_call` says so, its autograd twin `function` (`op_function`) when autograd records the call, else
-    its body `forward` (which picks the Triton kernel or the reference), results contiguous."""
+    """Run an op on its checked arguments `args` (`tensors`: the tensors among them).
+
+    - functorch transforms (vmap, grad, ...) on the reference path: the body, i.e. the reference's PyTorch ops, which
+      the transforms batch and differentiate;
+    - `opaque_call`: the registered custom op `op` (on the Triton path under functorch transforms: vmap through the
+      op's batching fallback; PyTorch supports no torch.func.grad of a custom op with autograd);
+    - autograd records the call: the op's eager twin `function` (`register_autograd`);
+    - else the body `forward`, which picks the Triton kernel or the reference; results contiguous.
+    """
+    if torch._C._are_functorch_transforms_active() and not use_triton(*tensors):
+        return _contiguous(forward(*args))
     if opaque_call(*tensors):
         return op(*args)
     if function is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):

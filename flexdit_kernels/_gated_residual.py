@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import call_op, custom_op, op_function, use_triton
+from ._dispatch import call_op, custom_op, register_autograd, use_triton
 from ._layernorm_modulate import _TARGET_PROGRAMS, column_sum
 from ._validate import check_kernel_device, check_tensor
 
@@ -240,16 +240,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(y, gate)       # d/dx is the identity: x itself is not kept
 
 
-def _backward_with(backward_op):
-    def backward(ctx, grad_out):
-        y, gate = ctx.saved_tensors
-        dy, dgate = backward_op(grad_out, y, gate)
-        return grad_out, dy, dgate
-    return backward
+def _op_backward(ctx, backward_op, grad_out):
+    y, gate = ctx.saved_tensors
+    dy, dgate = backward_op(grad_out, y, gate)
+    return grad_out, dy, dgate
 
 
-_gated_residual_op.register_autograd(_backward_with(_gated_residual_backward_op), setup_context=_setup_context)
-_Function = op_function(_gated_residual_body, _setup_context, _backward_with(_gated_residual_backward_body))
+_Function = register_autograd(_gated_residual_op, _gated_residual_body, _gated_residual_backward_op,
+                              _gated_residual_backward_body, _setup_context, _op_backward)
 
 
 def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace: bool = False) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import call_op, custom_op, op_function, use_triton
+from ._dispatch import call_op, custom_op, register_autograd, use_triton
 from ._gated_residual import _check_args as _check_residual_args
 from ._gated_residual import gated_residual_ref
 from ._layernorm_modulate import (
@@ -255,18 +255,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[0], y, gate, scale)      # r, not x: the statistics are r's
 
 
-def _backward_with(backward_op):
-    def backward(ctx, grad_r, grad_u):
-        r, y, gate, scale = ctx.saved_tensors
-        dx, dy, dgate, dshift, dscale = backward_op(grad_r, grad_u, r, y, gate, scale, ctx.eps, ctx.shift_dtype)
-        return dx, dy, dgate, dshift, dscale, None, None
-    return backward
+def _op_backward(ctx, backward_op, grad_r, grad_u):
+    r, y, gate, scale = ctx.saved_tensors
+    dx, dy, dgate, dshift, dscale = backward_op(grad_r, grad_u, r, y, gate, scale, ctx.eps, ctx.shift_dtype)
+    return dx, dy, dgate, dshift, dscale, None, None
 
 
-_gated_residual_layernorm_modulate_op.register_autograd(_backward_with(_gated_residual_layernorm_modulate_backward_op),
-                                                        setup_context=_setup_context)
-_Function = op_function(_gated_residual_layernorm_modulate_body, _setup_context,
-                        _backward_with(_gated_residual_layernorm_modulate_backward_body))
+_Function = register_autograd(
+    _gated_residual_layernorm_modulate_op, _gated_residual_layernorm_modulate_body,
+    _gated_residual_layernorm_modulate_backward_op, _gated_residual_layernorm_modulate_backward_body, _setup_context,
+    _op_backward)
 
 
 def gated_residual_layernorm_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,

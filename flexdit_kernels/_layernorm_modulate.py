@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import autocast_dtype, call_op, custom_op, op_function, use_triton
+from ._dispatch import autocast_dtype, call_op, custom_op, register_autograd, use_triton
 from ._validate import FLOAT_DTYPES, check_kernel_device, check_tensor
 
 
@@ -312,17 +312,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, scale)
 
 
-def _backward_with(backward_op):
-    def backward(ctx, grad_out):
-        x, scale = ctx.saved_tensors
-        # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
-        dx, dshift, dscale = backward_op(grad_out, x, scale, ctx.eps, ctx.shift_dtype)
-        return dx, dshift, dscale, None, None
-    return backward
+def _op_backward(ctx, backward_op, grad_out):
+    x, scale = ctx.saved_tensors
+    # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
+    dx, dshift, dscale = backward_op(grad_out, x, scale, ctx.eps, ctx.shift_dtype)
+    return dx, dshift, dscale, None, None
 
 
-_layernorm_modulate_op.register_autograd(_backward_with(_layernorm_modulate_backward_op), setup_context=_setup_context)
-_Function = op_function(_layernorm_modulate_body, _setup_context, _backward_with(_layernorm_modulate_backward_body))
+_Function = register_autograd(_layernorm_modulate_op, _layernorm_modulate_body, _layernorm_modulate_backward_op,
+                              _layernorm_modulate_backward_body, _setup_context, _op_backward)
 
 
 def _default_out_dtype(x: torch.Tensor) -> torch.dtype:

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import call_op, custom_op, op_function, use_triton
+from ._dispatch import call_op, custom_op, register_autograd, use_triton
 from ._layernorm_modulate import _check_out_dtype, _default_out_dtype
 from ._validate import cdiv, check_kernel_device, check_tensor, next_pow2
 
@@ -138,15 +138,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x)
 
 
-def _backward_with(backward_op):
-    def backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        return backward_op(grad_out, x), None
-    return backward
+def _op_backward(ctx, backward_op, grad_out):
+    (x,) = ctx.saved_tensors
+    return backward_op(grad_out, x), None
 
 
-_silu_op.register_autograd(_backward_with(_silu_backward_op), setup_context=_setup_context)
-_Function = op_function(_silu_body, _setup_context, _backward_with(_silu_backward_body))
+_Function = register_autograd(_silu_op, _silu_body, _silu_backward_op,
+                              _silu_backward_body, _setup_context, _op_backward)
 
 
 def silu(x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import call_op, custom_op, op_function, use_kernel
+from ._dispatch import call_op, custom_op, register_autograd, use_kernel
 from ._validate import cdiv, check_kernel_device, fits_int32, mean_args, mean_backward_args, next_pow2, sm_count
 
 
@@ -271,15 +271,13 @@ def _op_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x)
 
 
-def _backward_with(backward):
-    def op_backward(ctx, grad_out):
-        (x,) = ctx.saved_tensors
-        return backward(grad_out, x, ctx.eps), None
-    return op_backward
+def _op_backward(ctx, backward, grad_out):
+    (x,) = ctx.saved_tensors
+    return backward(grad_out, x, ctx.eps), None
 
 
-_token_mean_op.register_autograd(_backward_with(_token_mean_backward_op), setup_context=_op_setup_context)
-_Function = op_function(_forward, _op_setup_context, _backward_with(_backward))
+_Function = register_autograd(_token_mean_op, _forward, _token_mean_backward_op,
+                              _backward, _op_setup_context, _op_backward)
 
 
 def token_mean(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import call_op, custom_op, op_function, use_kernel
+from ._dispatch import call_op, custom_op, register_autograd, use_kernel
 from ._validate import (cdiv, check_kernel_device, fits_int32, next_pow2, pool_args, pool_backward_args,
                         sm_count)
 
@@ -237,7 +237,7 @@ def token_pool_bwd(grad_out: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor
 # gradient, else `_Function`, the op's autograd twin. All of them run the same `_forward` / `_backward`, which pick
 # kernel or reference per shape.
 
-def _forward(x: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
+def _forward(x: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
     (h, w), (gh, gw) = hw, grid
     b, n, c = x.shape
     if use_kernel("token_pool", x, batch=b, tokens=n, sparse=gh * gw, channels=c):
@@ -245,7 +245,7 @@ def _forward(x: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]) -> tor
     return token_pool_ref(x, hw, grid)
 
 
-def _backward(grad_out: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
+def _backward(grad_out: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
     # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
     (h, w), (gh, gw) = hw, grid
     b, m, c = grad_out.shape
@@ -278,14 +278,12 @@ def _op_setup_context(ctx, inputs, output):
     _, ctx.hw, ctx.grid = inputs
 
 
-def _backward_with(backward):
-    def op_backward(ctx, grad_out):
-        return backward(grad_out, ctx.hw, ctx.grid), None, None
-    return op_backward
+def _op_backward(ctx, backward, grad_out):
+    return backward(grad_out, ctx.hw, ctx.grid), None, None
 
 
-_token_pool_op.register_autograd(_backward_with(_token_pool_backward_op), setup_context=_op_setup_context)
-_Function = op_function(_forward, _op_setup_context, _backward_with(_backward))
+_Function = register_autograd(_token_pool_op, _forward, _token_pool_backward_op,
+                              _backward, _op_setup_context, _op_backward)
 
 
 def token_pool(x: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:

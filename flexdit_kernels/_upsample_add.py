@@ -1,12 +1,12 @@
 """upsample_add: nearest-neighbour upsampling of sparse tokens to the dense grid fused with a residual add.
 sparse: (B, M = G_h*G_w, C), dense: (B, N = h*w, C), fp32/fp16/bf16, any strides and C -> (B, N, C), `nearest` rule."""
-from typing import List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import call_op, custom_op, op_function, use_kernel
+from ._dispatch import call_op, custom_op, register_autograd, use_kernel
 from ._token_pool import Grid, _channel_offsets, _rect_sum, channel_block, token_run
 from ._validate import cdiv, check_kernel_device, fits_int32, next_pow2, upsample_args, upsample_backward_args
 
@@ -158,7 +158,7 @@ def upsample_add_bwd(grad_out: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tens
 # As in _token_pool: compilers, tracers, dispatch modes and meta tensors see the custom op `flexdit::upsample_add`;
 # eager calls take `_forward` (no gradient needed) or `_Function`, the op's autograd twin (`call_op`).
 
-def _forward(sparse: torch.Tensor, dense: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
+def _forward(sparse: torch.Tensor, dense: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
     (h, w), (gh, gw) = hw, grid
     b, n, c = dense.shape
     if use_kernel("upsample_add", sparse, dense, batch=b, tokens=n, sparse=gh * gw, channels=c):
@@ -166,7 +166,7 @@ def _forward(sparse: torch.Tensor, dense: torch.Tensor, hw: Tuple[int, int], gri
     return upsample_add_ref(sparse, dense, hw, grid)
 
 
-def _backward(grad_out: torch.Tensor, hw: Tuple[int, int], grid: Tuple[int, int]) -> torch.Tensor:
+def _backward(grad_out: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
     # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
     (h, w), (gh, gw) = hw, grid
     b, n, c = grad_out.shape
@@ -199,16 +199,14 @@ def _op_setup_context(ctx, inputs, output):
     _, _, ctx.hw, ctx.grid = inputs
 
 
-def _backward_with(backward):
-    def op_backward(ctx, grad_out):
-        # The dense gradient is grad_out itself.
-        ds = backward(grad_out, ctx.hw, ctx.grid) if ctx.needs_input_grad[0] else None
-        return ds, grad_out, None, None
-    return op_backward
+def _op_backward(ctx, backward, grad_out):
+    # The dense gradient is grad_out itself.
+    ds = backward(grad_out, ctx.hw, ctx.grid) if ctx.needs_input_grad[0] else None
+    return ds, grad_out, None, None
 
 
-_upsample_add_op.register_autograd(_backward_with(_upsample_add_backward_op), setup_context=_op_setup_context)
-_Function = op_function(_forward, _op_setup_context, _backward_with(_backward))
+_Function = register_autograd(_upsample_add_op, _forward, _upsample_add_backward_op,
+                              _backward, _op_setup_context, _op_backward)
 
 
 def upsample_add(sparse: torch.Tensor, dense: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:

@@ -101,11 +101,18 @@ def test_eager_inplace_residual_skips_the_custom_op(path, monkeypatch):
     torch.testing.assert_close(x, want)
 
 
+# The eager twin's error, or the custom op's (attention's reference path is PyTorch's SDPA: no error there).
+_NOT_TWICE = "backward is not differentiable|Trying to backward through flexdit"
+
+
 @pytest.mark.parametrize("path", ["triton", "reference"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_double_backward_raises(name, path):
     """Like the custom op (its backward has no autograd formula), the eager path refuses a second derivative rather
-    than returning one without the second-order terms."""
+    than returning one without the second-order terms (also those through the saved tensors, when the incoming
+    gradient itself does not require grad)."""
+    if name == "attention" and path == "reference":
+        pytest.skip("attention's reference path is PyTorch's SDPA with its own autograd")
     if path == "triton" and not fk.interpreting():
         pytest.skip("the Triton path on the CPU needs TRITON_INTERPRET=1")
     _, call, _, make_inputs = CASES[name]
@@ -113,8 +120,8 @@ def test_double_backward_raises(name, path):
     with fk.backend(path):
         out = _flat(call(*leaves))
         grads = torch.autograd.grad((out * torch.randn_like(out)).sum(), leaves, create_graph=True, allow_unused=True)
-        second = sum((g * g).sum() for g in grads if g is not None)
-        with pytest.raises(RuntimeError):
+        second = sum((g * g).sum() for g in grads if g is not None) + sum(t.sum() for t in leaves)
+        with pytest.raises(RuntimeError, match=_NOT_TWICE):
             second.backward()
 
 
@@ -142,6 +149,22 @@ def test_vmap_takes_the_custom_op(path):
     with fk.backend(path):
         got = torch.vmap(fk.silu)(x)
     torch.testing.assert_close(got, torch.nn.functional.silu(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_torch_func_on_the_reference_path(name):
+    """torch.func.grad and vmap over the reference backend run the reference's PyTorch ops: exact gradients."""
+    _, call, ref, make_inputs = CASES[name]
+    inputs = make_inputs()
+
+    def loss(fn):
+        return lambda first, *rest: _flat(fn(first, *rest)).float().square().sum()
+
+    with fk.backend("reference"):
+        got = torch.func.grad(loss(call))(*inputs)
+        batched = torch.vmap(lambda *a: _flat(call(*a)))(*(torch.stack([t, 2 * t]) for t in inputs))
+    torch.testing.assert_close(got, torch.func.grad(loss(ref))(*inputs), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched[1], _flat(ref(*(2 * t for t in inputs))), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(CASES))
