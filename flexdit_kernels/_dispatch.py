@@ -191,8 +191,8 @@ class _NoSecondDerivative(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        raise RuntimeError("a flexdit op's backward is not differentiable: no second derivatives through flexdit ops "
-                           "(use the reference backend's PyTorch ops under torch.func, or set_fused(model, False))")
+        raise RuntimeError("a flexdit op's backward is not differentiable: second derivatives through flexdit ops "
+                           "are not supported")
 
     @classmethod
     def wrap(cls, result: tuple, grads: tuple) -> tuple:
