@@ -155,59 +155,37 @@ def register_autograd(op, body, backward_op, backward_body, setup_context, backw
     """Give the custom op `op` its autograd and return its eager twin (see `call_op`).
 
     `setup_context(ctx, inputs, output)` saves what the backward needs; `backward(ctx, bwd, *grads)` returns the inputs'
-    gradients, computed with `bwd`: the backward custom op `backward_op` for `op`, its body `backward_body` (kernel
-    or reference per shape) for the twin. The twin is a `torch.autograd.Function` that runs `body` forward (results
-    contiguous, as the op's): the same computation and saved tensors without the dispatcher round trip.
-
-    Like the op, whose backward has no derivative, the twin is differentiable once: when the backward runs with
-    create_graph=True its results carry a node that raises if a second derivative reaches it, where
-    `torch.autograd.function.once_differentiable` would return them silently without the terms that flow through
-    the saved tensors.
+    gradients, computed with `bwd`: the backward custom op `backward_op` for `op`; for the twin, the backward op's
+    body `backward_body` (kernel or reference per shape). The twin is a `torch.autograd.Function` that runs `body`
+    forward (results contiguous, as the op's): the same computation and saved tensors without the dispatcher round
+    trip. Its backward calls the backward custom op itself where that matters: under create_graph=True (the op has no
+    derivative: a second derivative raises as it does through the op, rather than silently losing the terms through
+    the saved tensors) and for batched gradients (`is_grads_batched`, `jacobian(vectorize=True)`: the op's batching
+    fallback).
     """
     op.register_autograd(lambda ctx, *grads: backward(ctx, backward_op, *grads), setup_context=setup_context)
 
-    class OpFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):
-            output = _contiguous(body(*inputs))
-            setup_context(ctx, inputs, output)
-            return output
+    def function_backward(ctx, *grads):
+        through_op = torch.is_grad_enabled() or any(_batched(g) for g in grads)
+        return backward(ctx, backward_op if through_op else backward_body, *grads)
 
-        @staticmethod
-        def backward(ctx, *grads):
-            with torch.no_grad():
-                result = backward(ctx, backward_body, *grads)
-            return _NoSecondDerivative.wrap(result, grads) if torch.is_grad_enabled() else result
+    def function_forward(ctx, *inputs):
+        output = _contiguous(body(*inputs))
+        setup_context(ctx, inputs, output)
+        return output
 
-    return OpFunction
+    # A class of its own per op, so that autograd's node names (anomaly mode, profiler) say which op.
+    name = op._name.title().replace("_", "")
+    return type(f"{name}Function", (torch.autograd.Function,),
+                {"forward": staticmethod(function_forward), "backward": staticmethod(function_backward)})
 
 
-class _NoSecondDerivative(torch.autograd.Function):
-    """The results of a flexdit op's backward under create_graph=True: their values, and a backward that raises."""
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
 
-    @staticmethod
-    def forward(ctx, anchor, *tensors):
-        return tuple(t.clone() for t in tensors)
 
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError("a flexdit op's backward is not differentiable: second derivatives through flexdit ops "
-                           "are not supported")
-
-    @classmethod
-    def wrap(cls, result: tuple, grads: tuple) -> tuple:
-        """`result` with each computed tensor behind this node; an incoming gradient passed through as an input's
-        gradient (an identity, as the op's backward passes it) stays differentiable."""
-        where = [i for i, r in enumerate(result)
-                 if isinstance(r, torch.Tensor) and not any(r is g for g in grads)]
-        if not where:
-            return result
-        anchor = torch.zeros((), requires_grad=True)     # so that the outputs get this node as their grad_fn
-        wrapped = cls.apply(anchor, *(result[i] for i in where))
-        out = list(result)
-        for i, t in zip(where, wrapped):
-            out[i] = t
-        return tuple(out)
+def _batched(t) -> bool:
+    """A gradient batched by autograd itself (`torch.autograd.grad(..., is_grads_batched=True)`)."""
+    return isinstance(t, torch.Tensor) and _is_legacy_batched is not None and _is_legacy_batched(t)
 
 
 def call_op(op, function, forward, tensors, *args):
@@ -220,9 +198,9 @@ def call_op(op, function, forward, tensors, *args):
     - autograd records the call: the op's eager twin `function` (`register_autograd`);
     - else the body `forward`, which picks the Triton kernel or the reference; results contiguous.
     """
-    if torch._C._are_functorch_transforms_active() and not use_triton(*tensors):
-        return _contiguous(forward(*args))
     if opaque_call(*tensors):
+        if torch._C._are_functorch_transforms_active() and not use_triton(*tensors):
+            return _contiguous(forward(*args))
         return op(*args)
     if function is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return function.apply(*args)

@@ -258,7 +258,8 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace
         y: (B, L, C) the branch output, any float dtype (bf16 under autocast) and strides.
         gate: (B, C), any float dtype and strides, broadcast over L.
         inplace: write the result over x and return x, when autograd does not record the call (grad mode off,
-            inference mode, or no input requires grad). When autograd records, the update is always out of place:
+            inference mode, or no input requires grad) outside torch.func transforms. When autograd records (or a
+            transform runs), the update is out of place:
             a new tensor is returned and x is left as it was, so callers must use the returned tensor. The op
             mutates the caller's x: pass True only where nothing else holds x.
     Returns:
@@ -267,7 +268,8 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace
     gate's dtype, summed deterministically (fixed-order partial sums, no atomics).
     """
     _check_args(x, y, gate)
-    if inplace and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or gate.requires_grad)):
+    if inplace and not (torch.is_grad_enabled() and (x.requires_grad or y.requires_grad or gate.requires_grad)
+                        or torch._C._are_functorch_transforms_active()):      # vmap: no in-place batching fallback
         _check_no_overlap(x)
         call_op(_gated_residual_inplace_op, None, _inplace_eager, (x, y, gate), x, y, gate)
         return x

@@ -101,28 +101,68 @@ def test_eager_inplace_residual_skips_the_custom_op(path, monkeypatch):
     torch.testing.assert_close(x, want)
 
 
-# The eager twin's error, or the custom op's (attention's reference path is PyTorch's SDPA: no error there).
-_NOT_TWICE = "backward is not differentiable|Trying to backward through flexdit"
+def _outcome(call, inputs, path, opaque, create_graph_step):
+    """What `create_graph_step(call, leaves)` leads to through the eager path or (opaque) the custom op: the leaves'
+    gradients, or the error's first words."""
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    with fk.backend(path):
+        if opaque:                                      # any dispatch mode sends the call to the custom op
+            with _Passthrough():
+                out = _flat(call(*leaves))
+        else:
+            out = _flat(call(*leaves))
+        try:
+            create_graph_step(out, leaves)
+        except RuntimeError as err:
+            return str(err).split(":")[0]
+    return [t.grad for t in leaves]
 
 
 @pytest.mark.parametrize("path", ["triton", "reference"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_double_backward_raises(name, path):
-    """Like the custom op (its backward has no autograd formula), the eager path refuses a second derivative rather
-    than returning one without the second-order terms (also those through the saved tensors, when the incoming
-    gradient itself does not require grad)."""
-    if name == "attention" and path == "reference":
-        pytest.skip("attention's reference path is PyTorch's SDPA with its own autograd")
+def test_double_backward_as_the_custom_op(name, path):
+    """A second derivative through the eager path does what it does through the custom op (whose backward op has no
+    derivative): it raises where the backward depends on saved inputs, rather than silently dropping those terms
+    (even when the incoming gradient itself has no graph), and is zero for the linear ops that save nothing."""
     if path == "triton" and not fk.interpreting():
         pytest.skip("the Triton path on the CPU needs TRITON_INTERPRET=1")
     _, call, _, make_inputs = CASES[name]
-    leaves = [t.clone().requires_grad_() for t in make_inputs()]
-    with fk.backend(path):
-        out = _flat(call(*leaves))
-        grads = torch.autograd.grad((out * torch.randn_like(out)).sum(), leaves, create_graph=True, allow_unused=True)
-        second = sum((g * g).sum() for g in grads if g is not None) + sum(t.sum() for t in leaves)
-        with pytest.raises(RuntimeError, match=_NOT_TWICE):
-            second.backward()
+    inputs = make_inputs()
+    torch.manual_seed(0)
+    weight = torch.randn_like(_flat(CASES[name][2](*inputs)))
+
+    def second_derivative(out, leaves):
+        grads = torch.autograd.grad((out * weight).sum(), leaves, create_graph=True, allow_unused=True)
+        (sum((g * g).sum() for g in grads if g is not None) + sum(t.sum() for t in leaves)).backward()
+
+    eager, op = (_outcome(call, inputs, path, opaque, second_derivative) for opaque in (False, True))
+    if isinstance(op, str):
+        assert eager == op
+    else:
+        for a, b in zip(eager, op):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("path", ["triton", "reference"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_batched_gradients(name, path):
+    """torch.autograd.grad(..., is_grads_batched=True) (what jacobian(vectorize=True) runs) works as through the op."""
+    if path == "triton" and not fk.interpreting():
+        pytest.skip("the Triton path on the CPU needs TRITON_INTERPRET=1")
+    _, call, _, make_inputs = CASES[name]
+    inputs = make_inputs()
+
+    def batched(out, leaves):
+        cotangents = torch.randn(3, *out.shape, generator=torch.Generator().manual_seed(1))
+        grads = torch.autograd.grad(out, leaves, cotangents, is_grads_batched=True, allow_unused=True)
+        for leaf, g in zip(leaves, grads):
+            leaf.grad = g
+
+    eager, op = (_outcome(call, inputs, path, opaque, batched) for opaque in (False, True))
+    assert not isinstance(op, str) or eager == op, (eager, op)
+    if not isinstance(op, str):
+        for a, b in zip(eager, op):
+            torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("path", ["triton", "reference"])
@@ -149,6 +189,11 @@ def test_vmap_takes_the_custom_op(path):
     with fk.backend(path):
         got = torch.vmap(fk.silu)(x)
     torch.testing.assert_close(got, torch.nn.functional.silu(x), atol=1e-5, rtol=1e-5)
+    # The in-place residual takes its out-of-place form under a transform (the fallback cannot batch a mutation).
+    xs, ys, gates = torch.randn(4, B, N, C), torch.randn(4, B, N, C), torch.randn(4, B, C)
+    with fk.backend(path), torch.no_grad():
+        got = torch.vmap(lambda a, b, g: fk.gated_residual(a, b, g, inplace=True))(xs, ys, gates)
+    torch.testing.assert_close(got, xs + gates[:, :, None] * ys)
 
 
 @pytest.mark.parametrize("name", list(CASES))
