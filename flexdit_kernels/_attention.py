@@ -545,8 +545,8 @@ def _(q, k, v, scale):
 
 
 def _attention_backward_body(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           out: torch.Tensor, lse: torch.Tensor, scale: float
-                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             out: torch.Tensor, lse: torch.Tensor, scale: float
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(grad_out, q, k, v):
         return attention_bwd(grad_out, q, k, v, out, lse, scale)
     return attention_backward_ref(grad_out, q, k, v, out, scale)

@@ -220,7 +220,7 @@ def _(x, y, gate):
 
 
 def _gated_residual_backward_body(grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
-                                ) -> Tuple[torch.Tensor, torch.Tensor]:
+                                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     if use_triton(grad_out, y, gate):
         return gated_residual_bwd(grad_out, y, gate)
     return gated_residual_backward_ref(grad_out, y, gate)

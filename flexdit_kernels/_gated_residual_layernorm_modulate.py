@@ -213,8 +213,8 @@ def gated_residual_layernorm_modulate_bwd(grad_r: torch.Tensor, grad_u: torch.Te
 # ----------------------------------------------------------------------------------------------------------------
 
 def _gated_residual_layernorm_modulate_body(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
-                                          scale: torch.Tensor, eps: float, out_dtype: torch.dtype
-                                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+                                            scale: torch.Tensor, eps: float, out_dtype: torch.dtype
+                                            ) -> Tuple[torch.Tensor, torch.Tensor]:
     if use_triton(x, y, gate, shift, scale):
         return gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps, out_dtype)
     return gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale, eps, out_dtype)

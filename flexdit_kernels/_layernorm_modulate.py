@@ -276,7 +276,7 @@ def layernorm_modulate_bwd(grad_out: torch.Tensor, x: torch.Tensor, scale: torch
 # ----------------------------------------------------------------------------------------------------------------
 
 def _layernorm_modulate_body(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                           out_dtype: torch.dtype) -> torch.Tensor:
+                             out_dtype: torch.dtype) -> torch.Tensor:
     if use_triton(x, shift, scale):
         return layernorm_modulate_fwd(x, shift, scale, eps, out_dtype)
     return layernorm_modulate_ref(x, shift, scale, eps, out_dtype)
@@ -291,7 +291,7 @@ def _(x, shift, scale, eps, out_dtype):
 
 
 def _layernorm_modulate_backward_body(grad_out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float,
-                                    shift_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                      shift_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_triton(grad_out, x, scale):
         return layernorm_modulate_bwd(grad_out, x, scale, eps, shift_dtype)
     return layernorm_modulate_backward_ref(grad_out, x, scale, eps, shift_dtype)
