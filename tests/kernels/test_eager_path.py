@@ -1,14 +1,17 @@
 """Eager calls of the flexdit ops skip the custom-op dispatcher (its host cost: `python -m bench.overhead`) and still
 compute the op, forward and backward, on the Triton path (interpreter) and on the reference path, with contiguous
-results from strided inputs as the custom op gives. torch.compile,
-tracing and dispatch modes take the custom op instead (each op's own tests: compile, opcheck, one op per call)."""
+results from strided inputs as the custom op gives. torch.compile, tracing and dispatch modes take the custom op
+instead (each op's own tests: compile, opcheck, one op per call)."""
+import contextlib
+
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import flexdit_kernels as fk
 from flexdit_kernels import (_attention, _gated_residual, _gated_residual_layernorm_modulate, _layernorm_modulate,
                              _silu, _token_mean, _token_pool, _upsample_add)
+
+from .helpers import OpLog
 
 B, HW, GRID, C = 2, (5, 7), (2, 3), 24
 N, M = HW[0] * HW[1], GRID[0] * GRID[1]
@@ -56,6 +59,12 @@ def _no_custom_ops(monkeypatch, module):
     assert names
     for name in names:
         monkeypatch.setattr(module, name, boom)
+
+
+def _route(opaque):
+    """The context of a call: with `opaque`, a dispatch mode (any one sends the ops to their custom op), else none
+    (the eager path)."""
+    return OpLog() if opaque else contextlib.nullcontext()
 
 
 def _flat(out, contiguous=False):
@@ -106,10 +115,7 @@ def _outcome(call, inputs, path, opaque, create_graph_step):
     gradients, or the error's first words."""
     leaves = [t.clone().requires_grad_() for t in inputs]
     with fk.backend(path):
-        if opaque:                                      # any dispatch mode sends the call to the custom op
-            with _Passthrough():
-                out = _flat(call(*leaves))
-        else:
+        with _route(opaque):
             out = _flat(call(*leaves))
         try:
             create_graph_step(out, leaves)
@@ -223,12 +229,8 @@ def test_eager_path_equals_the_custom_op_under_autocast(name):
 
     def run(opaque):
         leaves = [t.clone().requires_grad_() for t in inputs]
-        with fk.backend("triton"), torch.autocast("cpu", dtype=torch.float16):
-            if opaque:                                  # any dispatch mode sends the call to the custom op
-                with _Passthrough():
-                    out = call(*leaves)
-            else:
-                out = call(*leaves)
+        with fk.backend("triton"), torch.autocast("cpu", dtype=torch.float16), _route(opaque):
+            out = call(*leaves)
         flat = _flat(out)
         flat.float().sum().backward()
         return [t.dtype for t in (out if isinstance(out, tuple) else (out,))], flat.detach(), [t.grad for t in leaves]
@@ -239,8 +241,3 @@ def test_eager_path_equals_the_custom_op_under_autocast(name):
     torch.testing.assert_close(out_a, out_b, atol=0, rtol=0)
     for a, b in zip(grads_a, grads_b):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
-
-
-class _Passthrough(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        return func(*args, **(kwargs or {}))
