@@ -4,6 +4,7 @@ from typing import Sequence, Tuple, Union
 import torch
 
 from ._dispatch import interpreting
+from ._launch import cdiv, next_pow2, sm_count  # noqa: F401  (re-exported for the launchers)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -145,27 +146,3 @@ def fits_int32(*tensors: torch.Tensor) -> bool:
         if span >= 2**31:
             return False
     return True
-
-
-# Plain-int forms of triton.cdiv / triton.next_power_of_2, which are far slower to call from Python (they unwrap
-# constexprs) and run on every launch.
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length() if n > 1 else 1
-
-
-_SM_COUNTS = {}
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached); 132, an H100's, elsewhere (the interpreter), so launch
-    grids come out the same shape as on the GPU."""
-    if device.type != "cuda":
-        return 132
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNTS[index]
