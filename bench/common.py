@@ -1,10 +1,10 @@
-"""Shared pieces of the harness: environment tags, timers, measured ceilings, result rows, table/JSON/CSV output."""
+"""Shared pieces of the harness: argument types and errors, environment tags, timers, measured ceilings, result
+rows, table/JSON/CSV output."""
 import argparse
 import csv
 import json
 import math
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -16,6 +16,25 @@ QUANTILES = (0.5, 0.2, 0.8)  # median, 20th and 80th percentile
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+PROG = "python -m bench"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, `<program>: error: ...` and exit status 2, without the usage block; a
+    sub-command's parser speaks under its program's name."""
+
+    def error(self, message):
+        head, _, last = self.prog.rpartition(" ")
+        prog = head if head and getattr(self, "speaks_as_parent", False) else self.prog
+        self.exit(2, f"{prog}: error: {message}\n")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def positive_int(text):
     """argparse type: an integer >= 1."""
     try:
@@ -24,6 +43,24 @@ def positive_int(text):
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def fill_defaults(args, defaults: Dict[str, tuple], on_cpu: bool) -> None:
+    """Set each option left unset to its (GPU, CPU) default."""
+    for name, (gpu_value, cpu_value) in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, cpu_value if on_cpu else gpu_value)
+
+
+def positive_float(text):
+    """argparse type: a number > 0 (seconds, milliseconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
     return value
 
 
@@ -348,6 +385,3 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, results: Optional[Re
         results.add("ceiling", case, "torch.matmul", "TFLOP/s", tflops, "TFLOP/s")
     return tflops
 
-
-def median(values):
-    return statistics.median(values)

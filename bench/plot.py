@@ -11,7 +11,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .common import Row, read_rows
+from .common import Parser, Row, read_rows
 
 KIND_ORDER = ("embedding", "Poolingformer", "generation", "sparse", "recovery", "dense", "final", "other")
 
@@ -76,7 +76,6 @@ def plot_breakdown(rows: List[Row], path: str) -> Optional[str]:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from .__main__ import Parser
     parser = Parser(prog="python -m bench.plot", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", nargs="+", help="files written by `python -m bench ... --json`")
