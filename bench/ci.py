@@ -201,7 +201,7 @@ def summarize(raw: str, out: str, budget: Optional[float] = None, elapsed: Optio
     return 0 if ok else 1
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.ci", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +210,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("--out", required=True, help="the output folder")
     s.add_argument("--budget", type=float, default=None, help="the run's time budget in seconds")
     s.add_argument("--elapsed", type=float, default=None, help="seconds the steps took")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not os.path.isdir(args.raw):
         parser.error(f"--raw {args.raw}: not a folder")

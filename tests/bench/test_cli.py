@@ -272,3 +272,60 @@ def test_overhead_covers_every_op_with_an_eager_path(tmp_path, capsys):
     assert cases == {(f"{op} {mode}", impl) for op in overhead.OPS for mode in ("fwd", "fwd+bwd")
                      for impl in ("reference",)}
     assert "host overhead per call" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv0, prog", [("/usr/local/bin/flexdit-bench", "flexdit-bench"),
+                                         ("/src/bench/__main__.py", "python -m bench")])
+def test_a_typo_names_the_closest_subcommand_under_the_programs_own_name(argv0, prog, monkeypatch, capsys):
+    for argv, said in ((["kernals"], "unknown sub-command 'kernals' (did you mean 'kernels'?)"),
+                       (["kernels", "--op", "softmax"], "invalid choice: 'softmax'")):
+        monkeypatch.setattr("sys.argv", [argv0] + argv)
+        with pytest.raises(SystemExit) as exc:
+            main()
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"{prog}: error: ") and said in err[0], err
+
+
+def test_unknown_model_lists_every_model_of_the_registry(capsys):
+    from flexdit import DiT_models, FlexDiT_models
+    from bench.fixtures import TARGETS
+    with pytest.raises(SystemExit) as exc:
+        main(["model", "--device", "cpu", "--model", "nope"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert all(f" {name}," in err or err.rstrip().endswith(name)
+               for name in [*DiT_models, *FlexDiT_models, *TARGETS]), err
+
+
+def test_cpu_runs_pin_one_thread_and_say_so(monkeypatch, capsys):
+    import bench.kernels
+    seen = []
+    monkeypatch.setattr(bench.kernels, "run", lambda args, results, device: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    assert main(["kernels", "--device", "cpu"]) == 0
+    assert seen == [1] and torch.get_num_threads() == before
+    out = " ".join(capsys.readouterr().out.split())
+    assert "all 8 ops" in out and "torch.set_num_threads(1)" in out and "not a GPU measurement" in out
+
+
+def test_no_import_cycle_in_bench():
+    """No module of bench imports bench.__main__, and the imports between bench's modules form no cycle."""
+    import ast
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[2] / "bench"
+    graph = {}
+    for path in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("bench")):
+                module = (node.module or "").split(".")[-1]
+                deps |= {module} if module and module != "bench" else {a.name for a in node.names}
+            elif isinstance(node, ast.Call) and "bench.__main__" in ast.unparse(node):
+                deps.add("__main__")
+        graph[path.stem] = deps & {p.stem for p in root.glob("*.py")} - {path.stem}
+    assert not any("__main__" in deps for name, deps in graph.items() if name != "__main__"), graph
+
+    def reaches(start, node, seen):
+        return any(dep == start or (dep not in seen and reaches(start, dep, seen | {dep})) for dep in graph[node])
+    assert not [name for name in graph if reaches(name, name, {name})], graph

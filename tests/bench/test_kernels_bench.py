@@ -145,3 +145,29 @@ def test_sigterm_keeps_the_rows_measured_so_far(monkeypatch, tmp_path, capsys):
                                    "measured until then are kept"]
     timed = {r["case"].split()[0] for r in payload["rows"] if r["suite"] == "kernels"}
     assert timed == {"token_pool", "token_mean"}
+
+
+def test_every_exported_op_has_cases():
+    from bench.kernels import CPU_SHAPES, OPS, cases, exported_ops
+    assert set(exported_ops()) <= set(OPS)
+    assert all(cases(op, CPU_SHAPES) for op in OPS)
+
+
+def test_triton_only_routes_no_shape_to_a_pytorch_path(monkeypatch):
+    """Inside `triton_only()` attention keeps a dense shape off SDPA and "auto" skips AUTO_TABLE's reference rows."""
+    import torch
+
+    import flexdit_kernels as fk
+    from flexdit_kernels import _attention, _dispatch
+    monkeypatch.setattr(_attention, "call_op", lambda *args: ("triton",))
+    monkeypatch.setattr(_attention, "attention_ref", lambda *args: "sdpa")
+    monkeypatch.setattr(_dispatch, "use_triton", lambda *tensors: True)
+    monkeypatch.setattr(_attention, "use_triton", lambda *tensors: True)
+    monkeypatch.setitem(_dispatch.AUTO_TABLE, "token_mean", [({}, "reference")])
+    q = torch.randn(1, 256, 1, 8)
+    with fk.backend("auto"):
+        assert fk.attention(q, q, q) == "sdpa" and not _dispatch.use_kernel("token_mean", q)
+        with fk.triton_only():
+            assert fk.triton_only_active()
+            assert fk.attention(q, q, q) == "triton" and _dispatch.use_kernel("token_mean", q)
+        assert not fk.triton_only_active() and fk.attention(q, q, q) == "sdpa"
