@@ -278,10 +278,7 @@ def bench_fn(fn: Callable[[], object], device: torch.device, warmup: int = 25, r
     `cpu_warmup` calls, synchronizing the device around each (on the CPU: the reference mode, indicative only).
     """
     if device.type == "cuda" and not wall:
-        try:
-            from triton.testing import do_bench
-        except ImportError:  # pragma: no cover
-            return _bench_cuda_events(fn, warmup, rep)
+        from triton.testing import do_bench
         if min_reps:
             est = _estimate_cuda_ms(fn)
             warmup, rep = max(warmup, 2 * est), max(rep, min_reps * est)
@@ -308,29 +305,6 @@ def _estimate_cuda_ms(fn) -> float:  # pragma: no cover - GPU only
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end)
-
-
-def _bench_cuda_events(fn, warmup_ms, rep_ms):  # pragma: no cover - GPU only, used when Triton is absent
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    est = max(start.elapsed_time(end) / 5, 1e-3)
-    for _ in range(max(1, int(warmup_ms / est))):
-        fn()
-    samples = []
-    for _ in range(max(5, int(rep_ms / est))):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        samples.append(s.elapsed_time(e))
-    return _quantiles(samples)
 
 
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:

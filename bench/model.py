@@ -42,11 +42,9 @@ def registry_names() -> List[str]:
 
 def dense_name(name: str, parser, known: List[str]) -> str:
     """The dense registry name of `name` ("FlexDiT-XL/2" → "DiT-XL/2"); parser.error listing `known` otherwise."""
-    if name in FlexDiT_models:
-        return name[len("Flex"):]
-    if name not in DiT_models and name not in known[len(DiT_models) + len(FlexDiT_models):]:
+    if name not in known:
         parser.error(f"--model {name!r} is not a known model; known: {', '.join(known)}")
-    return name
+    return name[len("Flex"):] if name in FlexDiT_models else name
 
 
 def add_arguments(m) -> None:

@@ -89,16 +89,16 @@ def run_launches(device: torch.device, dtype: torch.dtype, only: Optional[List[s
             reason = f"raised {type(err).__name__}{where}: {text[0] if text else ''}"
         records.append(dict(launch=item.name, op=item.op, status="ok" if reason is None else "FAILED",
                             reason=reason or "", seconds=round(time.perf_counter() - start, 3)))
-        emit(f"{item.name:28s} {'ok' if reason is None else 'FAILED: ' + reason}")
+        emit(f"{item.name:34s} {'ok' if reason is None else 'FAILED: ' + reason}")
     covered = {item.op for item in LAUNCHES}
     uncovered = [op for op in ops if op not in covered and (not only or op in only)]
     for op in uncovered:
         records.append(dict(launch=op, op=op, status="UNCOVERED",
                             reason="no case in bench/kernels.py (add one to OPS and make_inputs)"))
-        emit(f"{op:28s} UNCOVERED: no case in bench/kernels.py (add one to OPS and make_inputs)")
+        emit(f"{op:34s} UNCOVERED: no case in bench/kernels.py (add one to OPS and make_inputs)")
     for rec in records:
         if rec["status"] == "absent":
-            emit(f"{rec['launch']:28s} absent (not exported by this flexdit_kernels), skipped")
+            emit(f"{rec['launch']:34s} absent (not exported by this flexdit_kernels), skipped")
     ok = all(r["status"] in ("ok", "absent") for r in records)
     return dict(device=str(device), dtype=str(dtype).replace("torch.", ""), ok=ok, launches=records)
 
@@ -116,10 +116,10 @@ def run_cli(args, parser) -> int:
     if args.list:
         ops = exported_ops()
         for item in LAUNCHES:
-            print(f"{item.name:28s} {'registered' if item.op in ops else 'registered, op absent here'}")
+            print(f"{item.name:34s} {'registered' if item.op in ops else 'registered, op absent here'}")
         for op in ops:
             if op not in {item.op for item in LAUNCHES}:
-                print(f"{op:28s} UNCOVERED")
+                print(f"{op:34s} UNCOVERED")
         return 0
     if args.op:
         unknown = [op for op in args.op if op not in {item.op for item in LAUNCHES} | set(exported_ops())]
