@@ -171,3 +171,17 @@ def test_triton_only_routes_no_shape_to_a_pytorch_path(monkeypatch):
             assert fk.triton_only_active()
             assert fk.attention(q, q, q) == "triton" and _dispatch.use_kernel("token_mean", q)
         assert not fk.triton_only_active() and fk.attention(q, q, q) == "sdpa"
+
+
+def test_a_wrong_second_output_is_failed(monkeypatch, capsys):
+    """gated_residual_layernorm_modulate returns (r, u): each output is checked, here u is wrong."""
+    import flexdit_kernels as fk
+    ref = fk.gated_residual_layernorm_modulate_ref
+
+    def wrong(*args):
+        r, u = ref(*args)
+        return r, u + 1.0
+
+    monkeypatch.setattr(fk, "gated_residual_layernorm_modulate", wrong)
+    assert main(["kernels", "--device", "cpu", "--op", "gated_residual_layernorm_modulate", "--repeats", "1"]) == 1
+    assert "FAILED: gated_residual_layernorm_modulate output 1: max abs err" in capsys.readouterr().out
