@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from .convert import from_dit
 from .layers import adaln_silu, to_pair
+from .mmdit import MMDiTRouteState, host_of
 from .models import FlexDiTConfig
 from .plan import Plan, Slot, parse_grid
 from .router import FlexLayer, RouteState
@@ -240,7 +241,8 @@ class _Record:
     state: RouteState
     outside: Dict[str, torch.Tensor]  # the host's weights outside the blocks (shared with the patch): a snapshot
     signature: Any = None
-    extra: Dict[str, nn.ModuleList] = field(default_factory=dict)  # other block lists replaced (Latte's temporal)
+    extra: Dict[str, nn.ModuleList] = field(default_factory=dict)  # other block lists replaced (Latte's temporal,
+    host: Any = None                                                 # FLUX's single-stream); the MMDiT adapter
 
 
 _TARGETS = {  # target → (block list, block class name, latent argument, timestep argument)
@@ -248,6 +250,8 @@ _TARGETS = {  # target → (block list, block class name, latent argument, times
     "diffusers-dit": ("transformer_blocks", "BasicTransformerBlock", "hidden_states", "timestep"),
     "pixart-alpha": ("transformer_blocks", "BasicTransformerBlock", "hidden_states", "timestep"),
     "latte": ("transformer_blocks", "BasicTransformerBlock", "hidden_states", "timestep"),
+    "sd3": ("transformer_blocks", "JointTransformerBlock", "hidden_states", "timestep"),
+    "flux": ("transformer_blocks", "FluxTransformerBlock", "hidden_states", "timestep"),
 }
 _TEMPORAL = "temporal_transformer_blocks"  # Latte's temporal blocks, one after each spatial block
 
@@ -260,8 +264,8 @@ def _host(model):
     if isinstance(inner, nn.Module):
         return inner
     raise ValueError(f"cannot patch a {type(model).__name__}: expected a DiT-layout module, a diffusers "
-                     f"DiTTransformer2DModel / PixArtTransformer2DModel / LatteTransformer3DModel, or a pipeline "
-                     f"with a `.transformer`")
+                     f"DiTTransformer2DModel / PixArtTransformer2DModel / LatteTransformer3DModel / "
+                     f"SD3Transformer2DModel / FluxTransformer2DModel, or a pipeline with a `.transformer`")
 
 
 def _target_of(module) -> str:
@@ -272,11 +276,13 @@ def _target_of(module) -> str:
         return "pixart-alpha"
     if name == "LatteTransformer3DModel":
         return "latte"
+    if host_of(module) is not None:
+        return host_of(module).target
     if all(hasattr(module, a) for a in ("x_embedder", "t_embedder", "y_embedder", "blocks", "final_layer")):
         return "dit"
     raise ValueError(f"unsupported model {name}: expected the DiT layout (x_embedder, t_embedder, y_embedder, "
-                     f"blocks, final_layer), a diffusers DiTTransformer2DModel, PixArtTransformer2DModel or "
-                     f"LatteTransformer3DModel")
+                     f"blocks, final_layer), a diffusers DiTTransformer2DModel, PixArtTransformer2DModel, "
+                     f"LatteTransformer3DModel, SD3Transformer2DModel or FluxTransformer2DModel")
 
 
 def _check_blocks(blocks, class_name, target):
@@ -344,16 +350,21 @@ def _patched_forward(self, *args, **kwargs):
     x, t = bound.get(rec.x_name), bound.get(rec.t_name)
     if x is None or t is None:
         raise ValueError(f"a patched model needs `{rec.x_name}` and `{rec.t_name}` to choose its grid")
-    hw = (x.shape[-2] // rec.patch_size, x.shape[-1] // rec.patch_size)
+    if rec.host is not None:  # MMDiT: the grid from the call's latent or image positions, t on the σ·1000 scale
+        hw, t = rec.host.call_grid(self, bound), rec.host.schedule_time(t, rec.schedule)
+    else:
+        hw = (x.shape[-2] // rec.patch_size, x.shape[-1] // rec.patch_size)
     st = rec.state
     video = isinstance(st, VideoRouteState)
     if video and x.dim() != 5:
         raise ValueError(f"{rec.x_name} must be a clip (B, C, T, H, W), got shape {tuple(x.shape)}")
     st.begin(hw, _grid_of(rec.plan.grid if rec.schedule is None else rec.schedule, t, hw) if rec.plan.num_modules
              else None)
-    if video:
-        st.begin_clip(x.shape[0], x.shape[2])
     try:
+        if video:
+            st.begin_clip(x.shape[0], x.shape[2])
+        if rec.host is not None:
+            rec.host.begin(self, st, bound)
         if rec.had_forward:
             return rec.saved_forward(*args, **kwargs)
         return type(self).forward(self, *args, **kwargs)
@@ -398,9 +409,15 @@ def apply_patch(model, plan=None, schedule=None):
     target = _target_of(module)
     attr, block_class, x_name, t_name = _TARGETS[target]
     blocks = getattr(module, attr)
-    _check_blocks(blocks, block_class, target)
-    hw = _token_grid(module, target)
-    plan = Plan.coerce(plan, len(blocks), hw)  # validates depth and grid
+    host = host_of(module)  # the MMDiT adapter (SD3, FLUX), None for the others
+    if host is None:
+        _check_blocks(blocks, block_class, target)
+        hw = _token_grid(module, target)
+        plan = Plan.coerce(plan, len(blocks), hw)  # validates depth and grid
+    else:
+        host.check_blocks(module)
+        hw = host.token_grid(module)
+        plan = host.coerce_plan(plan, sum(map(len, host.block_lists(module).values())), hw)
     if schedule is not None and not (hasattr(schedule, "grid") and callable(schedule.grid)):
         parse_grid(schedule, hw, "schedule")  # a fixed grid: refuse now rather than at the first call
     temporal = None
@@ -412,27 +429,34 @@ def apply_patch(model, plan=None, schedule=None):
         if len(temporal) != len(blocks):
             raise ValueError(f"a latte needs one temporal block per spatial block, got {len(temporal)} and "
                              f"{len(blocks)}")
-    state = RouteState() if temporal is None else VideoRouteState()
+    state = MMDiTRouteState() if host else RouteState() if temporal is None else VideoRouteState()
+    more = {}  # other block lists' FlexDiT layers (FLUX's single-stream blocks)
     if target == "dit":
         config = _dit_config(module, plan, hw)
         layers = [b.attach(state) for b in from_dit(module.state_dict(), config).blocks]  # the paper's mapping
         patch_size = config.patch_size
+    elif host is not None:
+        patch_size = module.config.patch_size
+        more = host.layers(module, plan, state)
+        layers = more.pop(attr)
     else:
         patch_size = module.config.patch_size
         layers = [DiffusersFlexLayer(b, slot, state) for b, slot in zip(blocks, plan.slots())]
 
     had_forward = "forward" in module.__dict__
-    extra = {} if temporal is None else {_TEMPORAL: temporal}
+    extra = {a: getattr(module, a) for a in more} if temporal is None else {_TEMPORAL: temporal}
     swapped = tuple(f"{a}." for a in (attr, *extra))
     outside = {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()
                if not k.startswith(swapped)}
     rec = _Record(target, attr, blocks, had_forward, module.__dict__.get("forward"), x_name, t_name, patch_size,
-                  plan, schedule, state, outside, extra=extra)
+                  plan, schedule, state, outside, extra=extra, host=host)
     rec.signature = inspect.signature(rec.saved_forward if had_forward else type(module).forward.__get__(module))
     setattr(module, attr, FlexPatch(layers, target, plan, schedule).train(blocks.training))
     if temporal is not None:
         setattr(module, _TEMPORAL, nn.ModuleList(
             TemporalFlexLayer(b, slot, state) for b, slot in zip(temporal, plan.slots())).train(temporal.training))
+    for a, more_layers in more.items():
+        setattr(module, a, nn.ModuleList(more_layers).train(extra[a].training))
     module.__dict__[_RECORD] = rec
     module.forward = types.MethodType(_patched_forward, module)
     return model

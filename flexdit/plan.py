@@ -11,11 +11,14 @@ GridLike = Union[int, str, Sequence[int]]
 
 DEFAULT_GRID = 8
 
-# Decided layer plans by depth (P, K, (g, s, r, d), T): DiT-XL (28), DiT-L (24), DiT-S and DiT-B (12).
+# Decided layer plans by depth (P, K, (g, s, r, d), T): DiT-XL (28), DiT-L (24), DiT-S and DiT-B (12); the MMDiT
+# hosts FLUX.1 (19 double- + 38 single-stream blocks: 57), SD3.5-large (38) and SD3 / SD3.5-medium (24, as DiT-L).
 DECIDED_PLANS = {
     28: dict(num_pool=2, num_modules=4, group=(1, 3, 1, 1), num_top=2),
     24: dict(num_pool=2, num_modules=4, group=(1, 2, 1, 1), num_top=2),
     12: dict(num_pool=1, num_modules=2, group=(1, 2, 1, 1), num_top=1),
+    57: dict(num_pool=2, num_modules=4, group=(1, 8, 1, 3), num_top=3),
+    38: dict(num_pool=2, num_modules=4, group=(1, 4, 1, 2), num_top=4),
 }
 
 
