@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("model", parents=[common], help="dense DiT vs FlexDiT forward (default command)")
     m.add_argument("--model", default=None,
                    help="dense registry name, e.g. DiT-XL/2 (default; DiT-S/2 on the CPU), or a diffusers model "
-                        "patched in place: pixart-alpha, diffusers-dit, latte (16-frame clips; needs diffusers)")
+                        "patched in place: pixart-alpha, diffusers-dit, latte (16-frame clips), flux (FLUX.1-dev), "
+                        "sd3 (SD3.5-medium; flux and sd3 run a tiny configuration on the CPU); needs diffusers")
     m.add_argument("--image-size", type=int, choices=(256, 512, 1024), default=None,
                    help="pixels; latent = image/8")
     m.add_argument("--batch-size", type=positive_int, default=None)

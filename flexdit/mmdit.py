@@ -438,8 +438,8 @@ def build_mmdit_pair(name: str, image_size: int, device=None, dtype=torch.float3
     with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):   # built in place: 12B parameters
         torch.manual_seed(0)
         dense = cls(**config)
-    if not on_meta:
-        dense = dense.to(device=device, dtype=dtype)
+    if not on_meta and dtype != torch.float32:
+        dense = dense.to(dtype=dtype)
     dense.eval()
     from .patch import apply_patch  # flexdit.patch imports this module
     patched = apply_patch(copy.deepcopy(dense), plan, schedule)

@@ -105,7 +105,8 @@ class Plan:
 
     @classmethod
     def for_depth(cls, depth: int, token_grid: Tuple[int, int] = (DEFAULT_GRID, DEFAULT_GRID), **overrides) -> "Plan":
-        """The decided plan for a depth (28, 24, 12), grid 8x8 clamped to the token grid; `overrides` replace fields."""
+        """The decided plan for a depth (`DECIDED_PLANS`), grid 8x8 clamped to the token grid; `overrides` replace
+        fields."""
         if depth not in DECIDED_PLANS and not {"num_pool", "num_modules", "num_top"} <= set(overrides):
             raise ValueError(f"no decided FlexDiT plan for depth {depth} (known: {sorted(DECIDED_PLANS)}); "
                              f"pass plan=Plan(num_pool, num_modules, group, num_top, grid)")

@@ -6,8 +6,8 @@ import torch
 
 import flexdit_kernels as fk
 from flexdit import Plan, apply_patch, is_patched, remove_patch
-from flexdit.mmdit import (MMDiTFlexLayer, MMDiTRouteState, build_mmdit_pair, flux_image_ids, image_token_grid,
-                           mmdit_macs, sparse_positions)
+from flexdit.mmdit import (MMDiTFlexLayer, MMDiTRouteState, flux_image_ids, image_token_grid, mmdit_macs,
+                           sparse_positions)
 from flexdit.plan import Slot
 
 from .models.helpers import randomize_
@@ -321,7 +321,8 @@ def test_macs_and_bench_pair():
             "joint_attention_dim": 32, "pooled_projection_dim": 16, "axes_dims_rope": (4, 6, 6), "text_tokens": 8}
     macs = mmdit_macs("flux", 256, plan={"grid": 4}, config_overrides=tiny)
     assert 0 < macs["flexdit"] < 0.7 * macs["dense"]
-    dense, patched, make_inputs = build_mmdit_pair("sd3", 128, plan={"grid": 4}, config_overrides={
+    from bench.fixtures import build_patched_pair
+    dense, patched, make_inputs = build_patched_pair("sd3", 128, plan={"grid": 4}, config_overrides={
         "num_layers": 12, "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
         "caption_projection_dim": 32, "pooled_projection_dim": 16, "text_tokens": 8})
     kw = make_inputs(1)
