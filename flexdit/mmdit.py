@@ -26,6 +26,7 @@ A patched model needs fine-tuning before its images are good: the plan changes w
 """
 import copy
 import math
+import weakref
 from typing import Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
@@ -274,7 +275,8 @@ class MMDiTHost:
 
     def schedule_time(self, t, schedule):
         """The call's timestep on the schedule's scale (σ·1000), clamped to the schedule's last timestep."""
-        t = t * self.time_scale if self.time_scale != 1 else t
+        if self.time_scale != 1:
+            t = t.float() * self.time_scale if isinstance(t, torch.Tensor) else t * self.time_scale
         last = getattr(schedule, "num_timesteps", None)
         return t.clamp(0, last - 1) if last is not None and isinstance(t, torch.Tensor) else t
 
@@ -324,11 +326,19 @@ class FluxHost(MMDiTHost):
     def token_grid(self, module):
         return 64, 64   # no size in the config: 1024² (FLUX's VAE /8, then 2x2 packing)
 
+    def __init__(self):
+        self._checked = (None, None, None)   # (weak reference to img_ids, its version, its grid): one check per tensor
+
     def call_grid(self, module, bound):
         ids = bound.get("img_ids")
         if ids is None or bound.get("txt_ids") is None:
             raise ValueError("a FlexDiT-patched flux needs img_ids and txt_ids (the image tokens' grid positions)")
-        return image_token_grid(ids, bound["hidden_states"].shape[1])
+        ref, version, hw = self._checked
+        n, now = bound["hidden_states"].shape[1], _version(ids)
+        if ref is None or ref() is not ids or now is None or version != now or hw[0] * hw[1] != n:
+            hw = image_token_grid(ids, n)   # copies img_ids to the host: a pipeline's steps share one tensor
+            self._checked = (weakref.ref(ids), now, hw)
+        return hw
 
     def begin(self, module, state, bound):
         super().begin(module, state, bound)
@@ -337,6 +347,14 @@ class FluxHost(MMDiTHost):
         img, txt = (_ids2d(bound[name]) for name in ("img_ids", "txt_ids"))
         pooled = sparse_positions(img, state.hw, state.grid)                    # (M, 3) window centres
         state.rope_sparse = module.pos_embed(torch.cat([txt.float(), pooled]))
+
+
+def _version(t):
+    """A tensor's in-place version counter; None for inference-mode tensors, which have none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def _ids2d(ids):
