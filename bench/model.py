@@ -132,11 +132,12 @@ FRAMES = 16   # latte: frames per clip
 PATCH_OVERRIDES: Dict[str, object] = {}   # diffusers config fields replaced in every build (tests: tiny models)
 
 
-def build_patched_models(name: str, image_size: int, grid: int, device: torch.device):
+def build_patched_models(name: str, image_size: int, grid: int, device: torch.device, overrides=None):
     """(dense, patched, inputs kwargs builder) for a patch target; the patched model uses the decided plan."""
     from .fixtures import build_patched_pair
     return build_patched_pair(name, image_size, device=device, plan={"grid": grid},
-                              config_overrides=dict(PATCH_OVERRIDES), frames=FRAMES)
+                              config_overrides=dict(PATCH_OVERRIDES) if overrides is None else overrides,
+                              frames=FRAMES)
 
 
 def model_inputs(batch: int, image_size: int, device: torch.device, num_classes: int = 1000, seed: int = 0):
@@ -313,12 +314,17 @@ def run(args, results: Results, device: torch.device) -> None:
 
     ceiling = matmul_tflops(device, dtype, results)   # the matmul ceiling in the run's dtype
     if args.model in PATCH_TARGETS:
-        dense, flex, make_inputs = build_patched_models(args.model, args.image_size, args.grid, device)
+        overrides = dict(PATCH_OVERRIDES)
+        if on_cpu and not overrides and args.model in ("flux", "sd3"):   # 12B / 2.5B parameters: no CPU run
+            from flexdit.mmdit import TINY_CONFIGS
+            overrides = dict(TINY_CONFIGS[args.model])
+            results.notes.append(f"--model {args.model} on the CPU: a tiny random configuration {overrides}")
+        dense, flex, make_inputs = build_patched_models(args.model, args.image_size, args.grid, device, overrides)
         inputs, dense_kw = (), make_inputs(args.batch_size)
         flex_kw = dense_kw
         from .fixtures import patched_pair_macs   # counted by dispatch: fvcore cannot trace keyword-only forwards
         macs = patched_pair_macs(args.model, args.image_size, plan={"grid": args.grid},
-                                 config_overrides=dict(PATCH_OVERRIDES), frames=FRAMES)
+                                 config_overrides=overrides, frames=FRAMES)
         macs["flexdit-ref"] = macs["flexdit"]
     else:
         dense, flex = build_models(args.model, args.image_size, args.grid, device)
