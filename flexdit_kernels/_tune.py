@@ -284,3 +284,68 @@ def decide(op: str, bucket: str, device: torch.device, dtype: torch.dtype, kerne
 
 def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# An op's kernel or its PyTorch path
+# ----------------------------------------------------------------------------------------------------------------
+
+KERNEL = "triton"
+_hashes: Dict[str, str] = {}
+
+
+def _module_hash(fn: Callable) -> str:
+    """The hash of the source file that holds `fn` (the op's kernels, launcher and reference)."""
+    module = getattr(fn, "__module__", "")
+    if module not in _hashes:
+        import inspect
+        import sys
+        try:
+            _hashes[module] = source_hash(inspect.getsource(sys.modules[module]))
+        except (OSError, TypeError, KeyError):
+            _hashes[module] = "unknown"
+    return _hashes[module]
+
+
+def _random_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Fresh random values in `t`'s shape, dtype, device and strides (the kernel specialises on the layout)."""
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    if t.is_floating_point():
+        return out.normal_(generator=generator)
+    return out.copy_(t)                                  # integer arguments (indices) keep their values
+
+
+def bucket_of(args: Sequence[Any]) -> str:
+    """The shape bucket of an op call: every tensor's shape and dtype, every other argument's value."""
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            parts.append("x".join(map(str, a.shape)) + ":" + str(a.dtype).replace("torch.", ""))
+        else:
+            parts.append(repr(a))
+    return ",".join(parts)
+
+
+def kernel_or_reference(op: str, kernel: Callable[..., Any], pytorch: Callable[..., Any],
+                        args: Sequence[Any], default: bool = True,
+                        timer: Optional[Callable[[Callable[[], Any]], float]] = None) -> bool:
+    """Whether `op` runs `kernel(*args)` (True) or its PyTorch path `pytorch(*args)` at this call's shape, decided
+    once per device and shape bucket by `decide` (the reference is `pytorch` on fp32 copies of the inputs)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    device = tensors[0].device
+    if mode() == "off" or (device.type != "cuda" and timer is None):
+        return default
+
+    def make_inputs():
+        g = torch.Generator(device=device).manual_seed(0)
+        return [(_random_like(a, g) if isinstance(a, torch.Tensor) else a) for a in args]
+
+    def fp32(inputs):
+        return pytorch(*[(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a)
+                         for a in inputs])
+
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), tensors[0].dtype)
+    choice = decide(op, bucket_of(args), device, dtype, _module_hash(kernel), make_inputs, fp32,
+                    lambda inputs: pytorch(*inputs), {KERNEL: lambda inputs: kernel(*inputs)},
+                    KERNEL if default else REFERENCE, timer)
+    return choice == KERNEL

@@ -238,3 +238,46 @@ def test_off_the_gpu_without_a_timer_the_default_runs():
     case.pop("timer")
     assert _tune.decide("toy", "b", CPU, torch.float32, "h0", default="dflt", **case) == "dflt"
     assert calls == []
+
+
+def test_kernel_or_reference_checks_on_random_inputs_in_the_callers_layout():
+    seen = []
+    x = torch.full((8, 6), 7.0).t()                       # a transposed view: the layout must be kept
+
+    def kernel(a, k):
+        seen.append((a.stride(), float(a.abs().sum())))
+        return a * k
+
+    def pytorch(a, k):
+        return a * k
+
+    assert _tune.kernel_or_reference("scale", kernel, pytorch, (x, 3), timer=lambda fn: (fn(), 1.0)[1]) is False
+    assert seen and all(stride == x.stride() for stride, _ in seen)
+    assert all(total != 7.0 * 48 for _, total in seen)      # never the caller's data
+    _tune._caches.clear()
+
+
+def test_kernel_or_reference_rejects_a_wrong_kernel_and_keeps_a_right_faster_one():
+    x = torch.randn(4, 5)
+    times = {}
+
+    def timer(fn):
+        fn()
+        return times["last"]
+
+    def good(a):
+        times["last"] = 0.5
+        return a + 1
+
+    def bad(a):
+        times["last"] = 0.1
+        return a + 2
+
+    def pytorch(a):
+        times["last"] = 1.0
+        return a + 1
+
+    assert _tune.kernel_or_reference("good", good, pytorch, (x,), timer=timer) is True
+    with pytest.warns(RuntimeWarning, match="bad kernel variant triton failed"):
+        assert _tune.kernel_or_reference("bad", bad, pytorch, (x,), timer=timer) is False
+    assert _tune.kernel_or_reference("bad", bad, pytorch, (x,), timer=timer) is False   # cached, no new warning
