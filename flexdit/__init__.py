@@ -12,6 +12,7 @@ from .patch import FlexPatch, apply_patch, is_patched, remove_patch
 from .pixart import FlexPixArt, FlexPixArt_models, PixArt, PixArt_models, PixArtConfig, create_pixart
 from .plan import Plan, parse_grid
 from .router import FlexLayer, RouteState, set_fused
+from .save import load_patched, save_patched
 from .schedule import DensitySchedule
 from .video import FlexLatte, FlexLatteConfig
 
@@ -27,7 +28,7 @@ __all__ = [
     "DensitySchedule", "diffusion", "GaussianDiffusion", "create_diffusion", "sample_latents",
     # patching models in place; PixArt-α
     "Plan", "parse_grid", "FlexLayer", "RouteState", "set_fused",
-    "apply_patch", "remove_patch", "is_patched", "FlexPatch",
+    "apply_patch", "remove_patch", "is_patched", "FlexPatch", "save_patched", "load_patched",
     "dit_from_diffusers", "dit_state_dict_from_diffusers", "use_diffusers_timesteps_",
     "FlexLatte", "FlexLatteConfig",
     "PixArt", "FlexPixArt", "PixArtConfig", "PixArt_models", "FlexPixArt_models", "create_pixart",
