@@ -50,7 +50,8 @@ def read_checkpoint(path: Union[str, os.PathLike]):
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
         raise ValueError(f"checkpoint {path!r} ({size} bytes) is not a PyTorch checkpoint (its data cannot be "
                          f"unpickled: {detail.group(1) if detail else _first_line(e)})") from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, KeyError, OSError, UnicodeDecodeError) as e:
+    except (EOFError, RuntimeError, zipfile.BadZipFile, KeyError, IndexError, OSError, UnicodeDecodeError,
+            ValueError, TypeError) as e:     # what torch.load raises on a truncated or foreign file
         raise ValueError(f"checkpoint {path!r} ({size} bytes) is truncated or not a PyTorch checkpoint "
                          f"({type(e).__name__}: {_first_line(e) or 'unexpected end of file'})") from None
 
