@@ -77,7 +77,8 @@ def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
 def check_timesteps(t, batch: int, num_timesteps: int = 1000, name: str = "t") -> torch.Tensor:
     """t as a (batch,) tensor: a Python int (or a 0-d tensor) is broadcast to the batch. ValueError naming `name`
     for another type or shape, and, for tensors on the CPU, for values outside [0, num_timesteps) or not whole
-    numbers (a GPU tensor's values are not read here: that would synchronise every forward)."""
+    numbers (a GPU tensor's values are not read here, nor under torch.compile: that would synchronise every
+    forward, or break the graph)."""
     if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
         raise ValueError(f"{name} must be a tensor of timesteps (or an int), got {type(t).__name__}")
     if isinstance(t, int):
@@ -88,7 +89,7 @@ def check_timesteps(t, batch: int, num_timesteps: int = 1000, name: str = "t") -
         t = t.expand(batch)
     if tuple(t.shape) != (batch,):
         raise ValueError(f"{name} {tuple(t.shape)} must be ({batch},) (one timestep per sample) or a scalar")
-    if t.device.type == "cpu" and t.numel():
+    if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
         lo, hi = t.min().item(), t.max().item()
         if lo < 0 or hi >= num_timesteps:
             raise ValueError(f"{name} must lie in [0, {num_timesteps}), got values in [{lo}, {hi}]")
@@ -106,7 +107,8 @@ def check_labels(y, batch: int, num_classes: int, name: str = "y", null: bool = 
     if tuple(y.shape) != (batch,):
         raise ValueError(f"{name} {tuple(y.shape)} must be ({batch},) (one label per sample)")
     top = num_classes + 1 if null else num_classes
-    if y.device.type == "cpu" and y.numel() and (y.min().item() < 0 or y.max().item() >= top):
+    if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling() and \
+            (y.min().item() < 0 or y.max().item() >= top):
         bad = y[(y < 0) | (y >= top)][0].item()
         raise ValueError(f"{name}: label {bad} is outside [0, {num_classes})"
                          + (f" (and not the null label {num_classes})" if null else ""))

@@ -375,10 +375,7 @@ def _train(args, ctx: DistContext):
             })
         ctx.barrier()
 
-    bar = None
-    if ctx.is_main and not (args.quiet or args.no_progress) and sys.stderr.isatty():
-        from tqdm.auto import tqdm
-        bar = tqdm(total=args.steps, initial=step, desc=PROG, unit="step", dynamic_ncols=True)
+    bar = _progress_bar(args, step) if ctx.is_main else None
     loss_sum = torch.zeros(n_stages, dtype=torch.float64, device=ctx.device)
     loss_cnt = torch.zeros(n_stages, dtype=torch.float64, device=ctx.device)
     t0 = time.time()
@@ -441,6 +438,18 @@ def _train(args, ctx: DistContext):
     if bar is not None:
         bar.close()
     return out_dir
+
+
+def _progress_bar(args, step: int):
+    """A tqdm bar (steps, loss, ETA) on stderr when it is a terminal, unless --quiet/--no-progress or tqdm is
+    missing."""
+    if args.quiet or args.no_progress or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=args.steps, initial=step, desc=PROG, unit="step", dynamic_ncols=True)
 
 
 def _stop_requested(stop: StopOnSigint, ctx: DistContext) -> bool:
