@@ -15,8 +15,8 @@ from .checkpoint import model_config
 from .schedule import DensitySchedule
 
 __all__ = ["build_model", "model_config", "parse_model_args", "schedule_from_args", "add_schedule_args",
-           "sample_seed", "check_out_dir", "DistContext", "resolve_device", "add_device_args", "backend_context", "autocast_context",
-           "usage_errors", "fail"]
+           "sample_seed", "check_out_dir", "DistContext", "resolve_device", "add_device_args", "backend_context",
+           "autocast_context", "usage_errors", "fail"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -91,8 +91,8 @@ FLAG_OF = {"input_size": "--image-size", "num_classes": "--num-classes", "*": "-
 
 
 def create_checked(name, ckpt, weights: str, **overrides):
-    """(model, source, name): `load_model` with the registry's and the config's own complaints (unknown name or field, a grid that does
-    not fit, an option the checkpoint contradicts) as ValueErrors that name the flags."""
+    """(model, source, name): `load_model` with the registry's and the config's own complaints (unknown name or
+    field, a grid that does not fit, an option the checkpoint contradicts) as ValueErrors that name the flags."""
     from .checkpoint import _load
     try:
         return _load(ckpt, name, weights, FLAG_OF, overrides)

@@ -90,11 +90,12 @@ def check_timesteps(t, batch: int, num_timesteps: int = 1000, name: str = "t") -
     if tuple(t.shape) != (batch,):
         raise ValueError(f"{name} {tuple(t.shape)} must be ({batch},) (one timestep per sample) or a scalar")
     if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
-        lo, hi = t.min().item(), t.max().item()
+        values = t.tolist()        # read in Python: no tensor op joins the forward's
+        lo, hi = min(values), max(values)
         if lo < 0 or hi >= num_timesteps:
             raise ValueError(f"{name} must lie in [0, {num_timesteps}), got values in [{lo}, {hi}]")
-        if t.is_floating_point() and not torch.equal(t, t.round()):
-            raise ValueError(f"{name} must hold whole timesteps in [0, {num_timesteps}), got {t.tolist()[:4]}")
+        if any(v != int(v) for v in values):
+            raise ValueError(f"{name} must hold whole timesteps in [0, {num_timesteps}), got {values[:4]}")
     return t
 
 
@@ -107,10 +108,10 @@ def check_labels(y, batch: int, num_classes: int, name: str = "y", null: bool = 
     if tuple(y.shape) != (batch,):
         raise ValueError(f"{name} {tuple(y.shape)} must be ({batch},) (one label per sample)")
     top = num_classes + 1 if null else num_classes
-    if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling() and \
-            (y.min().item() < 0 or y.max().item() >= top):
-        bad = y[(y < 0) | (y >= top)][0].item()
-        raise ValueError(f"{name}: label {bad} is outside [0, {num_classes})"
+    bad = [v for v in y.tolist() if not 0 <= v < top] \
+        if y.device.type == "cpu" and not torch.compiler.is_compiling() else []
+    if bad:
+        raise ValueError(f"{name}: label {bad[0]} is outside [0, {num_classes})"
                          + (f" (and not the null label {num_classes})" if null else ""))
     return y
 

@@ -2,8 +2,10 @@
 
 Writes latents (`latents.npz`: latents (n, 4, h, w) float32, or (n, T, 4, h, w) for a video model such as FlexLatte,
 labels (n,), indices (n,)), `args.json` (the options as run, with the model's name and config) and, with `--vae`,
-decoded PNGs (one GIF per clip for video) and a grid image. Runs on several GPUs with torchrun: rank r takes samples r, r + W, ...; sample i always uses
-the seed (seed, i), so the output does not depend on the number of processes or the batch size.
+decoded PNGs (one GIF per clip for video) and a grid image. A checkpoint that records its model (every one that
+flexdit-finetune writes) gives the model, sizes and classes; options that contradict it are refused.
+Runs on several GPUs with torchrun: rank r takes samples r, r + W, ...; sample i always uses the seed (seed, i), so
+the output does not depend on the number of processes or the batch size.
 `--cuda-graph` replays the network from CUDA graphs (one per grid of the schedule and batch size) and reports their
 memory. Exit status: 0 on success, 2 with one line `flexdit-sample: error: ...` for a bad argument, file or device.
 """

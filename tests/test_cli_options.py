@@ -42,11 +42,11 @@ def runs(data_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     _finetune(data_dir, root / "flex")
     _finetune(data_dir, root / "dense", model="DiT-S/2")
-    return {"flex": root / "flex" / "checkpoints" / "0000002.pt", "dense": root / "dense" / "checkpoints" /
-            "0000002.pt", "root": root}
+    return {"flex": root / "flex" / "checkpoints" / "0000002.pt",
+            "dense": root / "dense" / "checkpoints" / "0000002.pt", "root": root}
 
 
-# --- flexdit-sample: the checkpoint's config is used, and contradicting it is refused ----------------------------------
+# --- flexdit-sample: the checkpoint's config is used, and contradicting it is refused ---------------------------------
 
 def test_sample_uses_the_checkpoint_config_dense_too(runs, tmp_path):
     for kind in ("flex", "dense"):

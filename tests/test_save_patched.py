@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-import flexdit
 import flexdit_kernels as fk
 from flexdit import DensitySchedule, apply_patch, is_patched, load_patched, remove_patch, save_patched
 
