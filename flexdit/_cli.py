@@ -1,5 +1,6 @@
 """Pieces shared by the command-line tools (`flexdit-sample`, `flexdit-finetune`, `python -m flexdit.data`):
-model loading, the density-schedule flags, devices and torchrun, precision and kernel backend, and the error
+model loading through `flexdit.checkpoint.load_model` with errors naming the flags, the output folder check, the
+density-schedule flags, devices and torchrun, precision and kernel backend, and the error
 convention (a bad argument, file or device ends the run with one line `prog: error: ...` and exit status 2)."""
 from __future__ import annotations
 

@@ -162,10 +162,17 @@ def model_config(model) -> Tuple[str, dict]:
                        learn_sigma=model.learn_sigma)
 
 
-def _arch_of_name(name: str) -> str:
+def arch_of_name(name: str) -> str:
+    """The family a model name builds: "FlexLatte", "FlexDiT" (FlexDiT-*) or "DiT"."""
     if name == "FlexLatte":
         return "FlexLatte"
     return "FlexDiT" if name.startswith("FlexDiT") else "DiT"
+
+
+def is_registry_name(name) -> bool:
+    """Whether `name` is a model name the loader builds: a DiT_models or FlexDiT_models key, or "FlexLatte"."""
+    from .models import DiT_models, FlexDiT_models
+    return name == "FlexLatte" or name in DiT_models or name in FlexDiT_models
 
 
 def _registry_name(arch: str, config: Mapping) -> Optional[str]:
@@ -231,10 +238,10 @@ def _check_overrides(overrides: Mapping, config: Mapping, what: str, labels: Map
 def _check_name(name: Optional[str], arch: str, config: Mapping, recorded_name: Optional[str], what: str) -> str:
     """The model name to report: the given one if it agrees with the checkpoint's (its recorded name, else the
     registry size its config matches), else a ValueError naming both."""
-    have = recorded_name or _registry_name(arch, config)
+    have = recorded_name if is_registry_name(recorded_name) else _registry_name(arch, config)
     if name is None:
-        return have or f"{arch} (custom size)"
-    want_arch = _arch_of_name(name)
+        return have or arch
+    want_arch = arch_of_name(name)
     if want_arch != arch and not (arch == "DiT" and want_arch == "FlexDiT"):
         raise ValueError(f"--model {name} conflicts with {what}, which holds a {arch} model"
                          + (f" ({have})" if have else "") + f"; use a {arch}{'-*' if arch != 'FlexLatte' else ''} "
@@ -330,7 +337,7 @@ def _load(ckpt, name, weights, labels, overrides):
         recorded = obj.get("name") or (args.get("model") if isinstance(args, Mapping) else None)
         name = _check_name(name, arch, config, recorded, what)
         key, state_dict = _weights(obj, weights, what)
-        convert = arch == "DiT" and _arch_of_name(name) == "FlexDiT"
+        convert = arch == "DiT" and arch_of_name(name) == "FlexDiT"
         from .plan import PLAN_FIELDS
         extra = _check_overrides(overrides, config, what, labels, allowed=(*PLAN_FIELDS, "plan") if convert else ())
         source = f"{'dense DiT' if arch == 'DiT' else arch} checkpoint ({key} weights)"
@@ -357,7 +364,7 @@ def _load(ckpt, name, weights, labels, overrides):
     if name == "FlexLatte":
         raise ValueError(f"{what} is not a FlexLatte checkpoint of flexdit-finetune (nor a diffusers Latte folder)")
     state_dict = load_dit_checkpoint(ckpt)
-    if _arch_of_name(name) == "DiT":
+    if arch_of_name(name) == "DiT":
         return (_load_fitting(create_model(name, **overrides), state_dict, what, "the state dict"),
                 "dense DiT checkpoint", name)
     config = flexdit_config(name, **overrides)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .checkpoint import arch_of_name, is_registry_name
 from ._cli import (DistContext, add_device_args, add_schedule_args, autocast_context, backend_context, check_out_dir,
                    create_checked, model_config, parse_model_args, schedule_from_args, usage_errors)
 from .data import LatentShards
@@ -223,9 +224,10 @@ def read_resume_state(path) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="flexdit-finetune", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="FlexDiT-XL/2",
+    p.add_argument("--model", default=None,
                    help="registry name (FlexDiT-XL/2; DiT-* trains a dense DiT), or FlexLatte: class-conditional "
-                        "video on diffusers' Latte, trained on (n, T, C, H, W) clip shards (needs diffusers)")
+                        "video on diffusers' Latte, trained on (n, T, C, H, W) clip shards (needs diffusers). "
+                        "Default: the resumed run's, else the one --init records, else FlexDiT-XL/2")
     p.add_argument("--model-args", default=None, help="JSON object of config overrides (tiny models, layer plans)")
     p.add_argument("--init", default=None,
                    help="dense DiT checkpoint (converted by the mapping) or FlexDiT checkpoint; none: random")
@@ -307,14 +309,17 @@ def _train(args, ctx: DistContext):
             overrides["num_classes"] = args.num_classes
         torch.manual_seed(args.seed)    # a random initialisation (no --init) is seeded too
         if state is not None:
-            ran = (state.get("args") or {}).get("model") or state.get("name")
-            if ran is not None and ran != args.model:
+            ran = state.get("name") or (state.get("args") or {}).get("model")
+            if args.model is not None and (state["arch"] != arch_of_name(args.model)
+                                           or is_registry_name(ran) and ran != args.model):
                 raise ValueError(f"--model {args.model} conflicts with the run being resumed ({resume}), which "
                                  f"trains {ran}; use another --out-dir or --resume none")
-            model, source, _ = create_checked(args.model, resume, "model", **overrides)
+            model, source, args.model = create_checked(args.model, resume, "model", **overrides)
             source = f"resumed from {resume} (step {state['step']})"
         else:
-            model, source, _ = create_checked(args.model, args.init, args.init_weights, **overrides)
+            if args.model is None and args.init is None:
+                args.model = "FlexDiT-XL/2"
+            model, source, args.model = create_checked(args.model, args.init, args.init_weights, **overrides)
         arch, config = model_config(model)
         args.num_classes, args.image_size = config["num_classes"], model.input_size[0] * 8
 

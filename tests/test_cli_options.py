@@ -212,3 +212,13 @@ def test_library_refuses_bad_labels_and_timesteps():
         flexdit.sample_latents(model, flexdit.create_diffusion(2), torch.tensor([1]), (4, 8, 8), cfg_scale=-1)
     with pytest.raises(ValueError, match="eta is DDIM's"):
         flexdit.sample_latents(model, flexdit.create_diffusion(2), torch.tensor([1]), (4, 8, 8), eta=0.5)
+
+
+def test_resume_without_model_takes_the_runs(data_dir, tmp_path):
+    _finetune(data_dir, tmp_path / "run", model="DiT-S/2")
+    args = ["--data", str(data_dir), "--out-dir", str(tmp_path / "run"), "--steps", "4", "--global-batch-size", "4",
+            "--precision", "fp32", "--quiet", "--device", "cpu"]
+    assert train_mod.main(args) == 0
+    ran = json.loads((tmp_path / "run" / "args.json").read_text())
+    assert ran["model"] == "DiT-S/2" and ran["start_step"] == 2 and ran["model_config"]["hidden_size"] == 32
+    assert torch.load(tmp_path / "run" / "checkpoints" / "0000004.pt", weights_only=True)["name"] == "DiT-S/2"
