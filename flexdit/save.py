@@ -1,4 +1,4 @@
-"""Save and reload a model patched by `apply_patch` (a diffusers DiT, PixArt-α or Latte, or the project's DiT), in
+"""Save and reload a model patched by `apply_patch` (any diffusers host it patches, or the project's DiT), in
 safetensors, with its plan and density schedule.
 
 A patched module's state dict holds FlexDiT layers where the host's `from_pretrained` expects dense blocks, so the

@@ -109,3 +109,17 @@ def test_partial_file_names_missing_and_unexpected_keys(tmp_path):
     with pytest.raises(ValueError) as err:
         load_patched(tmp_path / "m")
     assert f"missing keys (1): {gone}" in str(err.value) and "unexpected keys (1): extra.weight" in str(err.value)
+
+
+@pytest.mark.parametrize("target", ["flux", "sd3"])
+def test_mmdit_hosts_round_trip(tmp_path, target):
+    """SD3 and FLUX.1 hosts (tests/test_mmdit.py's toy models, where that module exists)."""
+    mmdit = pytest.importorskip("tests.test_mmdit", reason="needs the SD3/FLUX hosts of tests/test_mmdit.py")
+    model = apply_patch(mmdit.tiny_flux() if target == "flux" else mmdit.tiny_sd3(), mmdit.PLAN)
+    kw = mmdit.inputs(target)
+    with fk.backend("reference"), torch.no_grad():
+        before = mmdit.run(model, kw)
+        save_patched(model, tmp_path / "m")
+        assert torch.equal(mmdit.run(load_patched(tmp_path / "m"), kw), before)
+    with pytest.raises(ValueError, match="flexdit.save_patched"):
+        model.save_pretrained(tmp_path / "plain")
