@@ -19,6 +19,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis", "fvcore"],
         "bench": ["fvcore", "matplotlib", "tqdm"],
         "diffusers": ["diffusers", "transformers", "safetensors"],
+        "cli": ["tqdm", "pillow"],   # progress bars; PNG, GIF and grid output of flexdit-sample --vae
     },
     entry_points={
         "console_scripts": [

@@ -472,7 +472,15 @@ def apply_patch(model, plan=None, schedule=None):
         setattr(module, a, nn.ModuleList(more_layers).train(extra[a].training))
     module.__dict__[_RECORD] = rec
     module.forward = types.MethodType(_patched_forward, module)
+    if hasattr(module, "save_pretrained"):   # it would write blocks that from_pretrained reloads at random
+        module.save_pretrained = types.MethodType(_refuse_save_pretrained, module)
     return model
+
+
+def _refuse_save_pretrained(self, *args, **kwargs):
+    raise ValueError(f"this {type(self).__name__} is patched by flexdit: from_pretrained would reload its FlexDiT "
+                     "layers as randomly initialised dense blocks. Use flexdit.save_patched(model, DIR) and "
+                     "flexdit.load_patched(DIR), or flexdit.remove_patch(model) first to save the dense model")
 
 
 def remove_patch(model):
@@ -504,6 +512,7 @@ def remove_patch(model):
         module.forward = rec.saved_forward
     else:
         module.__dict__.pop("forward", None)
+    module.__dict__.pop("save_pretrained", None)
     return model
 
 
