@@ -27,8 +27,9 @@ import torch
 
 from ._cli import fail, resolve_device, usage_errors
 
-__all__ = ["main", "write_adm_npz", "read_adm_npz", "ImageSource", "load_vae", "decode_latents", "frechet_distance",
-           "gaussian_stats", "InceptionFeatures", "fid_metrics", "compare_metrics", "lpips_model", "fvd"]
+__all__ = ["main", "write_adm_npz", "pack_adm_npz", "read_adm_npz", "ImageSource", "load_vae", "decode_latents",
+           "frechet_distance", "gaussian_stats", "InceptionFeatures", "fid_metrics", "compare_metrics", "lpips_model",
+           "fvd"]
 
 PROG = "flexdit-eval"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
@@ -38,7 +39,7 @@ INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2
 LPIPS_URLS = {"alex": "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
               "vgg": "https://download.pytorch.org/models/vgg16-397923af.pth"}
 FVD_URLS = {"i3d": "https://github.com/songweige/TATS/raw/main/tats/fvd/i3d_pretrained_400.pt",
-            "videomae": "https://huggingface.co/OpenGVLab/VideoMAE2/blob/main/distill/"
+            "videomae": "https://pjlab-gvm-data.oss-cn-shanghai.aliyuncs.com/internvideo/videomaev2/"
                         "vit_g_hybrid_pt_1200e_ssv2_ft.pth"}
 
 
@@ -62,20 +63,52 @@ def write_adm_npz(images, path, labels=None) -> Path:
     """Write images in the layout of ADM's evaluator (guided-diffusion `evaluations/`): `arr_0` uint8 (N, H, W, 3)
     (clips: (N, T, H, W, 3)), and `arr_1` int64 (N,) class labels when given. Returns the path written."""
     arr = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
-    if arr.dtype != np.uint8:
-        raise ValueError(f"images must be uint8 in [0, 255], got dtype {arr.dtype}")
-    if arr.ndim not in (4, 5) or arr.shape[-1] != 3 or len(arr) == 0:
-        raise ValueError(f"images must be (N, H, W, 3) or (N, T, H, W, 3) with N >= 1, got {tuple(arr.shape)}")
-    arrays = {"arr_0": arr}
-    if labels is not None:
-        lab = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
-        if lab.shape != (len(arr),):
-            raise ValueError(f"labels must be ({len(arr)},), got {tuple(lab.shape)}")
-        arrays["arr_1"] = lab
+    _check_adm_images(arr.shape, arr.dtype)
+    return _write_npz_stream(path, arr.shape, [arr], labels)
+
+
+def pack_adm_npz(src, path, vae=None, labels=None, batch_size: int = 64, limit: int | None = None) -> Path:
+    """Write the images of `src` (a folder, an ADM .npz, or latents decoded with `vae`; see ImageSource) to `path`
+    in ADM's layout, streaming: memory holds one batch, not the set. Returns the path written."""
+    source = src if isinstance(src, ImageSource) else ImageSource(src, vae=vae, video=None, name="src")
+    n = len(source) if limit is None else min(limit, len(source))
+    return _write_npz_stream(path, (n, *source.item_shape), source.batches(batch_size, n), labels)
+
+
+def _check_adm_images(shape, dtype) -> None:
+    if dtype != np.uint8:
+        raise ValueError(f"images must be uint8 in [0, 255], got dtype {dtype}")
+    if len(shape) not in (4, 5) or shape[-1] != 3 or shape[0] == 0:
+        raise ValueError(f"images must be (N, H, W, 3) or (N, T, H, W, 3) with N >= 1, got {tuple(shape)}")
+
+
+def _write_npz_stream(path, shape, batches, labels) -> Path:
+    """An uncompressed .npz (as np.savez writes) with arr_0 of `shape` from uint8 `batches`, and arr_1 = labels."""
     path = Path(path)
     if path.suffix != ".npz":
         raise ValueError(f"path {path}: an ADM batch is a .npz file")
-    np.savez(path, **arrays)
+    if not path.parent.is_dir():
+        raise ValueError(f"path {path}: folder {path.parent} does not exist")
+    if labels is not None:
+        labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels).astype(np.int64)
+        if labels.shape != (shape[0],):
+            raise ValueError(f"labels must be ({shape[0]},), got {tuple(labels.shape)}")
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+              "shape": tuple(int(d) for d in shape)}
+    written = 0
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_2_0(f, header)
+            for batch in batches:
+                if batch.dtype != np.uint8 or batch.shape[1:] != tuple(shape[1:]):
+                    raise ValueError(f"a batch of {batch.dtype} {batch.shape} does not fit arr_0 {shape}")
+                f.write(np.ascontiguousarray(batch).tobytes())
+                written += len(batch)
+        if written != shape[0]:
+            raise ValueError(f"wrote {written} images, expected {shape[0]}")
+        if labels is not None:
+            with zf.open("arr_1.npy", "w") as f:
+                np.lib.format.write_array(f, labels)
     return path
 
 
@@ -229,7 +262,9 @@ class ImageSource:
             if self.vae is None:
                 raise ValueError(f"{where} holds latents: pass --vae DIR (a local diffusers AutoencoderKL) to decode "
                                  f"them")
-            return (*shape[1:-3], shape[-2] * 8, shape[-1] * 8, 3)
+            config = getattr(self.vae, "config", None)     # AutoencoderKL: one 2x downsampling per block but one
+            f = 2 ** (len(config.block_out_channels) - 1) if config is not None else 8
+            return (*shape[1:-3], shape[-2] * f, shape[-1] * f, 3)
         if dtype != np.uint8 or len(shape) not in (4, 5) or shape[-1] != 3:
             raise ValueError(f"{where}: `arr_0` must be uint8 (N, H, W, 3) or (N, T, H, W, 3) as ADM's evaluator "
                              f"reads it, got {dtype} {shape}")
@@ -277,6 +312,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     tr((sigma1 sigma2)^(1/2)) is the sum of the square roots of the eigenvalues of sigma1 sigma2 (real and >= 0 for
     PSD matrices; rounding leaves tiny imaginary or negative parts, dropped), as in TF-GAN and torch-fidelity: it
     needs no matrix square root, which fails on the singular covariances of fewer samples than dimensions.
+    One function serves FID, sFID and FVD, and needs no optional library.
     """
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
@@ -450,6 +486,13 @@ def fvd(samples: ImageSource, ref: ImageSource, detector, model: str = "i3d", de
     if model not in FVD_URLS:
         raise ValueError(f"--model must be one of {sorted(FVD_URLS)}, got {model!r}")
     path = _check_weights(detector, "--detector", f"FVD's {model} detector", FVD_URLS[model])
+    frames = samples.item_shape[0]
+    if ref.item_shape[0] != frames:
+        raise ValueError(f"samples have {frames} frames per clip and ref {ref.item_shape[0]}: they must match")
+    if model == "i3d" and frames < 9:     # I3D downsamples time 8x, then pools 2 steps
+        raise ValueError(f"I3D needs clips of at least 9 frames (FVD is usually taken on 16), got {frames}")
+    if model == "videomae" and frames != 16:
+        raise ValueError(f"VideoMAE-v2 takes clips of exactly 16 frames, got {frames}")
     if model == "i3d":
         utils = _need("cdfvd.third_party.i3d.utils", "FVD")
         load, prep = utils.load_i3d_model, utils.preprocess_i3d
@@ -562,7 +605,7 @@ def _cmd_fid(args) -> None:
     fr = net.extract(ref, args.batch_size, progress=not args.no_progress)
     m = {"num_samples": n, "num_ref": len(ref), **fid_metrics(fs, fr, args.is_splits)}
     lines = [f"samples {args.samples} ({n}), reference {args.ref} ({len(ref)})",
-             f"FID        {m['fid']:.4f}", f"sFID       {m['sfid']:.4f}",
+             f"FID        {max(m['fid'], 0.0):.4f}", f"sFID       {max(m['sfid'], 0.0):.4f}",   # >= 0 but for rounding
              f"IS         {m['inception_score']:.4f} +- {m['inception_score_std']:.4f}"]
     if "precision" in m:
         lines += [f"precision  {m['precision']:.4f}", f"recall     {m['recall']:.4f}"]
@@ -609,14 +652,12 @@ def _cmd_fvd(args) -> None:
 
 def _cmd_pack(args) -> None:
     with usage_errors(PROG):
-        if not str(args.out).endswith(".npz"):
-            raise ValueError(f"out {args.out}: an ADM batch is a .npz file")
-        if not Path(args.out).parent.is_dir():
-            raise ValueError(f"out {args.out}: folder {Path(args.out).parent} does not exist")
+        if not str(args.out).endswith(".npz") or not Path(args.out).parent.is_dir():
+            raise ValueError(f"out {args.out}: must be a .npz file in an existing folder")
         _, (src,) = _open_sources(args, ["src"], video=None)
-    images = np.concatenate(list(src.batches(args.batch_size, args.num_samples)))
-    write_adm_npz(images, args.out)
-    print(f"wrote {args.out}: arr_0 {images.dtype} {images.shape}")
+    n = len(src) if args.num_samples is None else min(args.num_samples, len(src))
+    pack_adm_npz(src, args.out, batch_size=args.batch_size, limit=n)
+    print(f"wrote {args.out}: arr_0 uint8 {(n, *src.item_shape)}")
 
 
 def main(argv=None) -> int:
