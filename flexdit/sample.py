@@ -52,33 +52,27 @@ def parse_classes(text: str, num_classes: int | None = None) -> list[int]:
 # Output
 # ---------------------------------------------------------------------------------------------------------------
 
-def _save_images(latents: torch.Tensor, indices, vae, out_dir: Path, device) -> None:
+def _save_images(latents: torch.Tensor, indices, vae, out_dir: Path) -> None:
     from PIL import Image
-    from .data import VAE_SCALE
-    with torch.no_grad():
-        for start in range(0, len(latents), 8):
-            z = latents[start:start + 8].to(device=device, dtype=vae.dtype)
-            img = vae.decode(z / VAE_SCALE).sample
-            img = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            for k, arr in enumerate(img):
-                Image.fromarray(arr).save(out_dir / f"{int(indices[start + k]):06d}.png")
+    from .eval import decode_latents
+    for start in range(0, len(latents), 8):
+        for k, arr in enumerate(decode_latents(vae, latents[start:start + 8])):
+            Image.fromarray(arr).save(out_dir / f"{int(indices[start + k]):06d}.png")
 
 
-def _save_clips(latents: torch.Tensor, indices, vae, out_dir: Path, device, fps: int = 8) -> None:
+def _save_clips(latents: torch.Tensor, indices, vae, out_dir: Path, fps: int = 8) -> None:
     """One GIF per clip of latents (n, T, C, h, w), frames decoded one clip at a time, and `grid.png`: one row of
     frames per clip (at most 16 clips)."""
     from PIL import Image
-    from .data import VAE_SCALE
+    from .eval import decode_latents
     rows = []
-    with torch.no_grad():
-        for k, clip in enumerate(latents):
-            img = vae.decode(clip.to(device=device, dtype=vae.dtype) / VAE_SCALE).sample     # (T, 3, H, W)
-            arr = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            frames = [Image.fromarray(a) for a in arr]
-            frames[0].save(out_dir / f"{int(indices[k]):06d}.gif", save_all=True, append_images=frames[1:],
-                           duration=int(1000 / fps), loop=0)
-            if len(rows) < 16:
-                rows.append(np.concatenate(list(arr), axis=1))                              # (H, T*W, 3)
+    for k, clip in enumerate(latents):
+        arr = decode_latents(vae, clip)                                                      # (T, H, W, 3)
+        frames = [Image.fromarray(a) for a in arr]
+        frames[0].save(out_dir / f"{int(indices[k]):06d}.gif", save_all=True, append_images=frames[1:],
+                       duration=int(1000 / fps), loop=0)
+        if len(rows) < 16:
+            rows.append(np.concatenate(list(arr), axis=1))                                  # (H, T*W, 3)
     if rows:
         Image.fromarray(np.concatenate(rows, axis=0)).save(out_dir / "grid.png")
 
@@ -140,6 +134,9 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="samples")
     p.add_argument("--vae", default=None,
                    help="local diffusers AutoencoderKL folder, to decode PNGs (video: one GIF per clip)")
+    p.add_argument("--adm-npz", default=None, metavar="PATH",
+                   help="also write the decoded images in the layout of ADM's evaluator (arr_0 uint8 NHWC, arr_1 "
+                        "labels) for flexdit-eval fid or ADM's own evaluator; needs --vae, images only")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     add_device_args(p)
     speed = p.add_mutually_exclusive_group()
@@ -188,6 +185,8 @@ def _prepare(args, ctx: DistContext):
     if args.cuda_graph and ctx.device.type != "cuda":
         raise ValueError(f"--cuda-graph needs a CUDA GPU (device {ctx.device}; torch.cuda.is_available() is "
                          f"{torch.cuda.is_available()})")
+    if args.adm_npz and not args.vae:
+        raise ValueError("--adm-npz needs --vae (the images are decoded from the latents)")
     if args.vae and not Path(args.vae).is_dir():
         raise ValueError(f"--vae {args.vae}: not a folder (a diffusers AutoencoderKL saved with save_pretrained)")
     parse_classes(args.classes)
@@ -251,7 +250,7 @@ def _sample(args, ctx: DistContext, model, classes, n, schedule):
     if args.vae:
         vae = _load_vae(args.vae, ctx.device)
         if vae is not None:
-            (_save_clips if frames else _save_images)(latents, mine, vae, out_dir, ctx.device)
+            (_save_clips if frames else _save_images)(latents, mine, vae, out_dir)
     elif ctx.is_main:
         print("VAE missing (--vae PATH to a diffusers AutoencoderKL folder): writing latents only")
     ctx.barrier()
@@ -270,6 +269,11 @@ def _sample(args, ctx: DistContext, model, classes, n, schedule):
                 p.unlink()
         if args.vae and not frames and (out_dir / f"{0:06d}.png").exists():
             _save_grid(out_dir, range(n))
+            if args.adm_npz:
+                from .eval import pack_adm_npz
+                with np.load(out_dir / "latents.npz") as z:
+                    labels = z["labels"]
+                print(f"wrote {pack_adm_npz(out_dir, args.adm_npz, labels=labels)} (ADM layout)")
         (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
         print(f"wrote {n} samples to {out_dir}")
     ctx.barrier()
