@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import flexdit_kernels as fk
 from flexdit_kernels import token_pool, token_pool_backward_ref, token_pool_ref
 
-from .grid_cases import DTYPES, kernel_params
+from .grid_cases import DTYPES, kernel_params, patch_sm_count
 from .guard import check_gaps, guard_allocations, guarded
 from .helpers import kernels_only_fixture
 
@@ -209,10 +209,10 @@ def test_frames_folded_into_batch(kernels_only):
 
 @pytest.mark.parametrize("sms", [0, 3])
 def test_long_runs(monkeypatch, sms, kernels_only):
-    """Runs shrink only until the grid has 8 programs per SM. With no SM count to reach the runs are the longest: a
-    whole sparse row of 7 windows per forward program, 128 tokens per backward program (two BLOCK_N steps, the last
-    run partial); with 3 SMs the rows split into runs of 3, 3 and 1 windows."""
-    monkeypatch.setattr(mod, "sm_count", lambda device: sms)
+    """Runs of tiles grow only while the grid keeps 4 waves of programs. With no SM to fill the runs are the longest:
+    all 35 windows in one forward program (5 tiles of 8, the last partial), 128 tokens per backward program (16
+    BLOCK_N steps, the last run partial); with 3 SMs one tile per program."""
+    patch_sm_count(monkeypatch, sms)
     hw, grid, c = (12, 20), (5, 7), 40
     x, grad_out = torch.randn(2, 240, c), torch.randn(2, 35, c)
     torch.testing.assert_close(mod.token_pool_fwd(x, hw, grid), token_pool_ref(x, hw, grid))
