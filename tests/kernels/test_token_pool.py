@@ -117,6 +117,22 @@ def test_ref_matches_adaptive_avg_pool2d(hw, grid):
     torch.testing.assert_close(token_pool_backward_ref(grad_out, hw, grid), expected_dx)
 
 
+@pytest.mark.parametrize("size, g", [(16, 6), (16, 8), (16, 10), (32, 6), (32, 10), (7, 4), (9, 1), (5, 5)])
+def test_window_plan(size, g):
+    """max_window is the longest window of either rule (the reference's windows; the children of parent_index), and
+    the plan reduces the DiT grids' windows many per tile, G = 1 and 2 one at a time."""
+    from flexdit_kernels import _launch
+    assert _launch.max_window(size, g, False) == max(b - a for a, b in mod._windows(size, g))
+    parents = fk.parent_index((1, size), (1, g)).tolist()
+    assert _launch.max_window(size, g, True) == max(parents.count(p) for p in range(g))
+    x = torch.empty(32, size * size, 1152, dtype=torch.bfloat16)
+    plan = _launch.window_plan(x, size, size, g, g, children=False, num_warps=4)
+    assert plan.meta["TILED"] == (_launch.max_window(size, g, False) ** 2 <= 64)
+    if size in (16, 32) and g >= 6:
+        assert plan.meta["TILED"] and plan.meta["BLOCK_C"] == 128 and plan.meta["BLOCK_W"] == 8   # 16-byte vectors
+    assert not _launch.window_plan(x, 32, 32, 2, 2, children=False, num_warps=4).meta["TILED"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------------------------
