@@ -93,9 +93,9 @@ def _token_pool_bwd_kernel(
 
 # NOTE: tiles give each thread one 16-byte vector per load (`channel_tile`: (4, 128) in fp32, (8, 128) in bf16 at
 # C = 1152 on 4 warps), which keeps registers low in every dtype (sm_90 static report: backward fp32 130 -> 32
-# registers with triton 3.6, 113 -> 32 with 3.9) and the grid as fine as 16-byte accesses allow; runs of tiles per program grow only while
-# the grid keeps 4 waves of programs (`wave_programs`). The forward is `window_plan`'s window reduction, shared
-# with upsample_add's backward.
+# registers with triton 3.6, 113 -> 32 with 3.9) and the grid as fine as 16-byte accesses allow; runs of tiles per
+# program grow only while the grid keeps 4 waves of programs (`wave_programs`). The forward is `window_plan`'s
+# window reduction, shared with upsample_add's backward.
 _NUM_WARPS = 4
 
 
