@@ -98,3 +98,99 @@ def split_count(n_programs: int, n_blocks: int, block: int, wave: int) -> Tuple[
     want = max(1, min(n_blocks, cdiv(wave, n_programs)))
     per = cdiv(n_blocks, want)
     return cdiv(n_blocks, per), per * block
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token tiles and grids of the pooling ops (token_pool, upsample_add, token_mean)
+# ----------------------------------------------------------------------------------------------------------------
+
+def wave_programs(device: Optional[torch.device], num_warps: int, waves: int = 4) -> int:
+    """Programs that make at least `waves` waves of a num_warps kernel on the device, whatever registers and shared
+    memory the compiler gives it: the threads and blocks limits bound the resident programs from above."""
+    limits = device_limits(device)
+    return waves * ctas_per_sm(1, num_warps, 0, limits)[0] * limits.sm_count
+
+
+def run_length(n_tiles: int, programs_per_run: int, target: int, max_run: int) -> int:
+    """Tiles per program: the largest power of two up to max_run whose grid (programs_per_run programs per run of
+    tiles) keeps `target` programs; 1 when even single tiles fall short."""
+    run = 1
+    while run * 2 <= max_run and programs_per_run * cdiv(n_tiles, run * 2) >= target:
+        run *= 2
+    return run
+
+
+def channel_tile(n_channels: int, element_size: int, num_warps: int, vectors: int = 1) -> Tuple[int, int, bool]:
+    """(rows, BLOCK_C, EVEN_C) of a (rows, BLOCK_C) tile of token rows in which each of the kernel's threads holds
+    `vectors` 16-byte vectors: BLOCK_C is 256 when it divides C, else 128 (C >= 128), else C rounded up to a power
+    of two; EVEN_C when BLOCK_C divides C (no channel mask)."""
+    if n_channels % 256 == 0:
+        block_c = 256
+    elif n_channels >= 128:
+        block_c = 128
+    else:
+        block_c = max(16, next_pow2(n_channels))
+    rows = max(1, 32 * num_warps * vectors * (16 // element_size) // block_c)
+    return rows, block_c, n_channels % block_c == 0
+
+
+class WindowPlan(NamedTuple):
+    """Launch of a window reduction (token_pool's forward, upsample_add's backward): grid, windows per program,
+    the longest window along each axis, and the kernel's constexprs."""
+    grid: Tuple[int, int, int]
+    run: int
+    max_rows: int
+    max_cols: int
+    meta: dict
+
+
+# Windows of at most this many tokens are reduced many per tile (BLOCK_W windows of one 16-byte vector per thread,
+# no reduction across threads); larger ones (G = 1 or 2 on a DiT grid) one at a time across (BLOCK_T, BLOCK_C)
+# tiles of 4 vectors per thread, with one reduction each.
+_MAX_TILED_AREA = 64
+_WINDOW_RUN = 16
+
+
+_MAX_WINDOW = {}
+
+
+def max_window(size: int, n_windows: int, children: bool) -> int:
+    """The longest window along an axis of `size` tokens (cached): AdaptiveAvgPool's floor(i*size/G) ..
+    ceil((i+1)*size/G), or (children) the nearest rule's ceil(i*size/G) .. ceil((i+1)*size/G)."""
+    key = (size, n_windows, children)
+    if key not in _MAX_WINDOW:
+        _MAX_WINDOW[key] = max(cdiv((i + 1) * size, n_windows) - (cdiv(i * size, n_windows) if children
+                                                                   else i * size // n_windows)
+                               for i in range(n_windows))
+    return _MAX_WINDOW[key]
+
+
+def window_plan(src: torch.Tensor, h: int, w: int, gh: int, gw: int, children: bool, num_warps: int) -> WindowPlan:
+    """How to reduce src (B, h*w, C) over the windows of the G_h x G_w grid with num_warps warps."""
+    b, _, c = src.shape
+    m = gh * gw
+    max_rows, max_cols = max_window(h, gh, children), max_window(w, gw, children)
+    tiled = max_rows * max_cols <= _MAX_TILED_AREA
+    rows, block_c, even_c = channel_tile(c, src.element_size(), num_warps, 1 if tiled else 4)
+    c_blocks = cdiv(c, block_c)
+    target = wave_programs(src.device, num_warps)
+    if tiled:
+        block_w, block_t = min(rows, next_pow2(m)), 1
+        run = block_w * run_length(cdiv(m, block_w), c_blocks * b, target, _WINDOW_RUN)
+    else:
+        block_w, block_t = 1, min(rows, next_pow2(max_rows * max_cols))
+        run = run_length(m, c_blocks * b, target, _WINDOW_RUN)
+    meta = dict(BLOCK_W=block_w, BLOCK_T=block_t, BLOCK_C=block_c, EVEN_C=even_c, TILED=tiled)
+    return WindowPlan((c_blocks, cdiv(m, run), b), run, max_rows, max_cols, meta)
+
+
+def token_plan(t: torch.Tensor, num_warps: int, max_run: int = _WINDOW_RUN) -> Tuple[Tuple[int, int, int], int, dict]:
+    """How to cover the dense tokens of t (B, N, C) with (BLOCK_N, BLOCK_C) tiles of one 16-byte vector per thread:
+    grid (channel blocks, runs, B), tokens per program (a run of up to max_run tiles, while the grid keeps 4 waves)
+    and the constexprs BLOCK_N, BLOCK_C, EVEN_C."""
+    b, n, c = t.shape
+    rows, block_c, even_c = channel_tile(c, t.element_size(), num_warps)
+    block_n = min(rows, next_pow2(n))
+    c_blocks = cdiv(c, block_c)
+    run = block_n * run_length(cdiv(n, block_n), b * c_blocks, wave_programs(t.device, num_warps), max_run)
+    return (c_blocks, cdiv(n, run), b), run, dict(BLOCK_N=block_n, BLOCK_C=block_c, EVEN_C=even_c)

@@ -1,89 +1,39 @@
 """token_pool: adaptive average pooling of dense tokens onto a sparse grid (FlexDiT's sparse-token generation).
 x: (B, N = h*w, C) fp32/fp16/bf16, token-major, any strides and C -> (B, M = G_h*G_w, C), AdaptiveAvgPool2d windows."""
-from typing import List, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._common import window_channels, window_reduce, window_span
 from ._dispatch import call_op, custom_op, register_autograd, use_kernel
-from ._validate import (cdiv, check_kernel_device, fits_int32, next_pow2, pool_args, pool_backward_args,
-                        sm_count)
-
-Grid = Union[int, Sequence[int]]
+from ._launch import token_plan, window_plan
+from ._validate import Grid, check_kernel_device, fits_int32, pool_args, pool_backward_args
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
-# Every kernel here and in _upsample_add puts the channel block on grid axis 0 (the fastest-launched one), so the
-# programs running at once cover whole token rows of neighbouring tokens, the sparse row or token block on axis 1
-# and the batch on axis 2. Index math inside one batch entry is int32 (IDX64 widens it when a batch entry spans
-# 2**31 elements or more) on an int64 batch base. Channels are the contiguous axis: with a unit channel stride
-# (specialised by Triton) and EVEN_C (no channel tail) loads and stores are 16-byte vectors.
-
-@triton.jit
-def _channel_offsets(pid_c, n_channels, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
-    """(offs_c, mask_c) of channel block pid_c; the mask is all-true when BLOCK_C divides C (EVEN_C)."""
-    offs_c = tl.max_contiguous(tl.multiple_of(pid_c * BLOCK_C + tl.arange(0, BLOCK_C), BLOCK_C), BLOCK_C)
-    if EVEN_C:
-        mask_c = tl.full([BLOCK_C], 1, tl.int1)
-    else:
-        mask_c = offs_c < n_channels
-    return offs_c, mask_c
-
-
-@triton.jit
-def _rect_sum(base, r0, r1, c0, c1, w, stride_n, stride_c, offs_c, mask_c,
-              BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr):
-    """fp32 sum over the tokens of rows [r0, r1) x columns [c0, c1) of a row-major token grid `w` wide, for the
-    channels offs_c: the rectangle is flattened and read as (BLOCK_T, BLOCK_C) tiles (token rows of contiguous
-    channels). Shared by token_pool's forward (pooling windows) and upsample_add's backward (children)."""
-    rect_w = c1 - c0
-    area = (r1 - r0) * rect_w
-    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    for t0 in range(0, area, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        tok = (r0 + t // rect_w) * w + (c0 + t % rect_w)
-        if IDX64:
-            tok = tok.to(tl.int64)
-        ptrs = base + tok[:, None] * stride_n + offs_c[None, :] * stride_c
-        acc += tl.load(ptrs, mask=(t < area)[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-    return tl.sum(acc, axis=0)
-
+# Grid: channel block on axis 0 (the fastest-launched one, so programs running at once cover whole token rows), a
+# run of windows or of dense tokens on axis 1, the batch on axis 2. The window helpers are shared with
+# upsample_add's backward, whose children rectangles are windows too.
 
 @triton.jit
 def _token_pool_fwd_kernel(
     X, OUT,
-    h, w, grid_h, grid_w, n_channels, windows_per_program,
+    h, w, grid_h, grid_w, n_channels, windows_per_program, max_rows, max_cols,
     stride_x_b, stride_x_n, stride_x_c,
     stride_out_b, stride_out_m, stride_out_c,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
+    TILED: tl.constexpr, IDX64: tl.constexpr,
 ):
-    """Program (channel block, run of windows_per_program windows of window row i, batch), one window after the
-    other. With the whole row (large grids) a program reads the band of token rows floor(i*h/G_h) ..
-    ceil((i+1)*h/G_h) - 1 once, tens of KB at DiT sizes; small grids split rows so that the GPU stays busy."""
-    offs_c, mask_c = _channel_offsets(tl.program_id(0), n_channels, BLOCK_C, EVEN_C)
-    n_runs = (grid_w + windows_per_program - 1) // windows_per_program
-    i = tl.program_id(1) // n_runs
-    j_start = (tl.program_id(1) % n_runs) * windows_per_program
-    j_end = tl.minimum(j_start + windows_per_program, grid_w)
-    b = tl.program_id(2).to(tl.int64)
-    x_base = X + b * stride_x_b
-    out_base = OUT + b * stride_out_b
-    # AdaptiveAvgPool2d window: [floor(i*h/G), ceil((i+1)*h/G)) on each axis.
-    r0 = (i * h) // grid_h
-    r1 = ((i + 1) * h + grid_h - 1) // grid_h
-    for j in range(j_start, j_end):
-        c0 = (j * w) // grid_w
-        c1 = ((j + 1) * w + grid_w - 1) // grid_w
-        total = _rect_sum(x_base, r0, r1, c0, c1, w, stride_x_n, stride_x_c, offs_c, mask_c,
-                          BLOCK_T, BLOCK_C, IDX64)
-        mean = total / ((r1 - r0) * (c1 - c0)).to(tl.float32)
-        m = i * grid_w + j
-        if IDX64:
-            m = m.to(tl.int64)
-        tl.store(out_base + m * stride_out_m + offs_c * stride_out_c, mean.to(OUT.dtype.element_ty), mask=mask_c)
+    """Program (channel block, run of windows_per_program windows in row-major order, batch): each window's mean.
+    TILED (windows of at most max_rows x max_cols tokens): BLOCK_W windows per tile; else one window at a time."""
+    window_reduce(X, OUT, tl.program_id(2).to(tl.int64), tl.program_id(0), tl.program_id(1), h, w, grid_h, grid_w,
+                  n_channels, windows_per_program, max_rows, max_cols, stride_x_b, stride_x_n, stride_x_c,
+                  stride_out_b, stride_out_m, stride_out_c,
+                  BLOCK_W, BLOCK_T, BLOCK_C, EVEN_C, TILED, CHILDREN=False, MEAN=True, IDX64=IDX64)
 
 
 @triton.jit
@@ -98,7 +48,7 @@ def _token_pool_bwd_kernel(
     a gather so no atomics are needed: with G <= h consecutive windows overlap by at most one row, so row r lies in
     windows floor(r*G/h) .. ceil((r+1)*G/h) - 1, at most two; a token sums the gradients of at most 2x2 windows,
     each divided by that window's area. The gradient rows it gathers are few (M << N) and stay in cache."""
-    offs_c, mask_c = _channel_offsets(tl.program_id(0), n_channels, BLOCK_C, EVEN_C)
+    offs_c, mask_c = window_channels(tl.program_id(0), n_channels, BLOCK_C, EVEN_C)
     start = tl.program_id(1) * tokens_per_program
     b = tl.program_id(2).to(tl.int64)
     dout_base = DOUT + b * stride_dout_b
@@ -117,13 +67,13 @@ def _token_pool_bwd_kernel(
         for di in tl.static_range(2):
             i = i_lo + di
             row_ok = (i <= i_hi) & mask_n
-            size_r = ((i + 1) * h + grid_h - 1) // grid_h - (i * h) // grid_h
+            r0, r1 = window_span(i, h, grid_h, False)
             for dj in tl.static_range(2):
                 j = j_lo + dj
                 ok = row_ok & (j <= j_hi)
-                size_c = ((j + 1) * w + grid_w - 1) // grid_w - (j * w) // grid_w
-                # Masked-off lanes may hold i = grid_h or j = grid_w; their size is still positive, nothing is loaded.
-                scale = 1.0 / (size_r * size_c).to(tl.float32)
+                c0, c1 = window_span(j, w, grid_w, False)
+                # Masked-off lanes may hold i = grid_h or j = grid_w; their area is still positive, nothing is loaded.
+                scale = 1.0 / ((r1 - r0) * (c1 - c0)).to(tl.float32)
                 m = i * grid_w + j
                 if IDX64:
                     m = m.to(tl.int64)
@@ -141,41 +91,12 @@ def _token_pool_bwd_kernel(
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
 
-# NOTE: tile sizes are unmeasured on a GPU. The reasoning: a channel block of 256 (or 128, so that C = 1152 is 9
-# whole blocks) is 256-512 B of one token row in bf16, whole 32-B sectors, read as 16-B vectors; tiles of at most
-# 4096 elements keep 4 warps at 32 fp32 accumulators per thread; a program moves the windows of a sparse row (forward:
-# a band of token rows) or up to 128 tokens (backward), tens of KB, and both runs shrink until the grid has about 8
-# programs per SM, so that small batches and grids still fill the GPU.
-_TILE = 4096
+# NOTE: tiles give each thread one 16-byte vector per load (`channel_tile`: (4, 128) in fp32, (8, 128) in bf16 at
+# C = 1152 on 4 warps), which keeps registers low in every dtype (sm_90 static report: backward fp32 130 -> 32
+# registers with triton 3.6, 113 -> 32 with 3.9) and the grid as fine as 16-byte accesses allow; runs of tiles per
+# program grow only while the grid keeps 4 waves of programs (`wave_programs`). The forward is `window_plan`'s
+# window reduction, shared with upsample_add's backward.
 _NUM_WARPS = 4
-_MAX_RUN = 128
-_PROGRAMS_PER_SM = 8
-
-
-def channel_block(n_channels: int) -> Tuple[int, bool]:
-    """(BLOCK_C, EVEN_C): 256 when it divides C, else 128 (C >= 128), else C rounded up to a power of two."""
-    if n_channels % 256 == 0:
-        block = 256
-    elif n_channels >= 128:
-        block = 128
-    else:
-        block = max(16, next_pow2(n_channels))
-    return block, n_channels % block == 0
-
-
-def token_run(n_items: int, block: int, programs_per_run: int, device: torch.device, max_run: int = _MAX_RUN) -> int:
-    """Items (tokens, or windows of a sparse row) per program: up to max_run, at least `block`, halved while the
-    grid (programs_per_run programs per run of items) has fewer than _PROGRAMS_PER_SM programs per SM."""
-    run = max(block, min(max_run, next_pow2(n_items)))
-    target = _PROGRAMS_PER_SM * sm_count(device)
-    while run > block and programs_per_run * cdiv(n_items, run) < target:
-        run //= 2
-    return run
-
-
-def _max_window(size: int, out: int) -> int:
-    """An upper bound on AdaptiveAvgPool's window length: ceil(size/out), plus one when out does not divide size."""
-    return -(-size // out) + (size % out != 0)
 
 
 def _token_pool_fwd(x: torch.Tensor, h: int, w: int, gh: int, gw: int) -> torch.Tensor:
@@ -183,15 +104,12 @@ def _token_pool_fwd(x: torch.Tensor, h: int, w: int, gh: int, gw: int) -> torch.
     out = torch.empty((b, gh * gw, c), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
-    block_c, even_c = channel_block(c)
-    block_t = max(1, min(next_pow2(_max_window(h, gh) * _max_window(w, gw)), _TILE // block_c))
-    c_blocks = cdiv(c, block_c)
-    run = token_run(gw, 1, c_blocks * gh * b, x.device, max_run=gw)
-    _token_pool_fwd_kernel[(c_blocks, gh * cdiv(gw, run), b)](
-        x, out, h, w, gh, gw, c, run,
+    p = window_plan(x, h, w, gh, gw, children=False, num_warps=_NUM_WARPS)
+    _token_pool_fwd_kernel[p.grid](
+        x, out, h, w, gh, gw, c, p.run, p.max_rows, p.max_cols,
         x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_T=block_t, BLOCK_C=block_c, EVEN_C=even_c, IDX64=not fits_int32(x, out), num_warps=_NUM_WARPS,
+        **p.meta, IDX64=not fits_int32(x, out), num_warps=_NUM_WARPS,
     )
     return out
 
@@ -202,15 +120,12 @@ def _token_pool_bwd(grad_out: torch.Tensor, h: int, w: int, gh: int, gw: int) ->
     dx = torch.empty((b, n, c), device=grad_out.device, dtype=grad_out.dtype)
     if dx.numel() == 0:
         return dx
-    block_c, even_c = channel_block(c)
-    block_n = min(_TILE // block_c, next_pow2(n))
-    c_blocks = cdiv(c, block_c)
-    run = token_run(n, block_n, b * c_blocks, grad_out.device)
-    _token_pool_bwd_kernel[(c_blocks, cdiv(n, run), b)](
+    grid, run, meta = token_plan(dx, _NUM_WARPS)
+    _token_pool_bwd_kernel[grid](
         grad_out, dx, h, w, gh, gw, n, c, run,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dx.stride(0), dx.stride(1), dx.stride(2),
-        BLOCK_N=block_n, BLOCK_C=block_c, EVEN_C=even_c, IDX64=not fits_int32(grad_out, dx), num_warps=_NUM_WARPS,
+        **meta, IDX64=not fits_int32(grad_out, dx), num_warps=_NUM_WARPS,
     )
     return dx
 

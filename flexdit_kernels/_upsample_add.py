@@ -6,16 +6,17 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import window_channels, window_reduce
 from ._dispatch import call_op, custom_op, register_autograd, use_kernel
-from ._token_pool import Grid, _channel_offsets, _rect_sum, channel_block, token_run
-from ._validate import cdiv, check_kernel_device, fits_int32, next_pow2, upsample_args, upsample_backward_args
+from ._launch import token_plan, window_plan
+from ._validate import Grid, check_kernel_device, fits_int32, upsample_args, upsample_backward_args
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------------------------
-# Grid axes as in _token_pool: channel block on axis 0, tokens or sparse rows on axis 1, batch on axis 2; int32
-# index math on an int64 batch base.
+# Grid as token_pool's: channel block on axis 0, a run of dense tokens or of sparse tokens on axis 1, the batch on
+# axis 2; int32 index math on an int64 batch base.
 
 @triton.jit
 def _upsample_add_fwd_kernel(
@@ -29,7 +30,7 @@ def _upsample_add_fwd_kernel(
     """Program (channel block, run of tokens_per_program dense tokens, batch), BLOCK_N tokens at a time: read each
     dense token and its parent, write the sum. Parents repeat across neighbouring tokens and the sparse tensor is
     small (M << N), so its reads hit the cache; dense and out cross memory once."""
-    offs_c, mask_c = _channel_offsets(tl.program_id(0), n_channels, BLOCK_C, EVEN_C)
+    offs_c, mask_c = window_channels(tl.program_id(0), n_channels, BLOCK_C, EVEN_C)
     start = tl.program_id(1) * tokens_per_program
     b = tl.program_id(2).to(tl.int64)
     s_base = SPARSE + b * stride_s_b
@@ -55,44 +56,28 @@ def _upsample_add_fwd_kernel(
 @triton.jit
 def _upsample_add_bwd_kernel(
     DOUT, DSPARSE,
-    h, w, grid_h, grid_w, n_channels, windows_per_program,
+    h, w, grid_h, grid_w, n_channels, windows_per_program, max_rows, max_cols,
     stride_dout_b, stride_dout_n, stride_dout_c,
     stride_ds_b, stride_ds_m, stride_ds_c,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
+    TILED: tl.constexpr, IDX64: tl.constexpr,
 ):
-    """Program (channel block, run of windows_per_program sparse tokens of sparse row I, batch): each sparse token
-    (I, J) sums its children, so no atomics are needed. The children of (I, J) are the rectangle rows
-    ceil(I*h/G_h) .. ceil((I+1)*h/G_h) - 1, same for columns; a whole row's rectangles tile a band of token rows,
-    read once."""
-    offs_c, mask_c = _channel_offsets(tl.program_id(0), n_channels, BLOCK_C, EVEN_C)
-    n_runs = (grid_w + windows_per_program - 1) // windows_per_program
-    i = tl.program_id(1) // n_runs
-    j_start = (tl.program_id(1) % n_runs) * windows_per_program
-    j_end = tl.minimum(j_start + windows_per_program, grid_w)
-    b = tl.program_id(2).to(tl.int64)
-    dout_base = DOUT + b * stride_dout_b
-    ds_base = DSPARSE + b * stride_ds_b
-    r0 = (i * h + grid_h - 1) // grid_h
-    r1 = ((i + 1) * h + grid_h - 1) // grid_h
-    for j in range(j_start, j_end):
-        c0 = (j * w + grid_w - 1) // grid_w
-        c1 = ((j + 1) * w + grid_w - 1) // grid_w
-        total = _rect_sum(dout_base, r0, r1, c0, c1, w, stride_dout_n, stride_dout_c, offs_c, mask_c,
-                          BLOCK_T, BLOCK_C, IDX64)
-        m = i * grid_w + j
-        if IDX64:
-            m = m.to(tl.int64)
-        tl.store(ds_base + m * stride_ds_m + offs_c * stride_ds_c, total.to(DSPARSE.dtype.element_ty), mask=mask_c)
+    """Program (channel block, run of windows_per_program sparse tokens in row-major order, batch): each sparse
+    token (I, J) sums the gradients of its children, so no atomics are needed. The children of (I, J) are the
+    rectangle rows ceil(I*h/G_h) .. ceil((I+1)*h/G_h) - 1, same for columns: token_pool's window reduction with
+    that window rule and no division."""
+    window_reduce(DOUT, DSPARSE, tl.program_id(2).to(tl.int64), tl.program_id(0), tl.program_id(1), h, w, grid_h,
+                  grid_w, n_channels, windows_per_program, max_rows, max_cols, stride_dout_b, stride_dout_n,
+                  stride_dout_c, stride_ds_b, stride_ds_m, stride_ds_c,
+                  BLOCK_W, BLOCK_T, BLOCK_C, EVEN_C, TILED, CHILDREN=True, MEAN=False, IDX64=IDX64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------------------------
 
-# NOTE: tile sizes are unmeasured on a GPU; the reasoning is _token_pool's: channel blocks of 128-256, tiles of at
-# most 4096 elements on 4 warps, up to 128 tokens (forward: 64 KB read and written in bf16 at C-block 128) or the
-# children of a sparse row (backward: a band of token rows) per program, fewer while the grid is small.
-_TILE = 4096
+# NOTE: tiles as token_pool's (one 16-byte vector per thread per load, `token_plan`), runs of tiles per program
+# only while the grid keeps 4 waves of programs; the backward is `window_plan`'s window reduction.
 _NUM_WARPS = 4
 
 
@@ -101,17 +86,13 @@ def _upsample_add_fwd(sparse: torch.Tensor, dense: torch.Tensor, h: int, w: int,
     out = torch.empty((b, n, c), device=dense.device, dtype=dense.dtype)
     if out.numel() == 0:
         return out
-    block_c, even_c = channel_block(c)
-    block_n = min(_TILE // block_c, next_pow2(n))
-    c_blocks = cdiv(c, block_c)
-    run = token_run(n, block_n, b * c_blocks, dense.device)
-    _upsample_add_fwd_kernel[(c_blocks, cdiv(n, run), b)](
+    grid, run, meta = token_plan(out, _NUM_WARPS)
+    _upsample_add_fwd_kernel[grid](
         sparse, dense, out, h, w, gh, gw, n, c, run,
         sparse.stride(0), sparse.stride(1), sparse.stride(2),
         dense.stride(0), dense.stride(1), dense.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_N=block_n, BLOCK_C=block_c, EVEN_C=even_c, IDX64=not fits_int32(sparse, dense, out),
-        num_warps=_NUM_WARPS,
+        **meta, IDX64=not fits_int32(sparse, dense, out), num_warps=_NUM_WARPS,
     )
     return out
 
@@ -121,17 +102,12 @@ def _upsample_add_bwd(grad_out: torch.Tensor, h: int, w: int, gh: int, gw: int) 
     ds = torch.empty((b, gh * gw, c), device=grad_out.device, dtype=grad_out.dtype)
     if ds.numel() == 0:
         return ds
-    block_c, even_c = channel_block(c)
-    # Children rectangles have sides ceil(size/G) or floor(size/G): take the largest area.
-    max_area = -(-h // gh) * -(-w // gw)
-    block_t = max(1, min(next_pow2(max_area), _TILE // block_c))
-    c_blocks = cdiv(c, block_c)
-    run = token_run(gw, 1, c_blocks * gh * b, grad_out.device, max_run=gw)
-    _upsample_add_bwd_kernel[(c_blocks, gh * cdiv(gw, run), b)](
-        grad_out, ds, h, w, gh, gw, c, run,
+    p = window_plan(grad_out, h, w, gh, gw, children=True, num_warps=_NUM_WARPS)
+    _upsample_add_bwd_kernel[p.grid](
+        grad_out, ds, h, w, gh, gw, c, p.run, p.max_rows, p.max_cols,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         ds.stride(0), ds.stride(1), ds.stride(2),
-        BLOCK_T=block_t, BLOCK_C=block_c, EVEN_C=even_c, IDX64=not fits_int32(grad_out, ds), num_warps=_NUM_WARPS,
+        **p.meta, IDX64=not fits_int32(grad_out, ds), num_warps=_NUM_WARPS,
     )
     return ds
 

@@ -7,6 +7,7 @@ from ._dispatch import interpreting
 from ._launch import cdiv, next_pow2, sm_count  # noqa: F401  (re-exported for the launchers)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+Grid = Union[int, Sequence[int]]     # a grid side `G` or sides `(G_h, G_w)`, as the pooling ops take them
 
 
 def check_tensor(name: str, t, ndim: int, dtypes=FLOAT_DTYPES) -> None:

@@ -28,3 +28,10 @@ def kernel_params(ids):
     """pytest params (case, dtype, atol, rtol), named by `ids(case)` and the dtype."""
     return [pytest.param(case, *dt, id=f"{ids(case)}-{str(dt[0])[6:]}")
             for k, case in enumerate(CASES) for dt in DTYPES if dt[0] == torch.float32 or k in FP16_CASES]
+
+
+def patch_sm_count(monkeypatch, sms: int) -> None:
+    """Make the launchers size their grids for a device of `sms` SMs (0: no grid is too small, runs are longest)."""
+    from flexdit_kernels import _launch
+    limits = _launch.device_limits(None)._replace(sm_count=sms)
+    monkeypatch.setattr(_launch, "device_limits", lambda device=None: limits)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from flexdit_kernels import token_mean, token_mean_backward_ref, token_mean_ref
 
+from .grid_cases import patch_sm_count
 from .guard import check_gaps, guard_allocations, guarded
 from .helpers import kernels_only_fixture
 
@@ -203,13 +204,13 @@ def test_guard_buffers(b, n, c, dtype, atol, rtol, kernels_only):
     torch.testing.assert_close(x.grad, ref_dx, atol=atol, rtol=rtol)
 
 
-@pytest.mark.parametrize("sms, n", [(1, 240), (1, 100), (1000, 240)],
+@pytest.mark.parametrize("sms, n", [(0, 240), (0, 100), (1000, 240)],
                          ids=["runs-of-128", "one-run-per-batch-entry", "shortest-runs"])
 def test_token_runs(monkeypatch, sms, n, kernels_only):
-    """The SM count sets the run of tokens per program. One SM: runs of 128 tokens (two BLOCK_N steps each, the last
-    run partial), or at N = 100 one run per batch entry (the forward skips the combine); many SMs: runs of one
-    BLOCK_N, many partial rows for the combine."""
-    monkeypatch.setattr(mod, "sm_count", lambda device: sms)
+    """The SM count sets the run of tokens per program. No SM to fill: runs of 128 tokens (two BLOCK_N steps each,
+    the last run partial), or at N = 100 one run per batch entry (the forward skips the combine); many SMs: runs of
+    one BLOCK_N, many partial rows for the combine."""
+    patch_sm_count(monkeypatch, sms)
     x, grad_out = _inputs(2, n, 40, 3.0, torch.float32)
     torch.testing.assert_close(mod.token_mean_fwd(x), token_mean_ref(x), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(mod.token_mean_bwd(grad_out, x), token_mean_backward_ref(grad_out, x),

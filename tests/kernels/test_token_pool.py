@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import flexdit_kernels as fk
 from flexdit_kernels import token_pool, token_pool_backward_ref, token_pool_ref
 
-from .grid_cases import DTYPES, kernel_params
+from .grid_cases import DTYPES, kernel_params, patch_sm_count
 from .guard import check_gaps, guard_allocations, guarded
 from .helpers import kernels_only_fixture
 
@@ -117,6 +117,22 @@ def test_ref_matches_adaptive_avg_pool2d(hw, grid):
     torch.testing.assert_close(token_pool_backward_ref(grad_out, hw, grid), expected_dx)
 
 
+@pytest.mark.parametrize("size, g", [(16, 6), (16, 8), (16, 10), (32, 6), (32, 10), (7, 4), (9, 1), (5, 5)])
+def test_window_plan(size, g):
+    """max_window is the longest window of either rule (the reference's windows; the children of parent_index), and
+    the plan reduces the DiT grids' windows many per tile, G = 1 and 2 one at a time."""
+    from flexdit_kernels import _launch
+    assert _launch.max_window(size, g, False) == max(b - a for a, b in mod._windows(size, g))
+    parents = fk.parent_index((1, size), (1, g)).tolist()
+    assert _launch.max_window(size, g, True) == max(parents.count(p) for p in range(g))
+    x = torch.empty(32, size * size, 1152, dtype=torch.bfloat16)
+    plan = _launch.window_plan(x, size, size, g, g, children=False, num_warps=4)
+    assert plan.meta["TILED"] == (_launch.max_window(size, g, False) ** 2 <= 64)
+    if size in (16, 32) and g >= 6:
+        assert plan.meta["TILED"] and plan.meta["BLOCK_C"] == 128 and plan.meta["BLOCK_W"] == 8   # 16-byte vectors
+    assert not _launch.window_plan(x, 32, 32, 2, 2, children=False, num_warps=4).meta["TILED"]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------------------------
@@ -209,10 +225,10 @@ def test_frames_folded_into_batch(kernels_only):
 
 @pytest.mark.parametrize("sms", [0, 3])
 def test_long_runs(monkeypatch, sms, kernels_only):
-    """Runs shrink only until the grid has 8 programs per SM. With no SM count to reach the runs are the longest: a
-    whole sparse row of 7 windows per forward program, 128 tokens per backward program (two BLOCK_N steps, the last
-    run partial); with 3 SMs the rows split into runs of 3, 3 and 1 windows."""
-    monkeypatch.setattr(mod, "sm_count", lambda device: sms)
+    """Runs of tiles grow only while the grid keeps 4 waves of programs. With no SM to fill the runs are the longest:
+    all 35 windows in one forward program (5 tiles of 8, the last partial), 128 tokens per backward program (16
+    BLOCK_N steps, the last run partial); with 3 SMs one tile per program."""
+    patch_sm_count(monkeypatch, sms)
     hw, grid, c = (12, 20), (5, 7), 40
     x, grad_out = torch.randn(2, 240, c), torch.randn(2, 35, c)
     torch.testing.assert_close(mod.token_pool_fwd(x, hw, grid), token_pool_ref(x, hw, grid))

@@ -8,12 +8,12 @@ from hypothesis import strategies as st
 
 from flexdit_kernels import upsample_add, upsample_add_backward_ref, upsample_add_ref
 
-from .grid_cases import DTYPES, kernel_params
+from .grid_cases import DTYPES, kernel_params, patch_sm_count
 from .guard import check_gaps, guard_allocations, guarded
 from .helpers import kernels_only_fixture
 
 # The package re-exports the function under the module's name, so fetch the module itself.
-from flexdit_kernels import _dispatch, _token_pool
+from flexdit_kernels import _dispatch
 from flexdit_kernels import _upsample_add as mod
 
 
@@ -229,10 +229,10 @@ def test_frames_folded_into_batch(kernels_only):
 
 @pytest.mark.parametrize("sms", [0, 3])
 def test_long_runs(monkeypatch, sms, kernels_only):
-    """Runs shrink only until the grid has 8 programs per SM. With no SM count to reach the runs are the longest: 128
-    tokens per forward program (two BLOCK_N steps, the last run partial), a whole sparse row of 7 per backward
-    program; with 3 SMs the rows split into runs of 3, 3 and 1 sparse tokens."""
-    monkeypatch.setattr(_token_pool, "sm_count", lambda device: sms)
+    """Runs of tiles grow only while the grid keeps 4 waves of programs. With no SM to fill the runs are the longest:
+    128 tokens per forward program (16 BLOCK_N steps, the last run partial), all 35 sparse tokens in one backward
+    program (5 tiles of 8, the last partial); with 3 SMs one tile per program."""
+    patch_sm_count(monkeypatch, sms)
     hw, grid, c = (12, 20), (5, 7), 40
     sparse, dense, grad_out = torch.randn(2, 35, c), torch.randn(2, 240, c), torch.randn(2, 240, c)
     torch.testing.assert_close(mod.upsample_add_fwd(sparse, dense, hw, grid),

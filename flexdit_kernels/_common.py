@@ -1,0 +1,118 @@
+"""Shared `@triton.jit` helpers of the kernel modules, by section; each section serves one family of kernels.
+Helpers take and return register tiles (fp32 unless said otherwise); none launches anything."""
+import triton
+import triton.language as tl
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Windows: rectangles of a row-major token grid (token_pool and upsample_add)
+# ----------------------------------------------------------------------------------------------------------------
+# A window of the G_h x G_w sparse grid is a rectangle of the h x w token grid: AdaptiveAvgPool2d's averaging window
+# (token_pool) or the dense tokens whose `nearest` parent it is (upsample_add's backward). Channels are the
+# contiguous axis: with a unit channel stride (specialised by Triton) and EVEN_C (no channel tail) every access is a
+# 16-byte vector. Index math is int32 inside one batch entry (IDX64 widens it) on an int64 batch base.
+
+@triton.jit
+def window_channels(pid_c, n_channels, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
+    """(offs_c, mask_c) of channel block pid_c; the mask is all-true when BLOCK_C divides C (EVEN_C)."""
+    offs_c = tl.max_contiguous(tl.multiple_of(pid_c * BLOCK_C + tl.arange(0, BLOCK_C), BLOCK_C), BLOCK_C)
+    if EVEN_C:
+        mask_c = tl.full([BLOCK_C], 1, tl.int1)
+    else:
+        mask_c = offs_c < n_channels
+    return offs_c, mask_c
+
+
+@triton.jit
+def window_span(idx, size, n_windows, CHILDREN: tl.constexpr):
+    """[start, end) of window idx along one axis of `size` tokens cut into n_windows: AdaptiveAvgPool's
+    floor(i*size/G) .. ceil((i+1)*size/G) (windows may overlap), or with CHILDREN the tokens whose nearest parent
+    floor(t*G/size) is i, ceil(i*size/G) .. ceil((i+1)*size/G) (a partition)."""
+    if CHILDREN:
+        start = (idx * size + n_windows - 1) // n_windows
+    else:
+        start = (idx * size) // n_windows
+    end = ((idx + 1) * size + n_windows - 1) // n_windows
+    return start, end
+
+
+@triton.jit
+def window_tile_sum(base, offs_m, mask_m, h, w, grid_h, grid_w, max_rows, max_cols, stride_n, stride_c,
+                    offs_c, mask_c, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, CHILDREN: tl.constexpr,
+                    IDX64: tl.constexpr):
+    """Small windows, many per tile: the fp32 (BLOCK_W, BLOCK_C) sums of windows offs_m (row-major on the sparse
+    grid) and their areas. One pass over the window positions (dr, dc) < (max_rows, max_cols) loads one token row
+    per window at each step and adds it in registers: no reduction across threads, no barrier."""
+    r0, r1 = window_span(offs_m // grid_w, h, grid_h, CHILDREN)
+    c0, c1 = window_span(offs_m % grid_w, w, grid_w, CHILDREN)
+    acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
+    for dr in range(0, max_rows):
+        row_ok = mask_m & (r0 + dr < r1)
+        for dc in range(0, max_cols):
+            ok = row_ok & (c0 + dc < c1)
+            tok = (r0 + dr) * w + c0 + dc
+            if IDX64:
+                tok = tok.to(tl.int64)
+            ptrs = base + tok[:, None] * stride_n + offs_c[None, :] * stride_c
+            acc += tl.load(ptrs, mask=ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+    return acc, (r1 - r0) * (c1 - c0)
+
+
+@triton.jit
+def window_sum(base, m, h, w, grid_h, grid_w, stride_n, stride_c, offs_c, mask_c,
+               BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CHILDREN: tl.constexpr, IDX64: tl.constexpr):
+    """Large windows, one at a time: the fp32 (BLOCK_C,) sum of window m and its area. The rectangle is flattened
+    and read as (BLOCK_T, BLOCK_C) tiles (token rows of contiguous channels), reduced once at the end."""
+    r0, r1 = window_span(m // grid_w, h, grid_h, CHILDREN)
+    c0, c1 = window_span(m % grid_w, w, grid_w, CHILDREN)
+    rect_w = c1 - c0
+    area = (r1 - r0) * rect_w
+    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for t0 in range(0, area, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        tok = (r0 + t // rect_w) * w + (c0 + t % rect_w)
+        if IDX64:
+            tok = tok.to(tl.int64)
+        ptrs = base + tok[:, None] * stride_n + offs_c[None, :] * stride_c
+        acc += tl.load(ptrs, mask=(t < area)[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+    return tl.sum(acc, axis=0), area
+
+
+@triton.jit
+def window_reduce(X, OUT, b, pid_c, pid_m, h, w, grid_h, grid_w, n_channels, windows_per_program,
+                  max_rows, max_cols, stride_x_b, stride_x_n, stride_x_c, stride_out_b, stride_out_m, stride_out_c,
+                  BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
+                  TILED: tl.constexpr, CHILDREN: tl.constexpr, MEAN: tl.constexpr, IDX64: tl.constexpr):
+    """One program of a window reduction: windows [pid_m * windows_per_program, +windows_per_program) of batch
+    entry b, channel block pid_c, each summed over its tokens (divided by its area with MEAN) into OUT row m. TILED:
+    BLOCK_W small windows per tile (`window_tile_sum`); otherwise one window at a time (`window_sum`)."""
+    offs_c, mask_c = window_channels(pid_c, n_channels, BLOCK_C, EVEN_C)
+    x_base = X + b * stride_x_b
+    out_base = OUT + b * stride_out_b
+    start = pid_m * windows_per_program
+    end = tl.minimum(start + windows_per_program, grid_h * grid_w)
+    if TILED:
+        for m0 in range(start, end, BLOCK_W):
+            offs_m = m0 + tl.arange(0, BLOCK_W)
+            mask_m = offs_m < end
+            total, area = window_tile_sum(x_base, offs_m, mask_m, h, w, grid_h, grid_w, max_rows, max_cols,
+                                          stride_x_n, stride_x_c, offs_c, mask_c, BLOCK_W, BLOCK_C, CHILDREN, IDX64)
+            if MEAN:
+                # Masked-off windows have a positive area too (their bounds are those of a real window's formula).
+                total = total / area.to(tl.float32)[:, None]
+            m = offs_m
+            if IDX64:
+                m = m.to(tl.int64)
+            tl.store(out_base + m[:, None] * stride_out_m + offs_c[None, :] * stride_out_c,
+                     total.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
+    else:
+        for m in range(start, end):
+            total, area = window_sum(x_base, m, h, w, grid_h, grid_w, stride_x_n, stride_x_c, offs_c, mask_c,
+                                     BLOCK_T, BLOCK_C, CHILDREN, IDX64)
+            if MEAN:
+                total = total / area.to(tl.float32)
+            row = m
+            if IDX64:
+                row = row.to(tl.int64)
+            tl.store(out_base + row * stride_out_m + offs_c * stride_out_c, total.to(OUT.dtype.element_ty),
+                     mask=mask_c)
