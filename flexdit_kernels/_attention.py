@@ -399,9 +399,10 @@ ROUTES: Tuple[Route, ...] = (
 )
 
 # NOTE: dtypes that go to PyTorch SDPA at every shape on the Triton backend. fp32 inputs get true fp32 products
-# (`ieee` dots), which have no tensor-core instruction: compiled for sm_90 and sm_80 (triton 3.6 and 3.9) every fp32
-# attention kernel gets 20-74 KB of spill or stack per thread, and few-keys at 128 keys needs 196,608 B of shared
-# memory (over an A100 block's 166,912 B). The fp32 kernels stay for `_dispatch.triton_only()` and the tests.
+# (`ieee` dots), which have no tensor-core instruction: compiled for sm_90 (triton 3.9, D = 72) the fp32 kernels spill
+# 4-65 KB per thread (ptxas leaves most of them 32 registers), and few-keys at 128 keys needs 196,608 B of shared
+# memory, the fused backward 196,864 B (over an A100 block's 166,912 B: `_fitted` halves their query tile there).
+# The fp32 kernels stay for `_dispatch.triton_only()` and the tests.
 SDPA_DTYPES: Tuple[torch.dtype, ...] = (torch.float32,)
 
 
