@@ -16,15 +16,19 @@ setup(
         "numpy",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "fvcore"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "fvcore", "scipy", "torchmetrics"],
         "bench": ["fvcore", "matplotlib", "tqdm"],
         "diffusers": ["diffusers", "transformers", "safetensors"],
+        "cli": ["tqdm", "pillow"],   # progress bars; PNG, GIF and grid output of flexdit-sample --vae
+        # flexdit-eval: Inception (torch-fidelity), PSNR/SSIM/LPIPS (torchmetrics + torchvision), FVD (cd-fvd)
+        "eval": ["torch-fidelity>=0.4", "torchmetrics>=1.4", "torchvision", "scipy", "pillow", "cd-fvd"],
     },
     entry_points={
         "console_scripts": [
             "flexdit-bench=bench.__main__:main",
             "flexdit-sample=flexdit.sample:main",
             "flexdit-finetune=flexdit.train:main",
+            "flexdit-eval=flexdit.eval:main",
         ],
     },
 )

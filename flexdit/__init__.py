@@ -1,7 +1,7 @@
 """FlexDiT: Diffusion Transformers with dynamic token density (arXiv 2412.06028)."""
 from . import diffusion
-from .checkpoint import (check_state_dict, load_dit_checkpoint, load_flexdit, load_state_dict_strict,
-                         read_checkpoint, save_flexdit)
+from .checkpoint import (check_state_dict, load_dit_checkpoint, load_flexdit, load_model, load_state_dict_strict,
+                         model_config, read_checkpoint, save_flexdit)
 from .convert import flex_pixart_from_pixart, from_dit, map_dense_state_dict
 from .diffusers_convert import (dit_from_diffusers, dit_state_dict_from_diffusers, pixart_config_from_diffusers,
                                 pixart_from_diffusers, pixart_state_dict_from_diffusers, use_diffusers_timesteps_)
@@ -12,6 +12,7 @@ from .patch import FlexPatch, apply_patch, is_patched, remove_patch
 from .pixart import FlexPixArt, FlexPixArt_models, PixArt, PixArt_models, PixArtConfig, create_pixart
 from .plan import Plan, parse_grid
 from .router import FlexLayer, RouteState, set_fused
+from .save import load_patched, save_patched
 from .schedule import DensitySchedule
 from .video import FlexLatte, FlexLatteConfig
 
@@ -20,13 +21,14 @@ __version__ = "0.1.0"
 __all__ = [
     # models, conversion, checkpoints
     "DiT", "FlexDiT", "FlexDiTConfig", "DiT_models", "FlexDiT_models", "create_model", "flexdit_config",
-    "from_dit", "map_dense_state_dict", "load_dit_checkpoint", "load_flexdit", "save_flexdit", "read_checkpoint",
+    "from_dit", "map_dense_state_dict", "load_model", "model_config", "load_dit_checkpoint", "load_flexdit",
+    "save_flexdit", "read_checkpoint",
     "load_state_dict_strict", "check_state_dict",
     # density schedule, diffusion, sampling
     "DensitySchedule", "diffusion", "GaussianDiffusion", "create_diffusion", "sample_latents",
     # patching models in place; PixArt-α
     "Plan", "parse_grid", "FlexLayer", "RouteState", "set_fused",
-    "apply_patch", "remove_patch", "is_patched", "FlexPatch",
+    "apply_patch", "remove_patch", "is_patched", "FlexPatch", "save_patched", "load_patched",
     "dit_from_diffusers", "dit_state_dict_from_diffusers", "use_diffusers_timesteps_",
     "FlexLatte", "FlexLatteConfig",
     "PixArt", "FlexPixArt", "PixArtConfig", "PixArt_models", "FlexPixArt_models", "create_pixart",

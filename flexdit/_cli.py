@@ -1,5 +1,6 @@
 """Pieces shared by the command-line tools (`flexdit-sample`, `flexdit-finetune`, `python -m flexdit.data`):
-model loading, the density-schedule flags, devices and torchrun, precision and kernel backend, and the error
+model loading through `flexdit.checkpoint.load_model` with errors naming the flags, the output folder check, the
+density-schedule flags, devices and torchrun, precision and kernel backend, and the error
 convention (a bad argument, file or device ends the run with one line `prog: error: ...` and exit status 2)."""
 from __future__ import annotations
 
@@ -8,15 +9,15 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Mapping
 
 import torch
 
+from .checkpoint import model_config
 from .schedule import DensitySchedule
 
 __all__ = ["build_model", "model_config", "parse_model_args", "schedule_from_args", "add_schedule_args",
-           "sample_seed", "DistContext", "resolve_device", "add_device_args", "backend_context", "autocast_context",
-           "usage_errors", "fail"]
+           "sample_seed", "check_out_dir", "DistContext", "resolve_device", "add_device_args", "backend_context",
+           "autocast_context", "usage_errors", "fail"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -68,135 +69,10 @@ def resolve_device(text: str | None, local_rank: int = 0) -> torch.device:
 # Model loading
 # ---------------------------------------------------------------------------------------------------------------
 
-def _looks_like_flexdit(state_dict: Mapping) -> bool:
-    """A FlexDiT state dict has split attention projections or recovery fusions that a dense DiT lacks."""
-    return any(".attn.kv." in k or ".attn.v." in k or ".fuse_sparse." in k for k in state_dict)
-
-
-def _size_of(state_dict: Mapping) -> str:
-    """ "depth 28, hidden 1152" for a DiT-like state dict (empty when it cannot tell)."""
-    blocks = {k.split(".")[1] for k in state_dict if k.startswith("blocks.") and k.count(".") > 1}
-    pos = state_dict.get("pos_embed")
-    hidden = f", hidden {pos.shape[-1]}" if isinstance(pos, torch.Tensor) and pos.ndim >= 1 else ""
-    return f"depth {len(blocks)}{hidden}" if blocks else ""
-
-
-def _fit_error(err: ValueError, what: str, state_dict: Mapping, model_cfg: Mapping) -> ValueError:
-    """One line: the file, the sizes when they differ (the usual cause), then the key check's summary."""
-    have = _size_of(state_dict)
-    want = f"depth {model_cfg.get('depth')}, hidden {model_cfg.get('hidden_size')}"
-    size = f" holds a model of {have}, the model built has {want} (check --model/--model-args);" \
-        if have and have != want else ""
-    return ValueError(f"{what}{size or ':'} {err}")
-
-
 def build_model(name: str, ckpt=None, weights: str = "ema", **overrides):
-    """A DiT ("DiT-XL/2") or FlexDiT ("FlexDiT-XL/2") from a registry name, with weights from `ckpt`:
-
-    - None: random initialisation (smoke tests);
-    - a FlexDiT checkpoint with a "config" entry (`save_flexdit`, or a `flexdit-finetune` checkpoint; `weights`
-      picks its "ema" or "model" weights): the config comes from the file and `overrides` are ignored;
-    - a plain state dict (`.pt` / `.safetensors`) of a dense DiT: loaded into the DiT, or, for a FlexDiT name,
-      converted by the paper's weight mapping (`from_dit`); a plain FlexDiT state dict is loaded as is.
-    Returns (model, source) where source says which case applied. Every problem is a one-line ValueError naming
-    the file.
-    """
-    from . import checkpoint
-    from .convert import from_dit
-    from .models import FlexDiT, create_model, flexdit_config
-
-    if name == "FlexLatte":
-        return _build_latte(ckpt, weights, **overrides)
-    flex = name.startswith("FlexDiT")
-    if ckpt is None:
-        return create_model(name, **overrides), "random initialisation"
-    what = f"checkpoint {os.fspath(ckpt)!r}"
-    obj = checkpoint.read_checkpoint(ckpt)
-    if isinstance(obj, Mapping) and "config" in obj:
-        key = weights if weights in obj else "model"
-        if not isinstance(obj.get(key), Mapping):
-            raise ValueError(f"{what} has no {weights!r} or 'model' weights")
-        if obj.get("arch", "FlexDiT") == "FlexDiT":
-            if not flex:
-                raise ValueError(f"{what} is a FlexDiT checkpoint; use a FlexDiT-* model name")
-            model = FlexDiT(checkpoint.config_from_dict(obj["config"], what))
-            checkpoint.load_state_dict_strict(model, obj[key], what=what)
-            return model, f"FlexDiT checkpoint ({key} weights)"
-        # a dense training checkpoint of flexdit-finetune: its config gives the DiT's size
-        if not isinstance(obj["config"], Mapping):
-            raise ValueError(f"{what}: 'config' must be a dict")
-        overrides = {**obj["config"], **overrides}
-        state_dict = obj[key]
-        source = f"dense DiT training checkpoint ({key} weights)"
-    else:
-        state_dict = checkpoint.load_dit_checkpoint(ckpt)
-        source = "dense DiT checkpoint"
-    if not flex:
-        model = create_model(name, **overrides)
-        try:
-            checkpoint.load_state_dict_strict(model, state_dict, what="the state dict")
-        except ValueError as err:
-            raise _fit_error(err, what, state_dict, dict(depth=len(model.blocks),
-                                                         hidden_size=model.pos_embed.shape[-1])) from None
-        return model, source
-    config = flexdit_config(name, **overrides)
-    model_cfg = dict(depth=config.depth, hidden_size=config.hidden_size)
-    if not _looks_like_flexdit(state_dict):
-        try:
-            return from_dit(state_dict, config), source + " converted to FlexDiT"
-        except ValueError as err:
-            raise _fit_error(err, what, state_dict, model_cfg) from None
-    model = FlexDiT(config)
-    try:
-        checkpoint.load_state_dict_strict(model, state_dict, what="the FlexDiT state dict")
-    except ValueError as err:
-        raise _fit_error(err, what, state_dict, model_cfg) from None
-    return model, "FlexDiT state dict"
-
-
-def _build_latte(ckpt, weights: str, **overrides):
-    """A `FlexLatte` (class-conditional video FlexDiT on diffusers' Latte): random (overrides: FlexLatteConfig
-    fields, `transformer` a diffusers config dict), from a diffusers Latte folder (`from_pretrained`, local), or
-    from a `flexdit-finetune` checkpoint of one."""
-    from . import checkpoint
-    from .video import FlexLatte, FlexLatteConfig
-
-    if ckpt is None:
-        return FlexLatte(FlexLatteConfig(**overrides)), "random initialisation"
-    what = f"checkpoint {os.fspath(ckpt)!r}"
-    if os.path.isdir(ckpt):
-        import diffusers
-        try:
-            host = diffusers.LatteTransformer3DModel.from_pretrained(ckpt, local_files_only=True)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{what}: not a diffusers LatteTransformer3DModel folder ({e})") from None
-        host_config = {k: v for k, v in host.config.items() if not k.startswith("_")}
-        config = FlexLatteConfig(**{**overrides, "transformer": host_config})
-        return FlexLatte(config, host), "diffusers Latte"
-    obj = checkpoint.read_checkpoint(ckpt)
-    if not isinstance(obj, Mapping) or obj.get("arch") != "FlexLatte" or not isinstance(obj.get("config"), Mapping):
-        raise ValueError(f"{what} is not a FlexLatte checkpoint of flexdit-finetune")
-    key = weights if weights in obj else "model"
-    config = FlexLatteConfig.from_dict(obj["config"])
-    model = FlexLatte(config)
-    checkpoint.load_state_dict_strict(model, obj[key], what=what)
-    return model, f"FlexLatte checkpoint ({key} weights)"
-
-
-def model_config(model) -> tuple[str, dict]:
-    """("FlexDiT" or "FlexLatte", config dict) or ("DiT", constructor kwargs): enough to rebuild the model."""
-    model = getattr(model, "module", model)
-    if hasattr(model, "config"):
-        return type(model).__name__ if type(model).__name__ == "FlexLatte" else "FlexDiT", model.config.to_dict()
-    blk = model.blocks[0]
-    hidden = model.pos_embed.shape[-1]
-    return "DiT", dict(input_size=model.input_size if model.input_size[0] != model.input_size[1]
-                       else model.input_size[0],
-                       patch_size=model.patch_size, in_channels=model.in_channels, hidden_size=hidden,
-                       depth=len(model.blocks), num_heads=model.num_heads,
-                       mlp_ratio=blk.mlp.fc1.out_features / hidden,
-                       class_dropout_prob=model.y_embedder.dropout_prob, num_classes=model.y_embedder.num_classes,
-                       learn_sigma=model.learn_sigma)
+    """`flexdit.load_model(ckpt, name, weights, **overrides)` as (model, source): the loader's older spelling."""
+    from .checkpoint import load_model
+    return load_model(ckpt, name, weights=weights, return_source=True, **overrides)
 
 
 def parse_model_args(text: str | None) -> dict:
@@ -212,11 +88,15 @@ def parse_model_args(text: str | None) -> dict:
     return d
 
 
-def create_checked(name: str, ckpt, weights: str, **overrides):
-    """`build_model` with the registry's and the config's own complaints (unknown name or field, a grid that
-    does not fit) turned into ValueErrors that name the flags."""
+FLAG_OF = {"input_size": "--image-size", "num_classes": "--num-classes", "*": "--model-args"}
+
+
+def create_checked(name, ckpt, weights: str, **overrides):
+    """(model, source, name): `load_model` with the registry's and the config's own complaints (unknown name or
+    field, a grid that does not fit, an option the checkpoint contradicts) as ValueErrors that name the flags."""
+    from .checkpoint import _load
     try:
-        return build_model(name, ckpt, weights=weights, **overrides)
+        return _load(ckpt, name, weights, FLAG_OF, overrides)
     except TypeError as e:       # an unknown --model-args field reaches a constructor as a keyword
         raise ValueError(f"--model-args: {e}") from None
 
@@ -257,6 +137,23 @@ def schedule_from_args(args, model, default_rates: tuple[float, float] | None = 
     except ValueError as err:
         flag = "--grid" if args.grid is not None else "--r-min/--r-max"
         raise ValueError(f"{flag}: {err}") from None
+
+
+def check_out_dir(path, flag: str = "--out-dir"):
+    """The output folder, created (with its parents) and proved writable by writing a file in it; ValueError
+    naming the flag for a path that is a file, lies under a file, or cannot be written."""
+    from pathlib import Path
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write there ({e.strerror or type(e).__name__})") from None
+    return path
 
 
 def sample_seed(seed: int, index: int) -> int:

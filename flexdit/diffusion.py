@@ -23,6 +23,7 @@ from .schedule import DensitySchedule
 __all__ = [
     "GaussianDiffusion", "create_diffusion", "linear_betas", "space_timesteps", "guided_model_fn", "sample_latents",
     "normal_kl", "discretized_gaussian_log_likelihood", "model_num_classes", "CudaGraphDenoiser", "grid_steps",
+    "check_timesteps", "check_labels",
 ]
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,6 +68,52 @@ def space_timesteps(num_timesteps: int, section_counts) -> list[int]:
         kept.extend(start + round(j * stride) for j in range(count))
         start += size
     return sorted(set(kept))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Argument checks shared by the models and the samplers
+# ---------------------------------------------------------------------------------------------------------------
+
+def check_timesteps(t, batch: int, num_timesteps: int = 1000, name: str = "t") -> torch.Tensor:
+    """t as a (batch,) tensor: a Python int (or a 0-d tensor) is broadcast to the batch. ValueError naming `name`
+    for another type or shape, and, for tensors on the CPU, for values outside [0, num_timesteps) or not whole
+    numbers (a GPU tensor's values are not read here, nor under torch.compile: that would synchronise every
+    forward, or break the graph)."""
+    if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
+        raise ValueError(f"{name} must be a tensor of timesteps (or an int), got {type(t).__name__}")
+    if isinstance(t, int):
+        t = torch.tensor(t)
+    if t.dtype == torch.bool or t.is_complex():
+        raise ValueError(f"{name} must hold integer timesteps, got dtype {t.dtype}")
+    if t.dim() == 0:
+        t = t.expand(batch)
+    if tuple(t.shape) != (batch,):
+        raise ValueError(f"{name} {tuple(t.shape)} must be ({batch},) (one timestep per sample) or a scalar")
+    if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
+        values = t.tolist()        # read in Python: no tensor op joins the forward's
+        lo, hi = min(values), max(values)
+        if lo < 0 or hi >= num_timesteps:
+            raise ValueError(f"{name} must lie in [0, {num_timesteps}), got values in [{lo}, {hi}]")
+        if any(v != int(v) for v in values):
+            raise ValueError(f"{name} must hold whole timesteps in [0, {num_timesteps}), got {values[:4]}")
+    return t
+
+
+def check_labels(y, batch: int, num_classes: int, name: str = "y", null: bool = True) -> torch.Tensor:
+    """y as a (batch,) integer tensor of labels in [0, num_classes) (or num_classes, the null label of guidance,
+    when `null`). ValueError naming `name`; values are read for CPU tensors only, as in `check_timesteps`."""
+    if not isinstance(y, torch.Tensor) or y.dtype.is_floating_point or y.dtype == torch.bool or y.is_complex():
+        raise ValueError(f"{name} must be an integer tensor of class labels, got "
+                         f"{y.dtype if isinstance(y, torch.Tensor) else type(y).__name__}")
+    if tuple(y.shape) != (batch,):
+        raise ValueError(f"{name} {tuple(y.shape)} must be ({batch},) (one label per sample)")
+    top = num_classes + 1 if null else num_classes
+    bad = [v for v in y.tolist() if not 0 <= v < top] \
+        if y.device.type == "cpu" and not torch.compiler.is_compiling() else []
+    if bad:
+        raise ValueError(f"{name}: label {bad[0]} is outside [0, {num_classes})"
+                         + (f" (and not the null label {num_classes})" if null else ""))
+    return y
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,6 +272,7 @@ class GaussianDiffusion:
         model_fn(x_t, original_t) → (B, 2C, ...); t are spaced indices (original timesteps without respacing).
         Returns {"loss", "mse", "vb"}, each (B,).
         """
+        t = check_timesteps(t, x_start.shape[0], self.num_timesteps)
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, t, noise)
@@ -537,12 +585,29 @@ class CudaGraphDenoiser:
 # Sampling entry point
 # ---------------------------------------------------------------------------------------------------------------
 
+def _check_latent_shape(model, latent_shape) -> None:
+    """latent_shape is (C, h, w), or (C, T, h, w) for a video model (one with `frames`), and fits the model."""
+    model = getattr(model, "module", model)
+    frames = getattr(model, "frames", None)
+    shape = tuple(int(v) for v in latent_shape)
+    want_dims = 4 if frames else 3
+    if len(shape) != want_dims:
+        layout = "(C, T, h, w) for a video model" if frames else "(C, h, w)"
+        raise ValueError(f"latent_shape must be {layout}, got {shape}")
+    channels, size = getattr(model, "in_channels", None), getattr(model, "input_size", None)
+    if channels is not None and shape[0] != channels:
+        raise ValueError(f"latent_shape {shape}: the model takes {channels} channels")
+    if size is not None and tuple(shape[-2:]) != tuple(size):
+        raise ValueError(f"latent_shape {shape}: the model was built for {tuple(size)} latents")
+
+
 def sample_latents(model, diffusion: GaussianDiffusion, y: torch.Tensor, latent_shape: Sequence[int], *,
                    cfg_scale: float = 4.0, schedule: DensitySchedule | None = None, sampler: str = "ddpm",
                    eta: float = 0.0, generator=None, noise: torch.Tensor | None = None, cfg_channels: int = 3,
                    null_class: int | None = None, progress: bool = False,
                    cuda_graph: bool | CudaGraphDenoiser = False, return_info: bool = False):
-    """Class-conditional latents (B, *latent_shape) for labels y (B,).
+    """Class-conditional latents (B, *latent_shape) for labels y (B,): latent_shape is (C, h, w), or (C, T, h, w)
+    for a video model (`FlexLatte`, whose clips are (B, C, T, h, w)).
 
     generator: one torch.Generator, or a list of one per sample (then sample i depends only on its own seed).
     Noise is drawn on the CPU and moved to y's device.
@@ -553,6 +618,15 @@ def sample_latents(model, diffusion: GaussianDiffusion, y: torch.Tensor, latent_
     """
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {sampler!r}")
+    if not cfg_scale >= 0:
+        raise ValueError(f"cfg_scale must be >= 0 (1: no guidance), got {cfg_scale}")
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta is DDIM's; it needs sampler='ddim', got eta={eta} with sampler={sampler!r}")
+    if not isinstance(y, torch.Tensor) or y.dim() != 1:
+        raise ValueError(f"y must be a (B,) tensor of class labels, got "
+                         f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    check_labels(y, y.shape[0], model_num_classes(model) if null_class is None else null_class, null=False)
+    _check_latent_shape(model, latent_shape)
     denoiser = None
     if isinstance(cuda_graph, CudaGraphDenoiser):
         denoiser = cuda_graph

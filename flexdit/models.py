@@ -118,8 +118,9 @@ class _DiTShell(nn.Module):
         h, w = self.input_size
         if tuple(x.shape[2:]) != (h, w):
             raise ValueError(f"x has spatial size {tuple(x.shape[2:])}, the model was built for {h}x{w}")
-        if t.shape != x.shape[:1] or y.shape != x.shape[:1]:
-            raise ValueError(f"t {tuple(t.shape)} and y {tuple(y.shape)} must be ({x.shape[0]},)")
+        from .diffusion import check_labels, check_timesteps
+        t = check_timesteps(t, x.shape[0]).to(x.device)
+        y = check_labels(y, x.shape[0], self.y_embedder.num_classes)
         # pos_embed first: the sum takes its row-major layout, so the residual stream is contiguous from the first
         # layer on (the patch embedding's tokens are a transposed view of the convolution's output).
         tokens = self.pos_embed + self.x_embedder(x)                         # (B, N, C)

@@ -1,8 +1,11 @@
 """`flexdit-sample`: class-conditional sampling from a DiT or FlexDiT with the temporal density schedule.
 
-Writes latents (`latents.npz`: latents (n, 4, h, w) float32, labels (n,), indices (n,)) and, with `--vae`, decoded
-PNGs and a grid image. Runs on several GPUs with torchrun: rank r takes samples r, r + W, ...; sample i always uses
-the seed (seed, i), so the output does not depend on the number of processes or the batch size.
+Writes latents (`latents.npz`: latents (n, 4, h, w) float32, or (n, T, 4, h, w) for a video model such as FlexLatte,
+labels (n,), indices (n,)), `args.json` (the options as run, with the model's name and config) and, with `--vae`,
+decoded PNGs (one GIF per clip for video) and a grid image. A checkpoint that records its model (every one that
+flexdit-finetune writes) gives the model, sizes and classes; options that contradict it are refused.
+Runs on several GPUs with torchrun: rank r takes samples r, r + W, ...; sample i always uses the seed (seed, i), so
+the output does not depend on the number of processes or the batch size.
 `--cuda-graph` replays the network from CUDA graphs (one per grid of the schedule and batch size) and reports their
 memory. Exit status: 0 on success, 2 with one line `flexdit-sample: error: ...` for a bad argument, file or device.
 """
@@ -16,7 +19,8 @@ import numpy as np
 import torch
 
 from ._cli import (DistContext, add_device_args, add_schedule_args, autocast_context, backend_context, build_model,
-                   create_checked, model_config, parse_model_args, sample_seed, schedule_from_args, usage_errors)
+                   check_out_dir, create_checked, model_config, parse_model_args, sample_seed, schedule_from_args,
+                   usage_errors)
 from .diffusion import CudaGraphDenoiser, create_diffusion, model_num_classes, sample_latents
 
 # build_model, model_config, schedule_from_args, sample_seed and DistContext live in flexdit._cli (shared with
@@ -28,17 +32,19 @@ DEFAULT_CLASSES = "207,360,387,974,88,979,417,279"  # DiT's sample.py classes
 PROG = "flexdit-sample"
 
 
-def parse_classes(text: str, num_classes: int) -> list[int]:
-    """--classes: comma-separated integer labels in [0, num_classes)."""
+def parse_classes(text: str, num_classes: int | None = None) -> list[int]:
+    """--classes: comma-separated integer labels in [0, num_classes) (any int when num_classes is None)."""
     try:
         classes = [int(c) for c in str(text).split(",") if c.strip()]
     except ValueError:
         raise ValueError(f"--classes must be comma-separated integer labels, got {text!r}") from None
     if not classes:
         raise ValueError("--classes names no label")
-    bad = [c for c in classes if not 0 <= c < num_classes]
+    top = num_classes if num_classes is not None else float("inf")
+    bad = [c for c in classes if not 0 <= c < top]
     if bad:
-        raise ValueError(f"--classes: label {bad[0]} is outside [0, {num_classes}) (--num-classes {num_classes})")
+        raise ValueError(f"--classes: label {bad[0]} is outside [0, {num_classes if bad[0] >= 0 else 'num_classes'})"
+                         f" (the model's --num-classes {num_classes})")
     return classes
 
 
@@ -46,16 +52,29 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
 # Output
 # ---------------------------------------------------------------------------------------------------------------
 
-def _save_images(latents: torch.Tensor, indices, vae, out_dir: Path, device) -> None:
+def _save_images(latents: torch.Tensor, indices, vae, out_dir: Path) -> None:
     from PIL import Image
-    from .data import VAE_SCALE
-    with torch.no_grad():
-        for start in range(0, len(latents), 8):
-            z = latents[start:start + 8].to(device=device, dtype=vae.dtype)
-            img = vae.decode(z / VAE_SCALE).sample
-            img = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-            for k, arr in enumerate(img):
-                Image.fromarray(arr).save(out_dir / f"{int(indices[start + k]):06d}.png")
+    from .eval import decode_latents
+    for start in range(0, len(latents), 8):
+        for k, arr in enumerate(decode_latents(vae, latents[start:start + 8])):
+            Image.fromarray(arr).save(out_dir / f"{int(indices[start + k]):06d}.png")
+
+
+def _save_clips(latents: torch.Tensor, indices, vae, out_dir: Path, fps: int = 8) -> None:
+    """One GIF per clip of latents (n, T, C, h, w), frames decoded one clip at a time, and `grid.png`: one row of
+    frames per clip (at most 16 clips)."""
+    from PIL import Image
+    from .eval import decode_latents
+    rows = []
+    for k, clip in enumerate(latents):
+        arr = decode_latents(vae, clip)                                                      # (T, H, W, 3)
+        frames = [Image.fromarray(a) for a in arr]
+        frames[0].save(out_dir / f"{int(indices[k]):06d}.gif", save_all=True, append_images=frames[1:],
+                       duration=int(1000 / fps), loop=0)
+        if len(rows) < 16:
+            rows.append(np.concatenate(list(arr), axis=1))                                  # (H, T*W, 3)
+    if rows:
+        Image.fromarray(np.concatenate(rows, axis=0)).save(out_dir / "grid.png")
 
 
 def _save_grid(out_dir: Path, indices, max_images: int = 64) -> None:
@@ -89,27 +108,35 @@ def _load_vae(path, device):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="FlexDiT-XL/2", help="registry name: FlexDiT-XL/2, DiT-XL/2, ...")
+    p.add_argument("--model", default=None,
+                   help="registry name: FlexDiT-XL/2, DiT-XL/2, FlexLatte, ... (default: the one --ckpt records, "
+                        "else FlexDiT-XL/2)")
     p.add_argument("--ckpt", default=None,
-                   help="dense DiT state dict (.pt/.safetensors, converted for FlexDiT names) or a FlexDiT "
-                        "checkpoint; none: random weights")
+                   help="a checkpoint of flexdit-finetune or save_flexdit (FlexDiT, dense DiT, FlexLatte: its "
+                        "config is used), a dense DiT state dict (.pt/.safetensors, converted for FlexDiT names) or "
+                        "a diffusers Latte folder (FlexLatte); none: random weights")
     p.add_argument("--model-args", default=None,
                    help='JSON object of config overrides (tiny models, layer plans), e.g. \'{"depth": 6}\'')
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a training checkpoint")
-    p.add_argument("--image-size", type=int, default=256, help="image side; the latent side is image-size / 8")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image side; the latent side is image-size / 8 (default: the checkpoint's, else 256)")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else 1000")
     p.add_argument("--classes", default=DEFAULT_CLASSES, help="comma-separated class labels, cycled")
-    p.add_argument("--num-samples", type=int, default=None, help="default: one per listed class")
+    p.add_argument("--num-samples", type=int, default=None, help="default: one per listed class (at least 1)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward batch, per process")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale (1: none)")
+    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale >= 0 (1: none)")
     p.add_argument("--cfg-channels", type=int, default=3, help="eps channels guided (DiT: 3; 4 for all)")
     p.add_argument("--steps", type=int, default=250, help="sampling steps (ADM respacing of the 1000)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM η")
+    p.add_argument("--eta", type=float, default=None, help="DDIM η (default 0; --sampler ddim only)")
     add_schedule_args(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default="samples")
-    p.add_argument("--vae", default=None, help="local diffusers AutoencoderKL folder, to decode PNGs")
+    p.add_argument("--vae", default=None,
+                   help="local diffusers AutoencoderKL folder, to decode PNGs (video: one GIF per clip)")
+    p.add_argument("--adm-npz", default=None, metavar="PATH",
+                   help="also write the decoded images in the layout of ADM's evaluator (arr_0 uint8 NHWC, arr_1 "
+                        "labels) for flexdit-eval fid or ADM's own evaluator; needs --vae, images only")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     add_device_args(p)
     speed = p.add_mutually_exclusive_group()
@@ -136,35 +163,55 @@ def main(argv=None) -> int:
 
 
 def _prepare(args, ctx: DistContext):
-    """Every check and the model, before any sampling: (model, classes, n, schedule)."""
-    if args.image_size < 8 or args.image_size % 8:
+    """Every check and the model, before any sampling: (model, classes, n, schedule). Fills in `args` what the run
+    uses (the model's name, image size and classes), for args.json."""
+    if args.image_size is not None and (args.image_size < 8 or args.image_size % 8):
         raise ValueError(f"--image-size must be a positive multiple of 8, got {args.image_size}")
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--num-classes", args.num_classes, 1),
-                             ("--num-samples", args.num_samples, 0)):
+                             ("--num-samples", args.num_samples, 1)):
         if value is not None and value < low:
             raise ValueError(f"{flag} must be >= {low}, got {value}")
     if not 1 <= args.steps <= 1000:
         raise ValueError(f"--steps must be in 1..1000 (a respacing of the 1000 training steps), got {args.steps}")
     if not 1 <= args.cfg_channels <= 4:
         raise ValueError(f"--cfg-channels must be in 1..4, got {args.cfg_channels}")
+    if not args.cfg_scale >= 0:
+        raise ValueError(f"--cfg-scale must be >= 0 (1: no guidance), got {args.cfg_scale}")
+    if args.eta is not None and args.sampler != "ddim":
+        raise ValueError(f"--eta {args.eta} is DDIM's; it needs --sampler ddim (the sampler is {args.sampler})")
+    if args.eta is not None and not args.eta >= 0:
+        raise ValueError(f"--eta must be >= 0, got {args.eta}")
+    args.eta = 0.0 if args.eta is None else args.eta
     if args.cuda_graph and ctx.device.type != "cuda":
         raise ValueError(f"--cuda-graph needs a CUDA GPU (device {ctx.device}; torch.cuda.is_available() is "
                          f"{torch.cuda.is_available()})")
+    if args.adm_npz and not args.vae:
+        raise ValueError("--adm-npz needs --vae (the images are decoded from the latents)")
     if args.vae and not Path(args.vae).is_dir():
         raise ValueError(f"--vae {args.vae}: not a folder (a diffusers AutoencoderKL saved with save_pretrained)")
-    classes = parse_classes(args.classes, args.num_classes)
-    n = args.num_samples if args.num_samples is not None else len(classes)
-    model, source = create_checked(args.model, args.ckpt, args.weights, input_size=args.image_size // 8,
-                                   num_classes=args.num_classes, **parse_model_args(args.model_args))
+    parse_classes(args.classes)
+    if ctx.is_main:
+        check_out_dir(args.out_dir)
+    if args.model is None and args.ckpt is None:
+        args.model = "FlexDiT-XL/2"
+    overrides = parse_model_args(args.model_args)
+    if args.image_size is not None:
+        overrides["input_size"] = args.image_size // 8
+    if args.num_classes is not None:
+        overrides["num_classes"] = args.num_classes
+    model, source, args.model = create_checked(args.model, args.ckpt, args.weights, **overrides)
     num_classes = model_num_classes(model)
-    if max(classes) >= num_classes:
-        raise ValueError(f"--classes: label {max(classes)} is outside [0, {num_classes}) (the model's classes)")
+    classes = parse_classes(args.classes, num_classes)
+    n = args.num_samples if args.num_samples is not None else len(classes)
+    args.num_classes, args.image_size = num_classes, model.input_size[0] * 8
     model = model.to(ctx.device).eval()
     if ctx.is_main:
         print(f"model {args.model} ({source}); {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")
     schedule = schedule_from_args(args, model)
     if ctx.is_main and schedule is not None:
         print(f"density schedule: {schedule}")
+    args.model_config = model_config(model)[1]
+    args.schedule = schedule.to_dict() if schedule is not None else None
     return model, classes, n, schedule
 
 
@@ -177,7 +224,8 @@ def _sample(args, ctx: DistContext, model, classes, n, schedule):
     out_dir.mkdir(parents=True, exist_ok=True)
 
     mine = list(range(ctx.rank, n, ctx.world_size))
-    latent_shape = (model.in_channels, *model.input_size)
+    frames = getattr(model, "frames", None)        # a video model samples (C, T, h, w) clips
+    latent_shape = (model.in_channels, *([frames] if frames else []), *model.input_size)
     all_lat, all_lab = [], []
     with backend_context(args.backend, ctx.device):
         for start in range(0, len(mine), args.batch_size):
@@ -193,6 +241,8 @@ def _sample(args, ctx: DistContext, model, classes, n, schedule):
     if graphs and ctx.is_main:
         print(graph_summary(graphs.info()))
     latents = torch.cat(all_lat) if all_lat else torch.zeros(0, *latent_shape)
+    if frames:
+        latents = latents.transpose(1, 2)          # (n, T, C, h, w): the layout of video latent shards
     labels = torch.cat(all_lab) if all_lab else torch.zeros(0, dtype=torch.long)
     part = out_dir / (f"latents_rank{ctx.rank:03d}.npz" if ctx.distributed else "latents.npz")
     np.savez(part, latents=latents.numpy(), labels=labels.numpy(), indices=np.array(mine, dtype=np.int64))
@@ -200,7 +250,7 @@ def _sample(args, ctx: DistContext, model, classes, n, schedule):
     if args.vae:
         vae = _load_vae(args.vae, ctx.device)
         if vae is not None:
-            _save_images(latents, mine, vae, out_dir, ctx.device)
+            (_save_clips if frames else _save_images)(latents, mine, vae, out_dir)
     elif ctx.is_main:
         print("VAE missing (--vae PATH to a diffusers AutoencoderKL folder): writing latents only")
     ctx.barrier()
@@ -217,8 +267,13 @@ def _sample(args, ctx: DistContext, model, classes, n, schedule):
                      labels=np.concatenate([a["labels"] for a in arrays])[order], indices=ind[order])
             for p in parts:
                 p.unlink()
-        if args.vae and (out_dir / f"{0:06d}.png").exists():
+        if args.vae and not frames and (out_dir / f"{0:06d}.png").exists():
             _save_grid(out_dir, range(n))
+            if args.adm_npz:
+                from .eval import pack_adm_npz
+                with np.load(out_dir / "latents.npz") as z:
+                    labels = z["labels"]
+                print(f"wrote {pack_adm_npz(out_dir, args.adm_npz, labels=labels)} (ADM layout)")
         (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
         print(f"wrote {n} samples to {out_dir}")
     ctx.barrier()

@@ -6,7 +6,11 @@ Density-stage bucketing: every step, each process draws one stage of the density
 that stage, so a batch runs one grid. Checkpoints (atomic) hold model, EMA, optimizer, scaler, step, config and RNG
 states; a resumed run reproduces an uninterrupted one exactly. With torchrun, DDP over the processes, each drawing
 its stages and timesteps from its own seed. A dense model name (DiT-S/2 ...) trains a dense DiT the same way.
-Exit status: 0 on success, 2 with one line `flexdit-finetune: error: ...` for a bad argument, file, data or device.
+A progress bar (tqdm: step, loss, ETA) runs on a terminal unless --no-progress. Ctrl-C (SIGINT) ends the step in
+progress, writes a checkpoint and exits with status 130; `--resume auto` (the default) goes on from the newest
+readable checkpoint, and log.jsonl keeps each step once. `args.json` in the run folder records the options as run.
+Exit status: 0 on success, 2 with one line `flexdit-finetune: error: ...` for a bad argument, file, data or device,
+130 after Ctrl-C.
 """
 from __future__ import annotations
 
@@ -15,14 +19,18 @@ import copy
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 
 from . import checkpoint
-from ._cli import (DistContext, add_device_args, add_schedule_args, autocast_context, backend_context, create_checked,
-                   model_config, parse_model_args, schedule_from_args, usage_errors)
+from .checkpoint import arch_of_name, is_registry_name
+from ._cli import (DistContext, add_device_args, add_schedule_args, autocast_context, backend_context, check_out_dir,
+                   create_checked, model_config, parse_model_args, schedule_from_args, usage_errors)
 from .data import LatentShards
 from .diffusion import create_diffusion
 from .schedule import DensitySchedule
@@ -30,7 +38,8 @@ from .schedule import DensitySchedule
 PROG = "flexdit-finetune"
 DEFAULT_RATES = (0.61, 0.86)   # the paper's 256² operating point, used when neither --r-min/--r-max nor --grid
 
-__all__ = ["main", "update_ema", "train_step", "heldout_loss", "save_checkpoint", "find_latest_checkpoint"]
+__all__ = ["main", "update_ema", "train_step", "heldout_loss", "save_checkpoint", "find_latest_checkpoint",
+           "newest_readable_checkpoint"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,6 +147,52 @@ def find_latest_checkpoint(out_dir) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def newest_readable_checkpoint(out_dir, say=print) -> tuple[Path | None, dict | None]:
+    """(path, state) of the newest checkpoint in out_dir/checkpoints that reads as a flexdit-finetune checkpoint;
+    each newer one that does not (truncated, corrupt) is skipped with a line through `say`. (None, None) if none."""
+    for path in sorted(Path(out_dir, "checkpoints").glob("[0-9]*.pt"), reverse=True):
+        try:
+            return path, read_resume_state(path)
+        except ValueError as err:
+            say(f"skipping unreadable checkpoint {path}: {err}")
+    return None, None
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Drop the records of log.jsonl after `step` (written after the checkpoint a run resumes from), atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+
+
+class StopOnSigint:
+    """While active, Ctrl-C (SIGINT) sets `requested` instead of raising, so the loop can end its step and write a
+    checkpoint; a second Ctrl-C raises KeyboardInterrupt at once. Only in the main thread (signals go there)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -169,19 +224,21 @@ def read_resume_state(path) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="flexdit-finetune", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="FlexDiT-XL/2",
+    p.add_argument("--model", default=None,
                    help="registry name (FlexDiT-XL/2; DiT-* trains a dense DiT), or FlexLatte: class-conditional "
-                        "video on diffusers' Latte, trained on (n, T, C, H, W) clip shards (needs diffusers)")
+                        "video on diffusers' Latte, trained on (n, T, C, H, W) clip shards (needs diffusers). "
+                        "Default: the resumed run's, else the one --init records, else FlexDiT-XL/2")
     p.add_argument("--model-args", default=None, help="JSON object of config overrides (tiny models, layer plans)")
     p.add_argument("--init", default=None,
                    help="dense DiT checkpoint (converted by the mapping) or FlexDiT checkpoint; none: random")
     p.add_argument("--init-weights", choices=["ema", "model"], default="ema",
                    help="which weights of a training checkpoint given to --init")
     p.add_argument("--data", required=True, help="folder of .npz latent shards (see flexdit.data)")
-    p.add_argument("--image-size", type=int, default=256, help="image side; latents must be image-size / 8")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image side; latents must be image-size / 8 (default: the checkpoint's, else 256)")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else 1000")
     p.add_argument("--out-dir", default="runs/finetune")
-    p.add_argument("--steps", type=int, default=400_000)
+    p.add_argument("--steps", type=int, default=400_000, help="total steps (a resumed run counts its past steps)")
     p.add_argument("--global-batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -192,9 +249,11 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=100)
     p.add_argument("--ckpt-every", type=int, default=10_000)
     p.add_argument("--resume", default="auto",
-                   help="'auto' (latest checkpoint in out-dir, if any), a checkpoint path, or 'none'")
+                   help="'auto' (newest readable checkpoint in out-dir, if any), a checkpoint path, or 'none'")
     add_device_args(p)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no banner, no log lines, no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (there is none when stderr is not a "
+                                                               "terminal)")
     return p.parse_args(argv)
 
 
@@ -213,44 +272,63 @@ def main(argv=None) -> int:
 
 def _train(args, ctx: DistContext):
     with usage_errors(PROG):   # every check before anything trains
-        for flag, value, low in (("--global-batch-size", args.global_batch_size, 1), ("--steps", args.steps, 0),
+        for flag, value, low in (("--global-batch-size", args.global_batch_size, 1), ("--steps", args.steps, 1),
                                  ("--log-every", args.log_every, 1), ("--ckpt-every", args.ckpt_every, 1),
-                                 ("--num-classes", args.num_classes, 1)):
+                                 ("--num-classes", args.num_classes or 1, 1)):
             if value < low:
                 raise ValueError(f"{flag} must be >= {low}, got {value}")
+        if not args.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {args.lr}")
+        if not args.weight_decay >= 0:
+            raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
         if not 0.0 <= args.ema_decay <= 1.0:
             raise ValueError(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
         if args.global_batch_size % ctx.world_size:
             raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the "
                              f"{ctx.world_size} processes")
         batch = args.global_batch_size // ctx.world_size
-        if args.image_size < 8 or args.image_size % 8:
+        if args.image_size is not None and (args.image_size < 8 or args.image_size % 8):
             raise ValueError(f"--image-size must be a positive multiple of 8, got {args.image_size}")
         out_dir = Path(args.out_dir)
-        resume = None
+        if ctx.is_main:
+            check_out_dir(out_dir)
+        resume, state = None, None
         if args.resume == "auto":
-            resume = find_latest_checkpoint(out_dir)
+            resume, state = newest_readable_checkpoint(out_dir, say=print if ctx.is_main else lambda _: None)
         elif args.resume not in ("none", "", None):
             resume = Path(args.resume)
             if not resume.is_file():
                 raise ValueError(f"--resume {args.resume}: no such checkpoint")
-
-        # --- model (a resumed run rebuilds it from the checkpoint's config) ---
-        overrides = dict(input_size=args.image_size // 8, num_classes=args.num_classes,
-                         **parse_model_args(args.model_args))
-        state = None
-        torch.manual_seed(args.seed)    # a random initialisation (no --init) is seeded too
-        if resume is not None:
             state = read_resume_state(resume)
-            model, source = create_checked(args.model, resume, "model", **overrides)
+
+        # --- model (a resumed run rebuilds it from the checkpoint's config, which the options must agree with) ---
+        overrides = parse_model_args(args.model_args)
+        if args.image_size is not None:
+            overrides["input_size"] = args.image_size // 8
+        if args.num_classes is not None:
+            overrides["num_classes"] = args.num_classes
+        torch.manual_seed(args.seed)    # a random initialisation (no --init) is seeded too
+        if state is not None:
+            ran = state.get("name") or (state.get("args") or {}).get("model")
+            if args.model is not None and (state["arch"] != arch_of_name(args.model)
+                                           or is_registry_name(ran) and ran != args.model):
+                raise ValueError(f"--model {args.model} conflicts with the run being resumed ({resume}), which "
+                                 f"trains {ran}; use another --out-dir or --resume none")
+            model, source, args.model = create_checked(args.model, resume, "model", **overrides)
             source = f"resumed from {resume} (step {state['step']})"
         else:
-            model, source = create_checked(args.model, args.init, args.init_weights, **overrides)
+            if args.model is None and args.init is None:
+                args.model = "FlexDiT-XL/2"
+            model, source, args.model = create_checked(args.model, args.init, args.init_weights, **overrides)
         arch, config = model_config(model)
+        args.num_classes, args.image_size = config["num_classes"], model.input_size[0] * 8
 
         # --- data, checked before anything trains ---
         data = LatentShards(args.data, channels=model.in_channels, input_size=model.input_size,
                             num_classes=config["num_classes"], frames=getattr(model, "frames", None))
+        if args.global_batch_size > len(data):
+            raise ValueError(f"--global-batch-size {args.global_batch_size} is larger than the data "
+                             f"({len(data)} latents in {args.data})")
         schedule = schedule_from_args(args, model, default_rates=DEFAULT_RATES)
         if state is not None and state.get("schedule") and schedule is not None \
                 and tuple(state["schedule"]["grids"]) != schedule.grids:
@@ -284,63 +362,109 @@ def _train(args, ctx: DistContext):
         n_params = sum(p.numel() for p in model.parameters()) / 1e6
         print(f"{arch} {args.model}: {source}; {n_params:.2f} M parameters; {len(data)} latents; "
               f"batch {batch} x {ctx.world_size} processes; schedule {schedule}")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "checkpoints").mkdir(exist_ok=True)
+    (out_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    if ctx.is_main:
+        trim_log(out_dir / "log.jsonl", step)
+        record = {**vars(args), "arch": arch, "model_config": config, "resumed_from": str(resume) if resume else None,
+                  "start_step": step, "schedule": schedule.to_dict() if schedule else None}
+        (out_dir / "args.json").write_text(json.dumps(record, indent=2, default=str))
+    if step >= args.steps and ctx.is_main:
+        print(f"{resume} is at step {step}; --steps {args.steps}: nothing to train")
 
+    def save(step):
+        if ctx.is_main:
+            save_checkpoint(out_dir / "checkpoints" / f"{step:07d}.pt", {
+                "arch": arch, "name": args.model, "config": config, "model": model.state_dict(),
+                "ema": ema.state_dict(), "opt": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                "schedule": schedule.to_dict() if schedule else None, "args": vars(args), "rng": _rng_state(),
+            })
+        ctx.barrier()
+
+    bar = _progress_bar(args, step) if ctx.is_main else None
     loss_sum = torch.zeros(n_stages, dtype=torch.float64, device=ctx.device)
     loss_cnt = torch.zeros(n_stages, dtype=torch.float64, device=ctx.device)
     t0 = time.time()
-    while step < args.steps:
-        # everything random in this step derives from (seed, rank, step): stage, t, noise, label dropout
-        g = torch.Generator().manual_seed(_mix(args.seed, ctx.rank, step))
-        if schedule is not None:
-            stage, t = schedule.sample_timesteps(batch, g)
-            grid = schedule.grids[stage]
-        else:
-            stage, t, grid = 0, torch.randint(0, diffusion.num_timesteps, (batch,), generator=g), None
-        x, y = data.batch(sampler.indices(step, ctx.rank), device=ctx.device)
-        noise = torch.randn(x.shape, generator=g).to(ctx.device)
-        torch.manual_seed(_mix(args.seed, ctx.rank, step, 1))
-        loss = train_step(net, diffusion, optimizer, scaler, x, y, t.to(ctx.device), noise, grid, args.precision,
-                          ctx.device)
-        update_ema(ema, model, args.ema_decay)
-        step += 1
-        loss_sum[stage] += loss.double()
-        loss_cnt[stage] += 1
+    with StopOnSigint() as stop:
+        while step < args.steps:
+            # everything random in this step derives from (seed, rank, step): stage, t, noise, label dropout
+            g = torch.Generator().manual_seed(_mix(args.seed, ctx.rank, step))
+            if schedule is not None:
+                stage, t = schedule.sample_timesteps(batch, g)
+                grid = schedule.grids[stage]
+            else:
+                stage, t, grid = 0, torch.randint(0, diffusion.num_timesteps, (batch,), generator=g), None
+            x, y = data.batch(sampler.indices(step, ctx.rank), device=ctx.device)
+            noise = torch.randn(x.shape, generator=g).to(ctx.device)
+            torch.manual_seed(_mix(args.seed, ctx.rank, step, 1))
+            loss = train_step(net, diffusion, optimizer, scaler, x, y, t.to(ctx.device), noise, grid,
+                              args.precision, ctx.device)
+            update_ema(ema, model, args.ema_decay)
+            step += 1
+            loss_sum[stage] += loss.double()
+            loss_cnt[stage] += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
 
-        if step % args.log_every == 0 or step == args.steps:
-            if ctx.distributed:
-                import torch.distributed as dist
-                dist.all_reduce(loss_sum)
-                dist.all_reduce(loss_cnt)
-            per_stage = [(s / c).item() if c > 0 else None for s, c in zip(loss_sum, loss_cnt)]
-            mean = (loss_sum.sum() / loss_cnt.sum().clamp(min=1)).item()
-            if not math.isfinite(mean):
-                raise FloatingPointError(f"step {step}: the loss is {mean}")
-            rate = args.log_every / max(time.time() - t0, 1e-9)
-            if ctx.is_main:
-                rec = {"step": step, "loss": mean, "loss_per_stage": per_stage,
-                       "grids": list(schedule.grids) if schedule else None, "steps_per_s": rate}
-                with open(out_dir / "log.jsonl", "a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if not args.quiet:
-                    stages = " ".join(f"s{k}/G{schedule.grids[k]}:" + (f"{v:.4f}" if v is not None else "-")
-                                      for k, v in enumerate(per_stage)) if schedule else ""
-                    print(f"step {step:7d}  loss {mean:.4f}  {stages}  {rate:.2f} steps/s", flush=True)
-            loss_sum.zero_()
-            loss_cnt.zero_()
-            t0 = time.time()
+            if step % args.log_every == 0 or step == args.steps:
+                if ctx.distributed:
+                    import torch.distributed as dist
+                    dist.all_reduce(loss_sum)
+                    dist.all_reduce(loss_cnt)
+                per_stage = [(s / c).item() if c > 0 else None for s, c in zip(loss_sum, loss_cnt)]
+                mean = (loss_sum.sum() / loss_cnt.sum().clamp(min=1)).item()
+                if not math.isfinite(mean):
+                    raise FloatingPointError(f"step {step}: the loss is {mean}")
+                rate = args.log_every / max(time.time() - t0, 1e-9)
+                if ctx.is_main:
+                    rec = {"step": step, "loss": mean, "loss_per_stage": per_stage,
+                           "grids": list(schedule.grids) if schedule else None, "steps_per_s": rate}
+                    with open(out_dir / "log.jsonl", "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                    if not args.quiet:
+                        stages = " ".join(f"s{k}/G{schedule.grids[k]}:" + (f"{v:.4f}" if v is not None else "-")
+                                          for k, v in enumerate(per_stage)) if schedule else ""
+                        line = f"step {step:7d}  loss {mean:.4f}  {stages}  {rate:.2f} steps/s"
+                        print(line, flush=True) if bar is None else bar.write(line)
+                loss_sum.zero_()
+                loss_cnt.zero_()
+                t0 = time.time()
 
-        if step % args.ckpt_every == 0 or step == args.steps:
-            if ctx.is_main:
-                save_checkpoint(out_dir / "checkpoints" / f"{step:07d}.pt", {
-                    "arch": arch, "config": config, "model": model.state_dict(), "ema": ema.state_dict(),
-                    "opt": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                    "schedule": schedule.to_dict() if schedule else None, "args": vars(args),
-                    "rng": _rng_state(),
-                })
-            ctx.barrier()
+            stopping = _stop_requested(stop, ctx) and step < args.steps
+            if step % args.ckpt_every == 0 or step == args.steps or stopping:
+                save(step)
+            if stopping:
+                if bar is not None:
+                    bar.close()
+                if ctx.is_main:
+                    print(f"interrupted: wrote checkpoint {out_dir / 'checkpoints' / f'{step:07d}.pt'} "
+                          f"(step {step}); run again to resume", file=sys.stderr, flush=True)
+                raise SystemExit(130)
+    if bar is not None:
+        bar.close()
     return out_dir
+
+
+def _progress_bar(args, step: int):
+    """A tqdm bar (steps, loss, ETA) on stderr when it is a terminal, unless --quiet/--no-progress or tqdm is
+    missing."""
+    if args.quiet or args.no_progress or not sys.stderr.isatty():
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=args.steps, initial=step, desc=PROG, unit="step", dynamic_ncols=True)
+
+
+def _stop_requested(stop: StopOnSigint, ctx: DistContext) -> bool:
+    """Whether any process got Ctrl-C (all of them stop at the same step)."""
+    if not ctx.distributed:
+        return stop.requested
+    import torch.distributed as dist
+    flag = torch.tensor([float(stop.requested)], device=ctx.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 if __name__ == "__main__":

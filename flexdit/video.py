@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from .models import _DiTShell
 from .plan import GridLike, Plan
 from .patch import apply_patch
 
@@ -92,6 +93,9 @@ class FlexLatte(nn.Module):
         self.input_size = (config.input_size, config.input_size)
         self.token_grid = config.token_grid
         self.frames = config.frames
+
+    # classifier-free guidance as DiT's: eps channels are dim 1 of (B, C, T, H, W) as of (B, C, H, W)
+    forward_with_cfg = _DiTShell.forward_with_cfg
 
     def forward(self, x, t, y, grid: Optional[GridLike] = None):
         """x: (B, C, T, H, W) latents, t: (B,) timesteps, y: (B,) labels (num_classes: the null class), grid: the

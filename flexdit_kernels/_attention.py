@@ -7,8 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _dispatch
-from ._dispatch import call_op, custom_op, interpreting, register_autograd, use_triton
+from ._dispatch import call_op, custom_op, interpreting, register_autograd, triton_only_active, use_triton
 from ._launch import cdiv, compiled_ctas_per_sm, device_limits, next_pow2, resident_programs, split_count
 from ._validate import check_same, check_tensor
 
@@ -402,7 +401,7 @@ ROUTES: Tuple[Route, ...] = (
 # (`ieee` dots), which have no tensor-core instruction: compiled for sm_90 (triton 3.9, D = 72) the fp32 kernels spill
 # 4-65 KB per thread (ptxas leaves most of them 32 registers), and few-keys at 128 keys needs 196,608 B of shared
 # memory, the fused backward 196,864 B (over an A100 block's 166,912 B: `_fitted` halves their query tile there).
-# The fp32 kernels stay for `_dispatch.triton_only()` and the tests.
+# The fp32 kernels stay for `_dispatch.triton_only()` (inside it nothing goes to SDPA) and the tests.
 SDPA_DTYPES: Tuple[torch.dtype, ...] = (torch.float32,)
 
 
@@ -415,11 +414,6 @@ def attention_path(lq: int, lk: int, sdpa: bool = True) -> str:
                 raise ValueError(f"ROUTES sends Lk={lk} to few_keys, which holds at most {MAX_KEYS_ONE_TILE} keys")
             return route.path
     return "flash"
-
-
-def _triton_only() -> bool:
-    """Whether `_dispatch.triton_only()` is active: then no call goes to SDPA, whatever its shape or dtype."""
-    return getattr(_dispatch, "triton_only_active", lambda: False)()
 
 
 class _Config(NamedTuple):
@@ -698,7 +692,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if q.device.type == "meta":
         return _attention_op(q, k, v, scale)[0]        # shape-only tracing (FLOP counts) sees the op by name
-    sdpa = not _triton_only()
+    sdpa = not triton_only_active()
     triton_path = (use_triton(q, k, v) and attention_path(lq, k.shape[1], sdpa=sdpa) != "sdpa"
                    and not (sdpa and q.dtype in SDPA_DTYPES))
     if triton_path and interpreting() and q.dtype == torch.bfloat16:

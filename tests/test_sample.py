@@ -152,9 +152,21 @@ def test_cli_vae_decodes_pngs(dense_ckpt, tmp_path, capsys):
                                   down_block_types=("DownEncoderBlock2D",), up_block_types=("UpDecoderBlock2D",))
     vae.save_pretrained(tmp_path / "vae")
     out = tmp_path / "s"
-    main(_flex_args(dense_ckpt) + COMMON + ["--vae", str(tmp_path / "vae"), "--out-dir", str(out)])
+    main(_flex_args(dense_ckpt) + COMMON + ["--vae", str(tmp_path / "vae"), "--out-dir", str(out),
+                                            "--adm-npz", str(tmp_path / "adm.npz")])
     assert sorted(p.name for p in out.glob("*.png")) == ["000000.png", "000001.png", "000002.png", "000003.png",
                                                          "grid.png"]
+    from PIL import Image
+    with np.load(tmp_path / "adm.npz") as adm, np.load(out / "latents.npz") as z:
+        assert adm["arr_0"].dtype == np.uint8 and adm["arr_0"].shape[0] == 4 and adm["arr_0"].shape[-1] == 3
+        assert adm["arr_1"].tolist() == z["labels"].tolist()
+        assert np.array_equal(adm["arr_0"][2], np.asarray(Image.open(out / "000002.png").convert("RGB")))
+
+
+def test_cli_adm_npz_needs_the_vae(dense_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(_flex_args(dense_ckpt) + COMMON + ["--adm-npz", str(tmp_path / "a.npz"), "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "--adm-npz needs --vae" in capsys.readouterr().err
 
 
 @pytest.mark.slow

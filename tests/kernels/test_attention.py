@@ -334,8 +334,9 @@ def test_triton_only_knob(monkeypatch, device):
     with backend("triton"):
         attention(q, k, v)
         assert calls == []
-        monkeypatch.setattr(_dispatch, "triton_only_active", lambda: True, raising=False)
-        torch.testing.assert_close(attention(q, k, v), attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
+        with _dispatch.triton_only():
+            torch.testing.assert_close(attention(q, k, v), attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
+        attention(q, k, v)
     assert calls == [q.shape]
 
 

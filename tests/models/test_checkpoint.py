@@ -74,3 +74,34 @@ def test_flexdit_save_load_roundtrip(tmp_path):
     import flexdit_kernels as fk
     with fk.backend("reference"), torch.no_grad():
         torch.testing.assert_close(again(x, t, y), flex(x, t, y), rtol=0, atol=0)
+
+
+def test_one_loader_reads_every_kind_with_its_config(tmp_path):
+    """load_model / load_flexdit rebuild a dense DiT and a FlexDiT from the config their file records; overrides that
+    contradict it, unknown ones and names of another family or size are refused, naming both values."""
+    import flexdit_kernels as fk
+    x, t, y = toy_inputs()
+    dense, flex = toy_dit(), flexdit.from_dit(toy_dit(), toy_config()).eval()
+    for model, name in ((dense, "DiT-S/2"), (flex, "FlexDiT-S/2")):
+        path = tmp_path / f"{type(model).__name__}.pt"
+        flexdit.save_flexdit(model, path, name=name)
+        again, source = flexdit.load_model(path, return_source=True)
+        assert type(again) is type(model) and source.endswith("checkpoint (model weights)")
+        with fk.backend("reference"), torch.no_grad():
+            assert torch.equal(flexdit.load_flexdit(path).eval()(x, t, y), model(x, t, y))
+        other = "DiT-B/2" if name == "DiT-S/2" else "FlexDiT-B/2"
+        with pytest.raises(ValueError, match=f"--model {other} conflicts with checkpoint .*, which records {name}"):
+            flexdit.load_model(path, other)
+        with pytest.raises(ValueError, match="hidden_size=64 conflicts with .*hidden_size=32"):
+            flexdit.load_model(path, hidden_size=64)
+        with pytest.raises(ValueError, match="unknown field 'hiden_size'"):
+            flexdit.load_model(path, hiden_size=32)
+    with pytest.raises(ValueError, match="holds a FlexDiT model"):
+        flexdit.load_model(tmp_path / "FlexDiT.pt", "DiT-S/2")
+    # a dense checkpoint given a FlexDiT name is converted, plan fields allowed
+    plan = toy_config().plan
+    converted = flexdit.load_model(tmp_path / "DiT.pt", "FlexDiT-S/2", plan=plan)
+    assert isinstance(converted, flexdit.FlexDiT) and converted.config.plan == plan
+    torch.save(dense.state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="does not record its model"):
+        flexdit.load_flexdit(tmp_path / "plain.pt")
