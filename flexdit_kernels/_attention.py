@@ -8,6 +8,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import call_op, custom_op, interpreting, register_autograd, triton_only_active, use_triton
+from ._launch import cdiv, compiled_ctas_per_sm, device_limits, next_pow2, resident_programs, split_count
 from ._validate import check_same, check_tensor
 
 MAX_HEAD_DIM = 128
@@ -24,32 +25,93 @@ _LOG2E = 1.4426950408889634
 #
 # Every kernel holds the head dim as ONE power-of-two tile of BLOCK_D = max(16, next_pow2(D)) columns: loads are
 # masked to the D real columns with other=0 (so the padded columns add 0 to every dot) and stores are masked to them.
-# Scores live in base 2: s2 = q·k · scale · log2(e). Row offsets (token index x token stride) are int64 in the
-# load/store helpers and the batch·head program id is int64 before it meets a stride, so no offset wraps at int32.
+# Scores live in base 2: s2 = q·k · scale · log2(e). Row offsets (token index x token stride) are int64 and the
+# batch·head program id is int64 before it meets a stride, so no offset wraps at int32.
+#
+# ALIGNED: the launcher has checked that every stride of q, k, v, out and the gradients (but the head dim's) is a
+# multiple of 8 elements and every data pointer 16-byte aligned (true for D = 72 and for views of a fused qkv
+# projection). The head and row offsets then carry tl.multiple_of(·, 8), so that Triton issues 16-byte loads and
+# stores (and cp.async copies) where it would otherwise, the head stride 72 being a multiple of 8 but not of 16, move
+# one element at a time. The hint must wrap an offset computed in the same function: on a function's argument (a
+# kernel's or a helper's) it is dropped.
 # ----------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _load_rows(PTR, offs_r, offs_d, stride_r, stride_d, n_rows, HEAD_DIM: tl.constexpr):
-    """A (rows, BLOCK_D) tile of a (L, D) head slice, zero outside the L rows and the D columns."""
+def _program_head(n_heads):
+    """The prologue of every kernel: grid axis 1 is batch x heads; (pid_bh, b, h) as int64."""
+    pid_bh = tl.program_id(1).to(tl.int64)
+    return pid_bh, pid_bh // n_heads, pid_bh % n_heads
+
+
+@triton.jit
+def _head(PTR, b, h, stride_b, stride_h, ALIGNED: tl.constexpr):
+    """The (L, D) slice of batch b, head h of a (B, L, H, D) tensor."""
+    offset = b * stride_b + h * stride_h
+    if ALIGNED:
+        offset = tl.multiple_of(offset, 8)
+    return PTR + offset
+
+
+@triton.jit
+def _split_head(PTR, s, b, h, stride_s, stride_b, stride_h, ALIGNED: tl.constexpr):
+    """The (L, D) slice of split s, batch b, head h of a (splits, B, L, H, D) workspace."""
+    offset = s.to(tl.int64) * stride_s + b * stride_b + h * stride_h
+    if ALIGNED:
+        offset = tl.multiple_of(offset, 8)
+    return PTR + offset
+
+
+@triton.jit
+def _tile(PTR, offs_r, offs_d, stride_r, stride_d, n_rows, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointers and mask of a (rows, BLOCK_D) tile of an (L, D) head slice: the L rows and the D columns."""
+    rows = offs_r.to(tl.int64) * stride_r
+    if ALIGNED:
+        rows = tl.multiple_of(rows, 8)
     mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
-    ptrs = PTR + offs_r[:, None].to(tl.int64) * stride_r + offs_d[None, :] * stride_d
+    return PTR + rows[:, None] + offs_d[None, :] * stride_d, mask
+
+
+@triton.jit
+def _load_rows(PTR, offs_r, offs_d, stride_r, stride_d, n_rows, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
+    """A (rows, BLOCK_D) tile of an (L, D) head slice, zero outside the L rows and the D columns."""
+    ptrs, mask = _tile(PTR, offs_r, offs_d, stride_r, stride_d, n_rows, HEAD_DIM, ALIGNED)
     return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
-def _load_cols(PTR, offs_r, offs_d, stride_r, stride_d, n_rows, HEAD_DIM: tl.constexpr):
-    """The transpose, (BLOCK_D, rows), of `_load_rows`' tile: kᵀ / vᵀ straight from memory."""
-    mask = (offs_d[:, None] < HEAD_DIM) & (offs_r[None, :] < n_rows)
-    ptrs = PTR + offs_d[:, None] * stride_d + offs_r[None, :].to(tl.int64) * stride_r
-    return tl.load(ptrs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _store_rows(PTR, x, offs_r, offs_d, stride_r, stride_d, n_rows, HEAD_DIM: tl.constexpr):
+def _store_rows(PTR, x, offs_r, offs_d, stride_r, stride_d, n_rows, HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
     """Store a (rows, BLOCK_D) tile into the L rows and D columns of a head slice; nothing outside them."""
-    mask = (offs_r[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM)
-    ptrs = PTR + offs_r[:, None].to(tl.int64) * stride_r + offs_d[None, :] * stride_d
+    ptrs, mask = _tile(PTR, offs_r, offs_d, stride_r, stride_d, n_rows, HEAD_DIM, ALIGNED)
     tl.store(ptrs, x.to(PTR.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_out(OUT, LSE, acc, m, l, offs_m, offs_d, stride_om, stride_od, lq,
+               HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
+    """out = acc / l and the natural-log log-sum-exp (m + log2 l) · ln 2 of the rows offs_m < Lq."""
+    _store_rows(OUT, acc * (1.0 / l)[:, None], offs_m, offs_d, stride_om, stride_od, lq, HEAD_DIM, ALIGNED)
+    tl.store(LSE + offs_m, (m + tl.log2(l)) * 0.6931471805599453, mask=offs_m < lq)
+
+
+@triton.jit
+def _attn_fwd_inner(acc, l_i, m_i, q, K, V, lo, hi, offs_d, stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
+    """The flash-attention key loop (Triton tutorial 06's `_attn_fwd_inner`): online softmax of q over the keys
+    [lo, hi), in BLOCK_N blocks; returns the unnormalised accumulator, the row sums and the row maxima (base 2)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        k = _load_rows(K, cols, offs_d, stride_kn, stride_kd, hi, HEAD_DIM, ALIGNED)          # (N, D)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        s = tl.where(cols[None, :] < hi, s * qk_scale, float("-inf"))   # the first column of a block is < hi
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(V, cols, offs_d, stride_vn, stride_vd, hi, HEAD_DIM, ALIGNED)          # (N, D)
+        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
 
 
 @triton.jit
@@ -61,37 +123,34 @@ def _attention_fwd_few_keys_kernel(
         stride_ob, stride_om, stride_oh, stride_od,
         n_heads, lq, lk, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr):
+        ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
     """Few keys (Lk <= BLOCK_N): K and V of one head are loaded once and stay on chip while the program walks over
     query blocks pid_m, pid_m + n_prog_m, ...; each block is one exact softmax, no online rescaling."""
     pid_m = tl.program_id(0)
     n_prog_m = tl.num_programs(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    OUT += b * stride_ob + h * stride_oh
+    pid_bh, b, h = _program_head(n_heads)
+    Q = _head(Q, b, h, stride_qb, stride_qh, ALIGNED)
+    OUT = _head(OUT, b, h, stride_ob, stride_oh, ALIGNED)
     LSE += pid_bh * lq
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    kt = _load_cols(K, offs_n, offs_d, stride_kn, stride_kd, lk, HEAD_DIM)              # (D, N)
-    v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, lk, HEAD_DIM)               # (N, D)
+    k = _load_rows(_head(K, b, h, stride_kb, stride_kh, ALIGNED), offs_n, offs_d, stride_kn, stride_kd, lk,
+                   HEAD_DIM, ALIGNED)                                                        # (N, D)
+    v = _load_rows(_head(V, b, h, stride_vb, stride_vh, ALIGNED), offs_n, offs_d, stride_vn, stride_vd, lk,
+                   HEAD_DIM, ALIGNED)
+    kt = tl.trans(k)
     key_ok = offs_n[None, :] < lk
 
     for start_m in range(pid_m * BLOCK_M, lq, n_prog_m * BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, offs_m, offs_d, stride_qm, stride_qd, lq, HEAD_DIM)           # (M, D)
+        q = _load_rows(Q, offs_m, offs_d, stride_qm, stride_qd, lq, HEAD_DIM, ALIGNED)     # (M, D)
         s = tl.dot(q, kt, input_precision=PRECISION)
         s = tl.where(key_ok, s * qk_scale, float("-inf"))
         m = tl.max(s, 1)
         p = tl.exp2(s - m[:, None])
-        l = tl.sum(p, 1)
-        out = tl.dot(p.to(V.dtype.element_ty), v, input_precision=PRECISION) * (1.0 / l)[:, None]
-        _store_rows(OUT, out, offs_m, offs_d, stride_om, stride_od, lq, HEAD_DIM)
-        tl.store(LSE + offs_m, (m + tl.log2(l)) / 1.4426950408889634, mask=offs_m < lq)
+        acc = tl.dot(p.to(V.dtype.element_ty), v, input_precision=PRECISION)
+        _store_out(OUT, LSE, acc, m, tl.sum(p, 1), offs_m, offs_d, stride_om, stride_od, lq, HEAD_DIM, ALIGNED)
 
 
 @triton.jit
@@ -103,53 +162,38 @@ def _attention_fwd_kernel(
         stride_ob, stride_om, stride_oh, stride_od,
         n_heads, lq, lk, keys_per_split, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        SPLIT: tl.constexpr, PRECISION: tl.constexpr):
+        SPLIT: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
     """Flash-attention loop over the keys [split · keys_per_split, +keys_per_split) ∩ [0, Lk) with online softmax.
     SPLIT=False: one split holds all keys; write the output and the log-sum-exp. SPLIT=True (split-K): write the
     partial, unnormalised accumulator to WS_ACC (BH, splits, Lq, D) and (m, l) to WS_ML (BH, splits, 2, Lq), fp32;
     an empty split writes acc = 0, m = -inf, l = 0, which the combine weighs by 0."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
+    pid_bh, b, h = _program_head(n_heads)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, offs_m, offs_d, stride_qm, stride_qd, lq, HEAD_DIM)               # (M, D)
+    q = _load_rows(_head(Q, b, h, stride_qb, stride_qh, ALIGNED), offs_m, offs_d, stride_qm, stride_qd, lq,
+                   HEAD_DIM, ALIGNED)                                                        # (M, D)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-
     lo = pid_s * keys_per_split
     hi = tl.minimum(lo + keys_per_split, lk)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        kt = _load_cols(K, cols, offs_d, stride_kn, stride_kd, hi, HEAD_DIM)            # (D, N)
-        s = tl.dot(q, kt, input_precision=PRECISION)
-        s = tl.where(cols[None, :] < hi, s * qk_scale, float("-inf"))   # the first column of a block is < hi
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V, cols, offs_d, stride_vn, stride_vd, hi, HEAD_DIM)             # (N, D)
-        acc = acc * alpha[:, None] + tl.dot(p.to(V.dtype.element_ty), v, input_precision=PRECISION)
-        m_i = m_new
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, _head(K, b, h, stride_kb, stride_kh, ALIGNED),
+                                    _head(V, b, h, stride_vb, stride_vh, ALIGNED), lo, hi, offs_d,
+                                    stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
+                                    HEAD_DIM, BLOCK_N, ALIGNED, PRECISION)
 
     if SPLIT:
         part = pid_bh * tl.num_programs(2) + pid_s                         # (bh, split) slot, int64
-        _store_rows(WS_ACC + part * lq * HEAD_DIM, acc, offs_m, offs_d, HEAD_DIM, 1, lq, HEAD_DIM)
+        _store_rows(WS_ACC + part * lq * HEAD_DIM, acc, offs_m, offs_d, HEAD_DIM, 1, lq, HEAD_DIM, ALIGNED)
         ML = WS_ML + part * 2 * lq
         tl.store(ML + offs_m, m_i, mask=offs_m < lq)
         tl.store(ML + lq + offs_m, l_i, mask=offs_m < lq)
     else:
-        OUT += b * stride_ob + h * stride_oh
-        _store_rows(OUT, acc * (1.0 / l_i)[:, None], offs_m, offs_d, stride_om, stride_od, lq, HEAD_DIM)
-        tl.store(LSE + pid_bh * lq + offs_m, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=offs_m < lq)
+        _store_out(_head(OUT, b, h, stride_ob, stride_oh, ALIGNED), LSE + pid_bh * lq, acc, m_i, l_i, offs_m,
+                   offs_d, stride_om, stride_od, lq, HEAD_DIM, ALIGNED)
 
 
 @triton.jit
@@ -157,13 +201,11 @@ def _attention_fwd_combine_kernel(
         WS_ACC, WS_ML, OUT, LSE,
         stride_ob, stride_om, stride_oh, stride_od,
         n_heads, lq, n_splits,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ALIGNED: tl.constexpr):
     """Split-K combine: out = Σ_s 2^(m_s − m) acc_s / Σ_s 2^(m_s − m) l_s with m = max_s m_s. Rows past Lq read
     m = 0, l = 1, acc = 0 and store nothing; the split slots are walked by pointer increments (no int32 product)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    pid_bh, b, h = _program_head(n_heads)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < lq
@@ -180,12 +222,11 @@ def _attention_fwd_combine_kernel(
     for s in range(0, n_splits):
         w = tl.exp2(tl.load(ML + offs_m, mask=row_ok, other=0.0) - m)
         l += w * tl.load(ML + lq + offs_m, mask=row_ok, other=1.0)
-        acc += w[:, None] * _load_rows(ACC, offs_m, offs_d, HEAD_DIM, 1, lq, HEAD_DIM)
+        acc += w[:, None] * _load_rows(ACC, offs_m, offs_d, HEAD_DIM, 1, lq, HEAD_DIM, ALIGNED)
         ML += 2 * lq
         ACC += lq * HEAD_DIM
-    OUT += b * stride_ob + h * stride_oh
-    _store_rows(OUT, acc / l[:, None], offs_m, offs_d, stride_om, stride_od, lq, HEAD_DIM)
-    tl.store(LSE + pid_bh * lq + offs_m, (m + tl.log2(l)) / 1.4426950408889634, mask=row_ok)
+    _store_out(_head(OUT, b, h, stride_ob, stride_oh, ALIGNED), LSE + pid_bh * lq, acc, m, l, offs_m, offs_d,
+               stride_om, stride_od, lq, HEAD_DIM, ALIGNED)
 
 
 @triton.jit
@@ -194,16 +235,16 @@ def _attention_bwd_preprocess_kernel(
         stride_ob, stride_om, stride_oh, stride_od,
         stride_dob, stride_dom, stride_doh, stride_dod,
         n_heads, lq,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ALIGNED: tl.constexpr):
     """delta = rowsum(dO ⊙ O) in fp32, (BH, Lq)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
+    pid_bh, b, h = _program_head(n_heads)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(OUT + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, stride_od, lq, HEAD_DIM)
-    do = _load_rows(DO + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, stride_dod, lq, HEAD_DIM)
+    o = _load_rows(_head(OUT, b, h, stride_ob, stride_oh, ALIGNED), offs_m, offs_d, stride_om, stride_od, lq,
+                   HEAD_DIM, ALIGNED)
+    do = _load_rows(_head(DO, b, h, stride_dob, stride_doh, ALIGNED), offs_m, offs_d, stride_dom, stride_dod, lq,
+                    HEAD_DIM, ALIGNED)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh * lq + offs_m, delta, mask=offs_m < lq)
 
@@ -219,29 +260,27 @@ def _attention_bwd_dkdv_kernel(
         stride_dks, stride_dkb, stride_dkn, stride_dkh, stride_dkd,
         n_heads, lq, lk, queries_per_split, qk_scale, scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        FUSE_DQ: tl.constexpr, PRECISION: tl.constexpr):
+        FUSE_DQ: tl.constexpr, ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
     """dk, dv of one key block over the queries [split · queries_per_split, +queries_per_split) ∩ [0, Lq), in
     transposed form: pᵀ = 2^(k·qᵀ·scale·log2e − lse2), dv += pᵀ dO, dsᵀ = pᵀ ⊙ (v dOᵀ − delta), dk += dsᵀ q. DK/DV
     carry a split stride (fp32 partials summed by the launcher when there are several splits). FUSE_DQ: this block
     holds every key (Lk <= BLOCK_N), so dq = ds k of each query block is complete here and is stored directly."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DO += b * stride_dob + h * stride_doh
-    DQ += b * stride_dqb + h * stride_dqh
+    pid_bh, b, h = _program_head(n_heads)
+    Q = _head(Q, b, h, stride_qb, stride_qh, ALIGNED)
+    DO = _head(DO, b, h, stride_dob, stride_doh, ALIGNED)
+    DQ = _head(DQ, b, h, stride_dqb, stride_dqh, ALIGNED)
     LSE += pid_bh * lq
     DELTA += pid_bh * lq
 
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K, offs_n, offs_d, stride_kn, stride_kd, lk, HEAD_DIM)               # (N, D)
-    v = _load_rows(V, offs_n, offs_d, stride_vn, stride_vd, lk, HEAD_DIM)
+    k = _load_rows(_head(K, b, h, stride_kb, stride_kh, ALIGNED), offs_n, offs_d, stride_kn, stride_kd, lk,
+                   HEAD_DIM, ALIGNED)                                                        # (N, D)
+    v = _load_rows(_head(V, b, h, stride_vb, stride_vh, ALIGNED), offs_n, offs_d, stride_vn, stride_vd, lk,
+                   HEAD_DIM, ALIGNED)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     key_ok = offs_n[:, None] < lk
@@ -250,26 +289,25 @@ def _attention_bwd_dkdv_kernel(
     hi = tl.minimum(lo + queries_per_split, lq)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + offs_m0
-        q = _load_rows(Q, offs_m, offs_d, stride_qm, stride_qd, hi, HEAD_DIM)           # (M, D)
-        do = _load_rows(DO, offs_m, offs_d, stride_dom, stride_dod, hi, HEAD_DIM)
+        q = _load_rows(Q, offs_m, offs_d, stride_qm, stride_qd, hi, HEAD_DIM, ALIGNED)     # (M, D)
+        do = _load_rows(DO, offs_m, offs_d, stride_dom, stride_dod, hi, HEAD_DIM, ALIGNED)
         st = tl.dot(k, tl.trans(q), input_precision=PRECISION)                           # (N, M)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         lse2 = tl.load(LSE + offs_m, mask=offs_m < hi, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + offs_m, mask=offs_m < hi, other=0.0)
         pt = tl.exp2(st * qk_scale - lse2[None, :])
         pt = tl.where(key_ok & (offs_m[None, :] < hi), pt, 0.0)
-        dst = pt * (dpt - delta[None, :])
-        dstc = dst.to(Q.dtype.element_ty)
+        dstc = (pt * (dpt - delta[None, :])).to(Q.dtype.element_ty)
         dv += tl.dot(pt.to(DO.dtype.element_ty), do, input_precision=PRECISION)
         dk += tl.dot(dstc, q, input_precision=PRECISION)
         if FUSE_DQ:
             dq = tl.dot(tl.trans(dstc), k, input_precision=PRECISION) * scale          # (M, D)
-            _store_rows(DQ, dq, offs_m, offs_d, stride_dqm, stride_dqd, hi, HEAD_DIM)
+            _store_rows(DQ, dq, offs_m, offs_d, stride_dqm, stride_dqd, hi, HEAD_DIM, ALIGNED)
 
-    DK += pid_s.to(tl.int64) * stride_dks + b * stride_dkb + h * stride_dkh
-    DV += pid_s.to(tl.int64) * stride_dks + b * stride_dkb + h * stride_dkh
-    _store_rows(DK, dk * scale, offs_n, offs_d, stride_dkn, stride_dkd, lk, HEAD_DIM)
-    _store_rows(DV, dv, offs_n, offs_d, stride_dkn, stride_dkd, lk, HEAD_DIM)
+    DK = _split_head(DK, pid_s, b, h, stride_dks, stride_dkb, stride_dkh, ALIGNED)
+    DV = _split_head(DV, pid_s, b, h, stride_dks, stride_dkb, stride_dkh, ALIGNED)
+    _store_rows(DK, dk * scale, offs_n, offs_d, stride_dkn, stride_dkd, lk, HEAD_DIM, ALIGNED)
+    _store_rows(DV, dv, offs_n, offs_d, stride_dkn, stride_dkd, lk, HEAD_DIM, ALIGNED)
 
 
 @triton.jit
@@ -282,25 +320,23 @@ def _attention_bwd_dq_kernel(
         stride_dqs, stride_dqb, stride_dqm, stride_dqh, stride_dqd,
         n_heads, lq, lk, keys_per_split, qk_scale, scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        PRECISION: tl.constexpr):
+        ALIGNED: tl.constexpr, PRECISION: tl.constexpr):
     """dq of one query block over the keys [split · keys_per_split, +keys_per_split) ∩ [0, Lk):
     ds = p ⊙ (dO vᵀ − delta), dq += ds k. DQ carries a split stride (fp32 partials summed by the launcher when there
     are several splits)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
     pid_s = tl.program_id(2)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    Q += b * stride_qb + h * stride_qh
-    K += b * stride_kb + h * stride_kh
-    V += b * stride_vb + h * stride_vh
-    DO += b * stride_dob + h * stride_doh
+    pid_bh, b, h = _program_head(n_heads)
+    K = _head(K, b, h, stride_kb, stride_kh, ALIGNED)
+    V = _head(V, b, h, stride_vb, stride_vh, ALIGNED)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q, offs_m, offs_d, stride_qm, stride_qd, lq, HEAD_DIM)               # (M, D)
-    do = _load_rows(DO, offs_m, offs_d, stride_dom, stride_dod, lq, HEAD_DIM)
+    q = _load_rows(_head(Q, b, h, stride_qb, stride_qh, ALIGNED), offs_m, offs_d, stride_qm, stride_qd, lq,
+                   HEAD_DIM, ALIGNED)                                                        # (M, D)
+    do = _load_rows(_head(DO, b, h, stride_dob, stride_doh, ALIGNED), offs_m, offs_d, stride_dom, stride_dod, lq,
+                    HEAD_DIM, ALIGNED)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lse2 = tl.load(LSE + pid_bh * lq + offs_m, mask=offs_m < lq, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + pid_bh * lq + offs_m, mask=offs_m < lq, other=0.0)
@@ -309,17 +345,17 @@ def _attention_bwd_dq_kernel(
     hi = tl.minimum(lo + keys_per_split, lk)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n0
-        kt = _load_cols(K, cols, offs_d, stride_kn, stride_kd, hi, HEAD_DIM)            # (D, N)
-        vt = _load_cols(V, cols, offs_d, stride_vn, stride_vd, hi, HEAD_DIM)
-        s = tl.dot(q, kt, input_precision=PRECISION)                                     # (M, N)
-        dp = tl.dot(do, vt, input_precision=PRECISION)
+        k = _load_rows(K, cols, offs_d, stride_kn, stride_kd, hi, HEAD_DIM, ALIGNED)       # (N, D)
+        v = _load_rows(V, cols, offs_d, stride_vn, stride_vd, hi, HEAD_DIM, ALIGNED)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)                            # (M, N)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         p = tl.exp2(s * qk_scale - lse2[:, None])
         p = tl.where(cols[None, :] < hi, p, 0.0)
         ds = (p * (dp - delta[:, None])).to(Q.dtype.element_ty)
-        dq += tl.dot(ds, tl.trans(kt), input_precision=PRECISION)
+        dq += tl.dot(ds, k, input_precision=PRECISION)
 
-    DQ += pid_s.to(tl.int64) * stride_dqs + b * stride_dqb + h * stride_dqh
-    _store_rows(DQ, dq * scale, offs_m, offs_d, stride_dqm, stride_dqd, lq, HEAD_DIM)
+    DQ = _split_head(DQ, pid_s, b, h, stride_dqs, stride_dqb, stride_dqh, ALIGNED)
+    _store_rows(DQ, dq * scale, offs_m, offs_d, stride_dqm, stride_dqd, lq, HEAD_DIM, ALIGNED)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -328,9 +364,10 @@ def _attention_bwd_dq_kernel(
 # NOTE: the head dim is one power-of-two tile, BLOCK_D = max(16, next_pow2(D)), with masked columns: D = 72 and
 # D = 80 compute 128 columns in every tl.dot where a 64 + 16 split computed 80, so 1.6x the split's dot work (1.78x
 # the 72 useful columns of D = 72); D = 64 and 128 are unchanged. The split gave wrong bf16/fp16 results in the key
-# loop on an H100 (triton 3.6) while one tile at D = 64 and the few-keys kernel were right. Block sizes, num_warps,
-# num_stages and the programs-per-GPU target are the usual flash-attention starting points (64x64 tiles, 4 warps),
-# not tuned: the bench tunes them.
+# loop on an H100 (triton 3.6) while one tile at D = 64 and the few-keys kernel were right. Tiles, num_warps and
+# num_stages are chosen from the compile report (registers, spill, CTAs per SM on sm_90 and sm_80, the NOTEs below),
+# not from GPU timings: the bench tunes them. Grids fill one wave: the device's SM count x the compiled kernel's CTAs
+# per SM.
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -360,6 +397,13 @@ ROUTES: Tuple[Route, ...] = (
     Route("flash"),                           # everything else: the flash-attention loop
 )
 
+# NOTE: dtypes that go to PyTorch SDPA at every shape on the Triton backend. fp32 inputs get true fp32 products
+# (`ieee` dots), which have no tensor-core instruction: compiled for sm_90 (triton 3.9, D = 72) the fp32 kernels spill
+# 4-65 KB per thread (ptxas leaves most of them 32 registers), and few-keys at 128 keys needs 196,608 B of shared
+# memory, the fused backward 196,864 B (over an A100 block's 166,912 B: `_fitted` halves their query tile there).
+# The fp32 kernels stay for `_dispatch.triton_only()` (inside it nothing goes to SDPA) and the tests.
+SDPA_DTYPES: Tuple[torch.dtype, ...] = (torch.float32,)
+
 
 def attention_path(lq: int, lk: int, sdpa: bool = True) -> str:
     """Which implementation `attention` runs for Lq queries over Lk keys on the Triton backend: the path of the first
@@ -382,44 +426,56 @@ class _Config(NamedTuple):
 
 def _block_d(d: int) -> int:
     """The head-dim tile: one power of two >= 16 (tl.dot's K), its columns past D masked."""
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
-_sm_count = {}
+def _is_aligned(*tensors: torch.Tensor) -> bool:
+    """The kernels' ALIGNED flag: every data pointer 16-byte aligned and every stride but the last (of dims longer
+    than 1: their index is always 0) a multiple of 8 elements, so every head and row offset is a multiple of 8."""
+    for t in tensors:
+        if t.data_ptr() % 16 != 0:
+            return False
+        if any(s % 8 != 0 for n, s in zip(t.shape[:-1], t.stride()[:-1]) if n > 1):
+            return False
+    return True
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132                                     # an H100 SXM / H200, for the interpreter
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _sm_count:
-        _sm_count[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _sm_count[idx]
+# NOTE: CTAs per SM of each kernel at the DiT-XL/2 shapes (bf16, D = 72, aligned views, the tiles below) compiled for
+# sm_90 with triton 3.9: few-keys 3 (2 at 128 keys), split-K 3, dk/dv 1 and dq 1 (8 warps each). Off the GPU they size
+# the grids; on a GPU the compiled kernel's own registers and shared memory do (`compiled_ctas_per_sm`).
+_SM90_CTAS = {"few_keys": 3, "split_k": 3, "flash": 2, "dkdv": 1, "dq": 1}
 
 
-def _splits(n_programs: int, n_blocks: int, block: int, device: torch.device) -> Tuple[int, int]:
-    """Split n_blocks blocks of a reduction of length L (cdiv(L, block) = n_blocks) over programs so that about
-    4 programs per SM run; returns (splits, elements per split): a multiple of block, and every split non-empty,
-    since (splits - 1) · per < n_blocks."""
-    want = max(1, min(n_blocks, triton.cdiv(4 * _num_sms(device), n_programs)))
-    per = triton.cdiv(n_blocks, want)
-    return triton.cdiv(n_blocks, per), per * block
+def _fitted(kernel, device: torch.device, default: int, args: tuple, meta: dict) -> Tuple[dict, int]:
+    """(meta, CTAs per SM): `meta` with BLOCK_M halved, down to 16, until the compiled kernel fits the shared memory
+    a block may have on `device` (`_launch.device_limits`; fp32 tiles can need more than an A100 block's 166,912 B).
+    Off the GPU the tiles are those of the default target, where every variant fits."""
+    while True:
+        ctas = compiled_ctas_per_sm(kernel, device, default, *args, **meta)
+        if ctas > 0:
+            return meta, ctas
+        if meta["BLOCK_M"] <= 16:
+            raise ValueError(f"q: no {kernel.__name__} tile fits the shared memory of a block on {device} "
+                             f"({device_limits(device).smem_per_block} B) at head dim {meta['HEAD_DIM']}")
+        meta = dict(meta, BLOCK_M=meta["BLOCK_M"] // 2)
 
 
-def _fwd_config(lq: int, lk: int, bh: int, device: torch.device) -> _Config:
+def _fwd_config(lq: int, lk: int, bh: int, device: torch.device, ctas: int = 0, block_m: int = 64) -> _Config:
     """Tiles and grid for the forward. Token tiles are powers of two >= 16 (tl.dot's minimum), so few-keys pads Lk
     (36 -> 64, 100 -> 128) and few queries pad Lq (36 -> 64, 1 -> 16): Triton has no other tile shapes; masked
-    rows/columns are never loaded from memory. Few-keys uses about 4 programs per SM, each walking several query
-    blocks with one copy of K and V, so at B·H = 512 K/V are read from L2 twice per head."""
+    rows/columns are never loaded from memory. Few-keys and split-K fill one wave of the device, `ctas` CTAs per SM
+    (the default target's figure when 0), each few-keys program walking several query blocks with one copy of K and
+    V; block_m caps the query tile."""
     path = attention_path(lq, lk, sdpa=False)
-    block_m = min(64, max(16, triton.next_power_of_2(lq)))
+    block_m = min(block_m, max(16, next_pow2(lq)))
+    n_qblocks = cdiv(lq, block_m)
+    wave = resident_programs(device, ctas or _SM90_CTAS[path])
     if path == "few_keys":
-        block_n = max(16, triton.next_power_of_2(lk))
-        n_qblocks = triton.cdiv(lq, block_m)
-        return _Config(path, block_m, block_n, max(1, min(n_qblocks, triton.cdiv(4 * _num_sms(device), bh))), lk)
+        block_n = max(16, next_pow2(lk))
+        return _Config(path, block_m, block_n, max(1, min(n_qblocks, cdiv(wave, bh))), lk)
     block_n = 64
     if path == "split_k":
-        splits, chunk = _splits(triton.cdiv(lq, block_m) * bh, triton.cdiv(lk, block_n), block_n, device)
+        splits, chunk = split_count(n_qblocks * bh, cdiv(lk, block_n), block_n, wave)
         return _Config(path, block_m, block_n, splits, chunk)
     return _Config(path, block_m, block_n, 1, lk)
 
@@ -438,6 +494,12 @@ def _check_launch(q: torch.Tensor) -> None:
                          "grid axis other than the first can hold")
 
 
+# NOTE: split-K runs its key loop with num_stages=1: compiled for sm_90 (triton 3.9, bf16, D = 72, aligned) that is
+# 168 registers and 3 CTAs per SM with plain 16-byte loads, against 180 registers, 2 CTAs per SM and cp.async at
+# num_stages=2; the flash loop, which walks every key, keeps num_stages=2.
+_FWD_STAGES = {"few_keys": 2, "split_k": 1, "flash": 2}
+
+
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Triton forward: (out (B, Lq, H, D) contiguous, lse (B, H, Lq) fp32, natural log). Not routed to SDPA."""
@@ -445,30 +507,53 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     b, lq, h, d = q.shape
     lk = k.shape[1]
     bh = b * h
-    cfg = _fwd_config(lq, lk, bh, q.device)
     out = torch.empty((b, lq, h, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
     strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride())
-    meta = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                PRECISION=_precision(q.dtype), num_warps=4)
+    path = attention_path(lq, lk, sdpa=False)
+    meta = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=min(64, max(16, next_pow2(lq))),
+                BLOCK_N=max(16, next_pow2(lk)) if path == "few_keys" else 64, ALIGNED=_is_aligned(q, k, v, out),
+                PRECISION=_precision(q.dtype), num_warps=4, num_stages=_FWD_STAGES[path])
     qk_scale = scale * _LOG2E
-    if cfg.path == "few_keys":
-        _attention_fwd_few_keys_kernel[(cfg.n_splits, bh)](
-            q, k, v, out, lse, *strides, h, lq, lk, qk_scale, **meta, num_stages=2)
+    if path == "few_keys":
+        args = (q, k, v, out, lse, *strides, h, lq, lk, qk_scale)
+        meta, ctas = _fitted(_attention_fwd_few_keys_kernel, q.device, _SM90_CTAS[path], args, meta)
+        cfg = _fwd_config(lq, lk, bh, q.device, ctas, meta["BLOCK_M"])
+        _attention_fwd_few_keys_kernel[(cfg.n_splits, bh)](*args, **meta)
         return out, lse
+    args = (q, k, v, out, lse, torch.float32, torch.float32, *strides, h, lq, lk, lk, qk_scale)
+    meta, ctas = _fitted(_attention_fwd_kernel, q.device, _SM90_CTAS[path], args, dict(meta, SPLIT=path == "split_k"))
+    cfg = _fwd_config(lq, lk, bh, q.device, ctas, meta["BLOCK_M"])
+    grid_m = cdiv(lq, cfg.block_m)
     if cfg.n_splits == 1:
-        _attention_fwd_kernel[(triton.cdiv(lq, cfg.block_m), bh, 1)](
-            q, k, v, out, lse, lse, lse, *strides, h, lq, lk, lk, qk_scale, **meta, SPLIT=False, num_stages=2)
+        _attention_fwd_kernel[(grid_m, bh, 1)](
+            q, k, v, out, lse, lse, lse, *strides, h, lq, lk, lk, qk_scale, **dict(meta, SPLIT=False))
         return out, lse
     ws_acc = torch.empty((bh, cfg.n_splits, lq, d), device=q.device, dtype=torch.float32)
     ws_ml = torch.empty((bh, cfg.n_splits, 2, lq), device=q.device, dtype=torch.float32)
-    _attention_fwd_kernel[(triton.cdiv(lq, cfg.block_m), bh, cfg.n_splits)](
-        q, k, v, out, lse, ws_acc, ws_ml, *strides, h, lq, lk, cfg.chunk, qk_scale, **meta, SPLIT=True,
-        num_stages=2)
-    _attention_fwd_combine_kernel[(triton.cdiv(lq, cfg.block_m), bh)](
+    _attention_fwd_kernel[(grid_m, bh, cfg.n_splits)](
+        q, k, v, out, lse, ws_acc, ws_ml, *strides, h, lq, lk, cfg.chunk, qk_scale, **meta)
+    _attention_fwd_combine_kernel[(grid_m, bh)](
         ws_acc, ws_ml, out, lse, *out.stride(), h, lq, cfg.n_splits,
-        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=cfg.block_m, num_warps=4)
+        HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=cfg.block_m, ALIGNED=meta["ALIGNED"], num_warps=4)
     return out, lse
+
+
+# NOTE: the backward's tiles, from the compile report (triton 3.9, bf16, D = 72, aligned). The dk/dv kernel holds
+# two fp32 (BLOCK_N, 128) accumulators across its query loop, and with dq fused a (BLOCK_M, 128) product per step:
+# at 4 warps it spilled 1,804 B per thread (BLOCK_N 64) and 6,012 B (BLOCK_N 128) on sm_90, and at BLOCK_N 128 ptxas
+# for sm_80 fell back to 32 registers with a 14.8 KB stack. 8 warps with BLOCK_M 32 at 128 keys: 0 B spill on sm_90
+# (238 registers), 4 B on sm_80; at 64 keys 0 B. Fusing dq at 128 keys rather than running the dq kernel (also 0 B:
+# BLOCK_N 64, 207 + 164 registers) saves recomputing q kᵀ and dO vᵀ, a launch and a second read of K and V.
+BWD_WARPS = 8
+
+
+def _bwd_tiles(lq: int, lk: int) -> Tuple[int, int, bool]:
+    """(BLOCK_M, BLOCK_N, FUSE_DQ) of the backward: dq is fused into the dk/dv kernel when one key block holds
+    every key (Lk <= MAX_KEYS_ONE_TILE)."""
+    fuse_dq = lk <= MAX_KEYS_ONE_TILE
+    block_n = max(16, next_pow2(lk)) if fuse_dq else 64
+    return min(32 if block_n > 64 else 64, max(16, next_pow2(lq))), block_n, fuse_dq
 
 
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -481,46 +566,46 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     lk = k.shape[1]
     bh = b * h
     lse = lse.contiguous()                             # read as (B·H, Lq)
-    meta = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype), num_warps=4)
+    block_m, block_n, fuse_dq = _bwd_tiles(lq, lk)
+    dq = torch.empty((b, lq, h, d), device=q.device, dtype=q.dtype)
+    aligned = _is_aligned(q, k, v, grad_out, out, dq)  # dk, dv and the workspaces: contiguous, D a multiple of 8
+    meta = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=aligned,
+                PRECISION=_precision(q.dtype), num_warps=BWD_WARPS, num_stages=2)
     qk_scale = scale * _LOG2E
 
     delta = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
-    _attention_bwd_preprocess_kernel[(triton.cdiv(lq, 64), bh)](
+    _attention_bwd_preprocess_kernel[(cdiv(lq, 64), bh)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), h, lq,
-        HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=64, num_warps=4)
+        HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=64, ALIGNED=aligned, num_warps=4)
 
-    fuse_dq = lk <= MAX_KEYS_ONE_TILE
-    block_n = max(16, triton.next_power_of_2(lk)) if fuse_dq else 64
-    block_m = min(64, max(16, triton.next_power_of_2(lq)))
-    if fuse_dq and q.element_size() == 4 and block_n * _block_d(d) >= 128 * 128:
-        # NOTE: fp32 with 128 keys x 128 head-dim columns needs 262,656 B of shared memory at BLOCK_M = 64 (more than
-        # the 232,448 B of an sm_90 block); BLOCK_M = 32 needs 196,864 B (sm_90 cubins from triton 3.6 and 3.9).
-        block_m = min(block_m, 32)
-    n_kblocks = triton.cdiv(lk, block_n)
-    q_splits, q_chunk = _splits(n_kblocks * bh, triton.cdiv(lq, block_m), block_m, q.device)
-    dq = torch.empty((b, lq, h, d), device=q.device, dtype=q.dtype) if fuse_dq else None
-    ws_dtype = q.dtype if q_splits == 1 else torch.float32
-    dk = torch.empty((q_splits, b, lk, h, d), device=q.device, dtype=ws_dtype)
+    # dk/dv: one program per key block and query split; the splits fill one wave of the device.
+    n_kblocks = cdiv(lk, block_n)
+    common = (q, k, v, grad_out, lse, delta, dq)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride())
+    ws_strides = (b * lk * h * d, lk * h * d, h * d, d, 1)             # (splits, B, Lk, H, D)
+    args = (*common, k.dtype, k.dtype, *strides, *ws_strides, h, lq, lk, lq, qk_scale, scale)
+    dkdv_meta, ctas = _fitted(_attention_bwd_dkdv_kernel, q.device, _SM90_CTAS["dkdv"], args,
+                              dict(meta, FUSE_DQ=fuse_dq))
+    q_splits, q_chunk = split_count(n_kblocks * bh, cdiv(lq, dkdv_meta["BLOCK_M"]), dkdv_meta["BLOCK_M"],
+                                    resident_programs(q.device, ctas))
+    dk = torch.empty((q_splits, b, lk, h, d), device=q.device, dtype=q.dtype if q_splits == 1 else torch.float32)
     dv = torch.empty_like(dk)
-    dq_arg = dq if fuse_dq else dk[0]                  # not written unless FUSE_DQ
     _attention_bwd_dkdv_kernel[(n_kblocks, bh, q_splits)](
-        q, k, v, grad_out, lse, delta, dq_arg, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq_arg.stride(), *dk.stride(),
-        h, lq, lk, q_chunk, qk_scale, scale, **meta, BLOCK_M=block_m, BLOCK_N=block_n, FUSE_DQ=fuse_dq,
-        num_stages=2)
+        *common, dk, dv, *strides, *dk.stride(), h, lq, lk, q_chunk, qk_scale, scale, **dkdv_meta)
     dk, dv = (dk[0], dv[0]) if q_splits == 1 else (dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype))
     if fuse_dq:
         return dq, dk, dv
 
-    k_splits, k_chunk = _splits(triton.cdiv(lq, block_m) * bh, n_kblocks, block_n, q.device)
-    dq = torch.empty((k_splits, b, lq, h, d), device=q.device, dtype=q.dtype if k_splits == 1 else torch.float32)
-    _attention_bwd_dq_kernel[(triton.cdiv(lq, block_m), bh, k_splits)](
-        q, k, v, grad_out, lse, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *dq.stride(),
-        h, lq, lk, k_chunk, qk_scale, scale, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_stages=2)
+    # dq: one program per query block and key split.
+    args = (*common[:6], q.dtype, *strides[:16], b * lq * h * d, *dq.stride(), h, lq, lk, lk, qk_scale, scale)
+    meta, ctas = _fitted(_attention_bwd_dq_kernel, q.device, _SM90_CTAS["dq"], args, meta)
+    grid_m = cdiv(lq, meta["BLOCK_M"])
+    k_splits, k_chunk = split_count(grid_m * bh, n_kblocks, block_n, resident_programs(q.device, ctas))
+    dq = dq[None] if k_splits == 1 else torch.empty((k_splits, b, lq, h, d), device=q.device, dtype=torch.float32)
+    _attention_bwd_dq_kernel[(grid_m, bh, k_splits)](
+        *common[:6], dq, *strides[:16], *dq.stride(), h, lq, lk, k_chunk, qk_scale, scale, **meta)
     dq = dq[0] if k_splits == 1 else dq.sum(0).to(q.dtype)
     return dq, dk, dv
-
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -585,7 +670,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
         scale: softmax scale, 1/sqrt(D) by default. D must be a multiple of 8, at most 128.
     Returns:
         (B, Lq, H, D) contiguous in q's dtype, so `.reshape(B, Lq, H * D)` is free.
-    On the Triton backend the kernel follows `attention_path(Lq, Lk)`; dense shapes go to PyTorch SDPA.
+    On the Triton backend the kernel follows `attention_path(Lq, Lk)`; dense shapes and the dtypes of `SDPA_DTYPES`
+    (fp32) go to PyTorch SDPA, except inside `flexdit_kernels._dispatch.triton_only()`.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, 4)
@@ -606,13 +692,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if q.device.type == "meta":
         return _attention_op(q, k, v, scale)[0]        # shape-only tracing (FLOP counts) sees the op by name
-    triton_path = use_triton(q, k, v) and attention_path(lq, k.shape[1], sdpa=not triton_only_active()) != "sdpa"
+    sdpa = not triton_only_active()
+    triton_path = (use_triton(q, k, v) and attention_path(lq, k.shape[1], sdpa=sdpa) != "sdpa"
+                   and not (sdpa and q.dtype in SDPA_DTYPES))
     if triton_path and interpreting() and q.dtype == torch.bfloat16:
         raise ValueError("q is bfloat16, which the Triton interpreter (TRITON_INTERPRET=1) cannot multiply: its bf16 "
                          "dots return wrong numbers. Use float16 or float32 on the CPU, or the reference backend")
     if not triton_path:
-        # PyTorch SDPA with its own autograd (cuDNN / flash backward on GPU): dense shapes on the Triton backend,
-        # every shape on the reference backend (which so skips the log-sum-exp the Triton backward needs).
+        # PyTorch SDPA with its own autograd (cuDNN / flash backward on GPU): dense shapes and fp32 on the Triton
+        # backend, every shape on the reference backend (which so skips the log-sum-exp the Triton backward needs).
         return attention_ref(q, k, v, scale)
     return call_op(_attention_op, _Function, _attention_body, (q, k, v), q, k, v, scale)[0]
 

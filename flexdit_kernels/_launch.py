@@ -100,6 +100,32 @@ def split_count(n_programs: int, n_blocks: int, block: int, wave: int) -> Tuple[
     return cdiv(n_blocks, per), per * block
 
 
+_OCCUPANCY = {}
+
+
+def compiled_ctas_per_sm(kernel, device: Optional[torch.device], default: int, *args, **meta) -> int:
+    """CTAs per SM of the variant that `kernel[grid](*args, **meta)` runs on `device`, from the compiled kernel's
+    registers and shared memory (`warmup` compiles it if no launch has), cached per kernel, device, argument dtypes
+    and meta-parameters; 0 when it needs more shared memory than a block may have there. Off a CUDA device (the
+    interpreter, recording launchers) `default`: the caller's figure for the default target, from its compile report."""
+    if device is None or device.type != "cuda":
+        return default
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (kernel, index, tuple(a.dtype if isinstance(a, torch.Tensor) else a if isinstance(a, torch.dtype) else None
+                                for a in args), tuple(sorted(meta.items())))
+    if key not in _OCCUPANCY:
+        limits = device_limits(device)
+        with torch.cuda.device(index):
+            compiled = kernel.warmup(*args, grid=(1,), **meta)
+            shared = compiled.metadata.shared
+            if shared > limits.smem_per_block:
+                _OCCUPANCY[key] = 0
+            else:
+                compiled._init_handles()               # loads the module, which fills n_regs
+                _OCCUPANCY[key] = ctas_per_sm(compiled.n_regs, compiled.metadata.num_warps, shared, limits)[0]
+    return _OCCUPANCY[key]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Token tiles and grids of the pooling ops (token_pool, upsample_add, token_mean)
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,8 +25,9 @@ PATH_SHAPES = {"few_keys": (100, 36), "split_k": (20, 150), "flash": (130, 130)}
 
 @pytest.fixture(autouse=True)
 def _triton_everywhere(monkeypatch):
-    """Keep every shape on Triton (no SDPA routing) unless a test says otherwise."""
+    """Keep every shape and dtype on Triton (no SDPA routing) unless a test says otherwise."""
     monkeypatch.setattr(A, "ROUTES", TRITON_ROUTES)
+    monkeypatch.setattr(A, "SDPA_DTYPES", ())
 
 
 def _fused_views(b, lq, lk, h, d, dtype, device, self_attention=False):
@@ -127,10 +128,11 @@ class _FakeKernel:
         return launch
 
 
-@pytest.mark.parametrize("dtype, block_m", [(torch.float32, 32), (torch.float16, 64)])
+@pytest.mark.parametrize("dtype, block_m", [(torch.float32, 32), (torch.float16, 32)])
 def test_fused_backward_fits_sm90_shared_memory(monkeypatch, dtype, block_m):
-    """fp32 with 128 keys x 128 head-dim columns runs the fused dk/dv/dq kernel at BLOCK_M = 32 (its sm_90 cubin
-    needs 262,656 B of shared memory at BLOCK_M = 64, over the 232,448 B of a block)."""
+    """128 keys x 128 head-dim columns run the fused dk/dv/dq kernel at BLOCK_M = 32 and 8 warps in every dtype (fp32
+    at BLOCK_M = 64 needs 262,656 B of shared memory on sm_90, over the 232,448 B of a block; bf16 at BLOCK_M = 64
+    spills 224 B per thread even at 8 warps)."""
     dkdv = _FakeKernel(stop=True)
     monkeypatch.setattr(A, "_attention_bwd_preprocess_kernel", _FakeKernel())
     monkeypatch.setattr(A, "_attention_bwd_dkdv_kernel", dkdv)
@@ -138,7 +140,76 @@ def test_fused_backward_fits_sm90_shared_memory(monkeypatch, dtype, block_m):
     with pytest.raises(_Stop):
         A.attention_bwd(torch.empty_like(q), q, k, k, q, torch.empty(1, 2, 64), 0.1)
     meta = dkdv.meta
-    assert meta["FUSE_DQ"] and meta["BLOCK_N"] == 128 and meta["BLOCK_D"] == 128 and meta["BLOCK_M"] == block_m
+    assert meta["FUSE_DQ"] and meta["BLOCK_N"] == 128 and meta["BLOCK_D"] == 128 and meta["BLOCK_M"] == block_m and meta["num_warps"] == 8
+
+
+def test_split_count_follows_occupancy():
+    """Split-K fills one wave of CTAs: more CTAs per SM, more splits (none past the key blocks)."""
+    cpu = torch.device("cpu")
+    one, three = A._fwd_config(64, 1024, 16, cpu, ctas=1), A._fwd_config(64, 1024, 16, cpu, ctas=3)
+    assert one.n_splits * 16 <= 132 < three.n_splits * 16 and three.n_splits == 1024 // three.block_n
+    assert A._fwd_config(64, 1024, 16, cpu).n_splits == A._fwd_config(64, 1024, 16, cpu, ctas=A._SM90_CTAS["split_k"]
+                                                                       ).n_splits
+
+
+@pytest.mark.parametrize("lq, lk, tiles", [(1024, 36, (64, 64, True)), (1024, 100, (32, 128, True)),
+                                           (1, 128, (16, 128, True)), (36, 1024, (64, 64, False))])
+def test_backward_tiles(lq, lk, tiles):
+    assert A._bwd_tiles(lq, lk) == tiles
+
+
+def test_fitted_halves_the_query_tile(monkeypatch):
+    """A tile over a block's shared memory (0 CTAs per SM) is halved until it fits, down to 16 rows; then q is named."""
+    tried = []
+
+    def ctas(kernel, device, default, *args, **meta):
+        tried.append(meta["BLOCK_M"])
+        return 2 if meta["BLOCK_M"] <= limit else 0
+
+    monkeypatch.setattr(A, "compiled_ctas_per_sm", ctas)
+    limit = 16
+    meta, n = A._fitted(A._attention_fwd_kernel, torch.device("cpu"), 3, (), dict(BLOCK_M=64, HEAD_DIM=72))
+    assert meta["BLOCK_M"] == 16 and n == 2 and tried == [64, 32, 16]
+    limit = 8
+    with pytest.raises(ValueError, match="q: no _attention_fwd_kernel tile fits"):
+        A._fitted(A._attention_fwd_kernel, torch.device("cpu"), 3, (), dict(BLOCK_M=64, HEAD_DIM=72))
+
+
+def test_compiled_ctas_off_the_gpu():
+    from flexdit_kernels._launch import compiled_ctas_per_sm
+    assert compiled_ctas_per_sm(A._attention_fwd_kernel, torch.device("cpu"), 3) == 3
+
+
+def _recording_fwd(monkeypatch):
+    """Replace the forward kernels by recorders that launch nothing; returns the dict their meta goes to."""
+    meta = {}
+    for name in ("_attention_fwd_few_keys_kernel", "_attention_fwd_kernel", "_attention_fwd_combine_kernel"):
+        fake = _FakeKernel()
+        fake.meta = meta
+        monkeypatch.setattr(A, name, fake)
+    return meta
+
+
+def test_aligned_flag():
+    """ALIGNED holds for fused-projection views (D = 72) and for a head-dim stride of 2, not for a data pointer or a
+    stride off the multiple of 8 elements (a size-1 dim's stride does not count)."""
+    q, k, v = _fused_views(2, 5, 7, 2, 72, torch.float16, torch.device("cpu"))
+    assert A._is_aligned(q, k, v)
+    assert A._is_aligned(torch.empty(2, 5, 2, 144, dtype=torch.float16)[..., ::2])
+    assert A._is_aligned(torch.empty(1, 5, 2, 72).as_strided((1, 5, 2, 72), (3, 144, 72, 1)))
+    buf = torch.empty(2 * 5 * 2 * 72 + 8, dtype=torch.float16)
+    assert not A._is_aligned(buf[1:1 + 1440].view(2, 5, 2, 72))
+    assert A._is_aligned(buf[8:8 + 1440].view(2, 5, 2, 72))                        # 16 bytes in
+    assert not A._is_aligned(torch.empty(2, 5, 2, 75, dtype=torch.float16)[..., :72])
+
+
+def test_aligned_flag_reaches_the_kernels(monkeypatch):
+    meta = _recording_fwd(monkeypatch)
+    q, k, v = _fused_views(1, 100, 36, 2, 72, torch.float16, torch.device("cpu"))
+    A.attention_fwd(q, k, v, 0.1)
+    assert meta["ALIGNED"] is True
+    A.attention_fwd(q, k, torch.empty(1, 36, 2, 75, dtype=torch.float16)[..., :72], 0.1)
+    assert meta["ALIGNED"] is False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,7 +244,7 @@ def test_every_path_every_head_dim(path, d, dtype, device):
 
 def test_split_k_single_split(monkeypatch, device):
     """With a GPU full of programs the split-K path runs one split (no combine, no dq split)."""
-    monkeypatch.setattr(A, "_num_sms", lambda dev: 1)
+    monkeypatch.setattr(A, "resident_programs", lambda device, per_sm: per_sm)     # a GPU of one SM
     assert A._fwd_config(64, 256, 4, device).n_splits == 1
     q, k, v = _fused_views(2, 64, 256, 2, 72, torch.float32, device)
     _check_against_torch(q, k, v)
@@ -193,6 +264,20 @@ def test_arbitrary_strides(device):
     v = torch.randn(b, lk, h, d, device=device).flip(1)
     assert q.stride(-1) == 1 and k.stride(-1) == 2
     _check_against_torch(q, k, v)
+
+
+@pytest.mark.parametrize("path", PATH_SHAPES)
+def test_unaligned_views(path, device):
+    """ALIGNED off: q, k, v whose data pointers sit one element past 16 bytes and whose token strides are odd, forward
+    and backward on every path."""
+    lq, lk = PATH_SHAPES[path]
+    b, h, d = 1, 2, 72
+    views = []
+    for n in (lq, lk, lk):
+        buf = torch.randn(1 + b * n * h * (d + 1), device=device, dtype=torch.float16)
+        views.append(buf[1:].view(b, n, h, d + 1)[..., :d])
+    assert not A._is_aligned(*views)
+    _check_against_torch(*views)
 
 
 def test_custom_scale(device):
@@ -222,6 +307,37 @@ def test_dense_routes_to_sdpa(monkeypatch, device):
     q, k, v = _fused_views(1, 300, 300, 2, 72, torch.float32, device, self_attention=True)
     with backend("triton"):
         _check_against_torch(q, k, v)
+
+
+def test_fp32_routes_to_sdpa(monkeypatch, device):
+    """fp32 (SDPA_DTYPES) goes to SDPA at every shape on the Triton backend; fp16 takes the kernel."""
+    monkeypatch.setattr(A, "SDPA_DTYPES", (torch.float32,))
+    calls = []
+    real = A.attention_fwd
+    monkeypatch.setattr(A, "attention_fwd", lambda *args: calls.append(args[0].dtype) or real(*args))
+    for dtype in (torch.float32, torch.float16):
+        q, k, v = _fused_views(1, 20, 36, 2, 72, dtype, device)
+        with backend("triton"):
+            torch.testing.assert_close(attention(q, k, v), attention_ref(q, k, v), atol=2e-3, rtol=2e-3)
+    assert calls == [torch.float16]
+
+
+def test_triton_only_knob(monkeypatch, device):
+    """While `_dispatch.triton_only()` is active, neither a dense shape nor fp32 is sent to SDPA."""
+    from flexdit_kernels import _dispatch
+    monkeypatch.setattr(A, "ROUTES", DEFAULT_ROUTES)
+    monkeypatch.setattr(A, "SDPA_DTYPES", (torch.float32,))
+    calls = []
+    real = A.attention_fwd
+    monkeypatch.setattr(A, "attention_fwd", lambda *args: calls.append(args[0].shape) or real(*args))
+    q, k, v = _fused_views(1, 256, 256, 1, 16, torch.float32, device, self_attention=True)
+    with backend("triton"):
+        attention(q, k, v)
+        assert calls == []
+        with _dispatch.triton_only():
+            torch.testing.assert_close(attention(q, k, v), attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
+        attention(q, k, v)
+    assert calls == [q.shape]
 
 
 def test_reference_backend(device):
@@ -351,7 +467,7 @@ def test_split_k_small_batch_gpu(bh):
     device = torch.device("cuda")
     q, k, v = _fused_views(bh[0], 64, 1024, bh[1], 72, torch.bfloat16, device)
     cfg = A._fwd_config(64, 1024, bh[0] * bh[1], device)
-    assert cfg.path == "split_k" and (cfg.n_splits > 1 or bh[0] * bh[1] >= 4 * A._num_sms(device))
+    assert cfg.path == "split_k" and (cfg.n_splits > 1 or bh[0] * bh[1] >= A.resident_programs(device, 3))
     _check_against_torch(q, k, v)
 
 
@@ -360,3 +476,14 @@ def test_dense_sdpa_route_gpu(monkeypatch):
     monkeypatch.setattr(A, "ROUTES", DEFAULT_ROUTES)
     q, k, v = _fused_views(32, 1024, 1024, 16, 72, torch.bfloat16, torch.device("cuda"), self_attention=True)
     _check_against_torch(q, k, v)
+
+
+@pytest.mark.gpu
+def test_compiled_occupancy_gpu():
+    """On a GPU the split counts come from the compiled kernels: every attention kernel variant fits (> 0 CTAs/SM)."""
+    from flexdit_kernels._launch import _OCCUPANCY
+    q, k, v = _fused_views(2, 64, 1024, 4, 72, torch.bfloat16, torch.device("cuda"))
+    _check_against_torch(q, k, v)
+    q, k, v = _fused_views(2, 1024, 100, 4, 72, torch.bfloat16, torch.device("cuda"))
+    _check_against_torch(q, k, v)
+    assert _OCCUPANCY and all(n > 0 for n in _OCCUPANCY.values())

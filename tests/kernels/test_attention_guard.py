@@ -20,6 +20,7 @@ CASES = [("few_keys", 100, 36, 72), ("few_keys", 1, 64, 72), ("split_k", 20, 150
 @pytest.fixture(autouse=True)
 def _triton_everywhere(monkeypatch):
     monkeypatch.setattr(A, "ROUTES", tuple(r for r in A.ROUTES if r.path != "sdpa"))
+    monkeypatch.setattr(A, "SDPA_DTYPES", ())
 
 
 # Tolerance against the fp64 reference: fp32 tight; fp16/bf16 loose, since the error bound proper is the business of

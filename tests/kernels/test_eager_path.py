@@ -51,6 +51,12 @@ CASES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _fp32_attention_on_triton(monkeypatch):
+    """fp32 attention goes to SDPA by default (`_attention.SDPA_DTYPES`); these tests compare its Triton path."""
+    monkeypatch.setattr(_attention, "SDPA_DTYPES", ())
+
+
 def _no_custom_ops(monkeypatch, module):
     """Every custom op of `module` (forward and backward) fails when called."""
     def boom(*args, **kwargs):
