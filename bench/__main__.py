@@ -1,4 +1,4 @@
-"""FlexDiT benchmark harness: `python -m bench [kernels|model|sample|sanitize] ...`.
+"""FlexDiT benchmark harness: `python -m bench [kernels|model|sample|sanitize|static] ...`.
 
 With no arguments: `model` at its defaults on a GPU; on a machine without one, a small CPU reference run.
 Exit status: 0 fine, 1 a kernel gave wrong numbers or a speed ratio regressed, 2 bad arguments or configuration
@@ -17,7 +17,7 @@ from . import gates
 from . import sample as sample_suite
 from .common import DTYPES, Results, env_tags, has_gpu, positive_int, write_csv, write_json
 
-SUBCOMMANDS = ("kernels", "model", "sample", "sanitize")
+SUBCOMMANDS = ("kernels", "model", "sample", "sanitize", "static")
 PROG = "python -m bench"
 
 # Defaults that depend on where the run happens: (GPU, CPU).
@@ -144,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     z = sub.add_parser("sanitize", help="one tiny launch of every kernel forward and backward, checked against its "
                                         "reference (run it under compute-sanitizer)")
     add_arguments(z)
+    from .static import add_parser as add_static
+    add_static(sub)
     return parser
 
 
@@ -200,6 +202,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     full_argv, default_run = _split_default(argv)
     args = parser.parse_args(full_argv)
+    if args.command == "static":
+        from .static import run as run_static
+        return run_static(args)
 
     if args.device == "cuda" and not has_gpu():
         parser.error("--device cuda: no CUDA GPU is available (torch.cuda.is_available() is False)")
