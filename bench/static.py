@@ -64,9 +64,8 @@ CEILINGS = {
 ATTENTION_PRODUCTS = {"_attention_fwd_few_keys_kernel": 2, "_attention_fwd_kernel": 2,
                       "_attention_bwd_dkdv_kernel": 4, "_attention_bwd_dq_kernel": 3}
 
-# Gate limits. Attention: at most this much spill per thread (bytes). Both families: at most this many global
-# accesses (static SASS instructions) narrower than 16 bytes, all 32-bit, for the per-row fp32 values (log-sum-exp,
-# delta, split-K m and l, LayerNorm statistics); any 8-, 16- or 64-bit access, or more 32-bit ones, fails.
+# Gate limits. Attention: at most this much spill per thread (bytes). Both families: at most this many 32-bit global
+# accesses (static SASS instructions) that are not to a row-statistics tensor (see `_narrow`).
 MAX_ATTENTION_SPILL = 128
 MAX_SCALAR_ACCESSES = 8
 
@@ -424,14 +423,43 @@ def _tool(name: str) -> str:
 
 
 _ACCESS = re.compile(r"^\s*(?:@!?U?P\w+\s+)?(LDGSTS|LDG|STG|LDL|STL|HGMMA|HMMA)(\.[\w.]*)?\b")
+_LINE_INFO = re.compile(r'^\s*//## File "([^"]+)", line (\d+)')
+_UPPER = re.compile(r"\b[A-Z][A-Z0-9_]*\b")
+
+# Tensors of one fp32 value per row (attention's log-sum-exp, delta, split-K m and l): their accesses may be scalar.
+ROW_STATS = ("LSE", "DELTA", "WS_ML", "ML")
 
 
-def read_sass(sass: str) -> dict:
-    """Counts of static instructions in `cuobjdump -sass` text: global loads/stores and cp.async by width in bits
-    ("ldg": {"16": n, "128": n, ...}), tensor-core instructions (HGMMA on sm_90, HMMA mma.sync on either target)
-    and local-memory loads/stores (LDL/STL: spills and stack arrays)."""
-    out = {"ldg": {}, "stg": {}, "ldgsts": {}, "hgmma": 0, "hmma": 0, "ldl": 0, "stl": 0}
+def _tensor_of(path: str, line: int, constexprs: Sequence[str], sources: dict) -> Optional[str]:
+    """The tensor a load/store at `path:line` (the call in the kernel body) names: the first UPPER identifier of
+    that source line that is not a constexpr (pointers are UPPER: `q = _load_rows(Q, ...)`, `tl.store(LSE + ...)`)."""
+    if path not in sources:
+        try:
+            with open(path) as f:
+                sources[path] = f.read().splitlines()
+        except OSError:
+            sources[path] = []
+    lines = sources[path]
+    if not 0 < line <= len(lines):
+        return None
+    names = [t for t in _UPPER.findall(lines[line - 1]) if t not in constexprs]
+    return names[0] if names else None
+
+
+def read_sass(sass: str, constexprs: Sequence[str] = ()) -> dict:
+    """Counts of static instructions in SASS text (`cuobjdump -sass`, or `nvdisasm -gi` with line info): global
+    loads/stores and cp.async by width in bits ("ldg": {"16": n, "128": n, ...}), tensor-core instructions (HGMMA
+    on sm_90, HMMA mma.sync on either target) and local-memory loads/stores (LDL/STL: spills and stack arrays).
+    With line info, "by_tensor" counts global accesses per tensor and width: {"Q": {"16": n}, ...}; the tensor is
+    read from the kernel's source line of the access (the outermost call site of an inlined helper)."""
+    out = {"ldg": {}, "stg": {}, "ldgsts": {}, "hgmma": 0, "hmma": 0, "ldl": 0, "stl": 0, "by_tensor": {}}
+    where, sources = None, {}
     for line in sass.splitlines():
+        info = _LINE_INFO.match(line)
+        if info:
+            outer = re.findall(r'"([^"]+)", line (\d+)', line)[-1]     # the last "inlined at" is the kernel body
+            where = (outer[0], int(outer[1]))
+            continue
         code = line.split("*/", 1)[-1] if "*/" in line else line
         m = _ACCESS.match(code)
         if not m:
@@ -450,6 +478,9 @@ def read_sass(sass: str) -> dict:
                 width = int(mod)
         counts = out[op.lower()]
         counts[str(width)] = counts.get(str(width), 0) + 1
+        tensor = _tensor_of(where[0], where[1], constexprs, sources) if where else None
+        per = out["by_tensor"].setdefault(tensor or "?", {})
+        per[str(width)] = per.get(str(width), 0) + 1
     return out
 
 
@@ -508,7 +539,8 @@ def _compile_one(index: int) -> dict:
                                                         "-o", cubin + ".2"], capture_output=True, text=True).stderr)
             row.update(spills)
             row.update(read_res_usage(_run_tool([_tool("cuobjdump"), "-res-usage", cubin])))
-            row.update(read_sass(_run_tool([_tool("cuobjdump"), "-sass", cubin])))
+            consts = [p.name for p in req["jit"].params if p.is_constexpr]
+            row.update(read_sass(_run_tool([_tool("nvdisasm"), "-gi", "-c", cubin]), consts))
     except Exception as exc:   # noqa: BLE001 - every failure is reported, not raised
         row["error"] = f"{type(exc).__name__}: {exc}"[-3000:]
     row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -525,7 +557,7 @@ def _skip_reason() -> Optional[str]:
         return f"triton lacks the AOT compiler API: {exc}"
     if "nvidia" not in backends:
         return "triton has no CUDA backend"
-    for tool in ("ptxas", "cuobjdump"):
+    for tool in ("ptxas", "cuobjdump", "nvdisasm"):
         if not os.path.exists(_tool(tool)):
             return f"triton ships no {tool}"
     return None
@@ -660,22 +692,26 @@ def collect(archs: Iterable[int] = ARCHS, shapes: str = "model", dtypes: Sequenc
     return json.loads(lines[-1])
 
 
-def _accesses(v: dict) -> Dict[int, int]:
-    """Global accesses (LDG, STG, LDGSTS) by width in bits."""
-    out = {}
-    for kind in ("ldg", "stg", "ldgsts"):
-        for width, n in v.get(kind, {}).items():
-            out[int(width)] = out.get(int(width), 0) + n
-    return out
-
-
-def _narrow(v: dict) -> List[str]:
-    """The width rule of both gates: every global access 128-bit, except at most MAX_SCALAR_ACCESSES 32-bit ones."""
-    acc = _accesses(v)
-    bad = {w: n for w, n in acc.items() if w not in (32, 128) and n}
-    out = [f"{n} global accesses {w}-bit wide (want 128-bit)" for w, n in sorted(bad.items())]
-    if acc.get(32, 0) > MAX_SCALAR_ACCESSES:
-        out.append(f"{acc[32]} 32-bit global accesses (at most {MAX_SCALAR_ACCESSES} scalar fp32 row values allowed)")
+def _narrow(v: dict, strict: bool) -> List[str]:
+    """The width rule of both gates. Every global access (LDG, STG, LDGSTS) is 128-bit, except those to the row
+    statistics (ROW_STATS, one fp32 per row) and at most MAX_SCALAR_ACCESSES 32-bit ones to a tensor the line info
+    does not name ("?"), or, unless `strict`, to any tensor. So an 8-, 16- or 64-bit access to a named data tensor
+    always fails, and with `strict` (attention) a 32-bit one does too: in a 16-bit kernel it moves 2 elements."""
+    by_tensor = v.get("by_tensor") or {"?": {w: n for kind in ("ldg", "stg", "ldgsts")
+                                             for w, n in v.get(kind, {}).items()}}
+    out, scalar = [], 0
+    for tensor, widths in sorted(by_tensor.items()):
+        if tensor in ROW_STATS:
+            continue
+        for width, n in sorted(((int(w), n) for w, n in widths.items())):
+            if width == 128 or not n:
+                continue
+            if width == 32 and (tensor == "?" or not strict):
+                scalar += n
+                continue
+            out.append(f"{n} {width}-bit global accesses to {tensor} (want 128-bit)")
+    if scalar > MAX_SCALAR_ACCESSES:
+        out.append(f"{scalar} 32-bit global accesses (at most {MAX_SCALAR_ACCESSES} scalar ones allowed)")
     return out
 
 
@@ -698,7 +734,7 @@ def gate_attention(v: dict) -> List[str]:
     out = []
     if v["kernel"] in ATTENTION_PRODUCTS and not (v.get("hgmma", 0) + v.get("hmma", 0)):
         out.append("no tensor-core instruction (HGMMA/HMMA)")
-    out += _narrow(v)
+    out += _narrow(v, strict=True)
     if _spill(v) > MAX_ATTENTION_SPILL:
         out.append(f"{_spill(v)} B spill per thread (at most {MAX_ATTENTION_SPILL})")
     return out
@@ -706,7 +742,7 @@ def gate_attention(v: dict) -> List[str]:
 
 def gate_memory_bound(v: dict) -> List[str]:
     """Memory-bound kernels: 16-byte global accesses (the width rule) and no spill."""
-    out = _narrow(v)
+    out = _narrow(v, strict=False)
     if _spill(v):
         out.append(f"{_spill(v)} B spill per thread (want none)")
     return out

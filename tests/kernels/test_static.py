@@ -6,10 +6,12 @@ recorders in place of the kernels, compiles every distinct variant down to a cub
 (`python -m bench static` prints the same report). The gates:
 
 - every variant compiles and fits its target (registers, shared memory, threads);
-- attention: tensor-core instructions in every kernel with a matrix product, global accesses 16 bytes wide except
-  at most `MAX_SCALAR_ACCESSES` 32-bit ones (the fp32 log-sum-exp / delta / m, l row values; in a 16-bit kernel an
-  8-, 16- or 64-bit access can only be to q, k, v, out, dq, dk or dv), at most `MAX_ATTENTION_SPILL` B of spill;
-- memory-bound kernels: the same width rule, no spill;
+- attention: tensor-core instructions in every kernel with a matrix product; every global access to q, k, v, out,
+  dO, dq, dk, dv (and the fp32 workspaces) 16 bytes wide, each access charged to the tensor that its source line
+  names (`nvdisasm -gi` line info); the row statistics (log-sum-exp, delta, split-K m and l) may be scalar; at most
+  `MAX_ATTENTION_SPILL` B of spill per thread;
+- memory-bound kernels: every global access 16 bytes wide except at most `MAX_SCALAR_ACCESSES` 32-bit ones, no
+  spill;
 - each gate reports a deliberately broken variant (alignment facts removed; registers capped so that it spills).
 
 The representative set (`--shapes ci`: bf16, 32x32 tokens, G = 10, B = 32, D = 72; token pooling also on 16x16;
@@ -122,7 +124,7 @@ def test_gate_rules():
     assert any("spill" in r for r in static.gate_memory_bound(_row(spill_loads=4)))
 
 
-def test_read_sass_and_logs():
+def test_read_sass_and_logs(tmp_path):
     sass = """
         /*0100*/                   LDG.E.U16 R4, desc[UR4][R2.64] ;
         /*0110*/              @!P0 LDG.E.128.CONSTANT R8, desc[UR4][R6.64] ;
@@ -137,7 +139,19 @@ def test_read_sass_and_logs():
     """
     got = static.read_sass(sass)
     assert got == {"ldg": {"16": 1, "128": 1}, "stg": {"64": 1, "32": 1}, "ldgsts": {"128": 1}, "hgmma": 1,
-                   "hmma": 1, "ldl": 1, "stl": 1}
+                   "hmma": 1, "ldl": 1, "stl": 1, "by_tensor": {"?": {"16": 1, "128": 2, "64": 1, "32": 1}}}
+    # nvdisasm -gi: each access is charged to the tensor its kernel-body source line names
+    src = tmp_path / "k.py"
+    src.write_text("def k(Q, LSE, HEAD_DIM):\n    q = _load_rows(Q, offs, HEAD_DIM)\n    tl.store(LSE + offs, m)\n")
+    lines = f"""
+        //## File "{src}", line 9 inlined at "{src}", line 2
+        /*0100*/                   LDG.E.U16 R4, desc[UR4][R2.64] ;
+        //## File "{src}", line 3
+        /*0110*/                   STG.E desc[UR4][R2.64], R12 ;
+    """
+    got = static.read_sass(lines, ["HEAD_DIM"])
+    assert got["by_tensor"] == {"Q": {"16": 1}, "LSE": {"32": 1}}
+    assert static.gate_attention(_row(**dict(got, hgmma=1))) == ["1 16-bit global accesses to Q (want 128-bit)"]
     assert static.read_res_usage(" Function _k:\n  REG:126 STACK:8 SHARED:0 LOCAL:16 CONSTANT[0]:600") == \
         {"regs": 126, "stack": 8, "shared_static": 0, "local": 16}
     assert static.read_ptxas_log("ptxas info    : Used 255 registers\n    8 bytes stack frame, 1356 bytes spill "
