@@ -697,8 +697,12 @@ def _narrow(v: dict, strict: bool) -> List[str]:
     statistics (ROW_STATS, one fp32 per row) and at most MAX_SCALAR_ACCESSES 32-bit ones to a tensor the line info
     does not name ("?"), or, unless `strict`, to any tensor. So an 8-, 16- or 64-bit access to a named data tensor
     always fails, and with `strict` (attention) a 32-bit one does too: in a 16-bit kernel it moves 2 elements."""
-    by_tensor = v.get("by_tensor") or {"?": {w: n for kind in ("ldg", "stg", "ldgsts")
-                                             for w, n in v.get(kind, {}).items()}}
+    by_tensor = v.get("by_tensor")
+    if not by_tensor:
+        by_tensor = {"?": {}}
+        for kind in ("ldg", "stg", "ldgsts"):
+            for w, n in v.get(kind, {}).items():
+                by_tensor["?"][w] = by_tensor["?"].get(w, 0) + n
     out, scalar = [], 0
     for tensor, widths in sorted(by_tensor.items()):
         if tensor in ROW_STATS:
@@ -768,6 +772,13 @@ def _widths(counts: Dict[str, int]) -> str:
     return " ".join(f"{w}:{n}" for w, n in sorted(((int(w), n) for w, n in counts.items()), reverse=True)) or "-"
 
 
+def _narrow_by_tensor(v: dict) -> str:
+    """Accesses narrower than 128 bits per tensor: "Q:16x64 LSE:32x1" ("?": no line info)."""
+    parts = [f"{t}:{w}x{n}" for t, widths in sorted((v.get("by_tensor") or {}).items())
+             for w, n in sorted(((int(w), n) for w, n in widths.items())) if w != 128 and n]
+    return " ".join(parts) or "-"
+
+
 def _short_consts(consts: dict) -> str:
     abbrev = {"HEAD_DIM": "D", "BLOCK_D": "BD", "BLOCK_M": "BM", "BLOCK_N": "BN", "BLOCK_C": "BC",
               "PRECISION": "prec"}
@@ -777,7 +788,8 @@ def _short_consts(consts: dict) -> str:
 def table(report: dict) -> str:
     """One line per variant: the columns of docs/static-report.md."""
     head = ("sm", "kernel", "dtype", "constexprs", "w", "st", "regs", "spill", "stack", "smem", "CTA/SM",
-            "LDG bits:n", "STG bits:n", "LDGSTS", "MMA", "LDL/STL", "floor µs", "waves", "gates")
+            "LDG bits:n", "STG bits:n", "LDGSTS", "narrow tensor:bits x n", "MMA", "LDL/STL", "floor µs", "waves",
+            "gates")
     rows = []
     for v in report["variants"]:
         floors = [(g, c["floor_us"], c["bound"], c["waves"]) for l in v["launches"] for g, c in l["ceilings"].items()]
@@ -792,13 +804,13 @@ def table(report: dict) -> str:
                                                                     else "")
         if v.get("error"):
             rows.append((f"{v['arch']}", kernel, ",".join(v["dtypes"]), _short_consts(v["constexprs"]),
-                         str(v.get("num_warps")), str(v.get("num_stages")), *["-"] * 12,
+                         str(v.get("num_warps")), str(v.get("num_stages")), *["-"] * 13,
                          "FAIL: " + v["error"].splitlines()[0][:160]))
             continue
         rows.append((f"{v['arch']}", kernel, ",".join(v["dtypes"]), _short_consts(v["constexprs"]),
                      str(v["num_warps"]), str(v["num_stages"]), str(v["regs"]), str(_spill(v)), str(v["stack"]),
                      str(v["shared"]), f"{v['ctas_per_sm']} {v['limiter']}", _widths(v["ldg"]), _widths(v["stg"]),
-                     _widths(v["ldgsts"]), mma, f"{v['ldl']}/{v['stl']}", floor,
+                     _widths(v["ldgsts"]), _narrow_by_tensor(v), mma, f"{v['ldl']}/{v['stl']}", floor,
                      f"{min(waves):g}–{max(waves):g}" if waves else "-", "ok" if not fails else "FAIL: " +
                      "; ".join(fails)))
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head))]
