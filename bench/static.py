@@ -20,6 +20,7 @@ Exit status: 0 every variant compiled and fits its target, 1 one did not (its ro
 """
 import argparse
 import contextlib
+import inspect
 import io
 import json
 import os
@@ -430,9 +431,14 @@ _UPPER = re.compile(r"\b[A-Z][A-Z0-9_]*\b")
 ROW_STATS = ("LSE", "DELTA", "WS_ML", "ML")
 
 
-def _tensor_of(path: str, line: int, constexprs: Sequence[str], sources: dict) -> Optional[str]:
+def _tensor_of(path: str, line: int, constexprs: Sequence[str], sources: dict, body=None) -> Optional[str]:
     """The tensor a load/store at `path:line` (the call in the kernel body) names: the first UPPER identifier of
-    that source line that is not a constexpr (pointers are UPPER: `q = _load_rows(Q, ...)`, `tl.store(LSE + ...)`)."""
+    that source line that is not a constexpr (pointers are UPPER: `q = _load_rows(Q, ...)`, `tl.store(LSE + ...)`).
+    None when the line is outside `body` (path, first line, last line of the kernel): ptxas kept only the line of
+    an inlined helper, whose parameter names say nothing of the caller's tensor."""
+    if body is not None and (os.path.realpath(path) != os.path.realpath(body[0])
+                             or not body[1] <= line <= body[2]):
+        return None
     if path not in sources:
         try:
             with open(path) as f:
@@ -446,12 +452,13 @@ def _tensor_of(path: str, line: int, constexprs: Sequence[str], sources: dict) -
     return names[0] if names else None
 
 
-def read_sass(sass: str, constexprs: Sequence[str] = ()) -> dict:
+def read_sass(sass: str, constexprs: Sequence[str] = (), body=None) -> dict:
     """Counts of static instructions in SASS text (`cuobjdump -sass`, or `nvdisasm -gi` with line info): global
     loads/stores and cp.async by width in bits ("ldg": {"16": n, "128": n, ...}), tensor-core instructions (HGMMA
     on sm_90, HMMA mma.sync on either target) and local-memory loads/stores (LDL/STL: spills and stack arrays).
     With line info, "by_tensor" counts global accesses per tensor and width: {"Q": {"16": n}, ...}; the tensor is
-    read from the kernel's source line of the access (the outermost call site of an inlined helper)."""
+    read from the kernel's source line of the access (the outermost call site of an inlined helper; "?" when the
+    line info names no line of `body`, the kernel's (path, first line, last line))."""
     out = {"ldg": {}, "stg": {}, "ldgsts": {}, "hgmma": 0, "hmma": 0, "ldl": 0, "stl": 0, "by_tensor": {}}
     where, sources = None, {}
     for line in sass.splitlines():
@@ -478,7 +485,7 @@ def read_sass(sass: str, constexprs: Sequence[str] = ()) -> dict:
                 width = int(mod)
         counts = out[op.lower()]
         counts[str(width)] = counts.get(str(width), 0) + 1
-        tensor = _tensor_of(where[0], where[1], constexprs, sources) if where else None
+        tensor = _tensor_of(where[0], where[1], constexprs, sources, body) if where else None
         per = out["by_tensor"].setdefault(tensor or "?", {})
         per[str(width)] = per.get(str(width), 0) + 1
     return out
@@ -540,7 +547,9 @@ def _compile_one(index: int) -> dict:
             row.update(spills)
             row.update(read_res_usage(_run_tool([_tool("cuobjdump"), "-res-usage", cubin])))
             consts = [p.name for p in req["jit"].params if p.is_constexpr]
-            row.update(read_sass(_run_tool([_tool("nvdisasm"), "-gi", "-c", cubin]), consts))
+            lines, first = inspect.getsourcelines(req["jit"].fn)
+            body = (inspect.getsourcefile(req["jit"].fn), first, first + len(lines) - 1)
+            row.update(read_sass(_run_tool([_tool("nvdisasm"), "-gi", "-c", cubin]), consts, body))
     except Exception as exc:   # noqa: BLE001 - every failure is reported, not raised
         row["error"] = f"{type(exc).__name__}: {exc}"[-3000:]
     row["seconds"] = round(time.perf_counter() - t0, 2)
@@ -819,9 +828,9 @@ def table(report: dict) -> str:
 
 
 def summary(report: dict) -> str:
-    gpus = "; ".join(f"{g} (sm_{c['arch']}, {c['sm_count']} SMs): copy {c['copy'] / 1e12:g} TB/s {c['source']['copy']}, "
-                     f"tensor {c['tensor'] / 1e12:g} TFLOP/s {c['source']['tensor']}, fp32 {c['fp32'] / 1e12:g} "
-                     f"TFLOP/s {c['source']['fp32']}" for g, c in report["ceilings"].items())
+    gpus = "; ".join(f"{g} (sm_{c['arch']}, {c['sm_count']} SMs): copy {c['copy'] / 1e12:g} TB/s "
+                     f"{c['source']['copy']}, tensor {c['tensor'] / 1e12:g} TFLOP/s {c['source']['tensor']}, fp32 "
+                     f"{c['fp32'] / 1e12:g} TFLOP/s {c['source']['fp32']}" for g, c in report["ceilings"].items())
     fails = sum(1 for v in report["variants"] if gate(v))
     errors = sum(1 for v in report["variants"] if gate_fits(v))
     return (f"triton {report['triton']}, targets {', '.join(f'sm_{a}' for a in report['archs'])}, shapes "

@@ -151,6 +151,8 @@ def test_read_sass_and_logs(tmp_path):
     """
     got = static.read_sass(lines, ["HEAD_DIM"])
     assert got["by_tensor"] == {"Q": {"16": 1}, "LSE": {"32": 1}}
+    # a line outside the kernel's body (an inlined helper's own line) names no tensor
+    assert static.read_sass(lines, ["HEAD_DIM"], (str(src), 1, 2))["by_tensor"] == {"Q": {"16": 1}, "?": {"32": 1}}
     assert static.gate_attention(_row(**dict(got, hgmma=1))) == ["1 16-bit global accesses to Q (want 128-bit)"]
     assert static.read_res_usage(" Function _k:\n  REG:126 STACK:8 SHARED:0 LOCAL:16 CONSTANT[0]:600") == \
         {"regs": 126, "stack": 8, "shared_static": 0, "local": 16}
