@@ -266,7 +266,6 @@ def _adaln_ops(n, b, dt, shape_set):
     import flexdit_kernels._gated_residual as gr
     import flexdit_kernels._gated_residual_layernorm_modulate as fu
     import flexdit_kernels._layernorm_modulate as lm
-    import flexdit_kernels._silu as si
     c, e = CHANNELS, torch.empty
     x32, ada, y = e(b, n, c), e(b, 6 * c, dtype=dt), e(b, n, c, dtype=dt)
     gate, shift, scale = (ada[:, i * c:(i + 1) * c] for i in (2, 3, 4))
@@ -281,6 +280,13 @@ def _adaln_ops(n, b, dt, shape_set):
     with _op("gated_residual_layernorm_modulate", shape, shape_set):
         fu.gated_residual_layernorm_modulate_fwd(x32, y, gate, shift, scale, 1e-6, dt)
         fu.gated_residual_layernorm_modulate_bwd(x32, y, x32, y, gate, scale, 1e-6, dt)
+    _silu_ops(b, dt, shape_set)
+
+
+def _silu_ops(b, dt, shape_set):
+    import torch
+    import flexdit_kernels._silu as si
+    c, e = CHANNELS, torch.empty
     with _op("silu", f"B={b} C={c}", shape_set):
         si.silu_fwd(e(b, c), dt)
         si.silu_bwd(e(b, c, dtype=dt), e(b, c))
@@ -337,8 +343,14 @@ def _bench_launches(dt):
                                forced=p.get("forced", False))
             elif op == "token_mean":
                 _mean_ops(p["side"] ** 2, p["b"], p["c"], dt, "bench")
-            else:
+            elif op in ("token_pool", "upsample_add"):
                 _pool_ops(p["side"], p["g"], p["b"], p["c"], dt, "bench")
+            elif op in ("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate"):
+                _adaln_ops(p["side"] ** 2, p["b"], dt, "bench")
+            elif op == "silu":
+                _silu_ops(p["b"], dt, "bench")
+            else:
+                raise ValueError(f"bench kernels has an op this report does not drive: {op!r}")
 
 
 def _odd_launches(dt, wide):
