@@ -83,17 +83,15 @@ class _NoLaunch:
 @contextlib.contextmanager
 def _stubbed_kernels():
     """Kernel launches become no-ops and every op takes its Triton path (its launchers run, nothing computes)."""
-    from flexdit_kernels import (_attention, _dispatch, _gated_residual, _gated_residual_layernorm_modulate,
-                                 _layernorm_modulate, _silu, _token_mean, _token_pool, _upsample_add, _validate)
+    from flexdit_kernels import _adaln, _attention, _dispatch, _token_mean, _token_pool, _upsample_add, _validate
     saved = []
-    for mod in (_token_pool, _token_mean, _upsample_add, _attention, _layernorm_modulate, _gated_residual,
-                _gated_residual_layernorm_modulate, _silu):
+    for mod in (_token_pool, _token_mean, _upsample_add, _attention, _adaln):
         for name, obj in list(vars(mod).items()):
             if name.endswith("_kernel") and hasattr(obj, "fn"):
                 saved.append((mod, name, obj))
                 setattr(mod, name, _NoLaunch())
     # The path choice wherever a module holds its own name for it; the launchers' device check.
-    for mod in (_dispatch, _attention, _layernorm_modulate, _gated_residual, _gated_residual_layernorm_modulate, _silu):
+    for mod in (_dispatch, _attention, _adaln):
         saved.append((mod, "use_triton", mod.use_triton))
         mod.use_triton = lambda *tensors: True
     saved.append((_validate, "interpreting", _validate.interpreting))
@@ -108,14 +106,12 @@ def _stubbed_kernels():
 def _cases():
     """Per op: (op call, reference call, stubbed-launcher forward, stubbed-launcher backward, inputs, grad_out)."""
     import flexdit_kernels as fk
-    from flexdit_kernels import (_attention, _gated_residual, _gated_residual_layernorm_modulate, _layernorm_modulate,
-                                 _silu, _token_mean, _token_pool, _upsample_add)
+    from flexdit_kernels import _adaln, _attention, _token_mean, _token_pool, _upsample_add
     n, m = HW[0] * HW[1], GRID[0] * GRID[1]
     x = torch.randn(B, n, C)
     sparse, dense = torch.randn(B, m, C), torch.randn(B, n, C)
     y, ada = torch.randn(B, n, C), torch.randn(B, 6 * C)
     gate, shift, scale = ada[:, 2 * C:3 * C], ada[:, 3 * C:4 * C], ada[:, 4 * C:5 * C]   # adaLN chunks, strided
-    fused = _gated_residual_layernorm_modulate
     q, k, v = torch.randn(B, m, 2, 8), torch.randn(B, n, 2, 8), torch.randn(B, n, 2, 8)    # m queries, n keys
     att_scale = 8 ** -0.5
     out, lse = _attention._attention_body(q, k, v, att_scale)     # the reference backend's: cases are built on it
@@ -136,20 +132,20 @@ def _cases():
                       lambda g, q, k, v: _attention.attention_bwd(g, q, k, v, out, lse, att_scale),
                       (q, k, v), torch.randn(B, m, 2, 8)),
         "layernorm_modulate": (fk.layernorm_modulate, fk.layernorm_modulate_ref,
-                               _layernorm_modulate.layernorm_modulate_fwd,
-                               lambda g, x, shift, scale: _layernorm_modulate.layernorm_modulate_bwd(g, x, scale),
+                               _adaln.layernorm_modulate_fwd,
+                               lambda g, x, shift, scale: _adaln.layernorm_modulate_bwd(g, x, scale),
                                (x, shift, scale), torch.randn(B, n, C)),
-        "gated_residual": (fk.gated_residual, fk.gated_residual_ref, _gated_residual.gated_residual_fwd,
-                           lambda g, x, y, gate: _gated_residual.gated_residual_bwd(g, y, gate),
+        "gated_residual": (fk.gated_residual, fk.gated_residual_ref, _adaln.gated_residual_fwd,
+                           lambda g, x, y, gate: _adaln.gated_residual_bwd(g, y, gate),
                            (x, y, gate), torch.randn(B, n, C)),
         # Timed through its second output (the MLP input); the backward gets both gradients.
         "gated_residual_layernorm_modulate": (
             lambda *a: fk.gated_residual_layernorm_modulate(*a)[1],
             lambda *a: fk.gated_residual_layernorm_modulate_ref(*a)[1],
-            lambda *a: fused.gated_residual_layernorm_modulate_fwd(*a)[1],
-            lambda g, x, y, gate, shift, scale: fused.gated_residual_layernorm_modulate_bwd(g, g, x, y, gate, scale),
+            lambda *a: _adaln.gated_residual_layernorm_modulate_fwd(*a)[1],
+            lambda g, x, y, gate, shift, scale: _adaln.gated_residual_layernorm_modulate_bwd(g, g, x, y, gate, scale),
             (x, y, gate, shift, scale), torch.randn(B, n, C)),
-        "silu": (fk.silu, fk.silu_ref, _silu.silu_fwd, _silu.silu_bwd, (shift,), torch.randn(B, C)),
+        "silu": (fk.silu, fk.silu_ref, _adaln.silu_fwd, _adaln.silu_bwd, (shift,), torch.randn(B, C)),
     }
 
 

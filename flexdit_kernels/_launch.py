@@ -98,3 +98,14 @@ def split_count(n_programs: int, n_blocks: int, block: int, wave: int) -> Tuple[
     want = max(1, min(n_blocks, cdiv(wave, n_programs)))
     per = cdiv(n_blocks, want)
     return cdiv(n_blocks, per), per * block
+
+
+def whole_wave_splits(n_programs: int, n_blocks: int, wave: int) -> int:
+    """Splits of each of n_programs reductions over n_blocks blocks that finish soonest in whole waves: a program
+    takes cdiv(n_blocks, splits) blocks, the grid runs cdiv(n_programs · splits, wave) waves of `wave` resident
+    programs, and their product is the time. The fewest splits within 10% of the best (every split adds a row of
+    partial sums to combine)."""
+    limit = max(1, min(n_blocks, 8 * cdiv(wave, n_programs)))
+    cost = [cdiv(n_programs * s, wave) * cdiv(n_blocks, s) for s in range(1, limit + 1)]
+    best = min(cost)
+    return next(s for s, t in enumerate(cost, 1) if t <= 1.1 * best)

@@ -100,15 +100,14 @@ def _record_all(full):
 
     sink = {}
     mods = [sys.modules[f"flexdit_kernels._{m}"] for m in ("attention", "token_mean", "token_pool", "upsample_add",
-                                                           "layernorm_modulate", "gated_residual",
-                                                           "gated_residual_layernorm_modulate", "silu")]
+                                                           "adaln")]
     for mod in mods:
         for name, obj in list(vars(mod).items()):
             if hasattr(obj, "params") and hasattr(obj, "fn") and name.endswith("_kernel"):
                 setattr(mod, name, _Recorder(obj, sink))
     # The launchers accept CPU tensors only when the interpreter runs; they launch nothing here (recorders).
     os.environ["TRITON_INTERPRET"] = "1"
-    att, tm, tp, ua, lm, gr, fu, si = mods
+    att, tm, tp, ua, ad = mods
 
     dtypes = (torch.float32, torch.float16, torch.bfloat16) if full else (torch.bfloat16,)
     hws = HW if full else (32,)
@@ -135,15 +134,15 @@ def _record_all(full):
                 x32, ada = e(b, n, CHANNELS), e(b, 6 * CHANNELS, dtype=dt)
                 gate, shift, scale = (ada[:, i * CHANNELS:(i + 1) * CHANNELS] for i in (2, 3, 4))
                 y = e(b, n, CHANNELS, dtype=dt)
-                lm.layernorm_modulate_fwd(x32, shift, scale, 1e-6, dt)
-                lm.layernorm_modulate_bwd(y, x32, scale, 1e-6, dt)
-                gr.gated_residual_fwd(x32, y, gate)
-                gr.gated_residual_inplace_fwd(x32, y, gate)
-                gr.gated_residual_bwd(x32, y, gate)
-                fu.gated_residual_layernorm_modulate_fwd(x32, y, gate, shift, scale, 1e-6, dt)
-                fu.gated_residual_layernorm_modulate_bwd(x32, y, x32, y, gate, scale, 1e-6, dt)
-            si.silu_fwd(e(b, CHANNELS), dt)
-            si.silu_bwd(e(b, CHANNELS, dtype=dt), e(b, CHANNELS))
+                ad.layernorm_modulate_fwd(x32, shift, scale, 1e-6, dt)
+                ad.layernorm_modulate_bwd(y, x32, scale, 1e-6, dt)
+                ad.gated_residual_fwd(x32, y, gate)
+                ad.gated_residual_inplace_fwd(x32, y, gate)
+                ad.gated_residual_bwd(x32, y, gate)
+                ad.gated_residual_layernorm_modulate_fwd(x32, y, gate, shift, scale, 1e-6, dt)
+                ad.gated_residual_layernorm_modulate_bwd(x32, y, x32, y, gate, scale, 1e-6, dt)
+            ad.silu_fwd(e(b, CHANNELS), dt)
+            ad.silu_bwd(e(b, CHANNELS, dtype=dt), e(b, CHANNELS))
         # A channel count with a tail (masked last channel block; token_mean rows of 256 lanes) and an odd grid.
         c, s, g = ODD_CHANNELS, 12, 5
         tp.token_pool_fwd(e(1, s * s, c, dtype=dt), s, g)
@@ -266,10 +265,7 @@ ALL_KERNELS = {
     "_token_mean_fwd_kernel", "_token_mean_combine_kernel", "_token_mean_bwd_kernel",
     "_attention_fwd_few_keys_kernel", "_attention_fwd_kernel", "_attention_fwd_combine_kernel",
     "_attention_bwd_preprocess_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel",
-    "_layernorm_modulate_fwd_kernel", "_layernorm_modulate_bwd_kernel", "_column_sum_kernel",
-    "_gated_residual_fwd_kernel", "_gated_residual_bwd_kernel",
-    "_gated_residual_layernorm_modulate_fwd_kernel", "_gated_residual_layernorm_modulate_bwd_kernel",
-    "_silu_fwd_kernel", "_silu_bwd_kernel",
+    "_adaln_fwd_kernel", "_adaln_bwd_kernel", "_column_sum_kernel", "_silu_fwd_kernel", "_silu_bwd_kernel",
 }
 
 
