@@ -183,34 +183,41 @@ def _silu_bwd_kernel(DOUT, X, DX, n_channels, stride_dout_b, stride_dout_c, stri
 # ----------------------------------------------------------------------------------------------------------------
 # Launch sizes
 # ----------------------------------------------------------------------------------------------------------------
-# A row tile holds at most _TILE values: 16 per thread at 8 warps, four 16-byte vectors of fp32. With HAS_NORM a
-# tile is BLOCK_N whole rows padded to a power of two (C = 1152 -> 2048 lanes); without it, token blocks of
-# _MAX_BLOCK_C channels (C = 1152 is exactly 9 blocks). The forward takes as many rows per program as leave at least
-# _FWD_WAVES waves of programs (a short last wave then costs little); the backward reductions take as many token
-# splits as fill whole waves (`whole_wave_splits`). A wave is the programs resident at once: CTAs per SM from the
-# compiled kernel's registers and shared memory (`ctas_per_sm`) times the SMs; off the GPU, from the registers the
-# kernel has when compiled for the default target (_SM90_REGS), so that grids keep the GPU's shape there.
+# A row tile holds _MIN_TILE to _TILE values: 8 to 16 per thread at 8 warps (two to four 16-byte vectors of fp32,
+# one to two of bf16). With HAS_NORM a tile is BLOCK_N whole rows padded to a power of two (C = 1152 -> 2048
+# lanes); without it, token blocks of _MAX_BLOCK_C channels (C = 1152 is exactly 9 blocks). A wave is the programs
+# resident at once: CTAs per SM from the compiled kernel's registers and shared memory (`ctas_per_sm`) times the
+# SMs; off the GPU, from the registers the kernel has when compiled for the default target (_SM90_REGS), so that
+# grids keep the GPU's shape there.
+# - forward: the most rows per program that still leave _FWD_WAVES waves of programs (a short last wave then costs
+#   little), down to _MIN_TILE values; where none does, the tile with the most waves;
+# - backward: whole rows take BLOCK_N = 1 or 2 per step, whichever keeps more rows in flight on the device (resident
+#   programs x BLOCK_N; the tie to 1); the token splits fill whole waves (`whole_wave_splits`).
 MAX_CHANNELS = 16384
 _TILE = 4096
+_MIN_TILE = 2048
 _BWD_TILE = 4096
 _MAX_BLOCK_C = 128
 _FWD_WAVES = 4
 _SUM_TILE = 2048
 _SILU_MAX_BLOCK_C = 1024
 
-# NOTE: registers per thread of each kernel compiled for sm_90 at C = 1152 (triton 3.9, fp32 stream, bf16 branch
-# and modulation; `cuobjdump -res-usage`, see docs/kernels-adaln.md); shared memory is at most 1 KiB (reductions).
+# NOTE: registers per thread of each variant (direction, HAS_RESIDUAL, HAS_NORM, BLOCK_N) compiled for sm_90 at
+# C = 1152 (triton 3.9, fp32 stream, bf16 branch and modulation, `cuobjdump -res-usage`; docs/kernels-adaln.md).
+# Shared memory is 1 KiB (the cross-warp reductions) for all of them.
 _SM90_REGS = {
-    ("fwd", False, True): 40, ("fwd", True, False): 48, ("fwd", True, True): 44,
-    ("bwd", False, True): 80, ("bwd", True, False): 64, ("bwd", True, True): 100,
+    ("fwd", False, True, 1): 32, ("fwd", False, True, 2): 40, ("fwd", True, True, 1): 32, ("fwd", True, True, 2): 40,
+    ("fwd", True, False, 16): 31, ("fwd", True, False, 32): 44,
+    ("bwd", False, True, 1): 80, ("bwd", False, True, 2): 124, ("bwd", True, True, 1): 120, ("bwd", True, True, 2): 153,
+    ("bwd", True, False, 32): 64,
 }
 _PER_SM: Dict[tuple, int] = {}
 _whole_wave_splits = functools.lru_cache(maxsize=4096)(whole_wave_splits)    # once per shape
 
 
 def _num_warps(values: int) -> int:
-    """Warps for a tile of `values`: 16 values per thread, 1 to 8 warps."""
-    return max(1, min(8, values // 512))
+    """Warps for a tile of `values`: 8 per thread up to 8 warps (16 per thread at _TILE)."""
+    return max(1, min(8, values // 256))
 
 
 def _channel_block(n_channels: int, whole_rows: bool) -> Tuple[int, bool]:
@@ -221,7 +228,8 @@ def _channel_block(n_channels: int, whole_rows: bool) -> Tuple[int, bool]:
 
 def _resident(variant: tuple, num_warps: int, device: torch.device, compile_variant) -> int:
     """Programs of a kernel variant resident at once on `device` (one wave), cached per variant and device: on a
-    GPU from the compiled kernel (`compile_variant()` returns it without launching it), elsewhere from _SM90_REGS."""
+    GPU from the compiled kernel (`compile_variant()` returns it without launching it), elsewhere from _SM90_REGS
+    (variant[:4] is its key; the most registers of that kernel's entries for a tile the table lacks)."""
     key = (variant, num_warps, device)
     per_sm = _PER_SM.get(key)
     if per_sm is None:
@@ -230,14 +238,15 @@ def _resident(variant: tuple, num_warps: int, device: torch.device, compile_vari
             compiled._init_handles()          # loads the binary: n_regs is known from here on
             regs, shared = compiled.n_regs, compiled.metadata.shared
         else:
-            regs, shared = _SM90_REGS[variant[:3]], 1024
+            regs = _SM90_REGS.get(variant[:4]) or max(v for k, v in _SM90_REGS.items() if k[:3] == variant[:3])
+            shared = 1024
         per_sm = _PER_SM[key] = max(1, ctas_per_sm(regs, num_warps, shared, device_limits(device))[0])
     return per_sm * device_limits(device).sm_count
 
 
 def _launch_fwd(x, y, gate, shift, scale, r, u, eps: float, has_residual: bool, has_norm: bool) -> None:
     """Launch the forward kernel on x (B, L, C) and whichever of y, gate (HAS_RESIDUAL), shift, scale, u
-    (HAS_NORM) and r the op has; absent ones are given as x / r and never read."""
+    (HAS_NORM) and r the op has; absent ones are given as present ones and never read."""
     b, n, c = x.shape
     y, gate = (y, gate) if has_residual else (x, shift)
     shift, scale, u = (shift, scale, u) if has_norm else (gate, gate, r)
@@ -247,19 +256,21 @@ def _launch_fwd(x, y, gate, shift, scale, r, u, eps: float, has_residual: bool, 
             *scale.stride(), *r.stride(), u.stride(0), u.stride(1))
     flags = dict(HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, BLOCK_C=block_c, EVEN_C=even_c,
                  IDX64=not fits_int32(x, y, r, u))
-    variant = ("fwd", has_residual, has_norm, block_c, even_c, flags["IDX64"], x.dtype, y.dtype, r.dtype, u.dtype,
-               shift.dtype)
+    dtypes = (x.dtype, y.dtype, r.dtype, u.dtype, shift.dtype, block_c, even_c, flags["IDX64"])
     block_n = max(1, min(_TILE // block_c, next_pow2(n)))
+    best = None                                         # (waves, block_n, num_warps)
     while True:
         num_warps = _num_warps(block_n * block_c)
-        if block_n == 1:
-            break
-        wave = _resident(variant + (block_n,), num_warps, x.device,
+        wave = _resident(("fwd", has_residual, has_norm, block_n) + dtypes, num_warps, x.device,
                          lambda: _adaln_fwd_kernel.warmup(*args, BLOCK_N=block_n, **flags, num_warps=num_warps,
                                                           grid=(1,)))
-        if b * cdiv(n, block_n) * c_blocks >= _FWD_WAVES * wave:
+        waves = b * cdiv(n, block_n) * c_blocks / wave
+        if best is None or waves > best[0]:
+            best = (waves, block_n, num_warps)
+        if waves >= _FWD_WAVES or block_n * block_c <= _MIN_TILE or block_n == 1:
             break
         block_n //= 2
+    _, block_n, num_warps = best
     _adaln_fwd_kernel[(b * cdiv(n, block_n), c_blocks)](*args, BLOCK_N=block_n, **flags, num_warps=num_warps)
 
 
@@ -268,37 +279,43 @@ def _parts(b: int, n_splits: int, c: int, device: torch.device) -> torch.Tensor:
 
 
 def _launch_bwd(dr, du, h, y, gate, scale, dx, dy, eps: float, has_residual: bool, has_norm: bool
-                ) -> Tuple[torch.Tensor, int]:
+                ) -> torch.Tensor:
     """Launch the backward kernel; returns the fp32 partial sums over token splits, (3, B, splits, C): dgate,
-    dshift, dscale (rows of the absent ones unwritten), and the split count. dr, y, gate, dy are given with
-    HAS_RESIDUAL; du, h, scale, dx with HAS_NORM; absent ones as any present tensor, never read."""
+    dshift, dscale (rows of the absent ones unwritten). dr, y, gate, dy are given with HAS_RESIDUAL; du, h, scale, dx
+    with HAS_NORM; absent ones as present ones, never read."""
     rows = dr if has_residual else du
     b, n, c = rows.shape
     dr, y, gate, dy = (dr, y, gate, dy) if has_residual else (du, du, scale, dx)
     du, h, scale, dx = (du, h, scale, dx) if has_norm else (dr, dr, gate, dy)
     block_c, even_c = _channel_block(c, has_norm)
     c_blocks = cdiv(c, block_c)
-    live = 2 if has_norm else 1                     # row tiles held at once per step besides the output
-    block_n = max(1, min(_BWD_TILE // (live * block_c), next_pow2(n)))
-    num_warps = _num_warps(live * block_n * block_c)
-    flags = dict(HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, BLOCK_N=block_n, BLOCK_C=block_c, EVEN_C=even_c,
+    live = 2 if has_norm else 1                     # row tiles loaded per step: h and du, or dr
+    flags = dict(HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, BLOCK_C=block_c, EVEN_C=even_c,
                  IDX64=not fits_int32(dr, du, h, y, dx, dy))
+    dtypes = (dr.dtype, du.dtype, h.dtype, y.dtype, dx.dtype, dy.dtype, gate.dtype, scale.dtype, block_c, even_c,
+              flags["IDX64"])
 
     def args(per_split, parts):
         return (dr, du, h, y, gate, scale, dx, dy, parts[0], parts[1], parts[2], n, c, per_split, eps,
                 *dr.stride(), *du.stride(), *h.stride(), *y.stride(), *gate.stride(), *scale.stride(),
                 dx.stride(0), dx.stride(1), dy.stride(0), dy.stride(1), parts.stride(1), parts.stride(2))
 
-    variant = ("bwd", has_residual, has_norm, block_n, block_c, even_c, flags["IDX64"], dr.dtype, du.dtype, h.dtype,
-               y.dtype, dx.dtype, dy.dtype, gate.dtype, scale.dtype)
-    wave = _resident(variant, num_warps, rows.device,
-                     lambda: _adaln_bwd_kernel.warmup(*args(block_n, _parts(b, 1, c, rows.device)), **flags,
-                                                      num_warps=num_warps, grid=(1,)))
+    block_n = max(1, min(_BWD_TILE // (live * block_c), next_pow2(n)))
+    best = None
+    for bn in (block_n, 2 * block_n) if has_norm and block_n < next_pow2(n) else (block_n,):
+        num_warps = _num_warps(live * bn * block_c)
+        wave = _resident(("bwd", has_residual, has_norm, bn) + dtypes, num_warps, rows.device,
+                         lambda: _adaln_bwd_kernel.warmup(*args(bn, _parts(b, 1, c, rows.device)), BLOCK_N=bn,
+                                                          **flags, num_warps=num_warps, grid=(1,)))
+        if best is None or wave * bn > best[0] * best[1]:
+            best = (wave, bn, num_warps)
+    wave, block_n, num_warps = best
     n_blocks = cdiv(n, block_n)
     per_split = cdiv(n_blocks, _whole_wave_splits(b * c_blocks, n_blocks, wave)) * block_n
     n_splits = cdiv(n, per_split)
     parts = _parts(b, n_splits, c, rows.device)
-    _adaln_bwd_kernel[(b, n_splits, c_blocks)](*args(per_split, parts), **flags, num_warps=num_warps)
+    _adaln_bwd_kernel[(b, n_splits, c_blocks)](*args(per_split, parts), BLOCK_N=block_n, **flags,
+                                               num_warps=num_warps)
     return parts
 
 
