@@ -107,3 +107,23 @@ def test_wave_from_the_compiled_kernel_on_a_gpu(monkeypatch):
     assert mod._resident(("bwd", False, True, 1), 8, device, compile_variant) == 132
     assert mod._resident(("bwd", False, True, 1), 8, device, compile_variant) == 132
     assert len(calls) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_waves_from_compiled_kernels(monkeypatch):
+    """On a GPU each launched variant's CTAs per SM are read once from its compiled kernel, and the results hold."""
+    monkeypatch.setattr(mod, "_PER_SM", {})
+    x = torch.randn(32, 1024, C, device="cuda")
+    ada = torch.randn(32, 6 * C, device="cuda", dtype=torch.bfloat16)
+    shift, scale = ada[:, :C], ada[:, C:2 * C]
+    grad_out = torch.randn(32, 1024, C, device="cuda", dtype=torch.bfloat16)
+    out = mod.layernorm_modulate_fwd(x, shift, scale, 1e-6, torch.bfloat16)
+    got = mod.layernorm_modulate_bwd(grad_out, x, scale)
+    assert mod._PER_SM and all(v >= 1 for v in mod._PER_SM.values())
+    assert {k[0][0] for k in mod._PER_SM} == {"fwd", "bwd"}
+    torch.testing.assert_close(out.float(), mod.layernorm_modulate_ref(x, shift, scale, out_dtype=torch.float32),
+                               atol=2e-2, rtol=1e-2)
+    want = mod.layernorm_modulate_backward_ref(grad_out.float(), x, scale.float())
+    torch.testing.assert_close(got[0], want[0], atol=2e-2, rtol=1e-2)
+    for g, w in zip(got[1:], want[1:]):      # sums over 1024 tokens, rounded once to bf16
+        torch.testing.assert_close(g.float(), w, atol=0.5, rtol=1e-2)
