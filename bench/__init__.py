@@ -1,1 +1,1 @@
-"""The FlexDiT benchmark harness: `python -m bench` (kernels, model, sample), FLOP accounting, regression gates."""
+"""The FlexDiT benchmark harness: `python -m bench` (kernels, model, sample, sanitize, overhead), regression gates."""

@@ -6,6 +6,7 @@ summary.md (step table, failures, bench tables), summary.json (the same as data,
 logs.txt (every step's output). Exit status: 0 when every step passed, 1 otherwise, 2 bad arguments.
 """
 import argparse
+import importlib
 import json
 import os
 import re
@@ -14,7 +15,6 @@ import xml.etree.ElementTree as ET
 from typing import List, Optional
 
 STEP_FIELDS = ("name", "kind", "status", "rc", "seconds", "timeout", "log", "artifact", "note")
-SUITES = {"kernels": "kernels", "model": "model", "sample": "sample"}
 
 
 def read_steps(raw: str) -> List[dict]:
@@ -90,16 +90,10 @@ def bench_table(payload: dict) -> str:
     argv = payload.get("argv", [])
     command = argv[0] if argv else ""
     res = bench_results(payload)
+    if command not in ("kernels", "model", "sample", "overhead"):
+        return ""
     try:
-        if command == "kernels":
-            from . import kernels as suite
-        elif command == "model":
-            from . import model as suite
-        elif command == "sample":
-            from . import sample as suite
-        else:
-            return ""
-        return suite.table(res)
+        return importlib.import_module(f"bench.{command}").table(res)
     except Exception as err:   # a table is a convenience; the rows are in summary.json whatever happens
         return f"(no table: {type(err).__name__}: {err})"
 
@@ -207,7 +201,7 @@ def summarize(raw: str, out: str, budget: Optional[float] = None, elapsed: Optio
     return 0 if ok else 1
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.ci", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -216,6 +210,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     s.add_argument("--out", required=True, help="the output folder")
     s.add_argument("--budget", type=float, default=None, help="the run's time budget in seconds")
     s.add_argument("--elapsed", type=float, default=None, help="seconds the steps took")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not os.path.isdir(args.raw):
         parser.error(f"--raw {args.raw}: not a folder")

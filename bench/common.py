@@ -1,10 +1,10 @@
-"""Shared pieces of the harness: environment tags, timers, measured ceilings, result rows, table/JSON/CSV output."""
+"""Shared pieces of the harness: argument types and errors, environment tags, timers, measured ceilings, result
+rows, table/JSON/CSV output."""
 import argparse
 import csv
 import json
 import math
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -16,6 +16,25 @@ QUANTILES = (0.5, 0.2, 0.8)  # median, 20th and 80th percentile
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+PROG = "python -m bench"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, `<program>: error: ...` and exit status 2, without the usage block; a
+    sub-command's parser speaks under its program's name."""
+
+    def error(self, message):
+        head, _, last = self.prog.rpartition(" ")
+        prog = head if head and getattr(self, "speaks_as_parent", False) else self.prog
+        self.exit(2, f"{prog}: error: {message}\n")
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def positive_int(text):
     """argparse type: an integer >= 1."""
     try:
@@ -24,6 +43,24 @@ def positive_int(text):
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def fill_defaults(args, defaults: Dict[str, tuple], on_cpu: bool) -> None:
+    """Set each option left unset to its (GPU, CPU) default."""
+    for name, (gpu_value, cpu_value) in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, cpu_value if on_cpu else gpu_value)
+
+
+def positive_float(text):
+    """argparse type: a number > 0 (seconds, milliseconds)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
     return value
 
 
@@ -241,10 +278,7 @@ def bench_fn(fn: Callable[[], object], device: torch.device, warmup: int = 25, r
     `cpu_warmup` calls, synchronizing the device around each (on the CPU: the reference mode, indicative only).
     """
     if device.type == "cuda" and not wall:
-        try:
-            from triton.testing import do_bench
-        except ImportError:  # pragma: no cover
-            return _bench_cuda_events(fn, warmup, rep)
+        from triton.testing import do_bench
         if min_reps:
             est = _estimate_cuda_ms(fn)
             warmup, rep = max(warmup, 2 * est), max(rep, min_reps * est)
@@ -271,29 +305,6 @@ def _estimate_cuda_ms(fn) -> float:  # pragma: no cover - GPU only
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end)
-
-
-def _bench_cuda_events(fn, warmup_ms, rep_ms):  # pragma: no cover - GPU only, used when Triton is absent
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    est = max(start.elapsed_time(end) / 5, 1e-3)
-    for _ in range(max(1, int(warmup_ms / est))):
-        fn()
-    samples = []
-    for _ in range(max(5, int(rep_ms / est))):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        samples.append(s.elapsed_time(e))
-    return _quantiles(samples)
 
 
 def peak_memory_mib(fn: Callable[[], object], device: torch.device) -> Optional[float]:
@@ -348,6 +359,3 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, results: Optional[Re
         results.add("ceiling", case, "torch.matmul", "TFLOP/s", tflops, "TFLOP/s")
     return tflops
 
-
-def median(values):
-    return statistics.median(values)

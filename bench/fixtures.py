@@ -7,7 +7,7 @@ import torch
 
 from flexdit import apply_patch
 
-TARGETS = ("pixart-alpha", "diffusers-dit", "latte")
+TARGETS = ("pixart-alpha", "diffusers-dit", "latte", "flux", "sd3")
 
 
 def _diffusers_config(target: str, latent: int, frames: int) -> Dict[str, Any]:
@@ -39,6 +39,9 @@ def build_patched_pair(target: str, image_size: int, device=None, dtype=torch.fl
 
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if target in ("flux", "sd3"):   # MMDiT hosts: FLUX.1-dev and SD3.5-medium sizes, built by flexdit.mmdit
+        from flexdit.mmdit import build_mmdit_pair
+        return build_mmdit_pair(target, image_size, device, dtype, plan, schedule, config_overrides)
     latent = image_size // 8
     cfg = {**_diffusers_config(target, latent, frames), **(config_overrides or {})}
     cls = {"pixart-alpha": diffusers.PixArtTransformer2DModel, "diffusers-dit": diffusers.DiTTransformer2DModel,

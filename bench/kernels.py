@@ -1,4 +1,4 @@
-"""`python -m bench kernels`: every flexdit_kernels op against the PyTorch path it replaces.
+"""`python -m bench kernels`: every flexdit_kernels op against the PyTorch path it replaces, forward and backward.
 
 token_pool   vs permute → adaptive_avg_pool2d → permute
 token_mean   vs layer_norm → mean
@@ -6,21 +6,27 @@ upsample_add vs interpolate(nearest) → add
 attention    vs every SDPA backend that takes the shape, fed from the fused-projection layout the model has
              (q, k, v strided views of a (B, L, 3, H, D) or q (B, Lq, H, D) + kv (B, Lk, 2, H, D) tensor), the
              transposes in and the transpose + reshape copy out INCLUDED, as `flexdit.layers.Attention` does.
+layernorm_modulate, gated_residual, gated_residual_layernorm_modulate, silu
+             vs DiT's unfused lines (affine-free layer_norm → modulate, x + gate · y, silu), then the cast autocast
+             makes before the next GEMM; shift, scale and gate are chunks of one (B, 6C) adaLN projection and the
+             residual stream is fp32, as in the model.
 
-Two phases. First every case of every op family is checked against its `*_ref` (forward, and gradients with
---backward; attention on each of its paths few_keys / split_k / flash, forcing a path the timed shapes do not reach);
-then only the cases that passed are timed. A wrong kernel is reported FAILED and never timed.
+One case table (`make_inputs`, `baselines`) serves this suite, `bench sanitize` and `bench overhead`. Two phases:
+first every case of every op family is checked against its `*_ref` (forward, and gradients with --backward;
+attention on each of its paths few_keys / split_k / flash, forcing with `flexdit_kernels.triton_only` a path the
+timed shapes do not reach); then only the cases that passed are timed. A wrong kernel is reported FAILED and never
+timed.
 
 On CUDA each op family runs its checks, and later its timings, in a process of its own (--isolate, the default
 there): a CUDA fault such as an illegal memory access poisons the whole process, so one broken family would otherwise
 turn every later measurement into an error. Workers append one JSON line per case to a file, so the cases finished
 before a crash are kept and the rest are reported as failed with the worker's last words.
 """
+import argparse
 import contextlib
-import importlib
+import functools
 import itertools
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -34,9 +40,11 @@ import torch.nn.functional as F
 
 import flexdit_kernels as fk
 
-from .common import DTYPES, Results, Row, bench_fn, copy_bandwidth, format_table, synchronize
+from .common import (Results, Row, bench_fn, copy_bandwidth, fill_defaults, first_line, format_table, positive_float,
+                     synchronize)
 
-OPS = ("token_pool", "token_mean", "upsample_add", "attention")
+OPS = ("token_pool", "token_mean", "upsample_add", "attention", "layernorm_modulate", "gated_residual",
+       "gated_residual_layernorm_modulate", "silu")
 
 # DiT-XL/2 shapes: 512² images → 32×32 tokens, 256² → 16×16 tokens; C = 1152, 16 heads of 72.
 GPU_SHAPES = dict(batches=(8, 32), sides=(32, 16), channels=1152, grids=(6, 8, 10), heads=16, head_dim=72,
@@ -44,6 +52,39 @@ GPU_SHAPES = dict(batches=(8, 32), sides=(32, 16), channels=1152, grids=(6, 8, 1
 # Tiny shapes for `--device cpu` (the reference ops only; seconds, not a measurement).
 CPU_SHAPES = dict(batches=(2,), sides=(8,), channels=64, grids=(4,), heads=2, head_dim=16,
                   attn_batches=(2,), attn_lens=((64, 16), (16, 64)))
+
+
+def add_arguments(p) -> None:
+    """The sub-command's own options (the shared ones come from the parent parsers)."""
+    p.add_argument("--op", choices=OPS + ("all",), default="all")
+    p.add_argument("--backward", action="store_true", help="also check gradients and time forward+backward")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each op family's checks and timings in a process of its own, so that a CUDA fault in "
+                        "one family cannot hide the others (default: on CUDA yes, on the CPU no)")
+    p.add_argument("--family-timeout", type=positive_float, default=None, metavar="SECONDS",
+                   help="with --isolate: stop a family's process after this long and report its unfinished cases "
+                        "as failed")
+    p.add_argument("--rep-ms", type=positive_float, default=100.0, metavar="MS",
+                   help="CUDA: time window of each measurement (triton.testing.do_bench rep; warm-up a quarter of "
+                        "it; default %(default)g)")
+    p.add_argument("--worker", choices=("check", "time"), help=argparse.SUPPRESS)
+    p.add_argument("--worker-file", help=argparse.SUPPRESS)
+
+
+def validate(parser, args, device: torch.device) -> None:
+    fill_defaults(args, {"dtype": ("bf16", "fp32")}, device.type == "cpu")
+    if args.worker and not args.worker_file:
+        parser.error("--worker needs --worker-file")
+
+
+def cpu_banner(args) -> str:
+    return (f"{'the selected op' if args.op != 'all' else f'all {len(OPS)} ops'} on the PyTorch reference path "
+            f"(the Triton kernels need a GPU) at tiny shapes, in {args.dtype}, checked and then timed")
+
+
+def exported_ops() -> List[str]:
+    """The ops of flexdit_kernels: names of `__all__` that have a `<name>_ref` beside them."""
+    return [n for n in fk.__all__ if f"{n}_ref" in fk.__all__]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -87,6 +128,84 @@ def torch_attention(q, k, v, backend=None):
     return out.transpose(1, 2).reshape(b, lq, h * d)
 
 
+def torch_layernorm_modulate(x, shift, scale, eps=1e-6, out_dtype=None):
+    out = F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+    return out.to(out_dtype or x.dtype)                                    # autocast's cast for the next GEMM
+
+
+def torch_gated_residual(x, y, gate):
+    return x + gate.unsqueeze(1) * y
+
+
+def torch_gated_residual_layernorm_modulate(x, y, gate, shift, scale, eps=1e-6, out_dtype=None):
+    r = torch_gated_residual(x, y, gate)
+    return r, torch_layernorm_modulate(r, shift, scale, eps, out_dtype)
+
+
+def torch_silu(x, out_dtype=None):
+    return F.silu(x).to(out_dtype or x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The case table: inputs of one case, the paths it is timed against
+# ----------------------------------------------------------------------------------------------------------------
+
+def make_inputs(op: str, p: dict, device, dtype: torch.dtype):
+    """(leaves, views) of one case: `views(*leaves)` are the op's arguments, made as the model makes them (q, k, v
+    views of a fused projection; shift, scale, gate chunks of one (B, 6C) adaLN projection; the residual stream in
+    fp32). Gradients are taken with respect to the leaves. `p`: b, c and the token grid as `side` (square) or `hw`,
+    the sparse grid as `g` or `grid`; attention: b, lq, lk, h, d."""
+    def r(*shape, dt=dtype):
+        return torch.randn(*shape, device=device, dtype=dt)
+
+    b = p["b"]
+    if op == "attention":
+        h, d = p["h"], p["d"]
+        if p["lq"] == p["lk"]:   # self-attention: one fused qkv projection output
+            return [r(b, p["lq"], 3, h, d)], lambda qkv: (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        return [r(b, p["lq"], h, d), r(b, p["lk"], 2, h, d)], lambda q, kv: (q, kv[:, :, 0], kv[:, :, 1])
+    c = p["c"]
+    hw = tuple(p["hw"]) if "hw" in p else (p.get("side", 1),) * 2
+    grid = tuple(p["grid"]) if "grid" in p else (p.get("g", 1),) * 2
+    n, m = hw[0] * hw[1], grid[0] * grid[1]
+    x32 = torch.float32
+    inputs = {
+        "token_pool": lambda: ([r(b, n, c)], lambda x: (x, hw, grid)),
+        "token_mean": lambda: ([r(b, n, c)], lambda x: (x, 1e-6)),
+        "upsample_add": lambda: ([r(b, m, c), r(b, n, c)], lambda s, x: (s, x, hw, grid)),
+        "layernorm_modulate": lambda: ([r(b, n, c), r(b, 6 * c)],
+                                       lambda x, ada: (x, ada[:, :c], ada[:, c:2 * c], 1e-6, dtype)),
+        "gated_residual": lambda: ([r(b, n, c, dt=x32), r(b, n, c), r(b, 6 * c)],
+                                   lambda x, y, ada: (x, y, ada[:, 2 * c:3 * c])),
+        "gated_residual_layernorm_modulate": lambda: (
+            [r(b, n, c, dt=x32), r(b, n, c), r(b, 6 * c)],
+            lambda x, y, ada: (x, y, ada[:, 2 * c:3 * c], ada[:, 3 * c:4 * c], ada[:, 4 * c:5 * c], 1e-6, dtype)),
+        "silu": lambda: ([r(b, 2 * c, dt=x32)], lambda cond: (cond[:, c:], dtype)),   # fp32 conditioning, strided
+    }
+    if op not in inputs:
+        raise ValueError(f"op must be one of {OPS}, got {op!r}")
+    return inputs[op]()
+
+
+def baselines(op: str, p: dict, device) -> Tuple[Dict[str, Callable], List[str]]:
+    """({impl: PyTorch path called with the op's arguments}, why some were left out): attention against every SDPA
+    backend, every other op against `torch_<op>`."""
+    if op != "attention":
+        return {"torch": globals()[f"torch_{op}"]}, []
+    out, skipped = {}, []
+    for name, backend in sdpa_backends().items():
+        if name == "math" and device.type == "cuda":   # scores, probabilities and a temporary in fp32
+            if 3 * p["b"] * p["h"] * p["lq"] * p["lk"] * 4 >= torch.cuda.mem_get_info(device)[0] / 4:
+                skipped.append("sdpa-math: needs > 1/4 of free memory")
+                continue
+        out[f"sdpa-{name}"] = functools.partial(torch_attention, backend=backend)
+    return out, skipped
+
+
+def _outputs(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Correctness before timing
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,9 +213,10 @@ def torch_attention(q, k, v, backend=None):
 TOLERANCES = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 
 
-def check_close(name: str, got: torch.Tensor, want: torch.Tensor) -> Optional[str]:
-    """None when got ≈ want at the dtype's tolerance, else a one-line reason."""
+def check_close(name: str, got: torch.Tensor, want: torch.Tensor, factor: float = 1.0) -> Optional[str]:
+    """None when got ≈ want at `factor` × the dtype's tolerance, else a one-line reason."""
     atol, rtol = TOLERANCES.get(want.dtype, (1e-5, 1e-5))
+    atol, rtol = factor * atol, factor * rtol
     if got.shape != want.shape:
         return f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
     g, w = got.float(), want.float()
@@ -105,33 +225,36 @@ def check_close(name: str, got: torch.Tensor, want: torch.Tensor) -> Optional[st
     err = (g - w).abs()
     bad = err > atol + rtol * w.abs()
     if bad.any():
-        return f"{name}: max abs err {err.max().item():.3g} (atol {atol}, rtol {rtol}), {int(bad.sum())} elements"
+        return f"{name}: max abs err {err.max().item():.3g} (atol {atol:g}, rtol {rtol:g}), {int(bad.sum())} elements"
     return None
 
 
-def check_attention(got: torch.Tensor, q, k, v, factor: float = 2.0) -> Optional[str]:
-    """STYLE's rule: error vs an fp32 reference at most `factor` × the error of PyTorch in the same dtype."""
-    exact = fk.attention_ref(q.float(), k.float(), v.float())
-    same_dtype = fk.attention_ref(q, k, v).float()
-    torch_err = (same_dtype - exact).abs().max().item()
-    err = (got.float() - exact).abs().max().item()
-    if not math.isfinite(err) or err > factor * torch_err + 1e-5:
-        return f"attention: max abs err {err:.3g} > {factor} x PyTorch's {torch_err:.3g} + 1e-5"
-    return None
+def check_case(op: str, leaves: List[torch.Tensor], views: Callable, backward: bool) -> Optional[str]:
+    """None when `flexdit_kernels.<op>` agrees with `<op>_ref` on `views(*leaves)` forward and, with `backward`, in
+    the gradients w.r.t. the leaves for one shared upstream gradient; else a one-line reason. Attention (a long
+    reduction): its error against an fp32 reference at most 2x (forward) and 3x (gradients) PyTorch's in the same
+    dtype. The other ops: the dtype's tolerance, 3x for gradients."""
+    fn, ref = getattr(fk, op), getattr(fk, f"{op}_ref")
+    upstream = [torch.randn_like(o) for o in _outputs(ref(*views(*leaves)))]
 
+    def run(f, dtype=None):
+        ls = [t.detach().to(dtype or t.dtype).requires_grad_(backward) for t in leaves]
+        outs = _outputs(f(*views(*ls)))
+        grads = torch.autograd.grad(outs, ls, [g.to(o.dtype) for g, o in zip(upstream, outs)]) if backward else ()
+        return list(outs), list(grads)
 
-def check_grads(name, fn, ref_fn, inputs: List[torch.Tensor], grad_out: torch.Tensor) -> Optional[str]:
-    """Gradients of fn and ref_fn w.r.t. `inputs` for one shared upstream gradient (same-dtype tolerance, ×3)."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-    got = torch.autograd.grad(fn(*leaves), leaves, grad_out)
-    leaves_ref = [t.detach().clone().requires_grad_(True) for t in inputs]
-    want = torch.autograd.grad(ref_fn(*leaves_ref), leaves_ref, grad_out)
-    for i, (g, w) in enumerate(zip(got, want)):
-        atol, rtol = TOLERANCES.get(w.dtype, (1e-5, 1e-5))
-        err = (g.float() - w.float()).abs()
-        bad = err > 3 * (atol + rtol * w.float().abs())
-        if not torch.isfinite(g).all() or bad.any():
-            return f"{name} grad {i}: max abs err {err.max().item():.3g}"
+    (outs, grads), (want, want_grads) = run(fn), run(ref)
+    names = [op if len(outs) == 1 else f"{op} output {i}" for i in range(len(outs))]
+    pairs = list(zip(names + [f"{op} grad {i}" for i in range(len(grads))], outs + grads, want + want_grads))
+    if op != "attention":
+        reasons = (check_close(name, g, w, 1.0 if i < len(outs) else 3.0) for i, (name, g, w) in enumerate(pairs))
+        return next((reason for reason in reasons if reason), None)
+    exact, exact_grads = run(ref, torch.float32)
+    for i, ((name, g, w), e) in enumerate(zip(pairs, exact + exact_grads)):
+        factor = 2.0 if i < len(outs) else 3.0
+        err, torch_err = ((t.float() - e).abs().max().item() for t in (g, w))
+        if not err <= factor * torch_err + 1e-5:   # also a NaN
+            return f"{name}: max abs err {err:.3g} > {factor:g} x PyTorch's {torch_err:.3g} + 1e-5"
     return None
 
 
@@ -144,20 +267,9 @@ ATTENTION_PATHS = ("few_keys", "split_k", "flash")
 PATH_PROBES = ((64, 64), (16, 16), (64, 1024), (16, 256), (192, 192), (256, 256), (320, 320), (1024, 1024))
 
 
-@contextlib.contextmanager
-def triton_everywhere():
-    """Keep every attention shape on the Triton kernels (no routing of dense shapes to SDPA) inside the block."""
-    module = importlib.import_module("flexdit_kernels._attention")
-    saved = module.ROUTES
-    module.ROUTES = tuple(r for r in saved if r.path != "sdpa")
-    try:
-        yield
-    finally:
-        module.ROUTES = saved
-
-
-def attention_path_of(lq: int, lk: int, forced: bool = False) -> str:
-    return fk.attention_path(lq, lk, sdpa=not forced)
+def path_probe(path: str) -> Optional[Tuple[int, int]]:
+    """The first (Lq, Lk) of PATH_PROBES that attention runs on `path` inside `triton_only()`, or None."""
+    return next(((lq, lk) for lq, lk in PATH_PROBES if fk.attention_path(lq, lk, sdpa=False) == path), None)
 
 
 @dataclass
@@ -170,53 +282,39 @@ class Case:
     timed: bool = True
 
     def to_json(self) -> dict:
-        return {"op": self.op, "name": self.name, "params": self.params, "timed": self.timed}
+        return asdict(self)
 
 
 def cases(op: str, shapes: dict) -> List[Case]:
     """Every case of an op family, in run order."""
-    out = []
     c = shapes["channels"]
     if op == "attention":
         h, d = shapes["heads"], shapes["head_dim"]
-        reached = set()
-        for b, (lq, lk) in itertools.product(shapes["attn_batches"], shapes["attn_lens"]):
-            path = attention_path_of(lq, lk)
-            reached.add(path)
-            out.append(Case(op, f"attention B={b} Lq={lq} Lk={lk} H={h} D={d}",
-                            dict(b=b, lq=lq, lk=lk, h=h, d=d, path=path, forced=False)))
-        b = min(shapes["attn_batches"])
+        out = [Case(op, f"attention B={b} Lq={lq} Lk={lk} H={h} D={d}",
+                    dict(b=b, lq=lq, lk=lk, h=h, d=d, path=fk.attention_path(lq, lk), forced=False))
+               for b, (lq, lk) in itertools.product(shapes["attn_batches"], shapes["attn_lens"])]
+        reached, b = {case.params["path"] for case in out}, min(shapes["attn_batches"])
         for path in ATTENTION_PATHS:
-            if path in reached:
-                continue
-            probe = next(((lq, lk) for lq, lk in PATH_PROBES if attention_path_of(lq, lk, True) == path), None)
-            if probe is None:   # the routing has no such path any more
-                continue
-            lq, lk = probe
-            out.append(Case(op, f"attention B={b} Lq={lq} Lk={lk} H={h} D={d} [{path} path]",
-                            dict(b=b, lq=lq, lk=lk, h=h, d=d, path=path, forced=True), timed=False))
+            probe = None if path in reached else path_probe(path)
+            if probe is not None:
+                lq, lk = probe
+                out.append(Case(op, f"attention B={b} Lq={lq} Lk={lk} H={h} D={d} [{path} path]",
+                                dict(b=b, lq=lq, lk=lk, h=h, d=d, path=path, forced=True), timed=False))
         return out
-    for b, side in itertools.product(shapes["batches"], shapes["sides"]):
-        if op == "token_mean":
-            out.append(Case(op, f"token_mean B={b} N={side}x{side} C={c}", dict(b=b, side=side, c=c)))
-            continue
-        for g in shapes["grids"]:
-            out.append(Case(op, f"{op} B={b} N={side}x{side} C={c} G={g}", dict(b=b, side=side, c=c, g=g)))
-    return out
+    if op == "silu":
+        return [Case(op, f"silu B={b} C={c}", dict(b=b, c=c)) for b in shapes["batches"]]
+    grids = shapes["grids"] if op in ("token_pool", "upsample_add") else (None,)
+    return [Case(op, f"{op} B={b} N={side}x{side} C={c}" + (f" G={g}" if g else ""),
+                 dict(b=b, side=side, c=c, **({"g": g} if g else {})))
+            for b, side, g in itertools.product(shapes["batches"], shapes["sides"], grids)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checking and timing one family
+# Checking and timing one case
 # ----------------------------------------------------------------------------------------------------------------
-
-def _fwd_bwd(fn: Callable, grad_out: torch.Tensor) -> Callable:
-    def run():
-        fn().backward(grad_out)
-    return run
-
 
 class _Runner:
-    """Checks (`check_<op>`: None or a one-line reason) and timings (`time_<op>`: rows into `results`) per case."""
+    """Checks (`check`: None or a one-line reason) and timings (`time`: rows into `results`) per case."""
 
     def __init__(self, args, results: Results, device: torch.device, dtype: torch.dtype, copy_gbps: float):
         self.args, self.results, self.device, self.dtype = args, results, device, dtype
@@ -227,237 +325,77 @@ class _Runner:
     def check(self, case: Case) -> Tuple[Optional[str], Optional[BaseException]]:
         """(None or a one-line reason, the exception if the check raised one)."""
         try:
-            if case.params.get("forced"):
-                with triton_everywhere():
-                    return getattr(self, f"check_{case.op}")(**_args(case)), None
-            return getattr(self, f"check_{case.op}")(**_args(case)), None
+            leaves, views = make_inputs(case.op, case.params, self.device, self.dtype)
+            with fk.triton_only() if case.params.get("forced") else contextlib.nullcontext():
+                reason = check_case(case.op, leaves, views, self.args.backward)
+            return (f"{case.params['path']} path: {reason}" if reason and "path" in case.params else reason), None
         except Exception as err:   # a launcher error is a failed check, not the end of the run
-            return f"raised {type(err).__name__}: {_first_line(err)}", err
-
-    def time(self, case: Case) -> None:
-        self.results.tags["batch"] = case.params["b"]   # rows of this case carry its batch
-        getattr(self, f"time_{case.op}")(case.name, **_args(case))
+            return f"raised {type(err).__name__}: {first_line(err)}", err
 
     def bench(self, fn, grad_to_none=None):
         rep = getattr(self.args, "rep_ms", None) or 100.0
         return bench_fn(fn, self.device, warmup=max(1, int(rep / 4)), rep=max(1, int(rep)),
                         grad_to_none=grad_to_none, cpu_repeats=self.args.repeats or 5)
 
-    def memory_bound(self, case: str, impls: Dict[str, Callable], nbytes: int, speedup_over: str,
-                     bwd: Optional[Tuple[Dict[str, Callable], List[torch.Tensor]]] = None):
-        """Time each impl forward (and forward+backward), add ms, GB/s, fraction of copy bandwidth, speedup."""
-        res = self.results
-        for impl, fn in impls.items():
-            t = self.bench(fn)
-            res.add_timing("kernels", f"{case} fwd", impl, t)
-            gbps = nbytes / (t[0] * 1e-3) / 1e9
-            res.add("kernels", f"{case} fwd", impl, "GB/s", gbps, "GB/s")
-            res.add("kernels", f"{case} fwd", impl, "frac_copy_bw", gbps / self.copy_gbps)
-        self._speedups(f"{case} fwd", list(impls), speedup_over)
-        if bwd is not None:
-            fns, leaves = bwd
-            for impl, fn in fns.items():
-                res.add_timing("kernels", f"{case} fwd+bwd", impl, self.bench(fn, grad_to_none=leaves))
-            self._speedups(f"{case} fwd+bwd", list(fns), speedup_over)
-
-    def _speedups(self, case, impls, baseline):
-        base = self.results.get("kernels", case, baseline, "ms")
-        for impl in impls:
-            if impl in (baseline, "reference"):   # the reference's time is in the table; its ratio is not gated
-                continue
-            ms = self.results.get("kernels", case, impl, "ms")
-            if base is not None and ms:
-                self.results.add("kernels", case, impl, "speedup", base / ms, "x", note=f"over {baseline}")
-
-    def randn(self, *shape):
-        return torch.randn(*shape, device=self.device, dtype=self.dtype)
-
-    # --- token_pool ----------------------------------------------------------------------------------------------
-
-    def check_token_pool(self, b, side, c, g):
-        hw, grid = (side, side), (g, g)
-        x = self.randn(b, side * side, c)
-        reason = check_close("token_pool", fk.token_pool(x, hw, grid), fk.token_pool_ref(x, hw, grid))
-        if reason is None and self.args.backward:
-            reason = check_grads("token_pool", lambda t: fk.token_pool(t, hw, grid),
-                                 lambda t: fk.token_pool_ref(t, hw, grid), [x], self.randn(b, g * g, c))
-        return reason
-
-    def time_token_pool(self, case, b, side, c, g):
-        hw, grid = (side, side), (g, g)
-        x = self.randn(b, side * side, c)
-        impls = {self.flex_impl: lambda: fk.token_pool(x, hw, grid), "torch": lambda: torch_token_pool(x, hw, grid)}
-        if not self.on_cpu:
-            impls["reference"] = lambda: fk.token_pool_ref(x, hw, grid)
-        nbytes = (x.numel() + b * g * g * c) * x.element_size()
-        bwd = None
-        if self.args.backward:
-            xl = x.detach().clone().requires_grad_(True)
-            go = self.randn(b, g * g, c)
-            bwd = ({self.flex_impl: _fwd_bwd(lambda: fk.token_pool(xl, hw, grid), go),
-                    "torch": _fwd_bwd(lambda: torch_token_pool(xl, hw, grid), go)}, [xl])
-        self.memory_bound(case, impls, nbytes, "torch", bwd)
-
-    # --- token_mean ----------------------------------------------------------------------------------------------
-
-    def check_token_mean(self, b, side, c):
-        x = self.randn(b, side * side, c)
-        reason = check_close("token_mean", fk.token_mean(x, 1e-6), fk.token_mean_ref(x, 1e-6))
-        if reason is None and self.args.backward:
-            reason = check_grads("token_mean", lambda t: fk.token_mean(t, 1e-6), lambda t: fk.token_mean_ref(t, 1e-6),
-                                 [x], self.randn(b, c))
-        return reason
-
-    def time_token_mean(self, case, b, side, c):
-        x = self.randn(b, side * side, c)
-        impls = {self.flex_impl: lambda: fk.token_mean(x, 1e-6), "torch": lambda: torch_token_mean(x)}
-        if not self.on_cpu:
-            impls["reference"] = lambda: fk.token_mean_ref(x, 1e-6)
-        nbytes = (x.numel() + b * c) * x.element_size()
-        bwd = None
-        if self.args.backward:
-            xl = x.detach().clone().requires_grad_(True)
-            go = self.randn(b, c)
-            bwd = ({self.flex_impl: _fwd_bwd(lambda: fk.token_mean(xl, 1e-6), go),
-                    "torch": _fwd_bwd(lambda: torch_token_mean(xl), go)}, [xl])
-        self.memory_bound(case, impls, nbytes, "torch", bwd)
-
-    # --- upsample_add --------------------------------------------------------------------------------------------
-
-    def check_upsample_add(self, b, side, c, g):
-        hw, grid = (side, side), (g, g)
-        s, d = self.randn(b, g * g, c), self.randn(b, side * side, c)
-        reason = check_close("upsample_add", fk.upsample_add(s, d, hw, grid), fk.upsample_add_ref(s, d, hw, grid))
-        if reason is None and self.args.backward:
-            reason = check_grads("upsample_add", lambda a, e: fk.upsample_add(a, e, hw, grid),
-                                 lambda a, e: fk.upsample_add_ref(a, e, hw, grid), [s, d], torch.randn_like(d))
-        return reason
-
-    def time_upsample_add(self, case, b, side, c, g):
-        hw, grid = (side, side), (g, g)
-        s, d = self.randn(b, g * g, c), self.randn(b, side * side, c)
-        impls = {self.flex_impl: lambda: fk.upsample_add(s, d, hw, grid),
-                 "torch": lambda: torch_upsample_add(s, d, hw, grid)}
-        if not self.on_cpu:
-            impls["reference"] = lambda: fk.upsample_add_ref(s, d, hw, grid)
-        nbytes = (s.numel() + 2 * d.numel()) * d.element_size()
-        bwd = None
-        if self.args.backward:
-            sl, dl = s.detach().clone().requires_grad_(True), d.detach().clone().requires_grad_(True)
-            go = torch.randn_like(d)
-            bwd = ({self.flex_impl: _fwd_bwd(lambda: fk.upsample_add(sl, dl, hw, grid), go),
-                    "torch": _fwd_bwd(lambda: torch_upsample_add(sl, dl, hw, grid), go)}, [sl, dl])
-        self.memory_bound(case, impls, nbytes, "torch", bwd)
-
-    # --- attention -----------------------------------------------------------------------------------------------
-
-    def check_attention(self, b, lq, lk, h, d, path, forced):
-        make_inputs = attention_inputs(b, lq, lk, h, d, self.device, self.dtype)
-        _, (q, k, v) = make_inputs()
-        reason = check_attention(fk.attention(q, k, v), q, k, v)
-        if reason is None and self.args.backward:
-            reason = check_attention_grads(make_inputs, self.dtype)
-        return None if reason is None else f"{path} path: {reason}"
-
-    def time_attention(self, case, b, lq, lk, h, d, path, forced):
-        dev, dt = self.device, self.dtype
-        make_inputs = attention_inputs(b, lq, lk, h, d, dev, dt)
-        _, (q, k, v) = make_inputs()
-        fwd_flops = 2 * b * h * lq * lk * (d + d)
-        impls = {self.flex_impl: lambda: fk.attention(q, k, v).reshape(b, lq, h * d)}
-        skipped = []
-        for name, backend in sdpa_backends().items():
-            if name == "math" and not self._math_fits(b, h, lq, lk):
-                skipped.append(f"sdpa-{name}: needs > 1/4 of free memory")
-                continue
-            try:
-                torch_attention(q, k, v, backend)
+    def time(self, case: Case) -> None:
+        """Time the op and the PyTorch paths it replaces (and, on CUDA, its reference): forward, then forward +
+        backward with --backward; ms, GB/s and the fraction of the copy bandwidth (attention: TFLOP/s), and the
+        speedup over the fastest PyTorch path."""
+        p, res = case.params, self.results
+        res.tags["batch"] = p["b"]   # rows of this case carry its batch
+        leaves, views = make_inputs(case.op, p, self.device, self.dtype)
+        args = views(*leaves)
+        torch_paths, skipped = baselines(case.op, p, self.device)
+        fns = {self.flex_impl: getattr(fk, case.op)}
+        for impl, fn in torch_paths.items():
+            try:   # a backend that refuses the shape is left out with its reason
+                fn(*args)
                 if self.args.backward:
-                    _, qkv = make_inputs(True)
-                    torch_attention(*qkv, backend=backend).sum().backward()
+                    outs = _outputs(fn(*views(*[t.detach().requires_grad_(True) for t in leaves])))
+                    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
             except RuntimeError as err:
-                skipped.append(f"sdpa-{name}: refused ({_first_line(err)[:80]})")
+                skipped.append(f"{impl}: refused ({first_line(err)[:80]})")
                 continue
-            impls[f"sdpa-{name}"] = (lambda bk: lambda: torch_attention(q, k, v, bk))(backend)
-        self.results.notes.extend(f"{case}: {s}" for s in skipped)
-        res = self.results
-        for impl, fn in impls.items():
-            t = self.bench(fn)
-            res.add_timing("kernels", f"{case} fwd", impl, t, note=path if impl.startswith("flexdit") else "")
-            res.add("kernels", f"{case} fwd", impl, "TFLOP/s", fwd_flops / (t[0] * 1e-3) / 1e12, "TFLOP/s")
-        self._best_sdpa_speedup(f"{case} fwd", list(impls))
-        if self.args.backward:
-            leaves, qkv = make_inputs(True)
-            go = torch.randn(b, lq, h * d, device=dev, dtype=dt)
-            fns = {self.flex_impl: _fwd_bwd(lambda: fk.attention(*qkv).reshape(b, lq, h * d), go)}
-            for impl in impls:
-                if impl.startswith("sdpa-"):
-                    backend = sdpa_backends()[impl[len("sdpa-"):]]
-                    fns[impl] = (lambda bk: _fwd_bwd(lambda: torch_attention(*qkv, backend=bk), go))(backend)
-            for impl, fn in fns.items():
-                t = self.bench(fn, grad_to_none=leaves)
-                res.add_timing("kernels", f"{case} fwd+bwd", impl, t)
-                res.add("kernels", f"{case} fwd+bwd", impl, "TFLOP/s", 3.5 * fwd_flops / (t[0] * 1e-3) / 1e12,
+            fns[impl] = fn
+        if not self.on_cpu and case.op != "attention":
+            fns["reference"] = getattr(fk, f"{case.op}_ref")
+        res.notes.extend(f"{case.name}: {s}" for s in skipped)
+        flops = 4 * p["b"] * p["h"] * p["lq"] * p["lk"] * p["d"] if case.op == "attention" else None
+        nbytes = sum(t.numel() * t.element_size() for t in (*args, *_outputs(fns[self.flex_impl](*args)))
+                     if isinstance(t, torch.Tensor))
+        note = p.get("path", "")
+        for impl, fn in fns.items():
+            t = self.bench(lambda: fn(*args))
+            res.add_timing("kernels", f"{case.name} fwd", impl, t, note=note if impl == self.flex_impl else "")
+            if flops:
+                res.add("kernels", f"{case.name} fwd", impl, "TFLOP/s", flops / (t[0] * 1e-3) / 1e12, "TFLOP/s")
+            else:
+                gbps = nbytes / (t[0] * 1e-3) / 1e9
+                res.add("kernels", f"{case.name} fwd", impl, "GB/s", gbps, "GB/s")
+                res.add("kernels", f"{case.name} fwd", impl, "frac_copy_bw", gbps / self.copy_gbps)
+        self._speedup(f"{case.name} fwd", fns)
+        if not self.args.backward:
+            return
+        fns.pop("reference", None)
+        for impl, fn in fns.items():
+            ls = [t.detach().clone().requires_grad_(True) for t in leaves]
+            grads = [torch.randn_like(o) for o in _outputs(fn(*views(*ls)))]
+            t = self.bench(lambda: torch.autograd.backward(_outputs(fn(*views(*ls))), grads), grad_to_none=ls)
+            res.add_timing("kernels", f"{case.name} fwd+bwd", impl, t)
+            if flops:   # backward: 2.5x the forward's matmul FLOPs
+                res.add("kernels", f"{case.name} fwd+bwd", impl, "TFLOP/s", 3.5 * flops / (t[0] * 1e-3) / 1e12,
                         "TFLOP/s")
-            self._best_sdpa_speedup(f"{case} fwd+bwd", list(fns))
+        self._speedup(f"{case.name} fwd+bwd", fns)
 
-    def _math_fits(self, b, h, lq, lk):
-        if self.device.type != "cuda":
-            return True
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return 3 * b * h * lq * lk * 4 < free / 4   # scores, probabilities and a temporary in fp32
-
-    def _best_sdpa_speedup(self, case, impls):
-        sdpa = [(self.results.get("kernels", case, i, "ms"), i) for i in impls if i.startswith("sdpa-")]
-        sdpa = [(ms, i) for ms, i in sdpa if ms]
+    def _speedup(self, case: str, impls):
+        """The op's speedup over the fastest PyTorch path (its reference's time is in the table, not gated)."""
+        times = [(self.results.get("kernels", case, i, "ms"), i) for i in impls if i not in (self.flex_impl,
+                                                                                              "reference")]
+        times = [(ms, i) for ms, i in times if ms]
         flex = self.results.get("kernels", case, self.flex_impl, "ms")
-        if sdpa and flex:
-            best_ms, best = min(sdpa)
+        if times and flex:
+            best_ms, best = min(times)
             self.results.add("kernels", case, self.flex_impl, "speedup", best_ms / flex, "x", note=f"over {best}")
-
-
-def attention_inputs(b, lq, lk, h, d, device, dtype) -> Callable:
-    """make_inputs(requires_grad) -> (leaves, (q, k, v)): strided views of the fused projections the model makes."""
-    def make_inputs(requires_grad=False):
-        if lq == lk:   # self-attention: one fused qkv projection output
-            qkv = torch.randn(b, lq, 3, h, d, device=device, dtype=dtype, requires_grad=requires_grad)
-            return [qkv], (qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
-        q = torch.randn(b, lq, h, d, device=device, dtype=dtype, requires_grad=requires_grad)
-        kv = torch.randn(b, lk, 2, h, d, device=device, dtype=dtype, requires_grad=requires_grad)
-        return [q, kv], (q, kv[:, :, 0], kv[:, :, 1])
-    return make_inputs
-
-
-def check_attention_grads(make_inputs, dtype, factor: float = 3.0) -> Optional[str]:
-    """STYLE's rule for gradients: error vs fp32 at most 3x the error of PyTorch's SDPA in the same dtype."""
-    leaves, (q, _, _) = make_inputs(False)
-    go = torch.randn(q.shape, device=q.device, dtype=dtype)
-    self_attention = len(leaves) == 1
-
-    def grads(fn, dt):
-        ls = [t.detach().to(dt).requires_grad_(True) for t in leaves]
-        views = (ls[0][:, :, 0], ls[0][:, :, 1], ls[0][:, :, 2]) if self_attention else \
-            (ls[0], ls[1][:, :, 0], ls[1][:, :, 1])
-        return torch.autograd.grad(fn(*views), ls, go.to(dt))
-
-    exact = grads(fk.attention_ref, torch.float32)
-    same_dtype = grads(fk.attention_ref, dtype)
-    got = grads(fk.attention, dtype)
-    for i, (g, t, e) in enumerate(zip(got, same_dtype, exact)):
-        err = (g.float() - e).abs().max().item()
-        torch_err = (t.float() - e).abs().max().item()
-        if not math.isfinite(err) or err > factor * torch_err + 1e-5:
-            return f"attention grad {i}: max abs err {err:.3g} > {factor} x PyTorch's {torch_err:.3g} + 1e-5"
-    return None
-
-
-def _args(case: Case) -> dict:
-    return dict(case.params)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -498,7 +436,7 @@ def time_family(runner: _Runner, family: List[Case], emit: Callable[[dict], None
                 runner.time(case)
                 emit({"case": case.name, "rows": [asdict(r) for r in sub.rows], "notes": sub.notes})
             except Exception as err:
-                emit({"case": case.name, "error": f"timing raised {type(err).__name__}: {_first_line(err)}"})
+                emit({"case": case.name, "error": f"timing raised {type(err).__name__}: {first_line(err)}"})
                 if _poisons(err):
                     return False
             finally:
@@ -606,9 +544,7 @@ def run(args, results: Results, device: torch.device) -> None:
     """Fill `results` with the kernel suite for `args.op` (one op or all): check every case, then time the passed."""
     on_cpu = device.type == "cpu"
     shapes = CPU_SHAPES if on_cpu else GPU_SHAPES
-    dtype = torch.float32 if on_cpu else args.torch_dtype
-    args.torch_dtype = dtype
-    args.dtype = {v: k for k, v in DTYPES.items()}[dtype]
+    dtype = args.torch_dtype
     args.device_resolved = device.type
     ops = OPS if args.op == "all" else (args.op,)
     isolate = (not on_cpu) if getattr(args, "isolate", None) is None else args.isolate
@@ -620,10 +556,6 @@ def run(args, results: Results, device: torch.device) -> None:
     tmpdir = tempfile.mkdtemp(prefix="flexdit-bench-") if isolate else None
     if isolate:
         results.notes.append(f"each op family ran in a process of its own ({', '.join(ops)})")
-    exported = [n for n in fk.__all__ if f"{n}_ref" in fk.__all__]
-    missing = [n for n in exported if n not in OPS]
-    if missing and args.op == "all":
-        results.notes.append(f"not in this suite yet (no cases in bench/kernels.py): {', '.join(missing)}")
 
     # Phase 1: every case of every family is checked before anything is timed.
     verdicts: Dict[str, Optional[str]] = {}

@@ -2,21 +2,112 @@
 reference path), MACs, ceilings, profile by kernel family and by layer kind."""
 import contextlib
 import copy
+import functools
+import importlib.util
 import time
 from collections import Counter
-from typing import Dict
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 import flexdit_kernels as fk
-from flexdit import FlexDiT, create_model, flexdit_config, from_dit, set_fused
-from flexdit.diffusion import with_linear_casts
+from flexdit import DiT_models, FlexDiT, FlexDiT_models, create_model, flexdit_config, from_dit, set_fused
+from flexdit.diffusion import CudaGraphDenoiser
 
-from .common import Results, bench_fn, format_table, matmul_tflops, peak_memory_mib, synchronize
+from .common import (Results, bench_fn, fill_defaults, first_line, format_table, matmul_tflops, peak_memory_mib,
+                     positive_int, synchronize)
+from .fixtures import TARGETS as PATCH_TARGETS   # hosts patched in place by `flexdit.apply_patch` (diffusers)
 
 # Names of the per-kind ranges in the profile, in model order.
 KIND_NAMES = {"embed": "embedding", "pool": "Poolingformer", "gen": "generation", "sparse": "sparse",
               "recover": "recovery", "dense": "dense", "final": "final"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------------------------
+
+# What `--impls` may name: the dense DiT, the dense DiT with the fused adaLN kernels (CUDA only: what fusion alone
+# gives), FlexDiT on the kernels (CUDA only) and FlexDiT on its PyTorch reference path (token density alone).
+IMPLS = ("dense", "dense-fused", "flexdit", "flexdit-ref")
+# Defaults that depend on where the run happens: (GPU, CPU).
+DEFAULTS = {"model": ("DiT-XL/2", "DiT-S/2"), "image_size": (512, 256), "batch_size": (32, 1),
+            "dtype": ("bf16", "fp32"), "grid": (8, 8)}
+
+
+def registry_names() -> List[str]:
+    """Every registry name a FlexDiT is built from: the dense DiTs and their FlexDiT names."""
+    return sorted(DiT_models) + sorted(FlexDiT_models)
+
+
+def dense_name(name: str, parser, known: List[str]) -> str:
+    """The dense registry name of `name` ("FlexDiT-XL/2" → "DiT-XL/2"); parser.error listing `known` otherwise."""
+    if name not in known:
+        parser.error(f"--model {name!r} is not a known model; known: {', '.join(known)}")
+    return name[len("Flex"):] if name in FlexDiT_models else name
+
+
+def add_arguments(m) -> None:
+    """The sub-command's own options (the shared ones come from the parent parsers)."""
+    m.add_argument("--model", default=None,
+                   help="registry name, e.g. DiT-XL/2 or FlexDiT-XL/2 (default DiT-XL/2; DiT-S/2 on the CPU), or a "
+                        f"diffusers model patched in place: {', '.join(PATCH_TARGETS)} (latte: 16-frame clips; "
+                        "needs diffusers)")
+    m.add_argument("--image-size", type=int, choices=(256, 512, 1024), default=None,
+                   help="pixels; latent = image/8")
+    m.add_argument("--batch-size", type=positive_int, default=None)
+    m.add_argument("--grid", type=positive_int, default=None, help="FlexDiT sparse grid side G (default 8)")
+    m.add_argument("--mode", choices=("eager", "compile", "cuda-graph"), default="eager",
+                   help="compile: torch.compile (compile time reported apart); cuda-graph: replay of flexdit's "
+                        "CudaGraphDenoiser, registry models on CUDA only")
+    m.add_argument("--profile", action="store_true",
+                   help="per forward: kernel time by family (GEMM, attention, norm, pooling, elementwise) and launch "
+                        "count of every variant, and FlexDiT's time by layer kind (PyTorch profiler)")
+    m.add_argument("--impls", default=None, metavar="LIST",
+                   help=f"comma-separated subset of {','.join(IMPLS)} to time (default: all that run here; dense is "
+                        "always timed, as the speedups are over it)")
+
+
+def validate(parser, args, device: torch.device) -> None:
+    """Fill the device's defaults; every bad argument is `parser.error` (one line, exit 2)."""
+    fill_defaults(args, DEFAULTS, device.type == "cpu")
+    args.model = dense_name(args.model, parser, registry_names() + list(PATCH_TARGETS))
+    if args.impls is not None:
+        impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+        if not impls or any(i not in IMPLS for i in impls):
+            parser.error(f"--impls {args.impls!r}: choose from {','.join(IMPLS)}")
+    if args.mode == "cuda-graph" and device.type != "cuda":
+        parser.error("--mode cuda-graph needs a CUDA GPU")
+    if args.model in PATCH_TARGETS:
+        if args.profile or args.mode == "cuda-graph":
+            parser.error(f"--{'profile' if args.profile else 'mode cuda-graph'} needs a registry model, not "
+                         f"{args.model!r}")
+        if importlib.util.find_spec("diffusers") is None:
+            parser.error(f"--model {args.model} needs diffusers: pip install 'flexdit[diffusers]'")
+        side = args.image_size // 8 // 2
+        if args.grid > side:
+            parser.error(f"--grid {args.grid}: larger than the token grid {side}x{side}")
+        return
+    try:
+        flexdit_config(args.model, input_size=args.image_size // 8, grid=args.grid)
+    except ValueError as err:
+        parser.error(f"--grid {args.grid}: {err}")
+
+
+def cpu_banner(args) -> str:
+    return (f"a small run of {args.model} at {args.image_size}x{args.image_size}, batch {args.batch_size}, "
+            f"{args.dtype}, {args.mode}, dense DiT vs FlexDiT on its PyTorch reference path (no kernels)")
+
+
+def kernels_differ(forward: Callable[[str], torch.Tensor], dtype: torch.dtype) -> Optional[str]:
+    """None when `forward(backend)` gives the same prediction on the kernels ("auto") as on the reference path, else
+    why not: the check every FlexDiT timing waits for."""
+    got, want = (_prediction(forward(backend)).float() for backend in ("auto", "reference"))
+    err = (got - want).abs().max().item()
+    scale = want.abs().max().item() + 1e-6
+    if torch.isfinite(got).all() and err <= (1e-4 if dtype == torch.float32 else 5e-2) * scale:
+        return None
+    return f"FlexDiT with kernels differs from the reference path (max abs err {err:.3g}, output scale {scale:.3g})"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -37,21 +128,16 @@ def build_models(name: str, image_size: int, grid: int, device: torch.device, se
     return dense.eval(), flex.eval()
 
 
-# What `--impls` may name: the dense DiT, the dense DiT with the fused adaLN kernels (CUDA only: what fusion alone
-# gives), FlexDiT on the kernels (CUDA only) and FlexDiT on its PyTorch reference path (token density alone).
-IMPLS = ("dense", "dense-fused", "flexdit", "flexdit-ref")
-
-# Hosts patched in place by `flexdit.apply_patch` (diffusers models at real size, random weights).
-PATCH_TARGETS = ("pixart-alpha", "diffusers-dit", "latte")
 FRAMES = 16   # latte: frames per clip
 PATCH_OVERRIDES: Dict[str, object] = {}   # diffusers config fields replaced in every build (tests: tiny models)
 
 
-def build_patched_models(name: str, image_size: int, grid: int, device: torch.device):
+def build_patched_models(name: str, image_size: int, grid: int, device: torch.device, overrides=None):
     """(dense, patched, inputs kwargs builder) for a patch target; the patched model uses the decided plan."""
     from .fixtures import build_patched_pair
     return build_patched_pair(name, image_size, device=device, plan={"grid": grid},
-                              config_overrides=dict(PATCH_OVERRIDES), frames=FRAMES)
+                              config_overrides=dict(PATCH_OVERRIDES) if overrides is None else overrides,
+                              frames=FRAMES)
 
 
 def model_inputs(batch: int, image_size: int, device: torch.device, num_classes: int = 1000, seed: int = 0):
@@ -80,60 +166,35 @@ def per_image_macs(name: str, image_size: int, grids) -> Dict:
 # Modes
 # ----------------------------------------------------------------------------------------------------------------
 
-def _autocast(device, dtype, cache_enabled=True):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    # CUDA-graph capture needs the autocast weight-cast cache off (the casts become part of the graph).
-    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
-
-
-def sampling_region(mode: str, device, dtype):
-    """One autocast region around the timed calls of eager and compile forwards (each opens a nested one), as a
-    sampling loop runs: autocast casts each fp32 weight to the low-precision dtype once per outermost region, so the
-    timed forwards find them cast, for the dense model and FlexDiT alike. (CUDA-graph capture runs with the cache off
-    and the weights cast once beforehand: see `make_forward`.)"""
-    return contextlib.nullcontext() if mode == "cuda-graph" else _autocast(device, dtype)
+def autocast(device, dtype):
+    """Autocast to `dtype` on the device (nothing for fp32). As a region around the timed calls (each forward opens
+    a nested one), as a sampling loop runs: autocast casts each fp32 weight once per outermost region, so the timed
+    forwards find them cast, for the dense model and FlexDiT alike."""
+    return contextlib.nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
 
 
 def make_forward(model, inputs, kwargs, mode: str, device, dtype, backend: str):
     """A zero-argument callable running one forward `model(*inputs, **kwargs)` in `mode`, and the compile / capture
-    time in seconds. A CUDA graph is captured with autocast's cache off and the model's linear weights cast once,
-    before the capture (`with_linear_casts`, as `CudaGraphDenoiser` does): a replay casts no weight."""
-    cache = mode != "cuda-graph"
-    call = with_linear_casts(model, dtype)[0] if mode == "cuda-graph" and dtype != torch.float32 else model
-
-    def eager():
-        with torch.no_grad(), _autocast(device, dtype, cache), fk.backend(backend):
+    time in seconds. cuda-graph: flexdit's `CudaGraphDenoiser` (registry models), as sampling replays it: the inputs
+    copied into the graph's buffers, the replay, the output copied out; no weight cast in the replay."""
+    def eager(call=model):
+        with torch.no_grad(), autocast(device, dtype), fk.backend(backend):
             return call(*inputs, **kwargs)
 
     if mode == "eager":
         return eager, None
+    start = time.perf_counter()
     if mode == "compile":
-        compiled = torch.compile(model)
-
-        def run():
-            with torch.no_grad(), _autocast(device, dtype), fk.backend(backend):
-                return compiled(*inputs, **kwargs)
-
-        start = time.perf_counter()
-        run()
-        synchronize(device)
-        return run, time.perf_counter() - start
-    if mode == "cuda-graph":
-        start = time.perf_counter()
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):       # warm up allocations and Triton autotuning outside the capture
-                eager()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            eager()                  # static inputs: the replay reads them in place
-        synchronize(device)
-        # The replay reads the weight copies `call` holds: the returned callable keeps them alive.
-        return (lambda graph=graph, keep=call: graph.replay()), time.perf_counter() - start
-    raise ValueError(f"unknown mode {mode!r}")
+        run = functools.partial(eager, torch.compile(model))
+    elif mode == "cuda-graph":
+        x, t, y = inputs
+        graphed = CudaGraphDenoiser(model, warmup=3).model_fn(y)   # no guidance: one conditional forward
+        run = functools.partial(eager, lambda *a, **k: graphed(x, t))
+    else:
+        raise ValueError(f"mode must be eager, compile or cuda-graph, got {mode!r}")
+    run()   # compile, or capture
+    synchronize(device)
+    return run, time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,12 +314,17 @@ def run(args, results: Results, device: torch.device) -> None:
 
     ceiling = matmul_tflops(device, dtype, results)   # the matmul ceiling in the run's dtype
     if args.model in PATCH_TARGETS:
-        dense, flex, make_inputs = build_patched_models(args.model, args.image_size, args.grid, device)
+        overrides = dict(PATCH_OVERRIDES)
+        if on_cpu and not overrides and args.model in ("flux", "sd3"):   # 12B / 2.5B parameters: no CPU run
+            from flexdit.mmdit import TINY_CONFIGS
+            overrides = dict(TINY_CONFIGS[args.model])
+            results.notes.append(f"--model {args.model} on the CPU: a tiny random configuration {overrides}")
+        dense, flex, make_inputs = build_patched_models(args.model, args.image_size, args.grid, device, overrides)
         inputs, dense_kw = (), make_inputs(args.batch_size)
         flex_kw = dense_kw
         from .fixtures import patched_pair_macs   # counted by dispatch: fvcore cannot trace keyword-only forwards
         macs = patched_pair_macs(args.model, args.image_size, plan={"grid": args.grid},
-                                 config_overrides=dict(PATCH_OVERRIDES), frames=FRAMES)
+                                 config_overrides=overrides, frames=FRAMES)
         macs["flexdit-ref"] = macs["flexdit"]
     else:
         dense, flex = build_models(args.model, args.image_size, args.grid, device)
@@ -268,7 +334,7 @@ def run(args, results: Results, device: torch.device) -> None:
             macs = {"dense": counts["dense"], "flexdit": counts[args.grid], "flexdit-ref": counts[args.grid]}
         except ImportError as err:   # fvcore is optional: the times stand without the MAC columns
             macs = None
-            results.notes.append(f"no GMACs / TFLOP/s columns: {_first_line(err)}")
+            results.notes.append(f"no GMACs / TFLOP/s columns: {first_line(err)}")
 
     unit = "clip" if args.model == "latte" else "img"
     variants = [("dense", dense, dense_kw, fk.get_backend()),
@@ -287,20 +353,15 @@ def run(args, results: Results, device: torch.device) -> None:
             results.notes.append(f"not timed (--impls): {', '.join(dropped)}")
 
     # The kernels are checked against the reference before anything is timed (same model, same inputs).
-    if any(v[0] == "flexdit" for v in variants):
-        fwd_k, _ = make_forward(flex, inputs, flex_kw, "eager", device, dtype, "auto")
-        fwd_r, _ = make_forward(flex, inputs, flex_kw, "eager", device, dtype, "reference")
-        got, want = _prediction(fwd_k()).float(), _prediction(fwd_r()).float()
-        err = (got - want).abs().max().item()
-        scale = want.abs().max().item() + 1e-6
-        if not torch.isfinite(got).all() or err > (1e-4 if dtype == torch.float32 else 5e-2) * scale:
-            results.failures.append(f"{case}: FlexDiT with kernels differs from the reference path "
-                                    f"(max abs err {err:.3g}, output scale {scale:.3g})")
-            variants = [v for v in variants if v[0] != "flexdit"]
+    reason = any(v[0] == "flexdit" for v in variants) and kernels_differ(
+        lambda backend: make_forward(flex, inputs, flex_kw, "eager", device, dtype, backend)[0](), dtype)
+    if reason:
+        results.failures.append(f"{case}: {reason}")
+        variants = [v for v in variants if v[0] != "flexdit"]
 
     for impl, model, kwargs, backend in variants:
         fwd, setup_s = make_forward(model, inputs, kwargs, args.mode, device, dtype, backend)
-        with sampling_region(args.mode, device, dtype):
+        with autocast(device, dtype):
             t = bench_fn(fwd, device, warmup=25, rep=200, min_reps=20, **reps)
         results.add_timing("model", case, impl, t)
         results.add("model", case, impl, f"{'clips' if unit == 'clip' else 'images'}/s",
@@ -324,7 +385,7 @@ def run(args, results: Results, device: torch.device) -> None:
     if args.profile:
         for impl, model, kwargs, backend in variants:
             fwd, _ = make_forward(model, inputs, kwargs, "eager", device, dtype, backend)
-            with sampling_region("eager", device, dtype):
+            with autocast(device, dtype):
                 families, launches = profile_families(fwd, device)
             total = sum(families.values())
             for name, ms in sorted(families.items(), key=lambda kv: -kv[1]):
@@ -349,11 +410,6 @@ def run(args, results: Results, device: torch.device) -> None:
             other = total - sum(shares.values())
             results.add("profile", f"{case} {impl}", "other", "ms", other, "ms", note="outside the layer ranges")
             results.add("profile", f"{case} {impl}", "other", "share", other / total)
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _prediction(out):

@@ -11,7 +11,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .common import Row, read_rows
+from .common import Parser, Row, read_rows
 
 KIND_ORDER = ("embedding", "Poolingformer", "generation", "sparse", "recovery", "dense", "final", "other")
 
@@ -75,12 +75,16 @@ def plot_breakdown(rows: List[Row], path: str) -> Optional[str]:
     return path
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    from .__main__ import Parser
+def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m bench.plot", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("json", nargs="+", help="files written by `python -m bench ... --json`")
     parser.add_argument("--out-dir", default=".", help="where the PNGs go")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     rows: List[Row] = []
     for path in args.json:

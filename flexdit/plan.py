@@ -11,11 +11,14 @@ GridLike = Union[int, str, Sequence[int]]
 
 DEFAULT_GRID = 8
 
-# Decided layer plans by depth (P, K, (g, s, r, d), T): DiT-XL (28), DiT-L (24), DiT-S and DiT-B (12).
+# Decided layer plans by depth (P, K, (g, s, r, d), T): DiT-XL (28), DiT-L (24), DiT-S and DiT-B (12); the MMDiT
+# hosts FLUX.1 (19 double- + 38 single-stream blocks: 57), SD3.5-large (38) and SD3 / SD3.5-medium (24, as DiT-L).
 DECIDED_PLANS = {
     28: dict(num_pool=2, num_modules=4, group=(1, 3, 1, 1), num_top=2),
     24: dict(num_pool=2, num_modules=4, group=(1, 2, 1, 1), num_top=2),
     12: dict(num_pool=1, num_modules=2, group=(1, 2, 1, 1), num_top=1),
+    57: dict(num_pool=2, num_modules=4, group=(1, 8, 1, 3), num_top=3),
+    38: dict(num_pool=2, num_modules=4, group=(1, 4, 1, 2), num_top=4),
 }
 
 
@@ -102,7 +105,8 @@ class Plan:
 
     @classmethod
     def for_depth(cls, depth: int, token_grid: Tuple[int, int] = (DEFAULT_GRID, DEFAULT_GRID), **overrides) -> "Plan":
-        """The decided plan for a depth (28, 24, 12), grid 8x8 clamped to the token grid; `overrides` replace fields."""
+        """The decided plan for a depth (`DECIDED_PLANS`), grid 8x8 clamped to the token grid; `overrides` replace
+        fields."""
         if depth not in DECIDED_PLANS and not {"num_pool", "num_modules", "num_top"} <= set(overrides):
             raise ValueError(f"no decided FlexDiT plan for depth {depth} (known: {sorted(DECIDED_PLANS)}); "
                              f"pass plan=Plan(num_pool, num_modules, group, num_top, grid)")

@@ -95,8 +95,12 @@ class FlexLayer(nn.Module):
         else:
             self.attn = Attention(dim, num_heads, use_kernel=use_kernel)
         if self.kind == "recover":
-            self.fuse_sparse = nn.Linear(dim, dim)  # W1, applied to the M sparse tokens
-            self.fuse_dense = nn.Linear(dim, dim)   # W2, applied to the N dense tokens
+            self.build_fusion(dim)
+
+    def build_fusion(self, dim: int) -> None:
+        """The recovery fusion X_m = W1·upsample(X_s) + W2·X: `fuse_sparse` (W1) and `fuse_dense` (W2)."""
+        self.fuse_sparse = nn.Linear(dim, dim)  # W1, applied to the M sparse tokens
+        self.fuse_dense = nn.Linear(dim, dim)   # W2, applied to the N dense tokens
 
     def reset_fusion(self) -> None:
         """W1 = 0, W2 = I (zero biases): the fused tokens equal the dense skip at initialisation."""
@@ -201,9 +205,13 @@ class FlexLayer(nn.Module):
         mods = self.modulation(xs, cond)
         return self.finish(xs, self.attn(self.attn_in(xs, mods), self.attn_in(x, mods)), mods, cond)  # (B, M, C)
 
+    def fuse(self, xs, x, hw, grid):
+        """X_m = W1·upsample(X_s) + W2·X, (B, N, C). W1·upsample(X_s) = upsample(W1·X_s): W1 runs on the M sparse
+        tokens, the upsample is fused with the add."""
+        return fk.upsample_add(self.fuse_sparse(xs), self.fuse_dense(x), hw, grid)
+
     def recover(self, xs, x, hw, grid, cond):
         """Dense recovery: X_m = W1·upsample(X_s) + W2·X, then dense queries attend to the sparse tokens."""
         mods = self.modulation(xs, cond)
-        # W1·upsample(X_s) = upsample(W1·X_s): W1 runs on M tokens, the upsample is fused with the add.
-        xm = fk.upsample_add(self.fuse_sparse(xs), self.fuse_dense(x), hw, grid)  # (B, N, C)
+        xm = self.fuse(xs, x, hw, grid)                                            # (B, N, C)
         return self.finish(xm, self.attn(self.attn_in(xm, mods), self.attn_in(xs, mods)), mods, cond)

@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import call_op, custom_op, interpreting, register_autograd, use_triton
+from ._dispatch import call_op, custom_op, interpreting, register_autograd, triton_only_active, use_triton
 from ._validate import check_same, check_tensor
 
 MAX_HEAD_DIM = 128
@@ -606,7 +606,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if q.device.type == "meta":
         return _attention_op(q, k, v, scale)[0]        # shape-only tracing (FLOP counts) sees the op by name
-    triton_path = use_triton(q, k, v) and attention_path(lq, k.shape[1]) != "sdpa"
+    triton_path = use_triton(q, k, v) and attention_path(lq, k.shape[1], sdpa=not triton_only_active()) != "sdpa"
     if triton_path and interpreting() and q.dtype == torch.bfloat16:
         raise ValueError("q is bfloat16, which the Triton interpreter (TRITON_INTERPRET=1) cannot multiply: its bf16 "
                          "dots return wrong numbers. Use float16 or float32 on the CPU, or the reference backend")

@@ -14,6 +14,7 @@ import torch
 
 _BACKENDS = ("auto", "triton", "reference")
 _backend = os.environ.get("FLEXDIT_BACKEND", "auto")
+_triton_only = False
 
 
 def interpreting() -> bool:
@@ -42,6 +43,24 @@ def backend(name: str):
         yield
     finally:
         set_backend(previous)
+
+
+@contextlib.contextmanager
+def triton_only():
+    """Inside the block no shape is routed to a PyTorch path: attention keeps dense shapes off SDPA and "auto" skips
+    `AUTO_TABLE`'s "reference" rows, so every shape that runs a kernel at all runs its own Triton kernel (the bench
+    and the sanitizer reach each kernel path this way). The backend still decides whether kernels run at all."""
+    global _triton_only
+    previous, _triton_only = _triton_only, True
+    try:
+        yield
+    finally:
+        _triton_only = previous
+
+
+def triton_only_active() -> bool:
+    """Whether a `triton_only()` block is active."""
+    return _triton_only
 
 
 def custom_op(name: str, mutates_args=()):
@@ -127,7 +146,7 @@ def use_kernel(op: str, *tensors: torch.Tensor, **shape: int) -> bool:
     """Whether `op` runs its Triton kernel on these tensors at this shape: `use_triton`, then for "auto" the table."""
     if not use_triton(*tensors):
         return False
-    return _backend != "auto" or table_path(op, **shape) == "triton"
+    return _backend != "auto" or _triton_only or table_path(op, **shape) == "triton"
 
 
 def opaque_call(*tensors: torch.Tensor) -> bool:

@@ -7,6 +7,7 @@ import torch
 
 from bench.__main__ import main
 from bench.common import ROW_FIELDS
+from bench.kernels import OPS
 
 NO_GPU = not torch.cuda.is_available()
 needs_no_gpu = pytest.mark.skipif(not NO_GPU, reason="checks the behaviour of a machine without a GPU")
@@ -123,7 +124,7 @@ def test_kernels_cpu_all_ops_with_backward(tmp_path):
     assert main(["kernels", "--device", "cpu", "--backward", "--repeats", "1", "--json", str(jpath)]) == 0
     rows = json.loads(jpath.read_text())["rows"]
     cases = {r["case"] for r in rows if r["suite"] == "kernels"}
-    for op in ("token_pool", "token_mean", "upsample_add", "attention"):
+    for op in OPS:
         assert any(c.startswith(op) and c.endswith(" fwd") for c in cases), op
         assert any(c.startswith(op) and c.endswith(" fwd+bwd") for c in cases), op
     attn = [r for r in rows if r["case"].startswith("attention") and r["metric"] == "TFLOP/s"]
@@ -261,13 +262,70 @@ def test_kernel_family(name, family):
 
 
 def test_overhead_covers_every_op_with_an_eager_path(tmp_path, capsys):
-    """`python -m bench.overhead` measures every op, both paths, forward and forward+backward (a very short run: the
-    numbers are not checked, only that each row exists and each op's stubbed launchers ran)."""
+    """`python -m bench overhead` measures every op, forward and forward+backward (a very short run: the numbers are
+    not checked, only that each row exists)."""
     from bench import overhead
     path = tmp_path / "overhead.json"
-    assert overhead.main(["--calls", "4", "--repeats", "1", "--json", str(path)]) == 0
+    assert main(["overhead", "--calls", "4", "--repeats", "1", "--json", str(path)]) == 0
     rows = json.loads(path.read_text())["rows"]
     cases = {(r["case"], r["impl"]) for r in rows if r["metric"] == "overhead_us"}
     assert cases == {(f"{op} {mode}", impl) for op in overhead.OPS for mode in ("fwd", "fwd+bwd")
-                     for impl in ("reference", "triton-stub")}
+                     for impl in ("reference",)}
     assert "host overhead per call" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv0, prog", [("/usr/local/bin/flexdit-bench", "flexdit-bench"),
+                                         ("/src/bench/__main__.py", "python -m bench")])
+def test_a_typo_names_the_closest_subcommand_under_the_programs_own_name(argv0, prog, monkeypatch, capsys):
+    for argv, said in ((["kernals"], "unknown sub-command 'kernals' (did you mean 'kernels'?)"),
+                       (["kernels", "--op", "softmax"], "invalid choice: 'softmax'")):
+        monkeypatch.setattr("sys.argv", [argv0] + argv)
+        with pytest.raises(SystemExit) as exc:
+            main()
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"{prog}: error: ") and said in err[0], err
+
+
+def test_unknown_model_lists_every_model_of_the_registry(capsys):
+    from flexdit import DiT_models, FlexDiT_models
+    from bench.fixtures import TARGETS
+    with pytest.raises(SystemExit) as exc:
+        main(["model", "--device", "cpu", "--model", "nope"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert all(f" {name}," in err or err.rstrip().endswith(name)
+               for name in [*DiT_models, *FlexDiT_models, *TARGETS]), err
+
+
+def test_cpu_runs_pin_one_thread_and_say_so(monkeypatch, capsys):
+    import bench.kernels
+    seen = []
+    monkeypatch.setattr(bench.kernels, "run", lambda args, results, device: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    assert main(["kernels", "--device", "cpu"]) == 0
+    assert seen == [1] and torch.get_num_threads() == before
+    out = " ".join(capsys.readouterr().out.split())
+    assert "all 8 ops" in out and "torch.set_num_threads(1)" in out and "not a GPU measurement" in out
+
+
+def test_no_import_cycle_in_bench():
+    """No module of bench imports bench.__main__, and the imports between bench's modules form no cycle."""
+    import ast
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[2] / "bench"
+    graph = {}
+    for path in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("bench")):
+                module = (node.module or "").split(".")[-1]
+                deps |= {module} if module and module != "bench" else {a.name for a in node.names}
+            elif isinstance(node, ast.Call) and "bench.__main__" in ast.unparse(node):
+                deps.add("__main__")
+        graph[path.stem] = deps & {p.stem for p in root.glob("*.py")} - {path.stem}
+    assert not any("__main__" in deps for name, deps in graph.items() if name != "__main__"), graph
+
+    def reaches(start, node, seen):
+        return any(dep == start or (dep not in seen and reaches(start, dep, seen | {dep})) for dep in graph[node])
+    assert not [name for name in graph if reaches(name, name, {name})], graph

@@ -40,7 +40,7 @@ def test_broken_op_is_failed_others_still_timed_and_every_check_comes_first(monk
     kinds = [kind for kind, _ in events]
     assert "time" in kinds and "check" not in kinds[kinds.index("time"):], "a timing ran before the last check"
     checked = [name for kind, name in events if kind == "check"]
-    for op in ("token_pool", "token_mean", "upsample_add", "attention"):
+    for op in bench.kernels.OPS:
         assert any(name.startswith(op) for name in checked), op
     for path in ("few_keys", "split_k", "flash"):   # every attention path is checked, forced where not timed
         assert any(name.startswith("attention") and name.endswith(f"[{path} path]") for name in checked) or \
@@ -51,7 +51,7 @@ def test_broken_op_is_failed_others_still_timed_and_every_check_comes_first(monk
     payload = json.loads(jpath.read_text())
     assert payload["failures"] and all(f.startswith("token_pool") for f in payload["failures"])
     timed = {r["case"].split()[0] for r in payload["rows"] if r["suite"] == "kernels"}
-    assert timed == {"token_mean", "upsample_add", "attention"}
+    assert timed == set(bench.kernels.OPS) - {"token_pool"}
     checks = {r["case"]: r["value"] for r in payload["rows"] if r["suite"] == "check"}
     assert all(v == 0.0 for c, v in checks.items() if c.startswith("token_pool"))
     assert all(v == 1.0 for c, v in checks.items() if not c.startswith("token_pool"))
@@ -145,3 +145,43 @@ def test_sigterm_keeps_the_rows_measured_so_far(monkeypatch, tmp_path, capsys):
                                    "measured until then are kept"]
     timed = {r["case"].split()[0] for r in payload["rows"] if r["suite"] == "kernels"}
     assert timed == {"token_pool", "token_mean"}
+
+
+def test_every_exported_op_has_cases():
+    from bench.kernels import CPU_SHAPES, OPS, cases, exported_ops
+    assert set(exported_ops()) <= set(OPS)
+    assert all(cases(op, CPU_SHAPES) for op in OPS)
+
+
+def test_triton_only_routes_no_shape_to_a_pytorch_path(monkeypatch):
+    """Inside `triton_only()` attention keeps a dense shape off SDPA and "auto" skips AUTO_TABLE's reference rows."""
+    import torch
+
+    import flexdit_kernels as fk
+    from flexdit_kernels import _attention, _dispatch
+    monkeypatch.setattr(_attention, "call_op", lambda *args: ("triton",))
+    monkeypatch.setattr(_attention, "attention_ref", lambda *args: "sdpa")
+    monkeypatch.setattr(_dispatch, "use_triton", lambda *tensors: True)
+    monkeypatch.setattr(_attention, "use_triton", lambda *tensors: True)
+    monkeypatch.setitem(_dispatch.AUTO_TABLE, "token_mean", [({}, "reference")])
+    q = torch.randn(1, 256, 1, 8)
+    with fk.backend("auto"):
+        assert fk.attention(q, q, q) == "sdpa" and not _dispatch.use_kernel("token_mean", q)
+        with fk.triton_only():
+            assert fk.triton_only_active()
+            assert fk.attention(q, q, q) == "triton" and _dispatch.use_kernel("token_mean", q)
+        assert not fk.triton_only_active() and fk.attention(q, q, q) == "sdpa"
+
+
+def test_a_wrong_second_output_is_failed(monkeypatch, capsys):
+    """gated_residual_layernorm_modulate returns (r, u): each output is checked, here u is wrong."""
+    import flexdit_kernels as fk
+    ref = fk.gated_residual_layernorm_modulate_ref
+
+    def wrong(*args):
+        r, u = ref(*args)
+        return r, u + 1.0
+
+    monkeypatch.setattr(fk, "gated_residual_layernorm_modulate", wrong)
+    assert main(["kernels", "--device", "cpu", "--op", "gated_residual_layernorm_modulate", "--repeats", "1"]) == 1
+    assert "FAILED: gated_residual_layernorm_modulate output 1: max abs err" in capsys.readouterr().out
