@@ -1,0 +1,351 @@
+"""Trust on first use: a kernel variant runs on a device only after it has checked itself there.
+
+The first time an op meets a (device, shape bucket, dtype), `decide` runs every candidate kernel variant once on
+fresh random inputs of that shape (never the caller's data), compares it with the op's fp32 reference, and times the
+variants that pass against the op's PyTorch path with CUDA events. The fastest wins; the PyTorch path wins unless a
+variant beats it by more than `MARGIN`. A variant that fails (error over twice the PyTorch path's own error in the same
+dtype, a NaN, or an exception) is never used on that device, and one warning names the op, shape, dtype, device,
+Triton version and the error. Decisions are kept in one JSON file per software and hardware environment.
+
+`FLEXDIT_TUNE`: "on" (default: check and tune on a miss), "cached" (use what the cache holds, the launchers' defaults
+for the rest), "off" (defaults only, no check: this skips the safety net). Nothing is checked or timed while a CUDA
+graph is captured or while torch.compile, `torch.jit.trace` or a dispatch mode traces: a miss there takes the
+default and says so once. A CUDA fault inside an in-process check poisons the CUDA context, so `python -m bench tune`
+fills the cache with each op checked in a process of its own before a model runs.
+
+Cache file: `$FLEXDIT_TUNE_FILE` if set (read only: decisions exported by `bench tune --export`), else
+`$FLEXDIT_CACHE_DIR`, else `$XDG_CACHE_HOME/flexdit`, else `~/.cache/flexdit`, one `tune-<key>.json` per
+environment key (GPU name and capability, driver and CUDA versions, torch, triton and flexdit versions, and the hash
+of the kernels' source). Writes are atomic (temporary file + rename) under a lock and merge with what another process
+wrote meanwhile; a corrupt or foreign file is ignored with one warning and rebuilt; an unwritable folder keeps the
+decisions in memory.
+"""
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence
+
+import torch
+
+MODES = ("on", "cached", "off")
+REFERENCE = "reference"          # the name of the op's PyTorch path among the candidates
+MARGIN = 0.03                    # a kernel must beat the PyTorch path by 3% (CUDA-event timer noise) to replace it
+ERROR_FACTOR = 2.0               # a variant may err at most twice as much as the PyTorch path in the same dtype
+FORMAT = 1
+
+_warned = set()
+
+
+def mode() -> str:
+    value = os.environ.get("FLEXDIT_TUNE", "on").strip().lower()
+    if value not in MODES:
+        raise ValueError(f"FLEXDIT_TUNE must be one of {MODES}, got {value!r}")
+    return value
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def cache_dir() -> Path:
+    if os.environ.get("FLEXDIT_CACHE_DIR"):
+        return Path(os.environ["FLEXDIT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "flexdit"
+
+
+def tracing() -> bool:
+    """True inside CUDA-graph capture, torch.compile, `torch.jit.trace` or a dispatch mode: no checks, no timing."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def source_hash(*sources: str) -> str:
+    digest = hashlib.sha256()
+    for text in sources:
+        digest.update(text.encode())
+    return digest.hexdigest()[:16]
+
+
+def environment(device: torch.device, kernels_hash: str) -> Dict[str, Any]:
+    """What a decision depends on besides the shape: the GPU, its driver and CUDA, the libraries, the kernels."""
+    import triton
+    from flexdit import __version__ as flexdit_version
+    env = {"format": FORMAT, "torch": torch.__version__, "triton": triton.__version__, "flexdit": flexdit_version,
+           "cuda": torch.version.cuda, "kernels": kernels_hash, "device": device.type}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
+                   driver=str(torch.cuda.driver_version()) if hasattr(torch.cuda, "driver_version") else None)
+    return env
+
+
+class Decision(NamedTuple):
+    choice: str                          # a variant's name, or REFERENCE
+    times_ms: Dict[str, float]           # median time of each candidate that was timed
+    failed: Dict[str, str]               # variant -> the error found by the check
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"choice": self.choice, "times_ms": self.times_ms, "failed": self.failed}
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> "Decision":
+        return Decision(str(data["choice"]), dict(data.get("times_ms", {})), dict(data.get("failed", {})))
+
+
+class TuneCache:
+    """The decisions of one environment, in memory and in one JSON file (see the module docstring)."""
+
+    def __init__(self, env: Mapping[str, Any], path: Optional[Path] = None, read_only: bool = False):
+        self.env = dict(env)
+        key = source_hash(json.dumps(self.env, sort_keys=True))
+        self.path = Path(path) if path is not None else cache_dir() / f"tune-{key}.json"
+        self.read_only = read_only
+        self.decisions: Dict[str, Decision] = {}
+        self.decisions.update(self._read())
+
+    def _read(self) -> Dict[str, Decision]:
+        try:
+            text = self.path.read_text()
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        except OSError as err:
+            warn_once(f"flexdit: cannot read the tuning cache {self.path} ({err}); tuning again")
+            return {}
+        try:
+            data = json.loads(text)
+            if data.get("environment") != self.env:
+                raise ValueError("it was written for another environment")
+            return {k: Decision.from_json(v) for k, v in data["decisions"].items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            warn_once(f"flexdit: ignoring the tuning cache {self.path}: {err}; it will be rebuilt")
+            return {}
+
+    def get(self, key: str) -> Optional[Decision]:
+        return self.decisions.get(key)
+
+    def put(self, key: str, decision: Decision) -> None:
+        self.decisions[key] = decision
+        if not self.read_only:
+            self._write()
+
+    def _write(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with _locked(self.path.with_name(self.path.name + ".lock")):
+                merged = self._read()              # what another process wrote meanwhile
+                merged.update(self.decisions)
+                self.decisions = merged
+                data = {"environment": self.env, "decisions": {k: d.to_json() for k, d in sorted(merged.items())}}
+                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        json.dump(data, f, indent=1)
+                    os.replace(tmp, self.path)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+        except OSError as err:
+            self.read_only = True
+            warn_once(f"flexdit: cannot write the tuning cache in {self.path.parent} ({err}); "
+                      "decisions are kept in memory for this process")
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    with open(path, "a") as f:
+        try:
+            import fcntl
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except ImportError:                        # no POSIX locks: the atomic rename still keeps the file whole
+            pass
+        yield
+
+
+_caches: Dict[str, TuneCache] = {}
+
+
+def cache_for(device: torch.device, kernels_hash: str) -> TuneCache:
+    env = environment(device, kernels_hash)
+    exported = os.environ.get("FLEXDIT_TUNE_FILE")
+    key = json.dumps(env, sort_keys=True) + (exported or "") + str(cache_dir())
+    if key not in _caches:
+        _caches[key] = TuneCache(env, Path(exported), read_only=True) if exported else TuneCache(env)
+    return _caches[key]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Check and time
+# ----------------------------------------------------------------------------------------------------------------
+
+def _tensors(out) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for t in out if isinstance(t, torch.Tensor)]
+
+
+def max_error(out, ref) -> float:
+    """The largest absolute difference over the outputs (and gradients) against the fp32 reference; inf on NaN."""
+    worst = 0.0
+    outs, refs = _tensors(out), _tensors(ref)
+    if len(outs) != len(refs):
+        raise ValueError(f"a variant returned {len(outs)} tensors where the reference returned {len(refs)}")
+    for o, r in zip(outs, refs):
+        if o.shape != r.shape:
+            raise ValueError(f"a variant returned shape {tuple(o.shape)} where the reference has {tuple(r.shape)}")
+        o = o.float()
+        if not bool(torch.isfinite(o).all()) and bool(torch.isfinite(r).all()):
+            return math.inf
+        worst = max(worst, float((o - r.float()).abs().max()) if o.numel() else 0.0)
+    return worst
+
+
+def cuda_timer(fn: Callable[[], Any], reps: int = 20) -> float:
+    """Median milliseconds of `fn` by CUDA events, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def run_trials(make_inputs: Callable[[], Any], reference: Callable[[Any], Any], pytorch: Callable[[Any], Any],
+               variants: Mapping[str, Callable[[Any], Any]], timer: Callable[[Callable[[], Any]], float],
+               floor: float = 1e-6) -> Decision:
+    """Check every variant against `reference` (fp32) on one set of random inputs, time those that pass and the
+    PyTorch path, and pick the winner (see the module docstring)."""
+    inputs = make_inputs()
+    ref = reference(inputs)
+    bound = ERROR_FACTOR * max(max_error(pytorch(inputs), ref), floor)
+    failed, passed = {}, []
+    for name, run in variants.items():
+        try:
+            err = max_error(run(inputs), ref)
+        except Exception as exc:                   # a launch error is a failure of the variant, not of the caller
+            failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
+            continue
+        if not err <= bound:
+            failed[name] = f"max error {err:.3g} over the bound {bound:.3g} (2x the PyTorch path's)"
+        else:
+            passed.append(name)
+    times = {REFERENCE: timer(lambda: pytorch(inputs))}
+    for name in passed:
+        times[name] = timer(lambda run=variants[name]: run(inputs))
+    best = min(passed, key=times.get, default=None)
+    choice = best if best is not None and times[best] < (1.0 - MARGIN) * times[REFERENCE] else REFERENCE
+    return Decision(choice, times, failed)
+
+
+def decide(op: str, bucket: str, device: torch.device, dtype: torch.dtype, kernels_hash: str,
+           make_inputs: Callable[[], Any], reference: Callable[[Any], Any], pytorch: Callable[[Any], Any],
+           variants: Mapping[str, Callable[[Any], Any]], default: str,
+           timer: Optional[Callable[[Callable[[], Any]], float]] = None) -> str:
+    """The candidate `op` runs at this shape bucket on `device`: a variant's name or REFERENCE.
+
+    `default` is what runs where nothing is measured (FLEXDIT_TUNE=off, "cached" on a miss, during tracing or
+    capture, and off the GPU unless a `timer` is given)."""
+    tune = mode()
+    if tune == "off" or (device.type != "cuda" and timer is None):
+        return default
+    cache = cache_for(device, kernels_hash)
+    key = f"{op}|{bucket}|{str(dtype).replace('torch.', '')}"
+    hit = cache.get(key)
+    if hit is not None:
+        return hit.choice
+    if tune == "cached" or tracing():
+        if tracing():
+            warn_once(f"flexdit: {op} at {bucket} ({dtype}) is not in the tuning cache and is being traced or "
+                      f"captured, where nothing is checked or timed: it runs {default!r} (run `python -m bench tune` "
+                      "or one eager forward first)")
+        return default
+    decision = run_trials(make_inputs, reference, pytorch, variants, timer or cuda_timer)
+    cache.put(key, decision)
+    if decision.failed:
+        import triton
+        for name, error in decision.failed.items():
+            warn_once(f"flexdit: {op} kernel variant {name} failed its first-use check at {bucket} {dtype} on "
+                      f"{_device_name(device)} (triton {triton.__version__}): {error}; it will not be used there")
+    return decision.choice
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# An op's kernel or its PyTorch path
+# ----------------------------------------------------------------------------------------------------------------
+
+KERNEL = "triton"
+_hashes: Dict[str, str] = {}
+
+
+def _module_hash(fn: Callable) -> str:
+    """The hash of the source file that holds `fn` (the op's kernels, launcher and reference)."""
+    module = getattr(fn, "__module__", "")
+    if module not in _hashes:
+        import inspect
+        import sys
+        try:
+            _hashes[module] = source_hash(inspect.getsource(sys.modules[module]))
+        except (OSError, TypeError, KeyError):
+            _hashes[module] = "unknown"
+    return _hashes[module]
+
+
+def _random_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Fresh random values in `t`'s shape, dtype, device and strides (the kernel specialises on the layout)."""
+    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    if t.is_floating_point():
+        return out.normal_(generator=generator)
+    return out.copy_(t)                                  # integer arguments (indices) keep their values
+
+
+def bucket_of(args: Sequence[Any]) -> str:
+    """The shape bucket of an op call: every tensor's shape and dtype, every other argument's value."""
+    parts = []
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            parts.append("x".join(map(str, a.shape)) + ":" + str(a.dtype).replace("torch.", ""))
+        else:
+            parts.append(repr(a))
+    return ",".join(parts)
+
+
+def kernel_or_reference(op: str, kernel: Callable[..., Any], pytorch: Callable[..., Any],
+                        args: Sequence[Any], default: bool = True,
+                        timer: Optional[Callable[[Callable[[], Any]], float]] = None) -> bool:
+    """Whether `op` runs `kernel(*args)` (True) or its PyTorch path `pytorch(*args)` at this call's shape, decided
+    once per device and shape bucket by `decide` (the reference is `pytorch` on fp32 copies of the inputs)."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    device = tensors[0].device
+    if mode() == "off" or (device.type != "cuda" and timer is None):
+        return default
+
+    def make_inputs():
+        g = torch.Generator(device=device).manual_seed(0)
+        return [(_random_like(a, g) if isinstance(a, torch.Tensor) else a) for a in args]
+
+    def fp32(inputs):
+        return pytorch(*[(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a)
+                         for a in inputs])
+
+    dtype = next((t.dtype for t in tensors if t.is_floating_point()), tensors[0].dtype)
+    choice = decide(op, bucket_of(args), device, dtype, _module_hash(kernel), make_inputs, fp32,
+                    lambda inputs: pytorch(*inputs), {KERNEL: lambda inputs: kernel(*inputs)},
+                    KERNEL if default else REFERENCE, timer)
+    return choice == KERNEL
