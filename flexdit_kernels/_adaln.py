@@ -377,9 +377,12 @@ def _check_eps(eps: float) -> None:
         raise ValueError(f"eps must be positive, got {eps}")
 
 
-def _check_out_dtype(out_dtype, name: str = "out_dtype") -> None:
-    if out_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"{name} must be one of {[str(d) for d in FLOAT_DTYPES]}, got {out_dtype}")
+def _dtype_arg(dtype, default: torch.dtype, name: str = "out_dtype") -> torch.dtype:
+    """The dtype argument `name` (`default` when None), which must be a float dtype."""
+    dtype = default if dtype is None else dtype
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be one of {[str(d) for d in FLOAT_DTYPES]}, got {dtype}")
+    return dtype
 
 
 def _check_no_overlap(x: torch.Tensor) -> None:
@@ -406,8 +409,7 @@ def layernorm_modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     _check_modulation("shift", shift, x)
     _check_modulation("scale", scale, x)
     _check_eps(eps)
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    _check_out_dtype(out_dtype)
+    out_dtype = _dtype_arg(out_dtype, x.dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if out.numel():
         _launch_fwd(x, None, None, shift, scale, out, out, float(eps), has_residual=False, has_norm=True)
@@ -424,8 +426,7 @@ def layernorm_modulate_bwd(grad_out: torch.Tensor, x: torch.Tensor, scale: torch
     _check_modulation("scale", scale, x)
     _check_like("grad_out", grad_out, x)
     _check_eps(eps)
-    shift_dtype = scale.dtype if shift_dtype is None else shift_dtype
-    _check_out_dtype(shift_dtype, "shift_dtype")
+    shift_dtype = _dtype_arg(shift_dtype, scale.dtype, "shift_dtype")
     b, n, c = x.shape
     dx = torch.empty((b, n, c), dtype=x.dtype, device=x.device)
     if n == 0 or b == 0:
@@ -479,8 +480,7 @@ def gated_residual_layernorm_modulate_fwd(x: torch.Tensor, y: torch.Tensor, gate
     _check_fused(x, y, gate, shift, scale)
     check_kernel_device("x", x)
     _check_eps(eps)
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    _check_out_dtype(out_dtype)
+    out_dtype = _dtype_arg(out_dtype, x.dtype)
     r = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     u = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if r.numel():
@@ -502,8 +502,7 @@ def gated_residual_layernorm_modulate_bwd(grad_r: torch.Tensor, grad_u: torch.Te
     _check_like("grad_r", grad_r, r, "r")
     _check_like("grad_u", grad_u, r, "r")
     _check_eps(eps)
-    shift_dtype = scale.dtype if shift_dtype is None else shift_dtype
-    _check_out_dtype(shift_dtype, "shift_dtype")
+    shift_dtype = _dtype_arg(shift_dtype, scale.dtype, "shift_dtype")
     b, n, c = r.shape
     dx = torch.empty((b, n, c), dtype=r.dtype, device=r.device)
     dy = torch.empty((b, n, c), dtype=y.dtype, device=r.device)
@@ -527,8 +526,7 @@ def silu_fwd(x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.
     """Launch the forward. x: (B, C), any strides -> SiLU(x), (B, C) contiguous in out_dtype (x's dtype if None)."""
     check_tensor("x", x, 2)
     check_kernel_device("x", x)
-    out_dtype = x.dtype if out_dtype is None else out_dtype
-    _check_out_dtype(out_dtype)
+    out_dtype = _dtype_arg(out_dtype, x.dtype)
     b, c = x.shape
     out = torch.empty((b, c), dtype=out_dtype, device=x.device)
     if out.numel() == 0:
@@ -639,8 +637,7 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     _check_modulation("shift", shift, x)
     _check_modulation("scale", scale, x)
     _check_eps(eps)
-    out_dtype = _default_out_dtype(x) if out_dtype is None else out_dtype
-    _check_out_dtype(out_dtype)
+    out_dtype = _dtype_arg(out_dtype, _default_out_dtype(x))
     return call_op(_layernorm_modulate_op, _LayernormModulateFunction, _layernorm_modulate_body, (x, shift, scale),
                    x, shift, scale, float(eps), out_dtype)
 
@@ -818,8 +815,7 @@ def gated_residual_layernorm_modulate(x: torch.Tensor, y: torch.Tensor, gate: to
     """
     _check_fused(x, y, gate, shift, scale)
     _check_eps(eps)
-    out_dtype = _default_out_dtype(x) if out_dtype is None else out_dtype
-    _check_out_dtype(out_dtype)
+    out_dtype = _dtype_arg(out_dtype, _default_out_dtype(x))
     return call_op(_gated_residual_layernorm_modulate_op, _GatedResidualLayernormModulateFunction,
                    _gated_residual_layernorm_modulate_body, (x, y, gate, shift, scale), x, y, gate, shift, scale,
                    float(eps), out_dtype)
@@ -882,8 +878,7 @@ def silu(x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tens
     Gradients: dx in x's dtype, computed in fp32.
     """
     check_tensor("x", x, 2)
-    out_dtype = _default_out_dtype(x) if out_dtype is None else out_dtype
-    _check_out_dtype(out_dtype)
+    out_dtype = _dtype_arg(out_dtype, _default_out_dtype(x))
     return call_op(_silu_op, _SiluFunction, _silu_body, (x,), x, out_dtype)
 
 
