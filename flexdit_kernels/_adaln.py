@@ -1,5 +1,6 @@
 """The adaLN family: LayerNorm-modulate, the gated residual, both fused, and SiLU, from one forward and one backward
-row kernel with constexpr switches. Tokens (B, L, C) fp32/fp16/bf16, any strides; gate, shift, scale, c: (B, C)."""
+row kernel with constexpr switches. Tokens (B, L, C) fp32/fp16/bf16, any strides; gate, shift, scale and SiLU's
+input: (B, C)."""
 import functools
 from typing import Dict, Optional, Tuple
 
@@ -204,7 +205,7 @@ _SILU_MAX_BLOCK_C = 1024
 
 # NOTE: registers per thread of each variant (direction, HAS_RESIDUAL, HAS_NORM, BLOCK_N) compiled for sm_90 at
 # C = 1152 (triton 3.9, fp32 stream, bf16 branch and modulation, `cuobjdump -res-usage`; docs/kernels-adaln.md).
-# Shared memory is 1 KiB (the cross-warp reductions) for all of them.
+# Shared memory is at most 1 KiB (the cross-warp reductions) for all of them.
 _SM90_REGS = {
     ("fwd", False, True, 1): 32, ("fwd", False, True, 2): 40, ("fwd", True, True, 1): 32, ("fwd", True, True, 2): 40,
     ("fwd", True, False, 16): 31, ("fwd", True, False, 32): 44,
