@@ -1,6 +1,5 @@
-"""The adaLN family: LayerNorm-modulate, the gated residual, both fused, and SiLU, from one forward and one backward
-row kernel with constexpr switches. Tokens (B, L, C) fp32/fp16/bf16, any strides; gate, shift, scale and SiLU's
-input: (B, C)."""
+"""The adaLN family (LayerNorm-modulate, gated residual, both fused; SiLU): one forward and one backward row kernel
+with constexpr switches. x, y: (B, L, C) fp32/fp16/bf16, any strides; gate, shift, scale, SiLU's x: (B, C)."""
 import functools
 from typing import Dict, Optional, Tuple
 
