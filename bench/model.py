@@ -259,7 +259,7 @@ def profile_kinds(model: FlexDiT, forward, device, iters: int = 3) -> Dict[str, 
 
 FAMILIES = (("attention", ("attention", "attn", "fmha", "flash", "sdpa", "softmax")),
             ("GEMM", ("gemm", "matmul", "addmm", "mm", "bmm", "cutlass", "xmma", "linear", "convolution")),
-            ("norm", ("layer_norm", "layernorm", "token_mean")),
+            ("norm", ("layer_norm", "layernorm", "token_mean", "adaln")),     # adaln: the adaLN family's kernels
             ("pooling", ("token_pool", "upsample_add")))
 
 

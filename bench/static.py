@@ -263,33 +263,31 @@ def _adaln_ops(n, b, dt, shape_set):
     """The adaLN ops as the model calls them: fp32 residual stream, `dt` branch output, gate/shift/scale chunks of
     one (B, 6C) projection, LayerNorm-modulate output in `dt` (autocast); SiLU of the (B, C) conditioning."""
     import torch
-    import flexdit_kernels._gated_residual as gr
-    import flexdit_kernels._gated_residual_layernorm_modulate as fu
-    import flexdit_kernels._layernorm_modulate as lm
+    import flexdit_kernels._adaln as ad
     c, e = CHANNELS, torch.empty
     x32, ada, y = e(b, n, c), e(b, 6 * c, dtype=dt), e(b, n, c, dtype=dt)
     gate, shift, scale = (ada[:, i * c:(i + 1) * c] for i in (2, 3, 4))
     shape = f"B={b} N={n} C={c}"
     with _op("layernorm_modulate", shape, shape_set):
-        lm.layernorm_modulate_fwd(x32, shift, scale, 1e-6, dt)
-        lm.layernorm_modulate_bwd(y, x32, scale, 1e-6, dt)
+        ad.layernorm_modulate_fwd(x32, shift, scale, 1e-6, dt)
+        ad.layernorm_modulate_bwd(y, x32, scale, 1e-6, dt)
     with _op("gated_residual", shape, shape_set):
-        gr.gated_residual_fwd(x32, y, gate)
-        gr.gated_residual_inplace_fwd(x32, y, gate)
-        gr.gated_residual_bwd(x32, y, gate)
+        ad.gated_residual_fwd(x32, y, gate)
+        ad.gated_residual_inplace_fwd(x32, y, gate)
+        ad.gated_residual_bwd(x32, y, gate)
     with _op("gated_residual_layernorm_modulate", shape, shape_set):
-        fu.gated_residual_layernorm_modulate_fwd(x32, y, gate, shift, scale, 1e-6, dt)
-        fu.gated_residual_layernorm_modulate_bwd(x32, y, x32, y, gate, scale, 1e-6, dt)
+        ad.gated_residual_layernorm_modulate_fwd(x32, y, gate, shift, scale, 1e-6, dt)
+        ad.gated_residual_layernorm_modulate_bwd(x32, y, x32, y, gate, scale, 1e-6, dt)
     _silu_ops(b, dt, shape_set)
 
 
 def _silu_ops(b, dt, shape_set):
     import torch
-    import flexdit_kernels._silu as si
+    import flexdit_kernels._adaln as ad
     c, e = CHANNELS, torch.empty
     with _op("silu", f"B={b} C={c}", shape_set):
-        si.silu_fwd(e(b, c), dt)
-        si.silu_bwd(e(b, c, dtype=dt), e(b, c))
+        ad.silu_fwd(e(b, c), dt)
+        ad.silu_bwd(e(b, c, dtype=dt), e(b, c))
 
 
 def _attention_ops(b, lq, lk, h, d, dt, shape_set, fused=True, forced=False):
@@ -400,8 +398,8 @@ def _broken(requests: dict) -> List[dict]:
     """Deliberately broken sm_90 variants, each of which a gate must report: a memory-bound kernel without its
     alignment facts (no pointer or stride known to be a multiple of 16 bytes, as when a hint is removed), and a
     memory-bound and an attention kernel held to fewer registers than they need (`maxnreg`: they spill)."""
-    wanted = {"_layernorm_modulate_fwd_kernel": ("no-hint", dict(attrs={})),
-              "_layernorm_modulate_bwd_kernel": ("spill", dict(maxnreg=32)),
+    wanted = {"_adaln_fwd_kernel": ("no-hint", dict(attrs={})),
+              "_adaln_bwd_kernel": ("spill", dict(maxnreg=32)),
               "_attention_fwd_kernel": ("attention-spill", dict(maxnreg=96))}
     out = {}
     for req in requests.values():

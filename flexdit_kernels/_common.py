@@ -5,16 +5,13 @@ import triton.language as tl
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Windows: rectangles of a row-major token grid (token_pool and upsample_add)
+# Rows and channels: (tokens, channels) tiles with the channels contiguous (the adaLN family)
 # ----------------------------------------------------------------------------------------------------------------
-# A window of the G_h x G_w sparse grid is a rectangle of the h x w token grid: AdaptiveAvgPool2d's averaging window
-# (token_pool) or the dense tokens whose `nearest` parent it is (upsample_add's backward). Channels are the
-# contiguous axis: with a unit channel stride (specialised by Triton) and EVEN_C (no channel tail) every access is a
-# 16-byte vector. Index math is int32 inside one batch entry (IDX64 widens it) on an int64 batch base.
 
 @triton.jit
-def window_channels(pid_c, n_channels, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
-    """(offs_c, mask_c) of channel block pid_c; the mask is all-true when BLOCK_C divides C (EVEN_C)."""
+def channel_offsets(pid_c, n_channels, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr):
+    """(offs_c, mask_c) of channel block pid_c, int32; the mask is all-true when BLOCK_C divides C (EVEN_C). The
+    offsets are marked contiguous, so that with a unit channel stride loads and stores become 16-byte vectors."""
     offs_c = tl.max_contiguous(tl.multiple_of(pid_c * BLOCK_C + tl.arange(0, BLOCK_C), BLOCK_C), BLOCK_C)
     if EVEN_C:
         mask_c = tl.full([BLOCK_C], 1, tl.int1)
@@ -22,6 +19,43 @@ def window_channels(pid_c, n_channels, BLOCK_C: tl.constexpr, EVEN_C: tl.constex
         mask_c = offs_c < n_channels
     return offs_c, mask_c
 
+
+@triton.jit
+def row_tile(ptr, offs_n, offs_c, mask, stride_n, stride_c):
+    """The (BLOCK_N, BLOCK_C) tile of rows offs_n and channels offs_c at `ptr` (zeros where masked), in fp32."""
+    return tl.load(ptr + offs_n[:, None] * stride_n + offs_c[None, :] * stride_c, mask=mask, other=0.0
+                   ).to(tl.float32)
+
+
+@triton.jit
+def centered_rows(x, mask, n_channels, eps):
+    """For a (BLOCK_N, BLOCK_C) fp32 tile of whole rows (zeros where masked): the centered rows (zeros where masked)
+    and each row's 1/std. Two passes over registers: exact when the mean is large against the spread."""
+    mean = tl.sum(x, axis=1) / n_channels
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=1) / n_channels + eps)
+    return xc, rstd
+
+
+@triton.jit
+def column_sum(ptr, n_rows, stride_row, offs_c, mask_c, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The fp32 sum over rows [0, n_rows) of `ptr` (unit channel stride) for the channels offs_c, BLOCK_S rows per
+    step, in a fixed order (deterministic)."""
+    acc = tl.zeros([BLOCK_S, BLOCK_C], dtype=tl.float32)
+    for s0 in range(0, n_rows, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        mask = (offs_s < n_rows)[:, None] & mask_c[None, :]
+        acc += tl.load(ptr + offs_s[:, None] * stride_row + offs_c[None, :], mask=mask, other=0.0)
+    return tl.sum(acc, axis=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Windows: rectangles of a row-major token grid (token_pool and upsample_add)
+# ----------------------------------------------------------------------------------------------------------------
+# A window of the G_h x G_w sparse grid is a rectangle of the h x w token grid: AdaptiveAvgPool2d's averaging window
+# (token_pool) or the dense tokens whose `nearest` parent it is (upsample_add's backward). Channels are the
+# contiguous axis: with a unit channel stride (specialised by Triton) and EVEN_C (no channel tail) every access is a
+# 16-byte vector. Index math is int32 inside one batch entry (IDX64 widens it) on an int64 batch base.
 
 @triton.jit
 def window_span(idx, size, n_windows, CHILDREN: tl.constexpr):
@@ -86,7 +120,7 @@ def window_reduce(X, OUT, b, pid_c, pid_m, h, w, grid_h, grid_w, n_channels, win
     """One program of a window reduction: windows [pid_m * windows_per_program, +windows_per_program) of batch
     entry b, channel block pid_c, each summed over its tokens (divided by its area with MEAN) into OUT row m. TILED:
     BLOCK_W small windows per tile (`window_tile_sum`); otherwise one window at a time (`window_sum`)."""
-    offs_c, mask_c = window_channels(pid_c, n_channels, BLOCK_C, EVEN_C)
+    offs_c, mask_c = channel_offsets(pid_c, n_channels, BLOCK_C, EVEN_C)
     x_base = X + b * stride_x_b
     out_base = OUT + b * stride_out_b
     start = pid_m * windows_per_program

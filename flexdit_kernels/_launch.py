@@ -220,3 +220,14 @@ def token_plan(t: torch.Tensor, num_warps: int, max_run: int = _WINDOW_RUN) -> T
     c_blocks = cdiv(c, block_c)
     run = block_n * run_length(cdiv(n, block_n), b * c_blocks, wave_programs(t.device, num_warps), max_run)
     return (c_blocks, cdiv(n, run), b), run, dict(BLOCK_N=block_n, BLOCK_C=block_c, EVEN_C=even_c)
+
+
+def whole_wave_splits(n_programs: int, n_blocks: int, wave: int) -> int:
+    """Splits of each of n_programs reductions over n_blocks blocks that finish soonest in whole waves: a program
+    takes cdiv(n_blocks, splits) blocks, the grid runs cdiv(n_programs · splits, wave) waves of `wave` resident
+    programs, and their product is the time. The fewest splits within 10% of the best (every split adds a row of
+    partial sums to combine)."""
+    limit = max(1, min(n_blocks, 8 * cdiv(wave, n_programs)))
+    cost = [cdiv(n_programs * s, wave) * cdiv(n_blocks, s) for s in range(1, limit + 1)]
+    best = min(cost)
+    return next(s for s, t in enumerate(cost, 1) if t <= 1.1 * best)

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import window_channels, window_reduce, window_span
+from ._common import channel_offsets, window_reduce, window_span
 from ._dispatch import call_op, custom_op, register_autograd, use_kernel
 from ._launch import token_plan, window_plan
 from ._validate import Grid, check_kernel_device, fits_int32, pool_args, pool_backward_args
@@ -48,7 +48,7 @@ def _token_pool_bwd_kernel(
     a gather so no atomics are needed: with G <= h consecutive windows overlap by at most one row, so row r lies in
     windows floor(r*G/h) .. ceil((r+1)*G/h) - 1, at most two; a token sums the gradients of at most 2x2 windows,
     each divided by that window's area. The gradient rows it gathers are few (M << N) and stay in cache."""
-    offs_c, mask_c = window_channels(tl.program_id(0), n_channels, BLOCK_C, EVEN_C)
+    offs_c, mask_c = channel_offsets(tl.program_id(0), n_channels, BLOCK_C, EVEN_C)
     start = tl.program_id(1) * tokens_per_program
     b = tl.program_id(2).to(tl.int64)
     dout_base = DOUT + b * stride_dout_b

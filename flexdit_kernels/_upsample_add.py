@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import window_channels, window_reduce
+from ._common import channel_offsets, window_reduce
 from ._dispatch import call_op, custom_op, register_autograd, use_kernel
 from ._launch import token_plan, window_plan
 from ._validate import Grid, check_kernel_device, fits_int32, upsample_args, upsample_backward_args
@@ -30,7 +30,7 @@ def _upsample_add_fwd_kernel(
     """Program (channel block, run of tokens_per_program dense tokens, batch), BLOCK_N tokens at a time: read each
     dense token and its parent, write the sum. Parents repeat across neighbouring tokens and the sparse tensor is
     small (M << N), so its reads hit the cache; dense and out cross memory once."""
-    offs_c, mask_c = window_channels(tl.program_id(0), n_channels, BLOCK_C, EVEN_C)
+    offs_c, mask_c = channel_offsets(tl.program_id(0), n_channels, BLOCK_C, EVEN_C)
     start = tl.program_id(1) * tokens_per_program
     b = tl.program_id(2).to(tl.int64)
     s_base = SPARSE + b * stride_s_b

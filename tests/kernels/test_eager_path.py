@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import flexdit_kernels as fk
-from flexdit_kernels import (_attention, _gated_residual, _gated_residual_layernorm_modulate, _layernorm_modulate,
-                             _silu, _token_mean, _token_pool, _upsample_add)
+from flexdit_kernels import _adaln, _attention, _token_mean, _token_pool, _upsample_add
 
 from .helpers import OpLog
 
@@ -40,14 +39,14 @@ CASES = {
     "upsample_add": (_upsample_add, lambda s, d: fk.upsample_add(s, d, HW, GRID),
                      lambda s, d: fk.upsample_add_ref(s, d, HW, GRID),
                      lambda: (_tokens(M), _tokens(N))),
-    "layernorm_modulate": (_layernorm_modulate, fk.layernorm_modulate, fk.layernorm_modulate_ref,
+    "layernorm_modulate": (_adaln, fk.layernorm_modulate, fk.layernorm_modulate_ref,
                            lambda: (_tokens(N), *_chunks()[1:])),
-    "gated_residual": (_gated_residual, fk.gated_residual, fk.gated_residual_ref,
+    "gated_residual": (_adaln, fk.gated_residual, fk.gated_residual_ref,
                        lambda: (_tokens(N), _tokens(N), _chunks()[0])),
     "gated_residual_layernorm_modulate": (
-        _gated_residual_layernorm_modulate, fk.gated_residual_layernorm_modulate,
+        _adaln, fk.gated_residual_layernorm_modulate,
         fk.gated_residual_layernorm_modulate_ref, lambda: (_tokens(N), _tokens(N), *_chunks())),
-    "silu": (_silu, fk.silu, fk.silu_ref, lambda: (3 * torch.randn(B, C),)),
+    "silu": (_adaln, fk.silu, fk.silu_ref, lambda: (3 * torch.randn(B, C),)),
 }
 
 
@@ -110,7 +109,7 @@ def test_eager_inplace_residual_skips_the_custom_op(path, monkeypatch):
         pytest.skip("the Triton path on the CPU needs TRITON_INTERPRET=1")
     x, y, gate = CASES["gated_residual"][3]()
     want = fk.gated_residual_ref(x, y, gate)
-    _no_custom_ops(monkeypatch, _gated_residual)
+    _no_custom_ops(monkeypatch, _adaln)
     with fk.backend(path), torch.no_grad():
         assert fk.gated_residual(x, y, gate, inplace=True) is x
     torch.testing.assert_close(x, want)
