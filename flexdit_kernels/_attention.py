@@ -86,11 +86,9 @@ def _store_rows(PTR, x, offs_r, offs_d, stride_r, stride_d, n_rows, HEAD_DIM: tl
 
 
 @triton.jit
-def _store_out(OUT, LSE, acc, m, l, offs_m, offs_d, stride_om, stride_od, lq,
-               HEAD_DIM: tl.constexpr, ALIGNED: tl.constexpr):
-    """out = acc / l and the natural-log log-sum-exp (m + log2 l) · ln 2 of the rows offs_m < Lq."""
-    _store_rows(OUT, acc * (1.0 / l)[:, None], offs_m, offs_d, stride_om, stride_od, lq, HEAD_DIM, ALIGNED)
-    tl.store(LSE + offs_m, (m + tl.log2(l)) * 0.6931471805599453, mask=offs_m < lq)
+def _lse(m, l):
+    """The natural-log log-sum-exp (m + log2 l) · ln 2 of rows with base-2 maxima m and row sums l."""
+    return (m + tl.log2(l)) * 0.6931471805599453
 
 
 @triton.jit
@@ -150,7 +148,9 @@ def _attention_fwd_few_keys_kernel(
         m = tl.max(s, 1)
         p = tl.exp2(s - m[:, None])
         acc = tl.dot(p.to(V.dtype.element_ty), v, input_precision=PRECISION)
-        _store_out(OUT, LSE, acc, m, tl.sum(p, 1), offs_m, offs_d, stride_om, stride_od, lq, HEAD_DIM, ALIGNED)
+        l = tl.sum(p, 1)
+        _store_rows(OUT, acc * (1.0 / l)[:, None], offs_m, offs_d, stride_om, stride_od, lq, HEAD_DIM, ALIGNED)
+        tl.store(LSE + offs_m, _lse(m, l), mask=offs_m < lq)
 
 
 @triton.jit
@@ -192,8 +192,9 @@ def _attention_fwd_kernel(
         tl.store(ML + offs_m, m_i, mask=offs_m < lq)
         tl.store(ML + lq + offs_m, l_i, mask=offs_m < lq)
     else:
-        _store_out(_head(OUT, b, h, stride_ob, stride_oh, ALIGNED), LSE + pid_bh * lq, acc, m_i, l_i, offs_m,
-                   offs_d, stride_om, stride_od, lq, HEAD_DIM, ALIGNED)
+        _store_rows(_head(OUT, b, h, stride_ob, stride_oh, ALIGNED), acc * (1.0 / l_i)[:, None], offs_m, offs_d,
+                    stride_om, stride_od, lq, HEAD_DIM, ALIGNED)
+        tl.store(LSE + pid_bh * lq + offs_m, _lse(m_i, l_i), mask=offs_m < lq)
 
 
 @triton.jit
@@ -225,8 +226,9 @@ def _attention_fwd_combine_kernel(
         acc += w[:, None] * _load_rows(ACC, offs_m, offs_d, HEAD_DIM, 1, lq, HEAD_DIM, ALIGNED)
         ML += 2 * lq
         ACC += lq * HEAD_DIM
-    _store_out(_head(OUT, b, h, stride_ob, stride_oh, ALIGNED), LSE + pid_bh * lq, acc, m, l, offs_m, offs_d,
-               stride_om, stride_od, lq, HEAD_DIM, ALIGNED)
+    _store_rows(_head(OUT, b, h, stride_ob, stride_oh, ALIGNED), acc * (1.0 / l)[:, None], offs_m, offs_d,
+                stride_om, stride_od, lq, HEAD_DIM, ALIGNED)
+    tl.store(LSE + pid_bh * lq + offs_m, _lse(m, l), mask=row_ok)
 
 
 @triton.jit
