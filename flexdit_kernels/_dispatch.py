@@ -142,11 +142,21 @@ def table_path(op: str, **shape: int) -> str:
     return "triton"
 
 
-def use_kernel(op: str, *tensors: torch.Tensor, **shape: int) -> bool:
-    """Whether `op` runs its Triton kernel on these tensors at this shape: `use_triton`, then for "auto" the table."""
+def use_kernel(op: str, *tensors: torch.Tensor, kernel=None, reference=None, **shape: int) -> bool:
+    """Whether `op` runs its Triton kernel on these tensors at this shape: `use_triton`, then for "auto" the table
+    (`AUTO_TABLE`, where `op` has rows) and, on a CUDA device, the first-use check and tuning of `_tune`: given
+    `kernel(*tensors)` and `reference(*tensors)` (the op's two paths on these tensors), the kernel runs only where it
+    proved right on this device and beats the PyTorch path; the table's answer is the default where nothing is
+    measured (FLEXDIT_TUNE=off or cached, tracing, capture)."""
     if not use_triton(*tensors):
         return False
-    return _backend != "auto" or _triton_only or table_path(op, **shape) == "triton"
+    if _backend != "auto" or _triton_only:
+        return True
+    default = op not in AUTO_TABLE or table_path(op, **shape) == "triton"
+    if kernel is None:
+        return default
+    from . import _tune
+    return _tune.kernel_or_reference(op, kernel, reference, tensors, default)
 
 
 def opaque_call(*tensors: torch.Tensor) -> bool:

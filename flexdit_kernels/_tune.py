@@ -326,15 +326,30 @@ def bucket_of(args: Sequence[Any]) -> str:
     return ",".join(parts)
 
 
+_memo: Dict[tuple, bool] = {}
+# A timer for devices without CUDA events (tests inject one to drive the whole path on the CPU).
+timer_override: Optional[Callable[[Callable[[], Any]], float]] = None
+
+
 def kernel_or_reference(op: str, kernel: Callable[..., Any], pytorch: Callable[..., Any],
                         args: Sequence[Any], default: bool = True,
                         timer: Optional[Callable[[Callable[[], Any]], float]] = None) -> bool:
     """Whether `op` runs `kernel(*args)` (True) or its PyTorch path `pytorch(*args)` at this call's shape, decided
-    once per device and shape bucket by `decide` (the reference is `pytorch` on fp32 copies of the inputs)."""
+    once per device and shape bucket by `decide` (the reference is `pytorch` on fp32 copies of the inputs) and then
+    remembered in the process: a warm call costs one dictionary look-up."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     device = tensors[0].device
-    if mode() == "off" or (device.type != "cuda" and timer is None):
+    timer = timer or timer_override
+    if device.type != "cuda" and timer is None:
         return default
+    tune = mode()
+    if tune == "off":
+        return default
+    key = (op, str(device), tune, default, tuple((tuple(a.shape), a.dtype, a.stride()) if isinstance(a, torch.Tensor)
+                                               else a for a in args))
+    hit = _memo.get(key)
+    if hit is not None:
+        return hit
 
     def make_inputs():
         g = torch.Generator(device=device).manual_seed(0)
@@ -347,5 +362,7 @@ def kernel_or_reference(op: str, kernel: Callable[..., Any], pytorch: Callable[.
     dtype = next((t.dtype for t in tensors if t.is_floating_point()), tensors[0].dtype)
     choice = decide(op, bucket_of(args), device, dtype, _module_hash(kernel), make_inputs, fp32,
                     lambda inputs: pytorch(*inputs), {KERNEL: lambda inputs: kernel(*inputs)},
-                    KERNEL if default else REFERENCE, timer)
-    return choice == KERNEL
+                    KERNEL if default else REFERENCE, timer) == KERNEL
+    if not tracing():                    # a default taken while tracing is not a decision
+        _memo[key] = choice
+    return choice

@@ -20,6 +20,7 @@ def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("FLEXDIT_TUNE_FILE", raising=False)
     monkeypatch.setattr(_tune, "_caches", {})
     monkeypatch.setattr(_tune, "_warned", set())
+    monkeypatch.setattr(_tune, "_memo", {})
     yield tmp_path / "cache"
 
 
@@ -281,3 +282,38 @@ def test_kernel_or_reference_rejects_a_wrong_kernel_and_keeps_a_right_faster_one
     with pytest.warns(RuntimeWarning, match="bad kernel variant triton failed"):
         assert _tune.kernel_or_reference("bad", bad, pytorch, (x,), timer=timer) is False
     assert _tune.kernel_or_reference("bad", bad, pytorch, (x,), timer=timer) is False   # cached, no new warning
+
+
+def test_an_op_takes_the_pytorch_path_where_its_kernel_fails_the_check(monkeypatch):
+    """The whole path through a real op: token_pool on the interpreter with an injected timer; a kernel that returns
+    wrong numbers is caught on first use and the op's result comes from the reference."""
+    import flexdit_kernels as fk
+    from flexdit_kernels import _dispatch, _token_pool
+    monkeypatch.setattr(_tune, "timer_override", lambda fn: (fn(), 1.0)[1])
+    real = _token_pool._token_pool_fwd
+    monkeypatch.setattr(_token_pool, "_token_pool_fwd", lambda x, *a: real(x, *a) + 1)
+    x = torch.randn(2, 36, 16)
+    with _dispatch.backend("auto"), pytest.warns(RuntimeWarning, match="token_pool kernel variant triton failed"):
+        out = fk.token_pool(x, hw=(6, 6), grid=3)
+    torch.testing.assert_close(out, fk.token_pool_ref(x, (6, 6), (3, 3)))
+
+
+def test_an_op_keeps_a_right_kernel_that_is_faster(monkeypatch):
+    import flexdit_kernels as fk
+    from flexdit_kernels import _dispatch, _token_pool
+    calls = []
+    real = _token_pool._token_pool_fwd
+
+    def kernel(x, *a):
+        calls.append("kernel")
+        return real(x, *a)
+
+    monkeypatch.setattr(_token_pool, "_token_pool_fwd", kernel)
+    monkeypatch.setattr(_tune, "timer_override", lambda fn: (calls.append("t"), fn(), 0.5 if calls[-1] == "kernel"
+                                                                               else 1.0)[2])
+    x = torch.randn(2, 36, 16)
+    with _dispatch.backend("auto"):
+        fk.token_pool(x, hw=(6, 6), grid=3)
+        n = calls.count("kernel")
+        fk.token_pool(x, hw=(6, 6), grid=3)
+    assert calls.count("kernel") == n + 1                  # decided once, then the kernel runs
