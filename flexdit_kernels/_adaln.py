@@ -203,7 +203,7 @@ _SUM_TILE = 2048
 _SILU_MAX_BLOCK_C = 1024
 
 # NOTE: registers per thread of each variant (direction, HAS_RESIDUAL, HAS_NORM, BLOCK_N) compiled for sm_90 at
-# C = 1152 (triton 3.9, fp32 stream, bf16 branch and modulation, `cuobjdump -res-usage`; docs/kernels-adaln.md).
+# C = 1152 (triton 3.9, fp32 stream, bf16 branch and modulation, `cuobjdump -res-usage`; docs/kernels.md).
 # Shared memory is at most 1 KiB (the cross-warp reductions) for all of them.
 _SM90_REGS = {
     ("fwd", False, True, 1): 32, ("fwd", False, True, 2): 40, ("fwd", True, True, 1): 32, ("fwd", True, True, 2): 40,
