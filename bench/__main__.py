@@ -1,4 +1,4 @@
-"""FlexDiT benchmark harness: `python -m bench [kernels|model|sample|sanitize|overhead] ...`.
+"""FlexDiT benchmark harness: `python -m bench [kernels|model|sample|sanitize|overhead|static|tune] ...`.
 
 With no arguments: `model` at its defaults on a GPU; on a machine without one, a small CPU reference run.
 Exit status: 0 fine, 1 a kernel gave wrong numbers or a speed ratio regressed, 2 bad arguments or configuration
@@ -27,7 +27,7 @@ SUITES = {"kernels": "each flexdit_kernels op vs the PyTorch path it replaces, f
                       "under compute-sanitizer)",
           "overhead": "host (CPU) time each flexdit op adds per call over its reference, on tiny CPU tensors"}
 # Another module may add a sub-command of its own: `add_parser(subparsers)` and `run(args) -> exit status`.
-EXTRA = [name for name in ("static",) if importlib.util.find_spec(f"bench.{name}") is not None]
+EXTRA = [name for name in ("static", "tune") if importlib.util.find_spec(f"bench.{name}") is not None]
 SUBCOMMANDS = tuple(SUITES) + tuple(EXTRA)
 MEASURES = ("kernels", "model", "sample")   # the suites with timings, tables, baselines
 
