@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from ._common import centered_rows, channel_offsets, column_sum, row_tile
-from ._dispatch import autocast_dtype, call_op, custom_op, register_autograd, use_triton
+from ._dispatch import autocast_dtype, call_op, custom_op, register_autograd, use_kernel, use_triton
 from ._launch import cdiv, ctas_per_sm, device_limits, next_pow2, whole_wave_splits
 from ._validate import FLOAT_DTYPES, check_kernel_device, check_tensor, fits_int32
 
@@ -571,7 +571,9 @@ def _check_fused(x, y, gate, shift, scale) -> None:
 
 def _layernorm_modulate_body(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                              out_dtype: torch.dtype) -> torch.Tensor:
-    if use_triton(x, shift, scale):
+    if use_kernel("layernorm_modulate", x, shift, scale,
+                  kernel=lambda *t: layernorm_modulate_fwd(*t, eps, out_dtype),
+                  reference=lambda *t: layernorm_modulate_ref(*t, eps, out_dtype)):
         return layernorm_modulate_fwd(x, shift, scale, eps, out_dtype)
     return layernorm_modulate_ref(x, shift, scale, eps, out_dtype)
 
@@ -586,7 +588,9 @@ def _(x, shift, scale, eps, out_dtype):
 
 def _layernorm_modulate_backward_body(grad_out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float,
                                       shift_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if use_triton(grad_out, x, scale):
+    if use_kernel("layernorm_modulate_backward", grad_out, x, scale,
+                  kernel=lambda *t: layernorm_modulate_bwd(*t, eps, shift_dtype),
+                  reference=lambda *t: layernorm_modulate_backward_ref(*t, eps, shift_dtype)):
         return layernorm_modulate_bwd(grad_out, x, scale, eps, shift_dtype)
     return layernorm_modulate_backward_ref(grad_out, x, scale, eps, shift_dtype)
 
@@ -645,7 +649,7 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 # gated_residual -------------------------------------------------------------------------------------------------
 
 def _gated_residual_body(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    if use_triton(x, y, gate):
+    if use_kernel("gated_residual", x, y, gate, kernel=gated_residual_fwd, reference=gated_residual_ref):
         return gated_residual_fwd(x, y, gate)
     return gated_residual_ref(x, y, gate)
 
@@ -683,7 +687,8 @@ def _(x, y, gate):
 
 def _gated_residual_backward_body(grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
                                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(grad_out, y, gate):
+    if use_kernel("gated_residual_backward", grad_out, y, gate, kernel=gated_residual_bwd,
+                  reference=gated_residual_backward_ref):
         return gated_residual_bwd(grad_out, y, gate)
     return gated_residual_backward_ref(grad_out, y, gate)
 
@@ -744,7 +749,9 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace
 def _gated_residual_layernorm_modulate_body(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                                             scale: torch.Tensor, eps: float, out_dtype: torch.dtype
                                             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(x, y, gate, shift, scale):
+    if use_kernel("gated_residual_layernorm_modulate", x, y, gate, shift, scale,
+                  kernel=lambda *t: gated_residual_layernorm_modulate_fwd(*t, eps, out_dtype),
+                  reference=lambda *t: gated_residual_layernorm_modulate_ref(*t, eps, out_dtype)):
         return gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps, out_dtype)
     return gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale, eps, out_dtype)
 
@@ -762,7 +769,9 @@ def _gated_residual_layernorm_modulate_backward_body(
         grad_r: torch.Tensor, grad_u: torch.Tensor, r: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
         scale: torch.Tensor, eps: float, shift_dtype: torch.dtype
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if use_triton(grad_r, grad_u, r, y, gate, scale):
+    if use_kernel("gated_residual_layernorm_modulate_backward", grad_r, grad_u, r, y, gate, scale,
+                  kernel=lambda *t: gated_residual_layernorm_modulate_bwd(*t, eps, shift_dtype),
+                  reference=lambda *t: gated_residual_layernorm_modulate_backward_ref(*t, eps, shift_dtype)):
         return gated_residual_layernorm_modulate_bwd(grad_r, grad_u, r, y, gate, scale, eps, shift_dtype)
     return gated_residual_layernorm_modulate_backward_ref(grad_r, grad_u, r, y, gate, scale, eps, shift_dtype)
 
@@ -824,7 +833,7 @@ def gated_residual_layernorm_modulate(x: torch.Tensor, y: torch.Tensor, gate: to
 # silu -----------------------------------------------------------------------------------------------------------
 
 def _silu_body(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    if use_triton(x):
+    if use_kernel("silu", x, kernel=lambda t: silu_fwd(t, out_dtype), reference=lambda t: silu_ref(t, out_dtype)):
         return silu_fwd(x, out_dtype)
     return silu_ref(x, out_dtype)
 
@@ -838,7 +847,7 @@ def _(x, out_dtype):
 
 
 def _silu_backward_body(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if use_triton(grad_out, x):
+    if use_kernel("silu_backward", grad_out, x, kernel=silu_bwd, reference=silu_backward_ref):
         return silu_bwd(grad_out, x)
     return silu_backward_ref(grad_out, x)
 

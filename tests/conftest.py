@@ -8,6 +8,9 @@ import pytest
 import torch
 
 HAS_GPU = torch.cuda.is_available()
+# The kernel tests test the kernels: on a GPU no op may swap its kernel for the PyTorch path after a first-use check
+# (tests/kernels/test_tune.py turns the check on where it tests it).
+os.environ.setdefault("FLEXDIT_TUNE", "off")
 if not HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
     # Toy-size tensors: one intra-op thread. On a loaded 2-core machine two threads made a tiny training step 50x

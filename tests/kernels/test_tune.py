@@ -317,3 +317,15 @@ def test_an_op_keeps_a_right_kernel_that_is_faster(monkeypatch):
         n = calls.count("kernel")
         fk.token_pool(x, hw=(6, 6), grid=3)
     assert calls.count("kernel") == n + 1                  # decided once, then the kernel runs
+
+
+def test_an_adaln_op_takes_the_pytorch_path_where_its_kernel_fails_the_check(monkeypatch):
+    import flexdit_kernels as fk
+    from flexdit_kernels import _adaln, _dispatch
+    monkeypatch.setattr(_tune, "timer_override", lambda fn: (fn(), 1.0)[1])
+    real = _adaln.layernorm_modulate_fwd
+    monkeypatch.setattr(_adaln, "layernorm_modulate_fwd", lambda *a: real(*a) * 2)
+    x, shift, scale = torch.randn(2, 8, 40), torch.randn(2, 40), torch.randn(2, 40)
+    with _dispatch.backend("auto"), pytest.warns(RuntimeWarning, match="layernorm_modulate kernel variant triton"):
+        out = fk.layernorm_modulate(x, shift, scale)
+    torch.testing.assert_close(out, fk.layernorm_modulate_ref(x, shift, scale))
