@@ -12,6 +12,8 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from . import _tune
+
 _BACKENDS = ("auto", "triton", "reference")
 _backend = os.environ.get("FLEXDIT_BACKEND", "auto")
 _triton_only = False
@@ -155,7 +157,6 @@ def use_kernel(op: str, *tensors: torch.Tensor, kernel=None, reference=None, **s
     default = op not in AUTO_TABLE or table_path(op, **shape) == "triton"
     if kernel is None:
         return default
-    from . import _tune
     return _tune.kernel_or_reference(op, kernel, reference, tensors, default)
 
 
