@@ -313,11 +313,13 @@ def _module_hash(fn: Callable) -> str:
 
 
 def _random_like(t: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Fresh random values in `t`'s shape, dtype, device and strides (the kernel specialises on the layout)."""
-    out = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-    if t.is_floating_point():
-        return out.normal_(generator=generator)
-    return out.copy_(t)                                  # integer arguments (indices) keep their values
+    """Fresh random values in `t`'s shape, dtype, device, strides and storage offset (the kernel specialises on the
+    layout): a view of a new random buffer, so stride-0 (expanded) and overlapping layouts are reproduced too."""
+    if not t.is_floating_point():
+        return t.clone()                                 # integer arguments (indices) keep their values
+    span = t.storage_offset() + 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n > 0)
+    base = torch.empty(span if t.numel() else t.storage_offset(), dtype=t.dtype, device=t.device)
+    return base.normal_(generator=generator).as_strided(t.shape, t.stride(), t.storage_offset())
 
 
 def bucket_of(args: Sequence[Any]) -> str:

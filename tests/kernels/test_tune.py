@@ -329,3 +329,14 @@ def test_an_adaln_op_takes_the_pytorch_path_where_its_kernel_fails_the_check(mon
     with _dispatch.backend("auto"), pytest.warns(RuntimeWarning, match="layernorm_modulate kernel variant triton"):
         out = fk.layernorm_modulate(x, shift, scale)
     torch.testing.assert_close(out, fk.layernorm_modulate_ref(x, shift, scale))
+
+
+def test_random_inputs_keep_expanded_and_offset_layouts():
+    g = torch.Generator().manual_seed(0)
+    shared = torch.ones(2, 1, 8).expand(2, 5, 8)                 # the Poolingformer's stride-0 vector
+    view = torch.ones(3, 16)[1:, 4:12]                           # a view with a storage offset
+    for t in (shared, view, torch.ones(0, 4)):
+        r = _tune._random_like(t, g)
+        assert (r.shape, r.stride(), r.storage_offset()) == (t.shape, t.stride(), t.storage_offset())
+        assert not (r == 1).any()
+    assert torch.equal(_tune._random_like(torch.arange(5), g), torch.arange(5))
