@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from ._common import centered_rows, channel_offsets, column_sum, row_tile
-from ._dispatch import autocast_dtype, call_op, custom_op, register_autograd, use_kernel, use_triton
+from ._dispatch import autocast_dtype, call_op, custom_op, register_autograd, use_kernel
 from ._launch import cdiv, ctas_per_sm, device_limits, next_pow2, whole_wave_splits
 from ._validate import FLOAT_DTYPES, check_kernel_device, check_tensor, fits_int32
 
@@ -565,13 +565,13 @@ def _check_fused(x, y, gate, shift, scale) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Each op is a custom op `flexdit::<op>` (torch.compile, tracing, dispatch modes and meta tensors see one opaque
 # node) with a backward custom op; plain eager calls skip the dispatcher through the op's autograd twin
-# (`call_op`). Bodies pick the kernel or the reference (`use_triton`).
+# (`call_op`). Bodies pick the kernel or the reference (`use_kernel`).
 
 # layernorm_modulate ---------------------------------------------------------------------------------------------
 
 def _layernorm_modulate_body(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                              out_dtype: torch.dtype) -> torch.Tensor:
-    if use_kernel("layernorm_modulate", x, shift, scale,
+    if use_kernel("layernorm_modulate", x, shift, scale, params=(eps, out_dtype),
                   kernel=lambda *t: layernorm_modulate_fwd(*t, eps, out_dtype),
                   reference=lambda *t: layernorm_modulate_ref(*t, eps, out_dtype)):
         return layernorm_modulate_fwd(x, shift, scale, eps, out_dtype)
@@ -588,7 +588,7 @@ def _(x, shift, scale, eps, out_dtype):
 
 def _layernorm_modulate_backward_body(grad_out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float,
                                       shift_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if use_kernel("layernorm_modulate_backward", grad_out, x, scale,
+    if use_kernel("layernorm_modulate_backward", grad_out, x, scale, params=(eps, shift_dtype),
                   kernel=lambda *t: layernorm_modulate_bwd(*t, eps, shift_dtype),
                   reference=lambda *t: layernorm_modulate_backward_ref(*t, eps, shift_dtype)):
         return layernorm_modulate_bwd(grad_out, x, scale, eps, shift_dtype)
@@ -663,7 +663,8 @@ def _(x, y, gate):
 
 
 def _gated_residual_inplace_body(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
-    if use_triton(x, y, gate):
+    # The out-of-place op's decision: its first-use check runs out of place on random copies, before this write.
+    if use_kernel("gated_residual", x, y, gate, kernel=gated_residual_fwd, reference=gated_residual_ref):
         gated_residual_inplace_fwd(x, y, gate)
     else:
         x.copy_(gated_residual_ref(x, y, gate))
@@ -749,7 +750,7 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace
 def _gated_residual_layernorm_modulate_body(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                                             scale: torch.Tensor, eps: float, out_dtype: torch.dtype
                                             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    if use_kernel("gated_residual_layernorm_modulate", x, y, gate, shift, scale,
+    if use_kernel("gated_residual_layernorm_modulate", x, y, gate, shift, scale, params=(eps, out_dtype),
                   kernel=lambda *t: gated_residual_layernorm_modulate_fwd(*t, eps, out_dtype),
                   reference=lambda *t: gated_residual_layernorm_modulate_ref(*t, eps, out_dtype)):
         return gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps, out_dtype)
@@ -770,7 +771,7 @@ def _gated_residual_layernorm_modulate_backward_body(
         scale: torch.Tensor, eps: float, shift_dtype: torch.dtype
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if use_kernel("gated_residual_layernorm_modulate_backward", grad_r, grad_u, r, y, gate, scale,
-                  kernel=lambda *t: gated_residual_layernorm_modulate_bwd(*t, eps, shift_dtype),
+                  params=(eps, shift_dtype), kernel=lambda *t: gated_residual_layernorm_modulate_bwd(*t, eps, shift_dtype),
                   reference=lambda *t: gated_residual_layernorm_modulate_backward_ref(*t, eps, shift_dtype)):
         return gated_residual_layernorm_modulate_bwd(grad_r, grad_u, r, y, gate, scale, eps, shift_dtype)
     return gated_residual_layernorm_modulate_backward_ref(grad_r, grad_u, r, y, gate, scale, eps, shift_dtype)
@@ -833,7 +834,8 @@ def gated_residual_layernorm_modulate(x: torch.Tensor, y: torch.Tensor, gate: to
 # silu -----------------------------------------------------------------------------------------------------------
 
 def _silu_body(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    if use_kernel("silu", x, kernel=lambda t: silu_fwd(t, out_dtype), reference=lambda t: silu_ref(t, out_dtype)):
+    if use_kernel("silu", x, params=(out_dtype,), kernel=lambda t: silu_fwd(t, out_dtype),
+                  reference=lambda t: silu_ref(t, out_dtype)):
         return silu_fwd(x, out_dtype)
     return silu_ref(x, out_dtype)
 

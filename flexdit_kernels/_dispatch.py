@@ -144,11 +144,12 @@ def table_path(op: str, **shape: int) -> str:
     return "triton"
 
 
-def use_kernel(op: str, *tensors: torch.Tensor, kernel=None, reference=None, **shape: int) -> bool:
+def use_kernel(op: str, *tensors: torch.Tensor, kernel=None, reference=None, params=(), **shape: int) -> bool:
     """Whether `op` runs its Triton kernel on these tensors at this shape: `use_triton`, then for "auto" the table
     (`AUTO_TABLE`, where `op` has rows) and, on a CUDA device, the first-use check and tuning of `_tune`: given
-    `kernel(*tensors)` and `reference(*tensors)` (the op's two paths on these tensors), the kernel runs only where it
-    proved right on this device and beats the PyTorch path; the table's answer is the default where nothing is
+    `kernel(*tensors)` and `reference(*tensors)` (the op's two paths on these tensors; `params`: the other arguments
+    they close over, part of the shape bucket), the kernel runs only where it proved right on this device and beats
+    the PyTorch path; the table's answer is the default where nothing is
     measured (FLEXDIT_TUNE=off or cached, tracing, capture)."""
     if not use_triton(*tensors):
         return False
@@ -157,7 +158,7 @@ def use_kernel(op: str, *tensors: torch.Tensor, kernel=None, reference=None, **s
     default = op not in AUTO_TABLE or table_path(op, **shape) == "triton"
     if kernel is None:
         return default
-    return _tune.kernel_or_reference(op, kernel, reference, tensors, default)
+    return _tune.kernel_or_reference(op, kernel, reference, tensors, default, params=params)
 
 
 def opaque_call(*tensors: torch.Tensor) -> bool:

@@ -233,7 +233,7 @@ def token_mean_bwd(grad_out: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -
 
 def _forward(x: torch.Tensor, eps: float) -> torch.Tensor:
     b, n, c = x.shape
-    if use_kernel("token_mean", x, batch=b, tokens=n, channels=c,
+    if use_kernel("token_mean", x, batch=b, tokens=n, channels=c, params=(eps,),
                   kernel=lambda t: _token_mean_fwd(t, eps), reference=lambda t: token_mean_ref(t, eps)):
         return _token_mean_fwd(x, eps)
     return token_mean_ref(x, eps)
@@ -242,7 +242,7 @@ def _forward(x: torch.Tensor, eps: float) -> torch.Tensor:
 def _backward(grad_out: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
     b, n, c = x.shape
-    if use_kernel("token_mean_backward", grad_out, x, batch=b, tokens=n, channels=c,
+    if use_kernel("token_mean_backward", grad_out, x, batch=b, tokens=n, channels=c, params=(eps,),
                   kernel=lambda g, t: _token_mean_bwd(g, t, eps),
                   reference=lambda g, t: token_mean_backward_ref(g, t, eps)):
         return _token_mean_bwd(grad_out, x, eps)

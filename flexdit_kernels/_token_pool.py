@@ -156,7 +156,8 @@ def _forward(x: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.T
     (h, w), (gh, gw) = hw, grid
     b, n, c = x.shape
     if use_kernel("token_pool", x, batch=b, tokens=n, sparse=gh * gw, channels=c,
-                  kernel=lambda t: _token_pool_fwd(t, h, w, gh, gw), reference=lambda t: token_pool_ref(t, hw, grid)):
+                  params=(h, w, gh, gw), kernel=lambda t: _token_pool_fwd(t, h, w, gh, gw),
+                  reference=lambda t: token_pool_ref(t, hw, grid)):
         return _token_pool_fwd(x, h, w, gh, gw)
     return token_pool_ref(x, hw, grid)
 
@@ -165,7 +166,7 @@ def _backward(grad_out: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) ->
     # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
     (h, w), (gh, gw) = hw, grid
     b, m, c = grad_out.shape
-    if use_kernel("token_pool_backward", grad_out, batch=b, tokens=h * w, sparse=m, channels=c,
+    if use_kernel("token_pool_backward", grad_out, batch=b, tokens=h * w, sparse=m, channels=c, params=(h, w, gh, gw),
                   kernel=lambda g: _token_pool_bwd(g, h, w, gh, gw),
                   reference=lambda g: token_pool_backward_ref(g, hw, grid)):
         return _token_pool_bwd(grad_out, h, w, gh, gw)

@@ -11,14 +11,14 @@ Triton version and the error. Decisions are kept in one JSON file per software a
 for the rest), "off" (defaults only, no check: this skips the safety net). Nothing is checked or timed while a CUDA
 graph is captured or while torch.compile, `torch.jit.trace` or a dispatch mode traces: a miss there takes the
 default and says so once. A CUDA fault inside an in-process check poisons the CUDA context, so `python -m bench tune`
-fills the cache with each op checked in a process of its own before a model runs.
+fills the cache in a process of its own before a model runs.
 
 Cache file: `$FLEXDIT_TUNE_FILE` if set (read only: decisions exported by `bench tune --export`), else
 `$FLEXDIT_CACHE_DIR`, else `$XDG_CACHE_HOME/flexdit`, else `~/.cache/flexdit`, one `tune-<key>.json` per
-environment key (GPU name and capability, driver and CUDA versions, torch, triton and flexdit versions, and the hash
-of the kernels' source). Writes are atomic (temporary file + rename) under a lock and merge with what another process
-wrote meanwhile; a corrupt or foreign file is ignored with one warning and rebuilt; an unwritable folder keeps the
-decisions in memory.
+environment key (GPU name and capability, driver and CUDA versions, torch, triton and flexdit versions); each decision
+also records the hash of its op's source, and a decision made for other source is a miss. Writes are atomic
+(temporary file + rename) under a lock and merge with what another process wrote meanwhile; a corrupt or foreign
+file is ignored with one warning and rebuilt; an unwritable folder keeps the decisions in memory.
 """
 import contextlib
 import hashlib
@@ -39,13 +39,30 @@ ERROR_FACTOR = 2.0               # a variant may err at most twice as much as th
 FORMAT = 1
 
 _warned = set()
+_mode_override: Optional[str] = None
 
 
 def mode() -> str:
+    if _mode_override is not None:
+        return _mode_override
     value = os.environ.get("FLEXDIT_TUNE", "on").strip().lower()
     if value not in MODES:
         raise ValueError(f"FLEXDIT_TUNE must be one of {MODES}, got {value!r}")
     return value
+
+
+@contextlib.contextmanager
+def tuning(value: str):
+    """Inside the block the tuning mode is `value` whatever FLEXDIT_TUNE says (the bench checks and times the
+    kernels themselves with tuning("off"))."""
+    global _mode_override
+    if value not in MODES:
+        raise ValueError(f"value must be one of {MODES}, got {value!r}")
+    previous, _mode_override = _mode_override, value
+    try:
+        yield
+    finally:
+        _mode_override = previous
 
 
 def warn_once(message: str) -> None:
@@ -75,12 +92,13 @@ def source_hash(*sources: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def environment(device: torch.device, kernels_hash: str) -> Dict[str, Any]:
-    """What a decision depends on besides the shape: the GPU, its driver and CUDA, the libraries, the kernels."""
+def environment(device: torch.device) -> Dict[str, Any]:
+    """What every decision depends on besides the shape and the op's source: the GPU, its driver and CUDA, the
+    libraries."""
     import triton
     from flexdit import __version__ as flexdit_version
     env = {"format": FORMAT, "torch": torch.__version__, "triton": triton.__version__, "flexdit": flexdit_version,
-           "cuda": torch.version.cuda, "kernels": kernels_hash, "device": device.type}
+           "cuda": torch.version.cuda, "device": device.type}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         env.update(gpu=props.name, capability=f"{props.major}.{props.minor}",
@@ -92,13 +110,15 @@ class Decision(NamedTuple):
     choice: str                          # a variant's name, or REFERENCE
     times_ms: Dict[str, float]           # median time of each candidate that was timed
     failed: Dict[str, str]               # variant -> the error found by the check
+    source: str = ""                     # the hash of the op's source the decision was made for
 
     def to_json(self) -> Dict[str, Any]:
-        return {"choice": self.choice, "times_ms": self.times_ms, "failed": self.failed}
+        return {"choice": self.choice, "times_ms": self.times_ms, "failed": self.failed, "source": self.source}
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> "Decision":
-        return Decision(str(data["choice"]), dict(data.get("times_ms", {})), dict(data.get("failed", {})))
+        return Decision(str(data["choice"]), dict(data.get("times_ms", {})), dict(data.get("failed", {})),
+                        str(data.get("source", "")))
 
 
 class TuneCache:
@@ -137,6 +157,10 @@ class TuneCache:
         if not self.read_only:
             self._write()
 
+    def to_json(self) -> Dict[str, Any]:
+        """The file's content: the environment and every decision (what `bench tune --export` writes too)."""
+        return {"environment": self.env, "decisions": {k: d.to_json() for k, d in sorted(self.decisions.items())}}
+
     def _write(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -144,7 +168,7 @@ class TuneCache:
                 merged = self._read()              # what another process wrote meanwhile
                 merged.update(self.decisions)
                 self.decisions = merged
-                data = {"environment": self.env, "decisions": {k: d.to_json() for k, d in sorted(merged.items())}}
+                data = self.to_json()
                 fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
                 try:
                     with os.fdopen(fd, "w") as f:
@@ -174,8 +198,8 @@ def _locked(path: Path):
 _caches: Dict[str, TuneCache] = {}
 
 
-def cache_for(device: torch.device, kernels_hash: str) -> TuneCache:
-    env = environment(device, kernels_hash)
+def cache_for(device: torch.device) -> TuneCache:
+    env = environment(device)
     exported = os.environ.get("FLEXDIT_TUNE_FILE")
     key = json.dumps(env, sort_keys=True) + (exported or "") + str(cache_dir())
     if key not in _caches:
@@ -266,10 +290,10 @@ def decide(op: str, bucket: str, device: torch.device, dtype: torch.dtype, kerne
     tune = mode()
     if tune == "off" or (device.type != "cuda" and timer is None):
         return default
-    cache = cache_for(device, kernels_hash)
+    cache = cache_for(device)
     key = f"{op}|{bucket}|{str(dtype).replace('torch.', '')}"
     hit = cache.get(key)
-    if hit is not None:
+    if hit is not None and hit.source == kernels_hash:
         return hit.choice
     if tune == "cached" or tracing():
         if tracing():
@@ -277,7 +301,7 @@ def decide(op: str, bucket: str, device: torch.device, dtype: torch.dtype, kerne
                       f"captured, where nothing is checked or timed: it runs {default!r} (run `python -m bench tune` "
                       "or one eager forward first)")
         return default
-    decision = run_trials(make_inputs, reference, pytorch, variants, timer or cuda_timer)
+    decision = run_trials(make_inputs, reference, pytorch, variants, timer or cuda_timer)._replace(source=kernels_hash)
     cache.put(key, decision)
     if decision.failed:
         import triton
@@ -340,10 +364,12 @@ timer_override: Optional[Callable[[Callable[[], Any]], float]] = None
 
 def kernel_or_reference(op: str, kernel: Callable[..., Any], pytorch: Callable[..., Any],
                         args: Sequence[Any], default: bool = True,
-                        timer: Optional[Callable[[Callable[[], Any]], float]] = None) -> bool:
+                        timer: Optional[Callable[[Callable[[], Any]], float]] = None,
+                        params: Sequence[Any] = ()) -> bool:
     """Whether `op` runs `kernel(*args)` (True) or its PyTorch path `pytorch(*args)` at this call's shape, decided
     once per device and shape bucket by `decide` (the reference is `pytorch` on fp32 copies of the inputs) and then
-    remembered in the process: a warm call costs one dictionary look-up."""
+    remembered in the process: a warm call costs one dictionary look-up. `params`: the call's other arguments that
+    `kernel` and `pytorch` close over (grids, eps, output dtypes); they are part of the bucket."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     device = tensors[0].device
     timer = timer or timer_override
@@ -352,8 +378,8 @@ def kernel_or_reference(op: str, kernel: Callable[..., Any], pytorch: Callable[.
     tune = mode()
     if tune == "off":
         return default
-    key = (op, str(device), tune, default, tuple((tuple(a.shape), a.dtype, a.stride()) if isinstance(a, torch.Tensor)
-                                               else a for a in args))
+    key = (op, str(device), tune, default, tuple(params),
+           tuple((tuple(a.shape), a.dtype, a.stride()) if isinstance(a, torch.Tensor) else a for a in args))
     hit = _memo.get(key)
     if hit is not None:
         return hit
@@ -367,7 +393,7 @@ def kernel_or_reference(op: str, kernel: Callable[..., Any], pytorch: Callable[.
                          for a in inputs])
 
     dtype = next((t.dtype for t in tensors if t.is_floating_point()), tensors[0].dtype)
-    choice = decide(op, bucket_of(args), device, dtype, _module_hash(kernel), make_inputs, fp32,
+    choice = decide(op, bucket_of([*args, *params]), device, dtype, _module_hash(kernel), make_inputs, fp32,
                     lambda inputs: pytorch(*inputs), {KERNEL: lambda inputs: kernel(*inputs)},
                     KERNEL if default else REFERENCE, timer) == KERNEL
     if not tracing():                    # a default taken while tracing is not a decision

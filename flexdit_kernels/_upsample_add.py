@@ -137,7 +137,7 @@ def upsample_add_bwd(grad_out: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tens
 def _forward(sparse: torch.Tensor, dense: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
     (h, w), (gh, gw) = hw, grid
     b, n, c = dense.shape
-    if use_kernel("upsample_add", sparse, dense, batch=b, tokens=n, sparse=gh * gw, channels=c,
+    if use_kernel("upsample_add", sparse, dense, batch=b, tokens=n, sparse=gh * gw, channels=c, params=(h, w, gh, gw),
                   kernel=lambda s, d: _upsample_add_fwd(s, d, h, w, gh, gw),
                   reference=lambda s, d: upsample_add_ref(s, d, hw, grid)):
         return _upsample_add_fwd(sparse, dense, h, w, gh, gw)
@@ -149,7 +149,7 @@ def _backward(grad_out: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) ->
     (h, w), (gh, gw) = hw, grid
     b, n, c = grad_out.shape
     if use_kernel("upsample_add_backward", grad_out, batch=b, tokens=n, sparse=gh * gw, channels=c,
-                  kernel=lambda g: _upsample_add_bwd(g, h, w, gh, gw),
+                  params=(h, w, gh, gw), kernel=lambda g: _upsample_add_bwd(g, h, w, gh, gw),
                   reference=lambda g: upsample_add_backward_ref(g, hw, grid)):
         return _upsample_add_bwd(grad_out, h, w, gh, gw)
     return upsample_add_backward_ref(grad_out, hw, grid)

@@ -4,7 +4,6 @@ from typing import Sequence, Tuple, Union
 import torch
 
 from ._dispatch import interpreting
-from ._launch import cdiv, next_pow2, sm_count  # noqa: F401  (re-exported for the launchers)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 Grid = Union[int, Sequence[int]]     # a grid side `G` or sides `(G_h, G_w)`, as the pooling ops take them

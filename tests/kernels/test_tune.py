@@ -71,7 +71,7 @@ def test_wrong_and_raising_variants_are_rejected_with_one_warning():
     assert any("wrong failed its first-use check" in m and "N=64" in m and "float32" in m and "triton" in m
                for m in messages)
     assert any("broken" in m and "RuntimeError: launch failed" in m for m in messages)
-    decision = _tune.cache_for(CPU, "h0").get("toy|N=64|float32")
+    decision = _tune.cache_for(CPU).get("toy|N=64|float32")
     assert set(decision.failed) == {"wrong", "broken"} and "wrong" not in decision.times_ms
 
 
@@ -100,13 +100,13 @@ def test_decision_is_cached_and_not_measured_again(fresh_cache):
     assert data["decisions"]["toy|N=64|float32"]["choice"] == "fast"
 
 
-@pytest.mark.parametrize("field", ["torch", "triton", "flexdit", "kernels", "cuda"])
+@pytest.mark.parametrize("field", ["torch", "triton", "flexdit", "cuda", "capability"])
 def test_any_key_change_invalidates(monkeypatch, field):
     case, calls = _case({"reference": 1.0, "fast": 0.5})
     _decide(case)
     n = len(calls)
     env = _tune.environment
-    monkeypatch.setattr(_tune, "environment", lambda d, h: {**env(d, h), field: "other"})
+    monkeypatch.setattr(_tune, "environment", lambda d: {**env(d), field: "other"})
     _tune._caches.clear()
     _decide(case)
     assert len(calls) > n
@@ -340,3 +340,39 @@ def test_random_inputs_keep_expanded_and_offset_layouts():
         assert (r.shape, r.stride(), r.storage_offset()) == (t.shape, t.stride(), t.storage_offset())
         assert not (r == 1).any()
     assert torch.equal(_tune._random_like(torch.arange(5), g), torch.arange(5))
+
+
+def test_a_change_of_the_ops_source_invalidates_and_one_file_holds_every_op(fresh_cache):
+    case, calls = _case({"reference": 1.0, "fast": 0.5})
+    _decide(case)
+    n = len(calls)
+    _tune.decide("toy", "N=64", CPU, torch.float32, "h1", default="fast", **case)     # the op's source changed
+    assert len(calls) > n
+    _decide(case, op="other")
+    assert len(list(fresh_cache.glob("tune-*.json"))) == 1
+
+
+def test_tuning_overrides_the_environment(monkeypatch):
+    monkeypatch.setenv("FLEXDIT_TUNE", "on")
+    case, calls = _case({"reference": 1.0, "fast": 0.5})
+    with _tune.tuning("off"):
+        assert _decide(case, default="dflt") == "dflt" and calls == []
+    assert _tune.mode() == "on"
+    with pytest.raises(ValueError, match="value must be one of"):
+        with _tune.tuning("never"):
+            pass
+
+
+def test_an_ops_scalar_arguments_are_part_of_the_bucket(monkeypatch):
+    """token_pool at two grids on the same tensor: two decisions, not one reused."""
+    import flexdit_kernels as fk
+    from flexdit_kernels import _dispatch
+    buckets = []
+    real = _tune.decide
+    monkeypatch.setattr(_tune, "timer_override", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(_tune, "decide", lambda op, bucket, *a, **k: buckets.append(bucket) or real(op, bucket, *a, **k))
+    x = torch.randn(2, 64, 16)
+    with _dispatch.backend("auto"):
+        fk.token_pool(x, hw=(8, 8), grid=4)
+        fk.token_pool(x, hw=(8, 8), grid=2)
+    assert len(buckets) == 2 and buckets[0] != buckets[1]
