@@ -8,7 +8,6 @@ write), each reported in one line.
 import argparse
 import difflib
 import importlib
-import importlib.util
 import os
 import signal
 import sys
@@ -27,7 +26,7 @@ SUITES = {"kernels": "each flexdit_kernels op vs the PyTorch path it replaces, f
                       "under compute-sanitizer)",
           "overhead": "host (CPU) time each flexdit op adds per call over its reference, on tiny CPU tensors"}
 # Another module may add a sub-command of its own: `add_parser(subparsers)` and `run(args) -> exit status`.
-EXTRA = [name for name in ("static", "tune") if importlib.util.find_spec(f"bench.{name}") is not None]
+EXTRA = ("static", "tune")
 SUBCOMMANDS = tuple(SUITES) + tuple(EXTRA)
 MEASURES = ("kernels", "model", "sample")   # the suites with timings, tables, baselines
 

@@ -402,8 +402,12 @@ class _Runner:
 # Families in this process or in workers
 # ----------------------------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
 def _family_context(device: torch.device):
-    return fk.backend("reference") if device.type == "cpu" else fk.backend(fk.get_backend())
+    """The reference backend on the CPU, the current one on a GPU; first-use tuning off either way, so that each op
+    runs (and is checked and timed as) its kernel, never a PyTorch path a tuning decision picked."""
+    with (fk.backend("reference") if device.type == "cpu" else fk.backend(fk.get_backend())), fk.tuning("off"):
+        yield
 
 
 def _poisons(err: BaseException) -> bool:

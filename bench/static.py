@@ -215,15 +215,12 @@ def _recording(sink, launches, arch):
         if t.device.type != "meta":
             real_check(name, t)
 
-    limits = _launch.TARGETS[arch]
     for mod in mods:
         for name, obj in list(vars(mod).items()):
             if name.endswith("_kernel") and hasattr(obj, "params") and hasattr(obj, "fn"):
                 patch(mod, name, _Recorder(obj, sink, launches, arch))
             elif obj is real_check:
                 patch(mod, name, check_kernel_device)
-        if callable(getattr(mod, "_num_sms", None)):          # a launcher's own SM-count helper
-            patch(mod, "_num_sms", lambda device: limits.sm_count)
     patch(_launch, "DEFAULT_TARGET", arch)                     # device_limits() of a non-CUDA device
     try:
         with torch.device("meta"):

@@ -8,19 +8,18 @@ file that `FLEXDIT_TUNE_FILE` reads (a GPU CI runner keeps it beside its baselin
 before training or sampling on a new GPU or Triton version: a CUDA fault in a check ends this process, not yours.
 """
 import json
-import os
 import sys
 
 import torch
 
-from .common import PROG
+from .common import DTYPES, PROG, positive_int
 
 
 def add_parser(sub):
     p = sub.add_parser("tune", help="check and time the kernels at a model's shapes on this GPU; cache the decisions")
     p.add_argument("--model", default="DiT-XL/2", help="dense registry name; its FlexDiT is tuned (default %(default)s)")
     p.add_argument("--image-size", type=int, choices=(256, 512), default=512)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--grids", default="10,9,8,6", help="sparse grid sides the density schedule uses")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="autocast dtype")
     p.add_argument("--export", metavar="PATH", help="also write the decisions to PATH (for FLEXDIT_TUNE_FILE)")
@@ -40,38 +39,54 @@ def decision_rows(decisions):
 
 
 def export(cache, path) -> None:
-    data = {"environment": cache.env, "decisions": {k: d.to_json() for k, d in sorted(cache.decisions.items())}}
     with open(path, "w") as f:
-        json.dump(data, f, indent=1)
+        json.dump(cache.to_json(), f, indent=1)
 
 
 def run(args) -> int:
+    from flexdit_kernels import _tune
+    from .model import build_models, dense_name, model_inputs, registry_names
+    from .sample import parse_grids
+    try:
+        grids = parse_grids(args.grids)
+        tune_mode = _tune.mode()
+    except ValueError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    if not grids or min(grids) < 1 or max(grids) > args.image_size // 16:
+        print(f"{PROG}: error: --grids {args.grids!r}: sides from 1 to the token grid's {args.image_size // 16}",
+              file=sys.stderr)
+        return 2
+    name = dense_name(args.model, _Refuse(), registry_names())
     if not torch.cuda.is_available():
         print(f"{PROG}: error: tune needs a CUDA GPU (torch.cuda.is_available() is False): there is nothing to check "
               "or time on this machine", file=sys.stderr)
         return 2
-    if os.environ.get("FLEXDIT_TUNE", "on") != "on":
-        print(f"{PROG}: error: tune needs FLEXDIT_TUNE=on (it is {os.environ['FLEXDIT_TUNE']!r})", file=sys.stderr)
+    if tune_mode != "on":
+        print(f"{PROG}: error: tune needs FLEXDIT_TUNE=on (it is {tune_mode!r})", file=sys.stderr)
         return 2
-    from flexdit_kernels import _tune
-    from .model import build_models, model_inputs
-    grids = [int(g) for g in args.grids.split(",")]
-    device = torch.device("cuda")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
-    _, flex = build_models(args.model, args.image_size, grids[0], device)
+    device, dtype = torch.device("cuda"), DTYPES[args.dtype]
+    _, flex = build_models(name, args.image_size, grids[0], device)
     x, t, y = model_inputs(args.batch_size, args.image_size, device)
     for grid in grids:
         with torch.autocast("cuda", dtype=dtype):
             flex(x.requires_grad_(), t, y, grid=grid).float().square().mean().backward()
     torch.cuda.synchronize()
-    caches = [c for c in _tune._caches.values() if c.env.get("device") == "cuda"]
+    cache = _tune.cache_for(device)
     print(f"{'op':<22} {'shape bucket':<60} {'dtype':<9} {'check':<8} {'winner':<10} {'kernel ms':>10} "
           f"{'PyTorch ms':>10}")
-    for cache in caches:
-        for row in decision_rows(cache.decisions):
-            print(f"{row[0]:<22} {row[1]:<60} {row[2]:<9} {row[3]:<8} {row[4]:<10} {row[5]:>10} {row[6]:>10}")
-        print(f"cache: {cache.path}")
-    if args.export and caches:
-        export(caches[0], args.export)
+    for row in decision_rows(cache.decisions):
+        print(f"{row[0]:<22} {row[1]:<60} {row[2]:<9} {row[3]:<8} {row[4]:<10} {row[5]:>10} {row[6]:>10}")
+    print(f"cache: {cache.path}")
+    if args.export:
+        export(cache, args.export)
         print(f"exported the decisions to {args.export} (FLEXDIT_TUNE_FILE={args.export} reads them)")
     return 0
+
+
+class _Refuse:
+    """`dense_name`'s parser stand-in: a bad --model is a one-line error (exit 2)."""
+
+    def error(self, message):
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,6 +1,8 @@
 """`python -m bench tune` on the CPU: the one-line refusal, the decision table and the export FLEXDIT_TUNE_FILE reads."""
 import json
 
+import pytest
+
 from bench import tune
 from bench.__main__ import main
 from flexdit_kernels import _tune
@@ -10,6 +12,16 @@ def test_tune_without_a_gpu_is_a_one_line_error(capsys):
     assert main(["tune"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("python -m bench: error: tune needs a CUDA GPU") and "\n" not in err
+
+
+def test_tune_refuses_bad_grids_models_and_modes(capsys, monkeypatch):
+    assert main(["tune", "--grids", "10,a"]) == 2
+    assert main(["tune", "--grids", "40"]) == 2 and "--grids '40'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["tune", "--model", "nope"])
+    assert "--model 'nope' is not a known model" in capsys.readouterr().err
+    monkeypatch.setenv("FLEXDIT_TUNE", "sometimes")
+    assert main(["tune"]) == 2 and "FLEXDIT_TUNE must be one of" in capsys.readouterr().err
 
 
 def test_decision_rows_and_export_round_trip(tmp_path, monkeypatch):
