@@ -6,6 +6,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .diffusion import check_labels, check_timesteps
 from .layers import LabelEmbedder, Mlp, PatchEmbed, SiLU, TimestepEmbedder, get_2d_sincos_pos_embed, to_pair
 from .plan import GridLike, Plan, Slot, split_plan_fields
 from .router import FlexLayer, RouteState, norm_modulate, set_fused
@@ -118,9 +119,9 @@ class _DiTShell(nn.Module):
         h, w = self.input_size
         if tuple(x.shape[2:]) != (h, w):
             raise ValueError(f"x has spatial size {tuple(x.shape[2:])}, the model was built for {h}x{w}")
-        from .diffusion import check_labels, check_timesteps
         t = check_timesteps(t, x.shape[0]).to(x.device)
-        y = check_labels(y, x.shape[0], self.y_embedder.num_classes)
+        # The null label of guidance exists only when the model was built with label dropout.
+        y = check_labels(y, x.shape[0], self.y_embedder.num_classes, null=self.y_embedder.dropout_prob > 0)
         # pos_embed first: the sum takes its row-major layout, so the residual stream is contiguous from the first
         # layer on (the patch embedding's tokens are a transposed view of the convolution's output).
         tokens = self.pos_embed + self.x_embedder(x)                         # (B, N, C)

@@ -187,6 +187,8 @@ def _prepare(args, ctx: DistContext):
                          f"{torch.cuda.is_available()})")
     if args.adm_npz and not args.vae:
         raise ValueError("--adm-npz needs --vae (the images are decoded from the latents)")
+    if args.adm_npz and (not args.adm_npz.endswith(".npz") or not Path(args.adm_npz).parent.is_dir()):
+        raise ValueError(f"--adm-npz {args.adm_npz}: must be a .npz file in an existing folder")
     if args.vae and not Path(args.vae).is_dir():
         raise ValueError(f"--vae {args.vae}: not a folder (a diffusers AutoencoderKL saved with save_pretrained)")
     parse_classes(args.classes)
@@ -204,6 +206,8 @@ def _prepare(args, ctx: DistContext):
     classes = parse_classes(args.classes, num_classes)
     n = args.num_samples if args.num_samples is not None else len(classes)
     args.num_classes, args.image_size = num_classes, model.input_size[0] * 8
+    if args.adm_npz and getattr(model, "frames", None):
+        raise ValueError(f"--adm-npz writes images; {args.model} samples clips (flexdit-eval fvd reads latents.npz)")
     model = model.to(ctx.device).eval()
     if ctx.is_main:
         print(f"model {args.model} ({source}); {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters")

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ._cli import check_out_dir
 from .checkpoint import check_state_dict, model_config
 from .patch import _RECORD, _host, apply_patch, is_patched
 from .plan import Plan
@@ -112,10 +113,7 @@ def save_patched(model, directory) -> Path:
     host, config = _host_config(module)
     manifest = {"format": FORMAT, "host": host, "config": config, "plan": dataclasses.asdict(rec.plan),
                 "schedule": _schedule_to_json(rec.schedule), "dtype": str(next(module.parameters()).dtype)}
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"directory {directory}: exists and is not a folder")
-    directory.mkdir(parents=True, exist_ok=True)
+    directory = check_out_dir(directory, "directory")
     _save_tensors(module.state_dict(), directory / PATCHED)
     _save_tensors(_dense_state_dict(module), directory / ORIGINAL)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, default=list))

@@ -163,8 +163,14 @@ def trim_log(path: Path, step: int) -> None:
     path = Path(path)
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record = json.loads(line)
+        except ValueError:                 # the half-written last line of a run killed while appending
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(keep))
     os.replace(tmp, path)
@@ -274,8 +280,8 @@ def _train(args, ctx: DistContext):
     with usage_errors(PROG):   # every check before anything trains
         for flag, value, low in (("--global-batch-size", args.global_batch_size, 1), ("--steps", args.steps, 1),
                                  ("--log-every", args.log_every, 1), ("--ckpt-every", args.ckpt_every, 1),
-                                 ("--num-classes", args.num_classes or 1, 1)):
-            if value < low:
+                                 ("--num-classes", args.num_classes, 1)):
+            if value is not None and value < low:
                 raise ValueError(f"{flag} must be >= {low}, got {value}")
         if not args.lr > 0:
             raise ValueError(f"--lr must be > 0, got {args.lr}")

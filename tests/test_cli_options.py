@@ -222,3 +222,15 @@ def test_resume_without_model_takes_the_runs(data_dir, tmp_path):
     ran = json.loads((tmp_path / "run" / "args.json").read_text())
     assert ran["model"] == "DiT-S/2" and ran["start_step"] == 2 and ran["model_config"]["hidden_size"] == 32
     assert torch.load(tmp_path / "run" / "checkpoints" / "0000004.pt", weights_only=True)["name"] == "DiT-S/2"
+
+
+def test_finetune_refuses_zero_classes_and_resumes_past_a_half_written_log_line(tmp_path, capsys):
+    from flexdit.train import main as finetune, trim_log
+    with pytest.raises(SystemExit) as exit_info:
+        finetune(["--model", "FlexDiT-S/2", "--data", str(tmp_path), "--num-classes", "0",
+                  "--out-dir", str(tmp_path / "run")])
+    assert exit_info.value.code == 2 and "--num-classes must be >= 1, got 0" in capsys.readouterr().err
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
+    trim_log(log, 2)
+    assert log.read_text() == '{"step": 1}\n{"step": 2}\n'

@@ -167,6 +167,10 @@ def test_cli_adm_npz_needs_the_vae(dense_ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(_flex_args(dense_ckpt) + COMMON + ["--adm-npz", str(tmp_path / "a.npz"), "--out-dir", str(tmp_path)])
     assert exit_info.value.code == 2 and "--adm-npz needs --vae" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(_flex_args(dense_ckpt) + COMMON + ["--adm-npz", str(tmp_path / "no" / "a.npz"), "--vae", str(tmp_path),
+                                                "--out-dir", str(tmp_path)])
+    assert exit_info.value.code == 2 and "must be a .npz file in an existing folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow

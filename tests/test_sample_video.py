@@ -75,3 +75,10 @@ def test_cli_samples_clips_with_guidance_schedule_and_vae(latte_ckpt, tmp_path, 
     ran = json.loads((out / "args.json").read_text())
     assert ran["model"] == "FlexLatte" and ran["num_classes"] == 2 and ran["image_size"] == 64
     assert ran["model_config"]["transformer"]["video_length"] == 3
+
+
+def test_cli_refuses_adm_npz_for_clips(latte_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "FlexLatte", "--ckpt", str(latte_ckpt), "--classes", "0", "--steps", "2", "--vae",
+              str(tmp_path), "--adm-npz", str(tmp_path / "a.npz"), "--out-dir", str(tmp_path / "s"), "--device", "cpu"])
+    assert exit_info.value.code == 2 and "--adm-npz writes images; FlexLatte samples clips" in capsys.readouterr().err

@@ -99,3 +99,14 @@ def test_dit_bad_input():
         model(x, t[:1], y)
     with pytest.raises(ValueError, match="patch_size"):
         flexdit.DiT(input_size=15, patch_size=2, hidden_size=32, depth=1, num_heads=2)
+
+
+def test_null_label_only_where_the_model_has_one():
+    """Label num_classes is guidance's null label: accepted with label dropout, refused (ValueError naming y) without
+    it, where the embedding table has no row for it."""
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([5])
+    with_null = flexdit.create_model("DiT-S/2", input_size=8, num_classes=4)
+    assert with_null(x, t, torch.tensor([4])).shape == (1, 8, 8, 8)
+    no_null = flexdit.create_model("DiT-S/2", input_size=8, num_classes=4, class_dropout_prob=0.0)
+    with pytest.raises(ValueError, match=r"y: label 4 is outside \[0, 4\)$"):
+        no_null(x, t, torch.tensor([4]))
