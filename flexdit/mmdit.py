@@ -39,8 +39,6 @@ from .layers import to_pair
 from .plan import Plan, Slot
 from .router import FlexLayer, RouteState
 
-MMDIT_TARGETS = ("sd3", "flux")
-
 
 #################################################################################
 #                  Joint attention with a key set of its own                    #
@@ -275,10 +273,9 @@ class MMDiTHost:
 
     def schedule_time(self, t, schedule):
         """The call's timestep on the schedule's scale (σ·1000), clamped to the schedule's last timestep."""
-        if self.time_scale != 1:
-            t = t.float() * self.time_scale if isinstance(t, torch.Tensor) else t * self.time_scale
+        t = torch.as_tensor(t).float() * self.time_scale
         last = getattr(schedule, "num_timesteps", None)
-        return t.clamp(0, last - 1) if last is not None and isinstance(t, torch.Tensor) else t
+        return t.clamp(0, last - 1) if last is not None else t
 
     def begin(self, module, state: MMDiTRouteState, bound) -> None:
         """Per-call state beyond the grids (FLUX: RoPE of the sparse positions)."""
@@ -448,6 +445,8 @@ def build_mmdit_pair(name: str, image_size: int, device=None, dtype=torch.float3
     name = BENCH_NAMES.get(name, name)
     if name not in MMDIT_SIZES:
         raise ValueError(f"name must be one of {sorted(MMDIT_SIZES)} or {sorted(BENCH_NAMES)}, got {name!r}")
+    if not isinstance(image_size, int) or image_size < 16 or image_size % 16:
+        raise ValueError(f"image_size must be a positive multiple of 16 (8x VAE, 2x2 patches), got {image_size!r}")
     target, config, text_tokens = MMDIT_SIZES[name]
     config = {**config, **(config_overrides or {})}
     text_tokens = config.pop("text_tokens", text_tokens)

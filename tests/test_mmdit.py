@@ -325,6 +325,8 @@ def test_macs_and_bench_pair():
     tiny = {"num_layers": 4, "num_single_layers": 8, "attention_head_dim": 16, "num_attention_heads": 2,
             "joint_attention_dim": 32, "pooled_projection_dim": 16, "axes_dims_rope": (4, 6, 6), "text_tokens": 8}
     macs = mmdit_macs("flux", 256, plan={"grid": 4}, config_overrides=tiny)
+    with pytest.raises(ValueError, match="image_size must be a positive multiple of 16"):
+        mmdit_macs("flux", 100, config_overrides=tiny)
     assert 0 < macs["flexdit"] < 0.7 * macs["dense"]
     from bench.fixtures import build_patched_pair
     dense, patched, make_inputs = build_patched_pair("sd3", 128, plan={"grid": 4}, config_overrides={
