@@ -6,9 +6,9 @@ Density-stage bucketing: every step, each process draws one stage of the density
 that stage, so a batch runs one grid. Checkpoints (atomic) hold model, EMA, optimizer, scaler, step, config and RNG
 states; a resumed run reproduces an uninterrupted one exactly. With torchrun, DDP over the processes, each drawing
 its stages and timesteps from its own seed. A dense model name (DiT-S/2 ...) trains a dense DiT the same way.
-A progress bar (tqdm: step, loss, ETA) runs on a terminal unless --no-progress. Ctrl-C (SIGINT) ends the step in
-progress, writes a checkpoint and exits with status 130; `--resume auto` (the default) goes on from the newest
-readable checkpoint, and log.jsonl keeps each step once. `args.json` in the run folder records the options as run.
+A progress bar (tqdm: step, last logged loss, ETA) runs on a terminal unless --no-progress. Ctrl-C (SIGINT) ends
+the step in progress (under torchrun, the next multiple of 10 steps), writes a checkpoint and exits with status 130;
+`--resume auto` (the default) goes on from the newest readable checkpoint, and log.jsonl keeps each step once. `args.json` in the run folder records the options as run.
 Exit status: 0 on success, 2 with one line `flexdit-finetune: error: ...` for a bad argument, file, data or device,
 130 after Ctrl-C.
 """
@@ -410,7 +410,6 @@ def _train(args, ctx: DistContext):
             loss_cnt[stage] += 1
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
 
             if step % args.log_every == 0 or step == args.steps:
                 if ctx.distributed:
@@ -421,6 +420,8 @@ def _train(args, ctx: DistContext):
                 mean = (loss_sum.sum() / loss_cnt.sum().clamp(min=1)).item()
                 if not math.isfinite(mean):
                     raise FloatingPointError(f"step {step}: the loss is {mean}")
+                if bar is not None:                        # the logged mean: no host sync on the other steps
+                    bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
                 rate = args.log_every / max(time.time() - t0, 1e-9)
                 if ctx.is_main:
                     rec = {"step": step, "loss": mean, "loss_per_stage": per_stage,
@@ -436,7 +437,7 @@ def _train(args, ctx: DistContext):
                 loss_cnt.zero_()
                 t0 = time.time()
 
-            stopping = _stop_requested(stop, ctx) and step < args.steps
+            stopping = _stop_requested(stop, ctx, step) and step < args.steps
             if step % args.ckpt_every == 0 or step == args.steps or stopping:
                 save(step)
             if stopping:
@@ -463,10 +464,16 @@ def _progress_bar(args, step: int):
     return tqdm(total=args.steps, initial=step, desc=PROG, unit="step", dynamic_ncols=True)
 
 
-def _stop_requested(stop: StopOnSigint, ctx: DistContext) -> bool:
-    """Whether any process got Ctrl-C (all of them stop at the same step)."""
+STOP_CHECK_EVERY = 10   # under DDP, steps between the collective that asks every process about Ctrl-C
+
+
+def _stop_requested(stop: StopOnSigint, ctx: DistContext, step: int) -> bool:
+    """Whether any process got Ctrl-C; under DDP asked every STOP_CHECK_EVERY steps (a collective and a host sync),
+    so that all processes stop at the same step."""
     if not ctx.distributed:
         return stop.requested
+    if step % STOP_CHECK_EVERY:
+        return False
     import torch.distributed as dist
     flag = torch.tensor([float(stop.requested)], device=ctx.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
