@@ -8,7 +8,8 @@ states; a resumed run reproduces an uninterrupted one exactly. With torchrun, DD
 its stages and timesteps from its own seed. A dense model name (DiT-S/2 ...) trains a dense DiT the same way.
 A progress bar (tqdm: step, last logged loss, ETA) runs on a terminal unless --no-progress. Ctrl-C (SIGINT) ends
 the step in progress (under torchrun, the next multiple of 10 steps), writes a checkpoint and exits with status 130;
-`--resume auto` (the default) goes on from the newest readable checkpoint, and log.jsonl keeps each step once. `args.json` in the run folder records the options as run.
+`--resume auto` (the default) goes on from the newest readable checkpoint, and log.jsonl keeps each step once.
+`args.json` in the run folder records the options as run.
 Exit status: 0 on success, 2 with one line `flexdit-finetune: error: ...` for a bad argument, file, data or device,
 130 after Ctrl-C.
 """
