@@ -1,16 +1,30 @@
-"""Latent datasets for fine-tuning: the shard format, its loader and checks, a synthetic generator, and a converter.
+"""Latent datasets for fine-tuning: the shard formats, their loaders and checks, a synthetic generator, and encoders.
 
-Shard format: a folder of `*.npz` files (read in sorted name order), each holding
+Class-conditional shard format: a folder of `*.npz` files (read in sorted name order), each holding
   `latents`  float16 or float32, (n, 4, h, w): VAE latents already multiplied by the VAE scaling factor (0.18215);
              for video, (n, T, 4, h, w): T frames of latents per clip;
   `labels`   int64 (any integer dtype is accepted), (n,): class indices in [0, num_classes).
 Every shard must have the same (4, h, w) (or (T, 4, h, w)). `python -m flexdit.data IMAGE_DIR OUT_DIR --vae VAE_DIR`
 writes shards from an ImageFolder tree (one sub-folder per class, classes sorted by name); it needs diffusers.
+
+Text-conditioned shard format (PixArt-α, SD3 / SD3.5, FLUX.1): a folder with `meta.json`
+  {"host": "pixart" | "sd3" | "flux", "image_size": int, "latent_channels": int, "max_sequence_length": int,
+   "count": int, "encoders": [names]}
+and `*.npz` shards whose arrays are named after the transformer's forward arguments:
+  `latents`                 float16, (n, C, h, w), scaled as the host's pipeline scales them (PixArt-α:
+                            × scaling_factor; SD3 / FLUX: (x − shift_factor) × scaling_factor); FLUX latents are
+                            not packed into 2×2 tokens;
+  `encoder_hidden_states`   float16, (n, L, D): the pipeline's `encode_prompt` output;
+  `encoder_attention_mask`  uint8, (n, L), 1 for caption tokens (PixArt-α only);
+  `pooled_projections`      float16, (n, P): CLIP's pooled embedding (SD3 / FLUX only).
+`python -m flexdit.data text IMAGE_DIR OUT_DIR --pipeline PIPELINE_DIR` writes them from images with captions.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import struct
 import zipfile
 from pathlib import Path
 
@@ -18,19 +32,55 @@ import numpy as np
 import torch
 
 __all__ = ["LatentShards", "write_shard", "make_synthetic_shards", "synthetic_latents", "encode_image_folder",
-           "VAE_SCALE"]
+           "TextShards", "write_text_shards", "encode_caption_folder", "TEXT_KEYS", "VAE_SCALE"]
 
 VAE_SCALE = 0.18215
 
 
-def write_shard(path, latents, labels) -> None:
-    """Write one shard atomically (temp file + os.replace)."""
-    latents = np.asarray(latents)
-    labels = np.asarray(labels, dtype=np.int64)
+def _save_npz(path, **arrays) -> None:
+    """np.savez (uncompressed: TextShards memory-maps the members) atomically: temp file + os.replace."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, latents=latents, labels=labels)
+    np.savez(tmp, **arrays)
     os.replace(tmp, path)
+
+
+def write_shard(path, latents, labels) -> None:
+    """Write one class-conditional shard atomically (temp file + os.replace)."""
+    _save_npz(path, latents=np.asarray(latents), labels=np.asarray(labels, dtype=np.int64))
+
+
+class _ShardWriter:
+    """Collects dicts of equally long arrays and writes `shard_00000.npz`, ... of exactly `shard_size` rows (the
+    last one may hold fewer) through `save(path, **arrays)`."""
+
+    def __init__(self, out_dir, shard_size: int, save=_save_npz):
+        self.out_dir, self.shard_size, self.save = Path(out_dir), int(shard_size), save
+        self.pending: dict[str, list] = {}
+        self.rows = self.total = 0
+        self.paths: list[Path] = []
+
+    def add(self, arrays: dict) -> None:
+        for k, v in arrays.items():
+            self.pending.setdefault(k, []).append(np.asarray(v))
+        n = len(next(iter(arrays.values())))
+        self.rows += n
+        self.total += n
+        while self.rows >= self.shard_size:
+            self._write(self.shard_size)
+
+    def close(self) -> list[Path]:
+        if self.rows:
+            self._write(self.rows)
+        return self.paths
+
+    def _write(self, n: int) -> None:
+        joined = {k: np.concatenate(v) for k, v in self.pending.items()}
+        path = self.out_dir / f"shard_{len(self.paths):05d}.npz"
+        self.save(path, **{k: v[:n] for k, v in joined.items()})
+        self.paths.append(path)
+        self.pending = {k: [v[n:]] for k, v in joined.items()}
+        self.rows -= n
 
 
 class LatentShards:
@@ -111,6 +161,234 @@ class LatentShards:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Text-conditioned shards (PixArt-α, SD3 / SD3.5, FLUX.1)
+# ---------------------------------------------------------------------------------------------------------------
+
+# host -> the arrays of its shards (the transformer's forward keyword names, and `latents`)
+TEXT_KEYS = {"pixart": ("latents", "encoder_hidden_states", "encoder_attention_mask"),
+             "sd3": ("latents", "encoder_hidden_states", "pooled_projections"),
+             "flux": ("latents", "encoder_hidden_states", "pooled_projections")}
+_META_INTS = ("image_size", "latent_channels", "max_sequence_length", "count")
+
+
+def _check_meta(meta, where: str) -> dict:
+    """The meta dict of a text shard folder, checked; ValueError starting with `where`."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where}: must be a JSON object, got {type(meta).__name__}")
+    missing = [k for k in ("host", *_META_INTS, "encoders") if k not in meta]
+    if missing:
+        raise ValueError(f"{where}: missing keys {missing}")
+    if meta["host"] not in TEXT_KEYS:
+        raise ValueError(f"{where}: host must be one of {sorted(TEXT_KEYS)}, got {meta['host']!r}")
+    for k in _META_INTS:
+        low = 0 if k == "count" else 1
+        if not isinstance(meta[k], int) or isinstance(meta[k], bool) or meta[k] < low:
+            raise ValueError(f"{where}: {k} must be an integer >= {low}, got {meta[k]!r}")
+    if not isinstance(meta["encoders"], list) or not all(isinstance(e, str) for e in meta["encoders"]):
+        raise ValueError(f"{where}: encoders must be a list of names, got {meta['encoders']!r}")
+    return meta
+
+
+def _check_text_arrays(arrays: dict, meta: dict, where: str, first: dict | None = None) -> int:
+    """The row count of one shard's arrays (numpy arrays or memmaps), after checking keys, ranks, dtypes and sizes
+    against the meta (and the first shard's per-row shapes, `first`); ValueError starting with `where`."""
+    host = meta["host"]
+    want = TEXT_KEYS[host]
+    missing, extra = sorted(set(want) - set(arrays)), sorted(set(arrays) - set(want))
+    if missing or extra:
+        raise ValueError(f"{where}: a {host} shard holds exactly {list(want)}; missing {missing}, unexpected {extra}")
+    lat, text = arrays["latents"], arrays["encoder_hidden_states"]
+    n = lat.shape[0] if lat.ndim else 0
+    if lat.ndim != 4 or lat.shape[1] != meta["latent_channels"] or lat.shape[2] != lat.shape[3]:
+        raise ValueError(f"{where}: latents must be (n, {meta['latent_channels']}, h, h), got {lat.shape}")
+    if text.ndim != 3 or text.shape[0] != n:
+        raise ValueError(f"{where}: encoder_hidden_states must be ({n}, L, D), got {text.shape}")
+    if host != "sd3" and text.shape[1] != meta["max_sequence_length"]:   # SD3 prepends CLIP's 77 tokens to T5's
+        raise ValueError(f"{where}: encoder_hidden_states has {text.shape[1]} tokens, meta.json's "
+                         f"max_sequence_length is {meta['max_sequence_length']}")
+    shapes = {"encoder_attention_mask": (n, text.shape[1]), "pooled_projections": (n, None)}
+    for k, v in arrays.items():
+        integer = k == "encoder_attention_mask"
+        ok = (np.issubdtype(v.dtype, np.integer) or v.dtype == np.bool_) if integer else \
+            v.dtype in (np.float16, np.float32)
+        if not ok:
+            raise ValueError(f"{where}: {k} must be {'integers' if integer else 'float16 or float32'}, got {v.dtype}")
+        if k in shapes:
+            want_shape = shapes[k]
+            if v.ndim != len(want_shape) or any(w is not None and w != s for w, s in zip(want_shape, v.shape)):
+                dims = ", ".join("P" if w is None else str(w) for w in want_shape)
+                raise ValueError(f"{where}: {k} must be ({dims}), got {v.shape}")
+        if first is not None and v.shape[1:] != first[k]:
+            raise ValueError(f"{where}: {k} rows are {v.shape[1:]}, the first shard's are {first[k]}")
+    return n
+
+
+def _npz_members(path: Path) -> dict:
+    """The arrays of an .npz file without reading them: a read-only memmap per stored (uncompressed) member, the
+    loaded array for a compressed one. Raises OSError / zipfile.BadZipFile / ValueError for a broken file."""
+    out = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+        for info in zf.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+            if info.compress_type != zipfile.ZIP_STORED:
+                with zf.open(info) as member:
+                    out[name] = np.lib.format.read_array(member, allow_pickle=False)
+                continue
+            fh.seek(info.header_offset)
+            local = fh.read(30)                  # the local file header: name and extra-field lengths at 26 and 28
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise zipfile.BadZipFile(f"member {info.filename} has no local header")
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            fh.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(fh)
+            if dtype.hasobject:
+                raise ValueError(f"member {info.filename} holds Python objects")
+            if int(np.prod(shape)) == 0:
+                out[name] = np.zeros(shape, dtype)
+            else:
+                out[name] = np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=fh.tell(),
+                                      order="F" if fortran else "C")
+    return out
+
+
+class TextShards(torch.utils.data.Dataset):
+    """The text-conditioned shards of a folder (see the module docstring), memory-mapped: a sample is read from
+    disk when it is asked for, so a folder may exceed the host's memory.
+
+    `ds[i]` is a dict with the shard's keys: float32 tensors, `encoder_attention_mask` (PixArt-α) a uint8 tensor;
+    `ds.meta` is meta.json. Raises ValueError naming the file, before any training, for a missing folder or
+    meta.json, a meta.json that is not valid, a shard that cannot be read, lacks or adds arrays, has ranks, dtypes or
+    per-row shapes that disagree with meta.json or the first shard, or a sample count other than meta's `count`;
+    when a sample is read, for NaN or inf in it or a mask that is not 0/1.
+    """
+
+    def __init__(self, folder):
+        root = Path(folder)
+        if not root.is_dir():
+            raise ValueError(f"data: {root} is not a folder")
+        meta_path = root / "meta.json"
+        if not meta_path.is_file():
+            raise ValueError(f"data: {meta_path}: missing (a text shard folder written by `python -m flexdit.data "
+                             f"--pipeline` or write_text_shards)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"data: {meta_path}: cannot read it ({type(e).__name__}: {e})") from None
+        self.meta = _check_meta(meta, f"data: {meta_path}")
+        self.files = sorted(root.glob("*.npz"))
+        if not self.files:
+            raise ValueError(f"data: no .npz shards in {root}")
+        self._starts, first, total = [], None, 0
+        for f in self.files:
+            try:
+                arrays = _npz_members(f)
+            except (OSError, EOFError, ValueError, zipfile.BadZipFile, struct.error) as e:
+                raise ValueError(f"data: {f}: cannot read the shard ({type(e).__name__}: {e})") from None
+            n = _check_text_arrays(arrays, self.meta, f"data: {f}", first)
+            first = first or {k: v.shape[1:] for k, v in arrays.items()}
+            self._starts.append(total)
+            total += n
+        if total != self.meta["count"]:
+            raise ValueError(f"data: {meta_path}: count is {self.meta['count']}, the shards hold {total} samples")
+        if total == 0:
+            raise ValueError(f"data: the shards in {root} hold no samples")
+        self._count = total
+        self._open: dict[int, dict] = {}         # shard index -> memmaps, opened lazily in each process
+
+    def __getstate__(self):                      # DataLoader workers re-open the memmaps
+        return {**self.__dict__, "_open": {}}
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index) -> dict:
+        index = int(index)
+        if not -self._count <= index < self._count:
+            raise IndexError(f"index {index} is out of range for {self._count} samples")
+        index %= self._count
+        k = int(np.searchsorted(self._starts, index, side="right")) - 1
+        if k not in self._open:
+            self._open[k] = _npz_members(self.files[k])
+        row = index - self._starts[k]
+        out = {}
+        for name, arr in self._open[k].items():
+            v = np.array(arr[row])
+            if name == "encoder_attention_mask":
+                if v.size and (v.min() < 0 or v.max() > 1):
+                    raise ValueError(f"data: {self.files[k]}: sample {row}: encoder_attention_mask is not 0/1")
+                out[name] = torch.from_numpy(v.astype(np.uint8))
+            else:
+                if not np.all(np.isfinite(v)):
+                    raise ValueError(f"data: {self.files[k]}: sample {row}: {name} contains NaN or inf")
+                out[name] = torch.from_numpy(v.astype(np.float32))
+        return out
+
+    def batch(self, indices, device=None) -> dict:
+        """The samples at `indices` stacked: a dict of (B, ...) tensors on `device`."""
+        items = [self[i] for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
+        return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
+
+
+def write_text_shards(folder, items: dict, meta: dict, shard_size: int = 1024) -> list[Path]:
+    """Write `items` (a dict of equally long arrays named as TEXT_KEYS[meta["host"]]) as text shards of at most
+    `shard_size` samples into `folder`, float arrays as float16 and the mask as uint8, then `meta.json` (its `count`
+    set to the number of samples). Returns the shard paths. ValueError naming the argument for bad items or meta."""
+    if int(shard_size) < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    if not isinstance(items, dict):
+        raise ValueError(f"items must be a dict of arrays, got {type(items).__name__}")
+    items = {k: np.asarray(v) for k, v in items.items()}
+    items = {k: v.astype(np.float16) if np.issubdtype(v.dtype, np.floating) and k != "encoder_attention_mask" else v
+             for k, v in items.items()}
+    if not isinstance(meta, dict):
+        raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
+    meta = _check_meta({**meta, "count": len(items["latents"]) if "latents" in items else 0}, "meta")
+    _check_text_arrays(items, meta, "items")
+    writer = _TextShardWriter(folder, meta, shard_size)
+    writer.add(items, "items")
+    return writer.close()
+
+
+class _TextShardWriter(_ShardWriter):
+    """A `_ShardWriter` of text shards (float16 arrays, uint8 mask) that writes meta.json, with the count, last."""
+
+    def __init__(self, folder, meta: dict, shard_size: int):
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"folder {folder}: exists and is not a folder")
+        if folder.is_dir() and (any(folder.glob("*.npz")) or (folder / "meta.json").exists()):
+            raise ValueError(f"folder {folder}: already holds shards or a meta.json; write into a new folder")
+        folder.mkdir(parents=True, exist_ok=True)
+        super().__init__(folder, shard_size)
+        self.meta = meta
+
+    def add(self, arrays: dict, where: str) -> None:
+        """Append samples; ValueError starting with `where` for NaN / inf or a mask that is not 0/1."""
+        out = {}
+        for k, v in arrays.items():
+            v = np.asarray(v)
+            if k == "encoder_attention_mask":
+                if v.size and (v.min() < 0 or v.max() > 1):
+                    raise ValueError(f"{where}: encoder_attention_mask must hold 0/1 values")
+                out[k] = v.astype(np.uint8)
+            else:
+                out[k] = v.astype(np.float16)
+                if not np.all(np.isfinite(out[k])):
+                    raise ValueError(f"{where}: {k} contains NaN or inf (or values beyond float16's range)")
+        super().add(out)
+
+    def close(self) -> list[Path]:
+        paths = super().close()
+        tmp = self.out_dir / "meta.json.tmp"
+        tmp.write_text(json.dumps({**self.meta, "count": self.total}, indent=2))
+        os.replace(tmp, self.out_dir / "meta.json")
+        return paths
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Synthetic data (tests and the CPU end-to-end proof)
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -168,6 +446,20 @@ def _center_crop(img, size: int):
     return arr[top:top + size, left:left + size]
 
 
+def _image_batch(paths, image_size: int) -> torch.Tensor:
+    """Images centre-cropped to image_size², as (B, 3, image_size, image_size) float32 in [-1, 1]; ValueError naming
+    the file for one that cannot be read."""
+    from PIL import Image
+    imgs = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                imgs.append(_center_crop(img.convert("RGB"), image_size))
+        except OSError as e:
+            raise ValueError(f"image {path}: cannot read it ({e})") from None
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
 def _progress(total: int, enabled: bool, desc: str):
     """A tqdm bar over `total` items, or None when disabled or tqdm is not installed."""
     if not enabled:
@@ -212,53 +504,29 @@ def encode_image_folder(image_dir, out_dir, vae_path, image_size: int = 256, sha
         from diffusers.models import AutoencoderKL
     except ImportError:
         raise ImportError("encode_image_folder needs diffusers (pip install flexdit[diffusers])") from None
-    from PIL import Image
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     vae = AutoencoderKL.from_pretrained(vae_path).to(device).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    pending_lat = np.zeros((0,), dtype=np.float16)
-    pending_lab = np.zeros((0,), dtype=np.int64)
-    shard_idx, total = 0, 0
-
-    def write(n: int):
-        nonlocal pending_lat, pending_lab, shard_idx
-        write_shard(out_dir / f"shard_{shard_idx:05d}.npz", pending_lat[:n], pending_lab[:n])
-        pending_lat, pending_lab = pending_lat[n:], pending_lab[n:]
-        shard_idx += 1
-
-    def load(path):
-        try:
-            with Image.open(path) as img:
-                return _center_crop(img.convert("RGB"), image_size)
-        except OSError as e:
-            raise ValueError(f"image {path}: cannot read it ({e})") from None
-
+    writer = _ShardWriter(out_dir, shard_size, lambda path, latents, labels: write_shard(path, latents, labels))
     bar = _progress(len(items), progress, "encoding")
     g = torch.Generator(device=device).manual_seed(0)
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        imgs = np.stack([load(p) for p, _ in chunk])
-        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+        x = _image_batch([p for p, _ in chunk], image_size)
         labels = np.array([c for _, c in chunk], dtype=np.int64)
         if flip:
             x = torch.cat([x, x.flip(-1)])
             labels = np.concatenate([labels, labels])
         with torch.no_grad():
             z = vae.encode(x.to(device=device, dtype=vae.dtype)).latent_dist.sample(generator=g) * VAE_SCALE
-        z = z.float().cpu().numpy().astype(np.float16)
-        pending_lat = z if len(pending_lab) == 0 else np.concatenate([pending_lat, z])
-        pending_lab = np.concatenate([pending_lab, labels])
-        total += len(labels)
-        while len(pending_lab) >= shard_size:
-            write(shard_size)
+        writer.add({"latents": z.float().cpu().numpy().astype(np.float16), "labels": labels})
         if bar is not None:
             bar.update(len(chunk))
-    if len(pending_lab):
-        write(len(pending_lab))
+    writer.close()
     if bar is not None:
         bar.close()
-    return total
+    return writer.total
 
 
 def main(argv=None) -> int:
