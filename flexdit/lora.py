@@ -110,12 +110,14 @@ def lora_info(model) -> dict | None:
     return _module(model).__dict__.get(HEADER)
 
 
-def trainable_state_dict(model) -> dict:
-    """What a LoRA run trains: the LoRA weights (peft's names, without the adapter name) and the fusion weights."""
+def trainable_state_dict(model, state_dict=None) -> dict:
+    """What a LoRA run trains: the LoRA weights (peft's names, without the adapter name) and the fusion weights,
+    taken from `state_dict` (a gathered copy of a sharded model's, module names as keys) when given."""
     from peft import get_peft_model_state_dict
     module = _module(model)
-    state = dict(get_peft_model_state_dict(module))
-    state.update({name: p for name, p in module.named_parameters() if _is_fusion(name)})
+    source = dict(module.named_parameters()) if state_dict is None else state_dict
+    state = dict(get_peft_model_state_dict(module, state_dict=state_dict))
+    state.update({name: p for name, p in source.items() if _is_fusion(name)})
     return state
 
 
