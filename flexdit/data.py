@@ -22,6 +22,7 @@ and `*.npz` shards whose arrays are named after the transformer's forward argume
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import struct
@@ -35,6 +36,7 @@ __all__ = ["LatentShards", "write_shard", "make_synthetic_shards", "synthetic_la
            "TextShards", "write_text_shards", "encode_caption_folder", "TEXT_KEYS", "VAE_SCALE"]
 
 VAE_SCALE = 0.18215
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def _save_npz(path, **arrays) -> None:
@@ -495,9 +497,8 @@ def encode_image_folder(image_dir, out_dir, vae_path, image_size: int = 256, sha
     classes = sorted(d.name for d in image_dir.iterdir() if d.is_dir())
     if not classes:
         raise ValueError(f"image_dir: {image_dir} has no class sub-folders")
-    exts = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
     items = [(p, c) for c, name in enumerate(classes) for p in sorted((image_dir / name).rglob("*"))
-             if p.suffix.lower() in exts]
+             if p.suffix.lower() in IMAGE_EXTS]
     if not items:
         raise ValueError(f"image_dir: no images under {image_dir}")
     try:
@@ -529,32 +530,276 @@ def encode_image_folder(image_dir, out_dir, vae_path, image_size: int = 256, sha
     return writer.total
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Captioned image folder → text shards (needs diffusers and transformers)
+# ---------------------------------------------------------------------------------------------------------------
+
+# diffusers pipeline class (model_index.json's _class_name) -> host kind of the text shard format
+PIPELINE_HOSTS = {"PixArtAlphaPipeline": "pixart", "PixArtSigmaPipeline": "pixart",
+                  "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+# host -> the components its prompt encoding needs
+_TEXT_COMPONENTS = {"pixart": ("tokenizer", "text_encoder"),
+                    "sd3": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2", "tokenizer_3",
+                            "text_encoder_3"),
+                    "flux": ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2")}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def pipeline_host(folder, flag: str = "--pipeline") -> tuple[str, str]:
+    """(host kind, pipeline class name) of a local diffusers pipeline folder, read from its model_index.json;
+    ValueError naming `flag` for a folder that is not one or holds a pipeline without text shards."""
+    folder = Path(folder)
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"{flag} {folder}: no model_index.json (not a diffusers pipeline folder saved with "
+                         "save_pretrained)")
+    try:
+        name = json.loads(index.read_text()).get("_class_name")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{flag} {index}: cannot read it ({type(e).__name__}: {e})") from None
+    if name not in PIPELINE_HOSTS:
+        raise ValueError(f"{flag} {folder}: a {name}; supported: {', '.join(PIPELINE_HOSTS)}")
+    return PIPELINE_HOSTS[name], name
+
+
+def read_captions(image_dir, caption_column: str = "text") -> list[tuple[Path, str]]:
+    """(image path, caption) pairs of a folder, in the convention of diffusers' training scripts: `metadata.jsonl`
+    (one JSON object a line with `file_name`, relative to the folder, and `caption_column`) when the folder has one,
+    in its order; else every image under the folder (sorted) with the caption in the `.txt` of the same name
+    beside it. ValueError naming the file for a bad line, a missing image or a missing caption."""
+    image_dir = Path(image_dir)
+    if not image_dir.is_dir():
+        raise ValueError(f"image_dir: {image_dir} is not a folder")
+    meta = image_dir / "metadata.jsonl"
+    pairs = []
+    if meta.is_file():
+        try:
+            lines = meta.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"{meta}: cannot read it ({type(e).__name__}: {e})") from None
+        for k, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{meta} line {k}: not JSON ({e})") from None
+            if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str):
+                raise ValueError(f"{meta} line {k}: needs a file_name string")
+            if not isinstance(entry.get(caption_column), str):
+                raise ValueError(f"{meta} line {k}: needs a {caption_column!r} string (the caption column)")
+            path = image_dir / entry["file_name"]
+            if not path.is_file():
+                raise ValueError(f"{meta} line {k}: {path} does not exist")
+            pairs.append((path, entry[caption_column]))
+    else:
+        for path in sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
+            txt = path.with_suffix(".txt")
+            if not txt.is_file():
+                raise ValueError(f"image {path}: no caption ({txt.name} beside it, or a metadata.jsonl in "
+                                 f"{image_dir})")
+            try:
+                pairs.append((path, txt.read_text(encoding="utf-8").strip()))
+            except (OSError, UnicodeDecodeError) as e:
+                raise ValueError(f"{txt}: cannot read it ({type(e).__name__}: {e})") from None
+    if not pairs:
+        raise ValueError(f"image_dir: no images under {image_dir}")
+    return pairs
+
+
+@contextlib.contextmanager
+def _loading_bars(enabled: bool):
+    """diffusers' and transformers' loading progress bars on or off inside the block, restored after it."""
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+    was = dlog.is_progress_bar_enabled(), tlog.is_progress_bar_enabled()
+    for log in (dlog, tlog):
+        log.enable_progress_bar() if enabled else log.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for log, on in zip((dlog, tlog), was):
+            log.enable_progress_bar() if on else log.disable_progress_bar()
+
+
+def load_text_pipeline(folder, device=None, dtype=torch.float32, flag: str = "--pipeline", transformer=False,
+                       progress: bool = False):
+    """(pipeline, host kind) from a local diffusers pipeline folder, on `device` in `dtype`; without its transformer
+    unless `transformer`; loading bars with `progress`. ValueError naming `flag` for a folder that is not a supported
+    pipeline, cannot be loaded, or lacks the VAE or a text encoder its host needs."""
+    host, name = pipeline_host(folder, flag)
+    try:
+        import diffusers
+        import transformers  # noqa: F401  (the text encoders)
+    except ImportError:
+        raise ValueError(f"{flag}: loading a pipeline needs diffusers and transformers "
+                         "(pip install flexdit[diffusers])") from None
+    extra = {} if transformer else {"transformer": None}
+    try:
+        with _loading_bars(progress):
+            pipe = getattr(diffusers, name).from_pretrained(folder, dtype=dtype, **extra)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+        raise ValueError(f"{flag} {folder}: cannot load the {name} ({type(e).__name__}: {e})") from None
+    missing = [c for c in ("vae", *_TEXT_COMPONENTS[host]) if getattr(pipe, c, None) is None]
+    if missing:
+        raise ValueError(f"{flag} {folder}: the {name} has no {', '.join(missing)} (needed to encode captions)")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device) if device is not None else pipe, host
+
+
+def encode_prompts(pipe, host: str, prompts: list[str], max_sequence_length: int, device) -> dict:
+    """The transformer's text inputs for `prompts` by the pipeline's own `encode_prompt` (no guidance): PixArt-α
+    {encoder_hidden_states (B, L, D), encoder_attention_mask (B, L)}; SD3 / FLUX {encoder_hidden_states,
+    pooled_projections (B, P)}."""
+    with torch.no_grad():
+        if host == "pixart":
+            text, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
+                                                  clean_caption=False, max_sequence_length=max_sequence_length)
+            return {"encoder_hidden_states": text, "encoder_attention_mask": mask}
+        if host == "sd3":
+            text, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device,
+                                                    do_classifier_free_guidance=False,
+                                                    max_sequence_length=max_sequence_length)
+        else:
+            text, pooled, _ = pipe.encode_prompt(prompts, None, device=device,
+                                                 max_sequence_length=max_sequence_length)
+        return {"encoder_hidden_states": text, "pooled_projections": pooled}
+
+
+def scale_latents(vae, z: torch.Tensor) -> torch.Tensor:
+    """VAE latents as the pipelines' transformers see them: (z − shift_factor) × scaling_factor (no shift for
+    PixArt-α's VAE)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (z - shift) * vae.config.scaling_factor
+
+
+def _default_max_sequence_length(pipe) -> int:
+    import inspect
+    return inspect.signature(type(pipe).__call__).parameters["max_sequence_length"].default
+
+
+def encode_caption_folder(image_dir, out_dir, pipeline, image_size: int | None = None, shard_size: int = 1024,
+                          batch_size: int = 16, max_sequence_length: int | None = None, caption_column: str = "text",
+                          device: str | None = None, precision: str = "fp32", flip: bool = False,
+                          progress: bool = False) -> int:
+    """Encode images with captions (see `read_captions`) with a local diffusers PixArt-α, SD3 / SD3.5 or FLUX.1
+    pipeline folder into text shards (`write_text_shards`' format); returns the number of samples written.
+
+    Images are centre-cropped and resized to `image_size` (default: the pipeline's, 128 latent pixels times the VAE
+    factor unless its transformer config says otherwise); latents are a sample of the VAE posterior (seeded) scaled as
+    the pipeline scales them; captions go through the pipeline's `encode_prompt` with `max_sequence_length` (default:
+    the pipeline's). With flip=True each image is also stored mirrored with the same caption.
+    """
+    for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if max_sequence_length is not None and max_sequence_length < 1:
+        raise ValueError(f"max_sequence_length must be >= 1, got {max_sequence_length}")
+    if precision not in _DTYPES:
+        raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {precision!r}")
+    pipeline_host(pipeline)
+    pairs = read_captions(image_dir, caption_column)
+    writer = _TextShardWriter(out_dir, {}, shard_size)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe, host = load_text_pipeline(pipeline, device, _DTYPES[precision], progress=progress)
+    factor = pipe.vae_scale_factor
+    if image_size is None:
+        config = Path(pipeline) / "transformer" / "config.json"
+        side = json.loads(config.read_text()).get("sample_size") if config.is_file() else None
+        image_size = (side or 128) * factor
+    if image_size < 1 or image_size % (2 * factor):
+        raise ValueError(f"image_size must be a positive multiple of {2 * factor} (the VAE's factor {factor} times "
+                         f"the 2x2 patch), got {image_size}")
+    max_sequence_length = max_sequence_length or _default_max_sequence_length(pipe)
+    components = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    writer.meta = {"host": host, "image_size": int(image_size),
+                   "latent_channels": int(pipe.vae.config.latent_channels),
+                   "max_sequence_length": int(max_sequence_length), "count": 0,
+                   "encoders": [type(getattr(pipe, c)).__name__ for c in components
+                                if getattr(pipe, c, None) is not None],
+                   "pipeline": type(pipe).__name__}
+    bar = _progress(len(pairs), progress, "encoding")
+    g = torch.Generator(device=device).manual_seed(0)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        x = _image_batch([p for p, _ in chunk], image_size)
+        captions = [c for _, c in chunk]
+        if flip:
+            x, captions = torch.cat([x, x.flip(-1)]), captions + captions
+        with torch.no_grad():
+            z = pipe.vae.encode(x.to(device=device, dtype=pipe.vae.dtype)).latent_dist.sample(generator=g)
+        arrays = {"latents": scale_latents(pipe.vae, z),
+                  **encode_prompts(pipe, host, captions, max_sequence_length, device)}
+        writer.add({k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
+                    for k, v in arrays.items()}, f"images {start}..{start + len(chunk) - 1} ({chunk[0][0].name}...)")
+        if bar is not None:
+            bar.update(len(chunk))
+    writer.close()
+    if bar is not None:
+        bar.close()
+    return writer.total
+
+
 def main(argv=None) -> int:
-    """`python -m flexdit.data IMAGE_DIR OUT_DIR --vae VAE_DIR`; 0 on success, 2 (one line) for a bad argument,
-    folder, image or device, or a missing diffusers."""
+    """`python -m flexdit.data IMAGE_DIR OUT_DIR --vae VAE_DIR` (class-conditional shards from an ImageFolder tree)
+    or `... --pipeline PIPELINE_DIR` (text shards from images with captions); 0 on success, 2 (one line) for a bad
+    argument, folder, image, caption or device, or a missing diffusers."""
     from ._cli import resolve_device, usage_errors
     prog = "python -m flexdit.data"
-    p = argparse.ArgumentParser(prog=prog,
-                                description="Encode an ImageFolder tree into FlexDiT latent shards (.npz).")
+    p = argparse.ArgumentParser(prog=prog, description="Encode images into FlexDiT latent shards (.npz): an "
+                                "ImageFolder tree with --vae, or images with captions with --pipeline.")
     p.add_argument("image_dir")
     p.add_argument("out_dir")
-    p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema)")
-    p.add_argument("--image-size", type=int, default=256)
-    p.add_argument("--shard-size", type=int, default=4096, help="latents per shard (the last one may hold fewer)")
-    p.add_argument("--batch-size", type=int, default=32)
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--vae", help="local diffusers AutoencoderKL folder (e.g. sd-vae-ft-ema): class-conditional "
+                      "shards from class sub-folders")
+    kind.add_argument("--pipeline", help="local diffusers PixArt-α, SD3 / SD3.5 or FLUX.1 pipeline folder: text "
+                      "shards (latents and the pipeline's text embeddings) from images captioned by a "
+                      "metadata.jsonl or a .txt beside each image")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="square image side (default: 256 with --vae, the pipeline's own with --pipeline)")
+    p.add_argument("--shard-size", type=int, default=None,
+                   help="samples per shard, the last one may hold fewer (default: 4096 with --vae, 1024 with "
+                        "--pipeline)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 32 with --vae, 16 with --pipeline")
     p.add_argument("--flip", action="store_true", help="also store horizontally mirrored copies")
+    text = p.add_argument_group("text shards (--pipeline)")
+    text.add_argument("--max-sequence-length", type=int, default=None,
+                      help="T5 tokens per caption (default: the pipeline's: PixArt-α 120, SD3 256, FLUX 512)")
+    text.add_argument("--caption-column", default=None, help="metadata.jsonl's caption key (default: text)")
+    text.add_argument("--precision", choices=sorted(_DTYPES), default=None,
+                      help="weights of the VAE and text encoders (default: fp32)")
     p.add_argument("--device", default=None)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     with usage_errors(prog):
+        if args.vae:
+            given = [f for f, v in (("--max-sequence-length", args.max_sequence_length),
+                                    ("--caption-column", args.caption_column), ("--precision", args.precision))
+                     if v is not None]
+            if given:
+                raise ValueError(f"{given[0]} is for text shards: it needs --pipeline, not --vae")
         device = str(resolve_device(args.device))
+
+        def default(value, vae_default, text_default):
+            return value if value is not None else vae_default if args.vae else text_default
+
+        shard_size, batch_size = default(args.shard_size, 4096, 1024), default(args.batch_size, 32, 16)
         try:
-            n = encode_image_folder(args.image_dir, args.out_dir, args.vae, image_size=args.image_size,
-                                    shard_size=args.shard_size, batch_size=args.batch_size, device=device,
-                                    flip=args.flip, progress=not args.no_progress)
+            if args.vae:
+                n = encode_image_folder(args.image_dir, args.out_dir, args.vae, image_size=default(args.image_size, 256, None),
+                                        shard_size=shard_size, batch_size=batch_size,
+                                        device=device, flip=args.flip, progress=not args.no_progress)
+            else:
+                n = encode_caption_folder(args.image_dir, args.out_dir, args.pipeline, image_size=args.image_size,
+                                          shard_size=shard_size, batch_size=batch_size,
+                                          max_sequence_length=args.max_sequence_length,
+                                          caption_column=args.caption_column or "text", device=device,
+                                          precision=args.precision or "fp32", flip=args.flip,
+                                          progress=not args.no_progress)
         except ImportError as e:
             raise ValueError(str(e)) from None
-    print(f"wrote {n} latents to {args.out_dir}")
+    print(f"wrote {n} {'latents' if args.vae else 'samples'} to {args.out_dir}")
     return 0
 
 
