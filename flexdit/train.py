@@ -276,6 +276,8 @@ def parse_args(argv=None):
                    help="activation checkpointing per block (the host's enable_gradient_checkpointing)")
     t.add_argument("--dry-run", action="store_true",
                    help="print parameters, trainable parameters and the per-GPU memory estimate, then exit")
+    t.add_argument("--world-size", type=int, default=None,
+                   help="with --dry-run: the number of GPUs to plan for (default: torchrun's world size)")
     t.add_argument("--weighting-scheme", choices=WEIGHTINGS, default="logit_normal",
                    help="SD3/FLUX: timestep density and loss weighting (diffusers' training scripts)")
     t.add_argument("--logit-mean", type=float, default=0.0)
@@ -339,9 +341,15 @@ def _check_flags(args, ctx: DistContext) -> int:
         raise ValueError(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
     if args.lora_alpha is not None and not args.lora_alpha > 0:
         raise ValueError(f"--lora-alpha must be > 0, got {args.lora_alpha}")
-    parts = ctx.world_size * args.grad_accum
+    if args.world_size is not None and not args.dry_run:
+        raise ValueError("--world-size is for --dry-run (torchrun sets the world size of a run)")
+    if args.world_size is None:
+        args.world_size = ctx.world_size
+    elif args.world_size < 1:
+        raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
+    parts = args.world_size * args.grad_accum
     if args.global_batch_size % parts:
-        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the {ctx.world_size} "
+        raise ValueError(f"--global-batch-size {args.global_batch_size} is not divisible by the {args.world_size} "
                          f"processes x --grad-accum {args.grad_accum}")
     return args.global_batch_size // parts
 
@@ -626,6 +634,20 @@ def _flow_scheduler(args, host: str, folder):
     return FlowMatchEulerDiscreteScheduler(shift=shift)
 
 
+def _host_plan(model, fields):
+    """The plan `apply_patch(model, fields)` would use (`Plan.coerce` with the host's depth, token grid and, for
+    SD3 / FLUX, default grid)."""
+    from .layers import to_pair
+    from .mmdit import host_of
+    from .plan import Plan
+    host = host_of(model)
+    if host is not None:
+        return host.coerce_plan(fields, sum(map(len, host.block_lists(model).values())), host.token_grid(model))
+    h, w = to_pair(model.config.sample_size)
+    p = model.config.patch_size
+    return Plan.coerce(fields, len(model.transformer_blocks), (h // p, w // p))
+
+
 def _text_schedule(args, plan, token_grid):
     """--r-min/--r-max or --grid (default rates DEFAULT_RATES) on the data's token grid, as for registry models."""
     from types import SimpleNamespace
@@ -700,7 +722,7 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
     if args.image_size is not None and args.image_size != meta["image_size"]:
         raise ValueError(f"--image-size {args.image_size}: the data {args.data} holds {meta['image_size']}² images")
     args.image_size = meta["image_size"]
-    if args.global_batch_size > len(data):
+    if args.global_batch_size > len(data) and not args.dry_run:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is larger than the data ({len(data)} "
                          f"samples in {args.data})")
     resume = None
@@ -730,25 +752,27 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
                          f"takes {model.config.in_channels}" + (" (4 per packed FLUX token)" if host == "flux" else ""))
     token_grid = (latent // patch, latent // patch)
     try:
-        apply_patch(model, plan_fields)
-        plan = model.__dict__["_flexdit_patch"].plan
+        plan = _host_plan(model, plan_fields)
         schedule = _text_schedule(args, plan, token_grid)
-        apply_patch(model, plan, schedule if schedule is not None else plan.grid)
+        # --dry-run measures the forward on the meta device at the densest grid (the largest activations)
+        fixed = max(schedule.grids) if schedule is not None and args.dry_run else plan.grid
+        apply_patch(model, plan, schedule if schedule is not None and not args.dry_run else fixed)
     except ValueError as e:
         raise ValueError(f"--model-args plan / --r-min/--r-max/--grid: {e}") from None
     if info is not None and schedule is not None and tuple(info["schedule"]["grids"]) != schedule.grids:
         raise ValueError(f"--resume: the checkpoint trained with grids {info['schedule']['grids']}, this run asks "
                          f"for {schedule.grids}")
-    if args.lora_rank is not None:
-        add_lora(model, args.lora_rank, parse_targets(args.lora_targets), args.lora_alpha)
-    if args.grad_checkpointing:
-        model.enable_gradient_checkpointing()
     objective = PixArtObjective() if host == "pixart" else FlowMatchingObjective(
         host, _flow_scheduler(args, host, scheduler_dir), args.weighting_scheme, args.logit_mean, args.logit_std,
         args.mode_scale, args.guidance_scale)
+    targets = parse_targets(args.lora_targets)
     if args.dry_run:
-        _print_memory_plan(args, ctx, model, objective, data, batch)
+        _print_memory_plan(args, model, objective, data, batch, targets)
         return None
+    if args.lora_rank is not None:
+        add_lora(model, args.lora_rank, targets, args.lora_alpha)
+    if args.grad_checkpointing:
+        model.enable_gradient_checkpointing()
 
     model.to(ctx.device).train()
     net = model
@@ -811,18 +835,14 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
                 record={"arch": host, "plan": str(plan), "lora": lora})
 
 
-def _print_memory_plan(args, ctx, model, objective, data, batch: int) -> None:
-    """--dry-run: flexdit.memory's estimate for this model, world size and micro-batch."""
-    try:
-        from .memory import format_memory_plan, memory_plan
-    except ImportError:
-        raise ValueError("--dry-run needs flexdit.memory (the memory estimator)") from None
+def _print_memory_plan(args, model, objective, data, batch: int, targets) -> None:
+    """--dry-run: `flexdit.memory`'s estimate for the model (on the meta device), world size and micro-batch."""
+    from .memory import format_memory_plan, memory_plan
     sample = {k: v[None].to("meta") for k, v in data[0].items()}
-    t = torch.zeros(1, dtype=torch.long)
-    inputs = objective.model_inputs(model, sample, sample["latents"], t)
-    plan = memory_plan(model, world_size=ctx.world_size, batch_size=batch, precision=args.precision,
-                       lora_rank=args.lora_rank, fsdp=args.fsdp, checkpointing=args.grad_checkpointing,
-                       sample_inputs=inputs)
+    inputs = objective.model_inputs(model, sample, sample["latents"], torch.zeros(1, dtype=torch.long))
+    plan = memory_plan(model, world_size=args.world_size, batch_size=batch, precision=args.precision,
+                       lora_rank=args.lora_rank, lora_targets=targets, fsdp=args.fsdp,
+                       checkpointing=args.grad_checkpointing, sample_inputs=inputs)
     print(format_memory_plan(plan))
 
 

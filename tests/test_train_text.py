@@ -81,7 +81,7 @@ def test_lora_resume_is_bit_exact(flux_data, tmp_path, monkeypatch):
 def test_full_finetune_of_other_hosts(model, tmp_path):
     host = model.split("-")[1]
     data = tmp_path / "data"
-    make_synthetic_text_shards(data, host, n=8, size=8, text_dim=64 if host == "pixart" else 64)
+    make_synthetic_text_shards(data, host, n=8, size=8)
     assert main(_args(data, tmp_path / "run", 2, model=model)) == 0
     log = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[-1])
     assert log["step"] == 2 and torch.isfinite(torch.tensor(log["loss"]))
@@ -159,6 +159,11 @@ def test_bad_flags_and_data_are_one_line_errors(flux_data, tmp_path, capsys):
 
 def test_dry_run_prints_the_memory_plan(flux_data, tmp_path, capsys):
     pytest.importorskip("flexdit.memory", reason="flexdit.memory comes with the t2idata branch")
-    assert main(_args(flux_data, tmp_path / "r", 2, ["--lora-rank", "4", "--dry-run"])) == 0
+    argv = _args(flux_data, tmp_path / "r", 2, ["--lora-rank", "4", "--dry-run", "--fsdp", "--world-size", "2"])
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "param" in out.lower() and not (tmp_path / "r" / "checkpoints").exists()
+    assert "LoRA rank 4, FSDP2 on 2 GPU(s), batch 2 per GPU" in out and "total per GPU" in out
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit):
+        main(_args(flux_data, tmp_path / "r", 2, ["--world-size", "2"]))
+    assert "--world-size is for --dry-run" in capsys.readouterr().err
