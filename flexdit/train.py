@@ -10,12 +10,20 @@ A progress bar (tqdm: step, last logged loss, ETA) runs on a terminal unless --n
 the step in progress (under torchrun, the next multiple of 10 steps), writes a checkpoint and exits with status 130;
 `--resume auto` (the default) goes on from the newest readable checkpoint, and log.jsonl keeps each step once.
 `args.json` in the run folder records the options as run.
+
+Text-to-image hosts (`--model`: a local diffusers PixArt-α / SD3 / FLUX transformer or pipeline folder, or a tiny
+host) are patched into FlexDiT and trained on text shards with their own objective (`flexdit.objectives`): all
+weights, or with `--lora-rank` LoRA adapters plus the fusion weights W1/W2 (`flexdit.lora`); under torchrun with DDP
+or, with `--fsdp`, FSDP2 (one unit per layer); checkpoints are `torch.distributed.checkpoint` folders of the trained
+weights and the optimiser. `--grad-accum` splits a process's batch into micro-batches that draw as the ranks of a
+larger run would, so one process with --grad-accum N equals N processes.
 Exit status: 0 on success, 2 with one line `flexdit-finetune: error: ...` for a bad argument, file, data or device,
 130 after Ctrl-C.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import math
@@ -24,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -667,11 +676,21 @@ def _dcp_state(model, optimizer) -> dict:
     return {"model": msd, "optim": osd}
 
 
+@contextlib.contextmanager
+def _one_process_dcp():
+    """torch.distributed.checkpoint in one process without a process group warns on every call that it assumes
+    one process: that is the intent here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def _load_dcp(path: Path, model, optimizer) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     state = _dcp_state(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
+    with _one_process_dcp():
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
 
@@ -810,7 +829,8 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
         if ctx.is_main and tmp.exists():
             shutil.rmtree(tmp)
         ctx.barrier()
-        dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp))
+        with _one_process_dcp():
+            dcp.save(_dcp_state(model, optimizer), checkpoint_id=str(tmp))
         ctx.barrier()
         if ctx.is_main:
             (tmp / DCP_INFO).write_text(json.dumps({
