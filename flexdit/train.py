@@ -754,9 +754,15 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
             raise ValueError(f"--resume {args.resume}: not a complete flexdit-finetune checkpoint folder (no "
                              f"{DCP_INFO})")
     info = json.loads((resume / DCP_INFO).read_text()) if resume else None
-    if info is not None and info.get("model") != args.model:
-        raise ValueError(f"--model {args.model} conflicts with the run being resumed ({resume}), which trains "
-                         f"{info.get('model')}; use another --out-dir or --resume none")
+    if info is not None:
+        ran = info.get("lora") or {}
+        asked = {"rank": args.lora_rank, "targets": parse_targets(args.lora_targets)}
+        for what, given, recorded in (("--model", args.model, info.get("model")),
+                                      ("--lora-rank", asked["rank"], ran.get("rank")),
+                                      ("--lora-targets", asked["targets"], ran.get("targets"))):
+            if given != recorded:
+                raise ValueError(f"{what} {given} conflicts with the run being resumed ({resume}), which has "
+                                 f"{recorded}; use another --out-dir or --resume none")
 
     overrides = parse_model_args(args.model_args)
     plan_fields = overrides.pop("plan", None)
@@ -800,7 +806,9 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
     elif ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
         net = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
-                  find_unused_parameters=True)   # a Poolingformer copy of an MMDiT block leaves q/k unused
+                  # full fine-tuning: a Poolingformer copy of an MMDiT block leaves its q/k weights unused (a LoRA
+                  # adapts none of them)
+                  find_unused_parameters=args.lora_rank is None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=args.precision == "fp16")

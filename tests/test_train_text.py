@@ -72,6 +72,9 @@ def test_lora_resume_is_bit_exact(flux_data, tmp_path, monkeypatch):
     assert names and all("lora_" in k or "fuse_" in k for k in names)
     log = [json.loads(line)["step"] for line in (tmp_path / "broken" / "log.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4]
+    with pytest.raises(SystemExit) as exc:      # a resumed run keeps its LoRA settings
+        main(_args(flux_data, tmp_path / "straight", 6, ["--lora-rank", "4"]))
+    assert exc.value.code == 2
     from safetensors.torch import load_file
     sa, sb = (load_file(tmp_path / d / "adapters.safetensors") for d in ("straight", "broken"))
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
