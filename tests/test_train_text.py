@@ -182,3 +182,25 @@ def test_lora_finetune_of_tiny_flux_learns(tmp_path):
     assert main(argv) == 0
     losses = [json.loads(x)["loss"] for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert len(losses) == 24 and sum(losses[-6:]) < 0.75 * sum(losses[:6]), losses
+
+
+def test_pipeline_folder_trains_with_its_scheduler(tmp_path, monkeypatch):
+    """--model a saved diffusers FluxPipeline folder: its transformer (from_pretrained) and its scheduler's sigmas."""
+    from flexdit import objectives
+
+    from .text_hosts import POOLED, T5_WIDTH, save_tiny_pipeline
+    folder = save_tiny_pipeline("flux", tmp_path / "pipe")
+    data = tmp_path / "data"
+    make_synthetic_text_shards(data, "flux", n=8, size=8, text_dim=T5_WIDTH, pooled_dim=POOLED)
+    seen = []
+    real = objectives.FlowMatchingObjective.__init__
+
+    def spy(self, host, scheduler=None, *a, **k):
+        seen.append(scheduler.config.shift)
+        real(self, host, scheduler, *a, **k)
+
+    monkeypatch.setattr(objectives.FlowMatchingObjective, "__init__", spy)
+    plan = {"plan": {"num_pool": 1, "num_modules": 1, "group": [1, 1, 1, 1], "num_top": 1}}     # depth 6
+    assert main(_args(data, tmp_path / "run", 1, ["--lora-rank", "2", "--lora-targets", "to_q", "--model-args",
+                                                  json.dumps(plan)], model=str(folder))) == 0
+    assert seen == [3.0] and (tmp_path / "run" / "adapters.safetensors").is_file()
