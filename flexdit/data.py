@@ -202,8 +202,8 @@ def _check_text_arrays(arrays: dict, meta: dict, where: str, first: dict | None 
         raise ValueError(f"{where}: a {host} shard holds exactly {list(want)}; missing {missing}, unexpected {extra}")
     lat, text = arrays["latents"], arrays["encoder_hidden_states"]
     n = lat.shape[0] if lat.ndim else 0
-    if lat.ndim != 4 or lat.shape[1] != meta["latent_channels"] or lat.shape[2] != lat.shape[3]:
-        raise ValueError(f"{where}: latents must be (n, {meta['latent_channels']}, h, h), got {lat.shape}")
+    if lat.ndim != 4 or lat.shape[1] != meta["latent_channels"]:
+        raise ValueError(f"{where}: latents must be (n, {meta['latent_channels']}, h, w), got {lat.shape}")
     if text.ndim != 3 or text.shape[0] != n:
         raise ValueError(f"{where}: encoder_hidden_states must be ({n}, L, D), got {text.shape}")
     if host != "sd3" and text.shape[1] != meta["max_sequence_length"]:   # SD3 prepends CLIP's 77 tokens to T5's
@@ -332,6 +332,8 @@ class TextShards(torch.utils.data.Dataset):
     def batch(self, indices, device=None) -> dict:
         """The samples at `indices` stacked: a dict of (B, ...) tensors on `device`."""
         items = [self[i] for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
+        if not items:
+            raise ValueError("indices: empty (a batch needs at least one sample)")
         return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
 
 

@@ -182,7 +182,7 @@ def memory_plan(model, *, world_size: int, batch_size: int, precision: str, lora
         raise ValueError(f"precision must be one of {sorted(_BYTES)}, got {precision!r}")
     if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
         raise ValueError(f"lora_rank must be a positive int or None, got {lora_rank!r}")
-    module = getattr(model, "transformer", model)
+    module = model if isinstance(model, nn.Module) else getattr(model, "transformer", None)
     if not isinstance(module, nn.Module):
         raise ValueError(f"model must be an nn.Module or a pipeline with a .transformer, got {type(model).__name__}")
     if sample_inputs is None:
