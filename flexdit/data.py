@@ -664,11 +664,14 @@ def load_text_pipeline(folder, device=None, dtype=torch.float32, flag: str = "--
 def encode_prompts(pipe, host: str, prompts: list[str], max_sequence_length: int, device) -> dict:
     """The transformer's text inputs for `prompts` by the pipeline's own `encode_prompt` (no guidance): PixArt-α
     {encoder_hidden_states (B, L, D), encoder_attention_mask (B, L)}; SD3 / FLUX {encoder_hidden_states,
-    pooled_projections (B, P)}."""
+    pooled_projections (B, P)}. PixArt-α's captions are cleaned as its pipeline cleans prompts by default: when
+    beautifulsoup4 and ftfy are installed."""
     with torch.no_grad():
         if host == "pixart":
+            from diffusers.utils import is_bs4_available, is_ftfy_available
             text, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
-                                                  clean_caption=False, max_sequence_length=max_sequence_length)
+                                                  clean_caption=is_bs4_available() and is_ftfy_available(),
+                                                  max_sequence_length=max_sequence_length)
             return {"encoder_hidden_states": text, "encoder_attention_mask": mask}
         if host == "sd3":
             text, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device,
