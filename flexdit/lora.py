@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .patch import _RECORD, _host   # _host: the model, or a pipeline's `.transformer`
+
 __all__ = ["DEFAULT_TARGETS", "FUSION", "add_lora", "lora_targets", "save_adapters", "load_adapters", "merge_lora",
            "trainable_state_dict", "lora_info", "parse_targets"]
 
@@ -62,18 +64,7 @@ def lora_targets(model: nn.Module, targets=None) -> list[str]:
     return names
 
 
-def _module(model):
-    """The nn.Module to adapt: the model, or a pipeline's `.transformer`."""
-    if isinstance(model, nn.Module):
-        return model
-    inner = getattr(model, "transformer", None)
-    if isinstance(inner, nn.Module):
-        return inner
-    raise ValueError(f"model: expected an nn.Module or a pipeline with a `.transformer`, got {type(model).__name__}")
-
-
 def _plan_of(module) -> str | None:
-    from .patch import _RECORD
     rec = module.__dict__.get(_RECORD)
     plan = rec.plan if rec is not None else getattr(getattr(module, "config", None), "plan", None)
     return None if plan is None or isinstance(plan, dict) else str(plan)
@@ -87,7 +78,7 @@ def add_lora(model, rank: int, targets=None, alpha: float | None = None, modules
     `lora_info(model)["modules"]` lists the adapted modules.
     """
     from peft import LoraConfig, inject_adapter_in_model
-    module = _module(model)
+    module = _host(model)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     alpha = float(rank if alpha is None else alpha)
@@ -107,15 +98,17 @@ def add_lora(model, rank: int, targets=None, alpha: float | None = None, modules
 
 def lora_info(model) -> dict | None:
     """{"rank", "alpha", "targets", "modules"} of the adapters in `model`, None without adapters."""
-    return _module(model).__dict__.get(HEADER)
+    return _host(model).__dict__.get(HEADER)
 
 
-def trainable_state_dict(model) -> dict:
-    """What a LoRA run trains: the LoRA weights (peft's names, without the adapter name) and the fusion weights."""
+def trainable_state_dict(model, state_dict=None) -> dict:
+    """What a LoRA run trains: the LoRA weights (peft's names, without the adapter name) and the fusion weights,
+    taken from `state_dict` (a gathered copy of a sharded model's, module names as keys) when given."""
     from peft import get_peft_model_state_dict
-    module = _module(model)
-    state = dict(get_peft_model_state_dict(module))
-    state.update({name: p for name, p in module.named_parameters() if _is_fusion(name)})
+    module = _host(model)
+    source = dict(module.named_parameters()) if state_dict is None else state_dict
+    state = dict(get_peft_model_state_dict(module, state_dict=state_dict))
+    state.update({name: p for name, p in source.items() if _is_fusion(name)})
     return state
 
 
@@ -124,7 +117,7 @@ def save_adapters(model, path, state_dict=None) -> Path:
     plan) to one safetensors file, atomically. `state_dict` replaces `trainable_state_dict(model)` (a gathered copy
     of a sharded model's)."""
     from safetensors.torch import save_file
-    module = _module(model)
+    module = _host(model)
     info = module.__dict__.get(HEADER)
     if info is None:
         raise ValueError("model has no LoRA adapters (add_lora or load_adapters first)")
@@ -163,7 +156,7 @@ def load_adapters(model, path, merge: bool = False):
     adapters into the base weights (plain `nn.Linear` again). Returns `model`. ValueError naming the file on a
     plan or key mismatch."""
     from peft import set_peft_model_state_dict
-    module = _module(model)
+    module = _host(model)
     header, tensors = read_adapters(path)
     plan = _plan_of(module)
     if header.get("plan") != plan:
@@ -201,7 +194,7 @@ def merge_lora(model):
     """Fold every LoRA adapter into its base layer and put the base `nn.Linear` back (peft's merge_and_unload for
     adapters injected without a PeftModel). Returns `model`."""
     from peft.tuners.lora import LoraLayer
-    module = _module(model)
+    module = _host(model)
     found = [(name, m) for name, m in module.named_modules() if isinstance(m, LoraLayer)]
     for name, layer in found:
         layer.merge(safe_merge=True)

@@ -40,6 +40,10 @@ class Objective:
         """(stage, t) for one step: t (B,) as `losses` takes it, all in one stage of `schedule` (stage 0 without)."""
         raise NotImplementedError
 
+    def model_inputs(self, model, batch: dict, x_t: torch.Tensor, t: torch.Tensor) -> dict:
+        """The keyword arguments of the transformer's forward for x_t at t (text-to-image hosts)."""
+        raise NotImplementedError
+
     def losses(self, model, batch: dict, t: torch.Tensor, noise: torch.Tensor, grid=None) -> dict:
         """{"loss": (B,), ...}: the training loss per sample at timesteps t with noise ε (the shape of the latents)."""
         raise NotImplementedError
@@ -76,16 +80,19 @@ class PixArtObjective(DiffusionObjective):
 
     name = "pixart"
 
-    def forward(self, model, batch, x_t, t, grid=None):
+    def model_inputs(self, model, batch, x_t, t) -> dict:
+        """The transformer's keyword arguments for x_t at timesteps t."""
         h, w = x_t.shape[-2:]
         added = {"resolution": None, "aspect_ratio": None}
-        if getattr(model, "use_additional_conditions", False):      # PixArt-α 1024²: size micro-conditions
+        if getattr(_unwrap(model), "use_additional_conditions", False):   # PixArt-α 1024²: size micro-conditions
             b = x_t.shape[0]
             added = {"resolution": torch.tensor([[8.0 * h, 8.0 * w]], device=x_t.device).repeat(b, 1),
                      "aspect_ratio": torch.tensor([[h / w]], device=x_t.device).repeat(b, 1)}
-        return model(x_t, encoder_hidden_states=batch["encoder_hidden_states"],
-                     encoder_attention_mask=batch.get("encoder_attention_mask"), timestep=t,
-                     added_cond_kwargs=added).sample
+        return dict(hidden_states=x_t, encoder_hidden_states=batch["encoder_hidden_states"],
+                    encoder_attention_mask=batch.get("encoder_attention_mask"), timestep=t, added_cond_kwargs=added)
+
+    def forward(self, model, batch, x_t, t, grid=None):
+        return model(**self.model_inputs(model, batch, x_t, t)).sample
 
     def losses(self, model, batch, t, noise, grid=None):
         x = batch["latents"]
@@ -96,8 +103,13 @@ class PixArtObjective(DiffusionObjective):
         return {"loss": mse, "mse": mse}
 
 
+def _unwrap(model):
+    """The module under a DistributedDataParallel wrapper."""
+    return getattr(model, "module", model)
+
+
 def _out_channels(model, default: int) -> int:
-    config = getattr(model, "config", None)
+    config = getattr(_unwrap(model), "config", None)
     out = getattr(config, "out_channels", None)
     return int(out) if out else default
 
@@ -167,22 +179,27 @@ class FlowMatchingObjective(Objective):
             n += len(idx)
         raise RuntimeError(f"stage {stage} of {schedule} is too rare under the {self.weighting} density")
 
-    def forward(self, model, batch, x_t, index):
-        """The prediction for x_t (B, C, H, W), in x_t's layout (FLUX: packed tokens (B, H/2·W/2, 4C))."""
+    def model_inputs(self, model, batch, x_t, index) -> dict:
+        """The transformer's keyword arguments for x_t (B, C, H, W) at scheduler indices `index` (FLUX: x_t packed
+        into tokens (B, H/2·W/2, 4C), with their ids and the guidance scale)."""
         b = x_t.shape[0]
-        t = self.model_timestep(index).to(x_t.device)
         kwargs = dict(encoder_hidden_states=batch["encoder_hidden_states"],
-                      pooled_projections=batch["pooled_projections"], return_dict=False)
+                      pooled_projections=batch["pooled_projections"], timestep=self.model_timestep(index).to(x_t.device),
+                      return_dict=False)
         if self.name == "sd3":
-            return model(hidden_states=x_t, timestep=t, **kwargs)[0]
+            return dict(kwargs, hidden_states=x_t)
         from diffusers import FluxPipeline
         c, h, w = x_t.shape[1:]
-        if getattr(model.config, "guidance_embeds", False):
+        if getattr(_unwrap(model).config, "guidance_embeds", False):
             kwargs["guidance"] = torch.full((b,), float(self.guidance), device=x_t.device)
-        return model(hidden_states=FluxPipeline._pack_latents(x_t, b, c, h, w), timestep=t,
-                     img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, x_t.dtype),
-                     txt_ids=torch.zeros(batch["encoder_hidden_states"].shape[1], 3, device=x_t.device,
-                                         dtype=x_t.dtype), **kwargs)[0]
+        return dict(kwargs, hidden_states=FluxPipeline._pack_latents(x_t, b, c, h, w),
+                    img_ids=FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, x_t.device, x_t.dtype),
+                    txt_ids=torch.zeros(batch["encoder_hidden_states"].shape[1], 3, device=x_t.device,
+                                        dtype=x_t.dtype))
+
+    def forward(self, model, batch, x_t, index):
+        """The prediction for x_t, in the transformer's layout (FLUX: packed tokens)."""
+        return model(**self.model_inputs(model, batch, x_t, index))[0]
 
     def losses(self, model, batch, t, noise, grid=None):
         from diffusers.training_utils import compute_loss_weighting_for_sd3
