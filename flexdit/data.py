@@ -62,7 +62,8 @@ class _ShardWriter:
         self.rows = self.total = 0
         self.paths: list[Path] = []
 
-    def add(self, arrays: dict) -> None:
+    def add(self, arrays: dict, where: str = "") -> None:
+        """Append samples (`where` names them in the errors of a subclass's checks)."""
         for k, v in arrays.items():
             self.pending.setdefault(k, []).append(np.asarray(v))
         n = len(next(iter(arrays.values())))
@@ -201,8 +202,8 @@ def _check_text_arrays(arrays: dict, meta: dict, where: str, first: dict | None 
         raise ValueError(f"{where}: a {host} shard holds exactly {list(want)}; missing {missing}, unexpected {extra}")
     lat, text = arrays["latents"], arrays["encoder_hidden_states"]
     n = lat.shape[0] if lat.ndim else 0
-    if lat.ndim != 4 or lat.shape[1] != meta["latent_channels"] or lat.shape[2] != lat.shape[3]:
-        raise ValueError(f"{where}: latents must be (n, {meta['latent_channels']}, h, h), got {lat.shape}")
+    if lat.ndim != 4 or lat.shape[1] != meta["latent_channels"]:
+        raise ValueError(f"{where}: latents must be (n, {meta['latent_channels']}, h, w), got {lat.shape}")
     if text.ndim != 3 or text.shape[0] != n:
         raise ValueError(f"{where}: encoder_hidden_states must be ({n}, L, D), got {text.shape}")
     if host != "sd3" and text.shape[1] != meta["max_sequence_length"]:   # SD3 prepends CLIP's 77 tokens to T5's
@@ -331,6 +332,8 @@ class TextShards(torch.utils.data.Dataset):
     def batch(self, indices, device=None) -> dict:
         """The samples at `indices` stacked: a dict of (B, ...) tensors on `device`."""
         items = [self[i] for i in (indices.tolist() if isinstance(indices, torch.Tensor) else indices)]
+        if not items:
+            raise ValueError("indices: empty (a batch needs at least one sample)")
         return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
 
 
@@ -510,18 +513,29 @@ def encode_image_folder(image_dir, out_dir, vae_path, image_size: int = 256, sha
     vae = AutoencoderKL.from_pretrained(vae_path).to(device).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = _ShardWriter(out_dir, shard_size, lambda path, latents, labels: write_shard(path, latents, labels))
-    bar = _progress(len(items), progress, "encoding")
     g = torch.Generator(device=device).manual_seed(0)
+
+    def encode(x, labels):
+        z = vae.encode(x.to(device=device, dtype=vae.dtype)).latent_dist.sample(generator=g) * VAE_SCALE
+        return {"latents": z.float().cpu().numpy().astype(np.float16), "labels": np.array(labels, dtype=np.int64)}
+
+    return _encode_batches(items, writer, encode, image_size, batch_size, flip, progress)
+
+
+def _encode_batches(items, writer, encode, image_size: int, batch_size: int, flip: bool, progress: bool) -> int:
+    """Feed (image path, payload) `items` in batches to `encode(images, payloads)` -> dict of arrays and the result
+    to `writer`; images (B, 3, image_size, image_size) in [-1, 1], with flip followed by their mirrors (the payloads
+    repeated). Returns the number of samples written."""
+    bar = _progress(len(items), progress, "encoding")
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
         x = _image_batch([p for p, _ in chunk], image_size)
-        labels = np.array([c for _, c in chunk], dtype=np.int64)
+        payloads = [v for _, v in chunk]
         if flip:
-            x = torch.cat([x, x.flip(-1)])
-            labels = np.concatenate([labels, labels])
+            x, payloads = torch.cat([x, x.flip(-1)]), payloads + payloads
         with torch.no_grad():
-            z = vae.encode(x.to(device=device, dtype=vae.dtype)).latent_dist.sample(generator=g) * VAE_SCALE
-        writer.add({"latents": z.float().cpu().numpy().astype(np.float16), "labels": labels})
+            arrays = encode(x, payloads)
+        writer.add(arrays, f"images {start}..{start + len(chunk) - 1} ({chunk[0][0]}, ...)")
         if bar is not None:
             bar.update(len(chunk))
     writer.close()
@@ -650,11 +664,14 @@ def load_text_pipeline(folder, device=None, dtype=torch.float32, flag: str = "--
 def encode_prompts(pipe, host: str, prompts: list[str], max_sequence_length: int, device) -> dict:
     """The transformer's text inputs for `prompts` by the pipeline's own `encode_prompt` (no guidance): PixArt-α
     {encoder_hidden_states (B, L, D), encoder_attention_mask (B, L)}; SD3 / FLUX {encoder_hidden_states,
-    pooled_projections (B, P)}."""
+    pooled_projections (B, P)}. PixArt-α's captions are cleaned as its pipeline cleans prompts by default: when
+    beautifulsoup4 and ftfy are installed."""
     with torch.no_grad():
         if host == "pixart":
+            from diffusers.utils import is_bs4_available, is_ftfy_available
             text, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device=device,
-                                                  clean_caption=False, max_sequence_length=max_sequence_length)
+                                                  clean_caption=is_bs4_available() and is_ftfy_available(),
+                                                  max_sequence_length=max_sequence_length)
             return {"encoder_hidden_states": text, "encoder_attention_mask": mask}
         if host == "sd3":
             text, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device,
@@ -718,26 +735,15 @@ def encode_caption_folder(image_dir, out_dir, pipeline, image_size: int | None =
                    "encoders": [type(getattr(pipe, c)).__name__ for c in components
                                 if getattr(pipe, c, None) is not None],
                    "pipeline": type(pipe).__name__}
-    bar = _progress(len(pairs), progress, "encoding")
     g = torch.Generator(device=device).manual_seed(0)
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        x = _image_batch([p for p, _ in chunk], image_size)
-        captions = [c for _, c in chunk]
-        if flip:
-            x, captions = torch.cat([x, x.flip(-1)]), captions + captions
-        with torch.no_grad():
-            z = pipe.vae.encode(x.to(device=device, dtype=pipe.vae.dtype)).latent_dist.sample(generator=g)
+
+    def encode(x, captions):
+        z = pipe.vae.encode(x.to(device=device, dtype=pipe.vae.dtype)).latent_dist.sample(generator=g)
         arrays = {"latents": scale_latents(pipe.vae, z),
                   **encode_prompts(pipe, host, captions, max_sequence_length, device)}
-        writer.add({k: v.float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy()
-                    for k, v in arrays.items()}, f"images {start}..{start + len(chunk) - 1} ({chunk[0][0].name}...)")
-        if bar is not None:
-            bar.update(len(chunk))
-    writer.close()
-    if bar is not None:
-        bar.close()
-    return writer.total
+        return {k: (v.float() if v.is_floating_point() else v).cpu().numpy() for k, v in arrays.items()}
+
+    return _encode_batches(pairs, writer, encode, image_size, batch_size, flip, progress)
 
 
 def main(argv=None) -> int:

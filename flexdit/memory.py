@@ -170,10 +170,12 @@ def memory_plan(model, *, world_size: int, batch_size: int, precision: str, lora
         checkpointing: activation checkpointing per block (both figures are measured; this picks the total's).
         sample_inputs: the forward's keyword arguments at batch 1, or a callable batch -> those.
 
-    Layout: trainable parameters in fp32 with fp32 gradients, AdamW's two fp32 states (and an fp32 EMA with `ema`);
-    frozen parameters (LoRA's base) in the compute dtype; under DDP with bf16/fp16 autocast keeps a compute-dtype
-    copy of the trainable weights for the backward pass. Returns a dict of counts and bytes (`format_memory_plan`
-    prints it). ValueError naming the argument for a bad one.
+    Layout: every parameter in the dtype the model stores it in (LoRA adapters in peft's); gradients, AdamW's two
+    states (and an EMA with `ema`) in the trainable parameters' dtypes. The compute copies are, under FSDP2, the
+    unsharded parameters of two blocks in the compute dtype (FSDP2's bf16 / fp16 mixed-precision policy) or as
+    stored (fp32); under DDP with bf16 / fp16, autocast's compute-dtype copies of the weights stored wider, which the
+    backward pass keeps. Returns a dict of counts and bytes (`format_memory_plan` prints it). ValueError naming the
+    argument for a bad one.
     """
     for name, value in (("world_size", world_size), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -182,7 +184,7 @@ def memory_plan(model, *, world_size: int, batch_size: int, precision: str, lora
         raise ValueError(f"precision must be one of {sorted(_BYTES)}, got {precision!r}")
     if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
         raise ValueError(f"lora_rank must be a positive int or None, got {lora_rank!r}")
-    module = getattr(model, "transformer", model)
+    module = model if isinstance(model, nn.Module) else getattr(model, "transformer", None)
     if not isinstance(module, nn.Module):
         raise ValueError(f"model must be an nn.Module or a pipeline with a .transformer, got {type(model).__name__}")
     if sample_inputs is None:
@@ -200,11 +202,17 @@ def memory_plan(model, *, world_size: int, batch_size: int, precision: str, lora
         if lora_info(meta) is None:
             add_lora(meta, lora_rank, lora_targets)
     meta.train()
+    c = _BYTES[precision]
     params = list(meta.parameters())
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
-    frozen = total - trainable
-    largest_block = max((sum(p.numel() for p in b.parameters()) for b in _blocks(meta)), default=0)
+    stored = sum(p.numel() * p.element_size() for p in params)
+    train_bytes = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+    if fsdp:        # the running and the prefetched block, all-gathered
+        copies = 2 * max((sum(p.numel() * (c if precision != "fp32" else p.element_size()) for p in b.parameters())
+                          for b in _blocks(meta)), default=0)
+    else:           # autocast's casts of the weights stored wider than the compute dtype
+        copies = sum(p.numel() * c for p in params if p.is_floating_point() and p.element_size() > c)
 
     nn.Module.to(meta, compute)                 # (diffusers' own `to` warns about fp32 modules on a cast)
     meta_inputs = {k: v.to("meta", dtype=compute if v.is_floating_point() else v.dtype)
@@ -213,15 +221,10 @@ def memory_plan(model, *, world_size: int, batch_size: int, precision: str, lora
     per_sample = {"full": saved["total"],
                   "checkpointed": saved["outside"] + saved["block_inputs"] + max(saved["blocks"], default=0)}
 
-    c = _BYTES[precision]
     shard = world_size if fsdp else 1
-    if fsdp:
-        copies = 2 * largest_block * c if precision != "fp32" else 0
-    else:
-        copies = trainable * c if precision != "fp32" else 0
-    grads = trainable * 4 * (2 if not fsdp and world_size > 1 else 1)
-    parts = {"weights": (trainable * 4 + frozen * c) / shard, "compute_copies": copies, "gradients": grads / shard,
-             "optimizer": trainable * 8 / shard, "ema": (trainable * 4 if ema else 0) / shard,
+    grads = train_bytes * (2 if not fsdp and world_size > 1 else 1)
+    parts = {"weights": stored / shard, "compute_copies": copies, "gradients": grads / shard,
+             "optimizer": 2 * train_bytes / shard, "ema": (train_bytes if ema else 0) / shard,
              "activations": per_sample["checkpointed" if checkpointing else "full"] * batch_size}
     parts = {k: int(round(v)) for k, v in parts.items()}
     return {"model": type(module).__name__, "world_size": world_size, "batch_size": batch_size,

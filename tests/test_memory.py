@@ -43,6 +43,22 @@ def test_saved_bytes_are_exact_on_a_toy():
     n = sum(p.numel() for p in Toy().parameters())
     assert plan["parameters"] == plan["trainable_parameters"] == n
     assert plan["bytes"]["weights"] == 4 * n and plan["bytes"]["optimizer"] == 8 * n
+    assert plan["bytes"]["compute_copies"] == 0                  # fp32 on one GPU: no casts, no gathers
+
+
+def test_bytes_follow_the_stored_dtypes_and_the_layout():
+    inputs = {"x": torch.zeros(1, 8)}
+    n = sum(p.numel() for p in Toy().parameters())
+    block = sum(p.numel() for p in Toy().blocks[0].parameters())
+    ddp = memory_plan(Toy(), world_size=2, batch_size=1, precision="bf16", sample_inputs=inputs)
+    assert ddp["bytes"]["compute_copies"] == 2 * n               # autocast's bf16 copies of the fp32 weights
+    assert ddp["bytes"]["gradients"] == 2 * 4 * n                # DDP's buckets hold a second copy
+    half = memory_plan(Toy().to(torch.bfloat16), world_size=2, batch_size=1, precision="bf16", sample_inputs=inputs)
+    assert half["bytes"]["weights"] == 2 * n and half["bytes"]["optimizer"] == 4 * n
+    assert half["bytes"]["compute_copies"] == 0
+    fsdp = memory_plan(Toy(), world_size=2, batch_size=1, precision="fp32", fsdp=True, sample_inputs=inputs)
+    assert fsdp["bytes"]["compute_copies"] == 2 * 4 * block      # two unsharded blocks
+    assert fsdp["bytes"]["weights"] == 4 * n / 2
 
 
 def test_attention_keeps_no_attention_weights():
@@ -79,7 +95,7 @@ def test_plan_on_tiny_flux_is_consistent(flux):
     lora = plan(lora_rank=4)
     assert lora["parameters"] > full["parameters"] and lora["trainable_parameters"] < full["trainable_parameters"] / 5
     assert lora["bytes"]["optimizer"] == 8 * lora["trainable_parameters"]
-    assert lora["bytes"]["weights"] < full["bytes"]["weights"]
+    assert lora["bytes"]["gradients"] < full["bytes"]["gradients"] / 5
     # FlexDiT's sparse layers keep fewer activations than the dense host
     assert act["full"] < plan(dense)["activations_per_sample"]["full"]
     text = format_memory_plan(lora)

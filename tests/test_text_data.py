@@ -95,7 +95,7 @@ def test_bad_folders_are_refused_naming_the_file(tmp_path):
         (lambda r: (r / "shard_00001.npz").write_bytes(b"not a zip"), "shard_00001.npz: cannot read the shard"),
         (lambda r: _rewrite(r / "shard_00001.npz", encoder_attention_mask=None), "missing ['encoder_attention_mask']"),
         (lambda r: _rewrite(r / "shard_00001.npz", labels=np.zeros(2)), "unexpected ['labels']"),
-        (lambda r: _rewrite(r / "shard_00001.npz", latents=np.zeros((2, 3, 4, 4), np.float16)), "(n, 4, h, h)"),
+        (lambda r: _rewrite(r / "shard_00001.npz", latents=np.zeros((2, 3, 4, 4), np.float16)), "(n, 4, h, w)"),
         (lambda r: _rewrite(r / "shard_00001.npz", latents=np.zeros((2, 4, 2, 2), np.float16)),
          "the first shard's are (4, 4, 4)"),
         (lambda r: _rewrite(r / "shard_00001.npz", encoder_hidden_states=np.zeros((2, L + 1, D), np.float16),
