@@ -609,10 +609,10 @@ def _host_class(name: str):
     return getattr(diffusers, cls), {}, path, sub
 
 
-def load_text_host(name: str, overrides: dict | None = None, device=None):
+def load_text_host(name: str, overrides: dict | None = None, device=None, dtype=torch.float32):
     """(transformer, host name, scheduler folder or None) for --model: a tiny host built at random (seeded by the
-    caller), or a local diffusers folder loaded in fp32; on `device="meta"` built from its config, holding no
-    memory (--dry-run)."""
+    caller), or a local diffusers folder, in `dtype`; on `device="meta"` built from its config, holding no memory
+    (--dry-run)."""
     import inspect
     cls, config, path, sub = _host_class(name)
     overrides = dict(overrides or {})
@@ -633,9 +633,11 @@ def load_text_host(name: str, overrides: dict | None = None, device=None):
             if overrides:
                 raise ValueError(f"--model-args: {sorted(overrides)} are not Plan fields (num_pool, num_modules, "
                                  f"group, num_top, grid); config fields apply to the tiny hosts only")
-            model = cls.from_pretrained(str(path), subfolder=sub, torch_dtype=torch.float32)
+            model = cls.from_pretrained(str(path), subfolder=sub, torch_dtype=dtype)
     except TypeError as e:
         raise ValueError(f"--model-args: {e}") from None
+    if not on_meta and path is None:
+        torch.nn.Module.to(model, dtype)      # (diffusers' own `to` warns about modules kept in fp32: none here)
     scheduler = path / "scheduler" if sub and (path / "scheduler").is_dir() else None
     return model, TEXT_HOSTS[cls.__name__], scheduler
 
@@ -773,7 +775,10 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
 
     plan_fields, overrides = split_plan_fields(parse_model_args(args.model_args))   # as flexdit-sample reads it
     torch.manual_seed(args.seed)
-    model, host, scheduler_dir = load_text_host(args.model, overrides, "meta" if args.dry_run else None)
+    # a LoRA's frozen base is stored in the compute dtype, what it trains in fp32 (as diffusers' LoRA scripts)
+    base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32) \
+        if args.lora_rank is not None else torch.float32
+    model, host, scheduler_dir = load_text_host(args.model, overrides, "meta" if args.dry_run else None, base_dtype)
     if meta["host"] != host:
         raise ValueError(f"--data {args.data} holds {meta['host']} inputs, --model {args.model} is a {host} host")
     latent = meta["image_size"] // 8
@@ -802,6 +807,9 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
         return None
     if args.lora_rank is not None:
         add_lora(model, args.lora_rank, targets, args.lora_alpha)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
     if args.grad_checkpointing:
         model.enable_gradient_checkpointing()
 

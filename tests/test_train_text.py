@@ -31,7 +31,7 @@ def flux_data(tmp_path_factory):
 def _args(data, out, steps, extra=(), model="tiny-flux", batch=4):
     return ["--model", model, "--data", str(data), "--out-dir", str(out), "--steps", str(steps),
             "--global-batch-size", str(batch), "--precision", "fp32", "--lr", "1e-3", "--ckpt-every", "2",
-            "--log-every", "1", "--quiet", "--r-min", "0.5", "--r-max", "0.9", *extra]
+            "--log-every", "1", "--quiet", "--r-min", "0.5", "--r-max", "0.9", *extra]     # extra's flags win
 
 
 def _trained(folder):
@@ -205,3 +205,17 @@ def test_pipeline_folder_trains_with_its_scheduler(tmp_path, monkeypatch):
     assert main(_args(data, tmp_path / "run", 1, ["--lora-rank", "2", "--lora-targets", "to_q", "--model-args",
                                                   json.dumps(plan)], model=str(folder))) == 0
     assert seen == [3.0] and (tmp_path / "run" / "adapters.safetensors").is_file()
+
+
+def test_bf16_lora_keeps_the_base_in_bf16_and_trains_in_fp32(flux_data, tmp_path, monkeypatch):
+    seen = {}
+    real = train_mod.train_step
+
+    def spy(model, *a, **k):
+        seen.update({n: (p.dtype, p.requires_grad) for n, p in model.named_parameters()})
+        return real(model, *a, **k)
+
+    monkeypatch.setattr(train_mod, "train_step", spy)
+    assert main(_args(flux_data, tmp_path / "run", 1, ["--lora-rank", "2", "--precision", "bf16"])) == 0
+    assert {d for d, trained in seen.values() if trained} == {torch.float32}
+    assert {d for d, trained in seen.values() if not trained} == {torch.bfloat16}
