@@ -713,17 +713,19 @@ def _full_trainable(model, fsdp: bool) -> dict:
                                                                 ignore_frozen_params=True))
 
 
-def _shard(model, precision: str):
-    """FSDP2: one unit per FlexDiT layer (every block list of the patched host), then the root; bf16 compute and
-    fp32 gradient reduction with --precision bf16."""
+def _shard(model, precision: str, ctx: DistContext):
+    """FSDP2 over the processes on --device: one unit per FlexDiT layer (every block list of the patched host), then
+    the root; bf16 compute and fp32 gradient reduction with --precision bf16."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from .lora import BLOCK_LISTS
+    mesh = init_device_mesh(ctx.device.type, (ctx.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if precision == "bf16" else MixedPrecisionPolicy()
     for attr in BLOCK_LISTS:
         for layer in getattr(model, attr, None) or []:
-            fully_shard(layer, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+            fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
@@ -813,11 +815,12 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
     if args.grad_checkpointing:
         model.enable_gradient_checkpointing()
 
-    model.to(ctx.device).train()
+    model.train()
     net = model
-    if args.fsdp:
-        _shard(model, args.precision)
-    elif ctx.distributed:
+    if args.fsdp:     # fully_shard moves each layer to the device as it shards it: no whole copy on one GPU
+        _shard(model, args.precision, ctx)
+    model.to(ctx.device)
+    if ctx.distributed and not args.fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         net = DDP(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None,
                   # full fine-tuning: a Poolingformer copy of an MMDiT block leaves its q/k weights unused (a LoRA
