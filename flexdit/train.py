@@ -250,9 +250,9 @@ def parse_args(argv=None):
                         "(random toy hosts), patched into FlexDiT and trained on text shards. "
                         "Default: the resumed run's, else the one --init records, else FlexDiT-XL/2")
     p.add_argument("--model-args", default=None,
-                   help="JSON object of config overrides (tiny models, layer plans); text-to-image hosts: the "
-                        "Plan fields (num_pool, num_modules, group, num_top, grid) as flexdit-sample takes them, "
-                        "and for the tiny hosts diffusers config fields")
+                   help="JSON object of config overrides (tiny models, layer plans); text-to-image hosts: "
+                        '{"plan": {Plan fields}} as flexdit-sample takes it and, for the tiny hosts, diffusers '
+                        "config fields")
     p.add_argument("--init", default=None,
                    help="dense DiT checkpoint (converted by the mapping) or FlexDiT checkpoint; none: random")
     p.add_argument("--init-weights", choices=["ema", "model"], default="ema",
@@ -618,8 +618,8 @@ def load_text_host(name: str, overrides: dict | None = None, device=None, dtype=
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(inspect.signature(cls.__init__).parameters))
     if unknown:       # diffusers' from_config would drop them with a warning
-        raise ValueError(f"--model-args: {unknown} are neither Plan fields (num_pool, num_modules, group, num_top, "
-                         f"grid) nor {cls.__name__} config fields")
+        raise ValueError(f"--model-args: {unknown} are not {cls.__name__} config fields (the plan goes in "
+                         f'{{"plan": {{...}}}})')
     on_meta = device is not None and torch.device(device).type == "meta"
     try:
         if path is None or on_meta:
@@ -631,8 +631,8 @@ def load_text_host(name: str, overrides: dict | None = None, device=None, dtype=
                 model = cls.from_config(config)
         else:
             if overrides:
-                raise ValueError(f"--model-args: {sorted(overrides)} are not Plan fields (num_pool, num_modules, "
-                                 f"group, num_top, grid); config fields apply to the tiny hosts only")
+                raise ValueError(f"--model-args: a diffusers folder takes only {{\"plan\": {{...}}}}, got "
+                                 f"{sorted(overrides)} (config fields apply to the tiny hosts)")
             model = cls.from_pretrained(str(path), subfolder=sub, torch_dtype=dtype)
     except TypeError as e:
         raise ValueError(f"--model-args: {e}") from None
@@ -736,7 +736,6 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
     from .lora import add_lora, lora_info, parse_targets, save_adapters, trainable_state_dict
     from .objectives import FlowMatchingObjective, PixArtObjective
     from .patch import apply_patch
-    from .plan import split_plan_fields
     for flag, value in (("--init", args.init), ("--num-classes", args.num_classes), ("--ema-decay", args.ema_decay)):
         if value is not None:
             raise ValueError(f"{flag} does not apply to a text-to-image host (--model {args.model}: its weights are "
@@ -775,7 +774,8 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
                 raise ValueError(f"{what} {given} conflicts with the run being resumed ({resume}), which has "
                                  f"{recorded}; use another --out-dir or --resume none")
 
-    plan_fields, overrides = split_plan_fields(parse_model_args(args.model_args))   # as flexdit-sample reads it
+    overrides = parse_model_args(args.model_args)
+    plan_fields = overrides.pop("plan", None)      # {"plan": {...}}, as flexdit-sample takes it
     torch.manual_seed(args.seed)
     # a LoRA's frozen base is stored in the compute dtype, what it trains in fp32 (as diffusers' LoRA scripts)
     base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.precision, torch.float32) \
@@ -790,7 +790,7 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
                          f"takes {model.config.in_channels}" + (" (4 per packed FLUX token)" if host == "flux" else ""))
     token_grid = (latent // patch, latent // patch)
     try:
-        plan = _host_plan(model, plan_fields or None)
+        plan = _host_plan(model, plan_fields)
         schedule = _text_schedule(args, plan, token_grid)
         # --dry-run measures the forward on the meta device at the densest grid (the largest activations)
         fixed = max(schedule.grids) if schedule is not None and args.dry_run else plan.grid

@@ -149,8 +149,8 @@ def test_bad_flags_and_data_are_one_line_errors(flux_data, tmp_path, capsys):
         (_args(bad, tmp_path / "r", 2), "meta.json"),
         (_args(flux_data, tmp_path / "r", 2, model=str(folder)), "is a UNet2DConditionModel"),
         (_args(flux_data, tmp_path / "r", 2, ["--global-batch-size", "6", "--grad-accum", "4"]), "not divisible"),
-        (_args(flux_data, tmp_path / "r", 2, ["--model-args", '{"num_pool": 40}']), "--model-args"),
-        (_args(flux_data, tmp_path / "r", 2, ["--model-args", '{"hidden": 3}']), "--model-args"),
+        (_args(flux_data, tmp_path / "r", 2, ["--model-args", '{"plan": {"num_pool": 40}}']), "--model-args"),
+        (_args(flux_data, tmp_path / "r", 2, ["--model-args", '{"num_pool": 1}']), "not FluxTransformer2DModel"),
         (["--model", "FlexDiT-S/2", "--data", str(flux_data), "--lora-rank", "4"], "for text-to-image hosts"),
     ]
     for argv, message in cases:
@@ -201,7 +201,7 @@ def test_pipeline_folder_trains_with_its_scheduler(tmp_path, monkeypatch):
         real(self, host, scheduler, *a, **k)
 
     monkeypatch.setattr(objectives.FlowMatchingObjective, "__init__", spy)
-    plan = {"num_pool": 1, "num_modules": 1, "group": [1, 1, 1, 1], "num_top": 1}     # depth 6
+    plan = {"plan": {"num_pool": 1, "num_modules": 1, "group": [1, 1, 1, 1], "num_top": 1}}     # depth 6
     assert main(_args(data, tmp_path / "run", 1, ["--lora-rank", "2", "--lora-targets", "to_q", "--model-args",
                                                   json.dumps(plan)], model=str(folder))) == 0
     assert seen == [3.0] and (tmp_path / "run" / "adapters.safetensors").is_file()
