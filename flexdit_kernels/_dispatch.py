@@ -152,13 +152,28 @@ def use_kernel(op: str, *tensors: torch.Tensor, kernel=None, reference=None, par
     the PyTorch path; the table's answer is the default where nothing is
     measured (FLEXDIT_TUNE=off or cached, tracing, capture)."""
     if not use_triton(*tensors):
-        return False
+        return _route(op, False, "backend")
     if _backend != "auto" or _triton_only:
-        return True
+        return _route(op, True, "backend")
     default = op not in AUTO_TABLE or table_path(op, **shape) == "triton"
     if kernel is None:
-        return default
-    return _tune.kernel_or_reference(op, kernel, reference, tensors, default, params=params)
+        return _route(op, default, "default")
+    return _route(op, _tune.kernel_or_reference(op, kernel, reference, tensors, default, params=params),
+                  f"tune={_tune.mode()}")
+
+
+_routes: Dict[str, str] = {}
+
+
+def _route(op: str, kernel: bool, why: str) -> bool:
+    _routes[op] = f"{'triton' if kernel else 'reference'} ({why})"
+    return kernel
+
+
+def last_route(op: str) -> Optional[str]:
+    """How the latest call of `op` (a forward op's name, or its name + "_backward") was routed, e.g. "triton
+    (tune=on)", "reference (backend)"; None before its first call. The bench prints it beside each row."""
+    return _routes.get(op)
 
 
 def opaque_call(*tensors: torch.Tensor) -> bool:
