@@ -158,11 +158,13 @@ def kernel_variant(op: str, *tensors: torch.Tensor, kernel=None, reference=None,
     other arguments they close over, part of the shape bucket; `space(*tensors)`: the op's configurations besides
     the heuristic, its `CONFIGS` entry), only a variant that proved right on this device runs, the fastest, and
     only where it beats the PyTorch path; the table's answer (the heuristic or the reference) is the default where
-    nothing is measured (FLEXDIT_TUNE=off or cached, tracing, capture, the CPU)."""
+    nothing is measured (FLEXDIT_TUNE=off or cached, tracing, capture, the CPU). On the "triton" backend and in
+    `triton_only()` the heuristic runs, or where `default` is False (attention's dense shapes on "triton") the
+    reference."""
     if not use_triton(*tensors):
         return _route(op, None, "backend")
     if _backend != "auto" or _triton_only:
-        return _route(op, {}, "backend")
+        return _route(op, None if default is False else {}, "backend")
     if default is None:
         default = op not in AUTO_TABLE or table_path(op, **shape) == "triton"
     if kernel is None:
