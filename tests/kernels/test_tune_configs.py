@@ -11,6 +11,7 @@ from flexdit_kernels import _adaln, _attention, _dispatch, _token_mean, _token_p
 
 @pytest.fixture(autouse=True)
 def fresh_cache(tmp_path, monkeypatch):
+    """FLEXDIT_TUNE=on, the "auto" backend and an empty cache in tmp_path (also used by test_tune_gpu.py)."""
     monkeypatch.setenv("FLEXDIT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("FLEXDIT_TUNE", "on")
     monkeypatch.delenv("FLEXDIT_TUNE_FILE", raising=False)
@@ -18,7 +19,7 @@ def fresh_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(_tune, "_warned", set())
     monkeypatch.setattr(_tune, "_memo", {})
     with _dispatch.backend("auto"):
-        yield
+        yield tmp_path / "cache"
 
 
 def _recording(monkeypatch, module, name, launched, wrong=None, unfit=None):

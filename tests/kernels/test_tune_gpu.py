@@ -10,22 +10,12 @@ import pytest
 import torch
 
 import flexdit_kernels as fk
-from flexdit_kernels import _dispatch, _token_pool, _tune
+from flexdit_kernels import _token_pool, _tune
+
+from .test_tune_configs import fresh_cache  # noqa: F401  (autouse: FLEXDIT_TUNE=on, "auto", an empty cache)
 
 pytestmark = pytest.mark.gpu
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("FLEXDIT_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("FLEXDIT_TUNE", "on")
-    monkeypatch.delenv("FLEXDIT_TUNE_FILE", raising=False)
-    monkeypatch.setattr(_tune, "_caches", {})
-    monkeypatch.setattr(_tune, "_warned", set())
-    monkeypatch.setattr(_tune, "_memo", {})
-    with _dispatch.backend("auto"):
-        yield tmp_path / "cache"
 
 
 def _row(op):
