@@ -5,10 +5,10 @@ fresh random inputs of that shape (never the caller's data), compares it with th
 variants that pass against the op's PyTorch path with CUDA events. An op's variants are its launcher's heuristic
 ("triton") and the configurations of its config space (`CONFIGS` beside the launcher, e.g. "triton:num_warps=8");
 a configuration that cannot launch on the device (`Unfit`: too much shared memory for a block there) is pruned
-before anything is timed. The fastest wins; the PyTorch path wins unless a
-variant beats it by more than `MARGIN`. A variant that fails (error over twice the PyTorch path's own error in the same
-dtype, a NaN, or an exception) is never used on that device, and one warning names the op, shape, dtype, device,
-Triton version and the error. Decisions are kept in one JSON file per software and hardware environment.
+before anything is timed. The fastest wins; the PyTorch path wins unless a variant beats it by more than `MARGIN`.
+A variant that fails (error over twice the PyTorch path's own error in the same dtype, a NaN, or an exception) is
+never used on that device, and one warning names the op, variant, shape, dtype, device, Triton version and the
+error. Decisions are kept in one JSON file per software and hardware environment.
 
 `FLEXDIT_TUNE`: "on" (default: check and tune on a miss), "cached" (use what the cache holds, the launchers' defaults
 for the rest), "off" (defaults only, no check: this skips the safety net). Nothing is checked or timed while a CUDA
