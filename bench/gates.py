@@ -19,6 +19,7 @@ DEFAULT_MAX_SPREAD = 0.05
 TIMING_SPREAD_FACTOR = 2.0
 # Dimensionless metrics that may be gated: speedups over the PyTorch path / dense model, fractions of ceilings.
 RATIO_METRICS = ("speedup",)
+GATE_FLAGS = ("--write-baseline", "--check", "--json", "--csv", "--tolerance", "--baseline-runs", "--max-spread")
 BASELINE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baselines")
 
 
@@ -41,7 +42,7 @@ def make_baseline(results: Results, argv: Sequence[str], tolerance: float = DEFA
         raise BaselineError("this run measured no speed ratios; nothing to write")
     return {"format": FORMAT, "gpu": results.tags["gpu"], "torch": results.tags.get("torch", ""),
             "triton": results.tags.get("triton", ""), "flexdit": results.tags.get("flexdit", ""),
-            "created": datetime.date.today().isoformat(), "argv": [a for a in argv if a not in ("",)],
+            "created": datetime.date.today().isoformat(), "argv": [a for a in argv if a],
             "tolerance": tolerance, "ratios": dict(sorted(r.items()))}
 
 
@@ -78,13 +79,7 @@ def noise_reasons(runs: Sequence[Results], max_spread: float = DEFAULT_MAX_SPREA
                 if spread > limit:
                     found.append((spread / limit, f"{row.suite}|{row.case}|{impl} timing spread (p80 - p20) / median "
                                                   f"= {spread:.1%} > {limit:.1%} in run {i + 1}"))
-    found.sort(key=lambda f: -f[0])
-    seen, out = set(), []
-    for _, reason in found:
-        if reason not in seen:
-            seen.add(reason)
-            out.append(reason)
-    return out
+    return list(dict.fromkeys(reason for _, reason in sorted(found, key=lambda f: -f[0])))
 
 
 def median_results(runs: Sequence[Results]) -> Results:
@@ -129,19 +124,15 @@ def _strip_gate_flags(argv: Sequence[str]) -> List[str]:
     """The command that reproduces a run, without output and gate flags (so `--check` can rerun it)."""
     out, skip = [], False
     for a in argv:
-        if skip:
-            skip = False
-            continue
         name = a.split("=", 1)[0]
-        if name in ("--write-baseline", "--check", "--json", "--csv", "--tolerance", "--baseline-runs",
-                    "--max-spread"):
-            skip = "=" not in a
-            continue
-        out.append(a)
+        if not skip and name not in GATE_FLAGS:
+            out.append(a)
+        skip = not skip and name in GATE_FLAGS and "=" not in a   # the flag's value is the next word
     return out
 
 
-def load_baseline(path: str) -> dict:
+def load_baseline(path: str, gpu: Optional[str] = None) -> dict:
+    """The baseline at `path`; BaselineError when it is missing or malformed, or recorded on another `gpu`."""
     if not os.path.exists(path):
         raise BaselineError(f"baseline {path} does not exist")
     try:
@@ -151,6 +142,8 @@ def load_baseline(path: str) -> dict:
         raise BaselineError(f"baseline {path} is not valid JSON: {err}") from err
     if data.get("format") != FORMAT or not isinstance(data.get("ratios"), dict) or "gpu" not in data:
         raise BaselineError(f"baseline {path} is not a format-{FORMAT} baseline (needs 'format', 'gpu', 'ratios')")
+    if gpu is not None and data["gpu"] != gpu:
+        raise BaselineError(f"baseline {path} is for GPU {data['gpu']!r}, but this run is on {gpu!r}")
     return data
 
 

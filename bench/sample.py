@@ -19,9 +19,9 @@ from flexdit import DensitySchedule
 from flexdit.diffusion import CudaGraphDenoiser, create_diffusion, grid_steps, sample_latents
 
 from .common import Results, bench_fn, fill_defaults, format_table, positive_int, synchronize
-from .model import autocast, build_models, dense_name, kernels_differ, per_image_macs, registry_names
+from .model import (MODES, autocast, build_models, dense_name, kernels_differ, model_inputs, per_image_macs,
+                    registry_names)
 
-MODES = ("eager", "compile", "cuda-graph")
 IMPLS = ("dense", "flexdit", "flexdit-ref")    # flexdit: Triton kernels (CUDA); flexdit-ref: the PyTorch reference
 CHAIN_STEPS = {"ddim": 50, "ddpm": 250}        # the paper's chains: 50-step DDIM and 250-step DDPM
 CPU_STEPS = 3
@@ -159,11 +159,7 @@ def count_macs_by_grid(name: str, image_size: int, grids) -> Optional[Dict]:
 
 def _check_kernels(flex, schedule, args, device, results) -> bool:
     """FlexDiT with the kernels against its reference path, one guided forward per grid, before any timing."""
-    latent = args.image_size // 8
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2 * args.batch_size, 4, latent, latent, generator=g).to(device)
-    t = torch.full((2 * args.batch_size,), 500, device=device)
-    y = torch.arange(2 * args.batch_size, device=device) % 1000
+    x, t, y = model_inputs(2 * args.batch_size, args.image_size, device, seed=1)   # the batch guidance runs
 
     def forward(grid, backend):
         with torch.no_grad(), autocast(device, args.torch_dtype), fk.backend(backend):

@@ -149,6 +149,8 @@ def test_model_profile_by_layer_kind(tmp_path):
     model = {(r["impl"], r["metric"]): r["value"] for r in rows if r["suite"] == "model"}
     assert model[("dense", "GMACs")] > model[("flexdit-ref", "GMACs")] > 0
     assert ("flexdit-ref", "speedup") in model and ("dense", "frac_matmul") in model
+    routes = {r["impl"]: r["route"] for r in rows if r["suite"] == "model" and r["metric"] == "ms"}
+    assert routes["flexdit-ref"] == "reference (backend)", routes   # the decision column: every op on its reference
     shares = {r["impl"]: r["value"] for r in rows if r["suite"] == "profile" and r["metric"] == "share"}
     for kind in ("Poolingformer", "generation", "sparse", "recovery", "dense", "final"):
         assert kind in shares, kind
@@ -179,11 +181,17 @@ def test_plot_writes_pngs(tmp_path):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_kernel_rows_carry_their_batch(tmp_path):
+def test_kernel_rows_carry_their_batch_and_route(tmp_path, capsys):
     jpath = tmp_path / "b.json"
-    assert main(["kernels", "--device", "cpu", "--op", "token_mean", "--repeats", "1", "--json", str(jpath)]) == 0
+    assert main(["kernels", "--device", "cpu", "--op", "token_mean", "--backward", "--repeats", "1",
+                 "--json", str(jpath)]) == 0
     rows = [r for r in json.loads(jpath.read_text())["rows"] if r["suite"] == "kernels"]
     assert rows and all(r["batch"] == int(r["case"].split("B=")[1].split()[0]) for r in rows)
+    routes = {(r["case"].split()[-1], r["impl"]): r["route"] for r in rows if r["metric"] == "ms"}
+    assert routes == {("fwd", "flexdit-ref"): "reference (backend)", ("fwd", "torch"): "",
+                      ("fwd+bwd", "flexdit-ref"): "reference (backend)", ("fwd+bwd", "torch"): ""}
+    headers = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("case ")]
+    assert headers[-1][-1] == "route"   # the kernels table (after the ceiling's) ends with the decision column
 
 
 def test_wrong_attention_gradient_is_failed(monkeypatch, capsys):
