@@ -55,6 +55,17 @@ fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
 open_fraction = _number(float, lambda v: 0 < v < 1, "a fraction in (0, 1)")
 
 
+def parse_list(text: Optional[str], allowed: Sequence[str], flag: str) -> Optional[List[str]]:
+    """The comma-separated subset of `allowed` that `text` names (None for None), without repeats; ValueError naming
+    `--flag` otherwise."""
+    if text is None:
+        return None
+    items = [m.strip() for m in str(text).split(",") if m.strip()]
+    if not items or any(m not in allowed for m in items):
+        raise ValueError(f"--{flag} takes a comma-separated subset of {', '.join(allowed)}, got {text!r}")
+    return list(dict.fromkeys(items))
+
+
 def fill_defaults(args, defaults: Dict[str, tuple], on_cpu: bool) -> None:
     """Set each option left unset to its (GPU, CPU) default."""
     for name, (gpu_value, cpu_value) in defaults.items():

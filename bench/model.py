@@ -15,8 +15,8 @@ from flexdit import (DensitySchedule, DiT_models, FlexDiT, FlexDiT_models, creat
                      set_fused)
 from flexdit.diffusion import CudaGraphDenoiser
 
-from .common import (Results, bench_fn, fill_defaults, first_line, format_table, matmul_tflops, peak_memory_mib,
-                     positive_int, synchronize)
+from .common import (Results, bench_fn, fill_defaults, first_line, format_table, matmul_tflops, parse_list,
+                     peak_memory_mib, positive_int, synchronize)
 from .fixtures import TARGETS as PATCH_TARGETS   # hosts patched in place by `flexdit.apply_patch` (diffusers)
 from .kernels import OPS, route_summary
 
@@ -75,10 +75,10 @@ def validate(parser, args, device: torch.device) -> None:
     """Fill the device's defaults; every bad argument is `parser.error` (one line, exit 2)."""
     fill_defaults(args, DEFAULTS, device.type == "cpu")
     args.model = dense_name(args.model, parser, registry_names() + list(PATCH_TARGETS))
-    if args.impls is not None:
-        impls = [i.strip() for i in args.impls.split(",") if i.strip()]
-        if not impls or any(i not in IMPLS for i in impls):
-            parser.error(f"--impls {args.impls!r}: choose from {','.join(IMPLS)}")
+    try:
+        args.impl_list = parse_list(args.impls, IMPLS, "impls")
+    except ValueError as err:
+        parser.error(str(err))
     if args.mode == "cuda-graph" and device.type != "cuda":
         parser.error("--mode cuda-graph needs a CUDA GPU")
     if args.model in PATCH_TARGETS:
@@ -200,24 +200,12 @@ def make_forward(model, inputs, kwargs, mode: str, device, dtype, backend: str):
 @contextlib.contextmanager
 def kind_ranges(model: FlexDiT):
     """Wrap each block (and the embedders and final layer) in a `record_function("kind:<name>")` range via hooks."""
-    handles, stack = [], []
-
-    def pre(name):
-        def hook(module, args):
-            rf = torch.profiler.record_function(f"kind:{name}")
-            rf.__enter__()
-            stack.append(rf)
-        return hook
-
-    def post(module, args, output):
-        stack.pop().__exit__(None, None, None)
-
+    stack, handles = [], []
     targets = [(m, "embed") for m in (model.x_embedder, model.t_embedder, model.y_embedder)]
-    targets += [(b, k) for b, k in zip(model.blocks, model.kinds)]
-    targets.append((model.final_layer, "final"))
-    for module, kind in targets:
-        handles.append(module.register_forward_pre_hook(pre(KIND_NAMES[kind])))
-        handles.append(module.register_forward_hook(post))
+    for module, kind in [*targets, *zip(model.blocks, model.kinds), (model.final_layer, "final")]:
+        rf = functools.partial(torch.profiler.record_function, f"kind:{KIND_NAMES[kind]}")
+        handles.append(module.register_forward_pre_hook(lambda m, args, rf=rf: stack.append(rf().__enter__())))
+        handles.append(module.register_forward_hook(lambda m, args, out: stack.pop().__exit__(None, None, None)))
     try:
         yield
     finally:
@@ -297,15 +285,15 @@ def profile_families(forward, device, iters: int = 3):
 
 def forward_routes(forward: Callable[[str], object], backend: str, device) -> str:
     """How the flexdit_kernels ops that `forward(backend)` calls are routed (`bench.kernels.route_summary`; "" when
-    it calls none). On a GPU a forward under another backend comes first, so every op the forward calls records a
-    route that differs from the one it had, and the ops it does not call are left out; on the CPU (the reference
-    everywhere) every op with a recorded route is listed."""
-    before = {}
+    it calls none). On a GPU a forward under another backend comes first, so that every op the forward calls records
+    a route other than the one it had and the ops it does not call are left out. On the CPU every call records
+    "reference (backend)": the ops the forward changed, and those that hold that route, are listed."""
     if device.type == "cuda":
         forward("triton" if backend == "reference" else "reference")
-        before = {op: fk.last_route(op) for op in OPS}
+    before = {op: fk.last_route(op) for op in OPS}
     forward(backend)
-    return route_summary([op for op in OPS if fk.last_route(op) != before.get(op)])
+    return route_summary([op for op in OPS if fk.last_route(op) != before[op]
+                          or device.type != "cuda" and fk.last_route(op) == "reference (backend)"])
 
 
 def _build(args, device, results: Results):
@@ -345,8 +333,8 @@ def run(args, results: Results, device: torch.device) -> None:
         variants.insert(1, ("flexdit", flex, flex_kw, "auto"))
         if args.model not in PATCH_TARGETS:   # the diffusers hosts' own blocks have no fused form
             variants.insert(1, ("dense-fused", set_fused(copy.deepcopy(dense)), dense_kw, "auto"))
-    if getattr(args, "impls", None):
-        wanted = {"dense"} | {i.strip() for i in args.impls.split(",")}
+    if getattr(args, "impl_list", None):
+        wanted = {"dense", *args.impl_list}
         dropped = [v[0] for v in variants if v[0] not in wanted]
         variants = [v for v in variants if v[0] in wanted]
         if dropped:

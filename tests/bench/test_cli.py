@@ -1,5 +1,6 @@
 """The harness itself on the CPU: argument errors, output schema, the default run, sampling and the profile."""
 import csv
+import os
 import json
 
 import pytest
@@ -337,3 +338,23 @@ def test_no_import_cycle_in_bench():
     def reaches(start, node, seen):
         return any(dep == start or (dep not in seen and reaches(start, dep, seen | {dep})) for dep in graph[node])
     assert not [name for name in graph if reaches(name, name, {name})], graph
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs a kernel through the Triton interpreter")
+def test_model_routes_name_only_the_ops_a_forward_calls():
+    """The decision column of `model`: on a GPU a forward under another backend comes first, so an op the forward
+    does not call (token_pool here, routed earlier) stays out of the summary."""
+    import flexdit_kernels as fk
+    from bench.model import forward_routes
+    x = torch.randn(2, 16, 8)
+    with fk.backend("reference"):
+        fk.token_pool(x, (4, 4), (2, 2))
+
+    def forward(backend):
+        with fk.backend(backend):
+            return fk.token_mean(x)
+
+    gpu = torch.device("cuda")   # the GPU's logic, on CPU tensors that the interpreter runs
+    assert forward_routes(forward, "reference", gpu) == "reference (backend)"
+    assert forward_routes(forward, "triton", gpu) == "triton (backend)"
+    assert forward_routes(forward, "reference", torch.device("cpu")) == "reference (backend)"
