@@ -358,3 +358,26 @@ def test_model_routes_name_only_the_ops_a_forward_calls():
     assert forward_routes(forward, "reference", gpu) == "reference (backend)"
     assert forward_routes(forward, "triton", gpu) == "triton (backend)"
     assert forward_routes(forward, "reference", torch.device("cpu")) == "reference (backend)"
+
+
+def test_cuda_graph_mode_captures_flexdit_at_its_grid(monkeypatch):
+    """`model --mode cuda-graph` replays FlexDiT at --grid (the graph is captured with a one-grid schedule), the dense
+    DiT without one."""
+    import bench.model
+    seen = []
+
+    class Graphs:   # CudaGraphDenoiser's interface, without a GPU
+        def __init__(self, model, warmup):
+            self.model = model
+
+        def model_fn(self, y, schedule=None):
+            seen.append(schedule and schedule.grid(500))
+            return lambda x, t: self.model(x, t, y, **({"grid": schedule.grid(500)} if schedule else {}))
+
+    monkeypatch.setattr(bench.model, "CudaGraphDenoiser", Graphs)
+    inputs = (torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    for kwargs in ({"grid": 3}, {}):
+        fwd, _ = bench.model.make_forward(lambda x, t, y, **kw: kw, inputs, kwargs, "cuda-graph", torch.device("cpu"),
+                                          torch.float32, "reference")
+        assert fwd() == kwargs
+    assert seen == [3, None]
