@@ -120,11 +120,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return suite.run_cli(args, parser)
     on_cpu = args.device == "cpu" or (args.device == "auto" and (not has_gpu() or args.command == "overhead"))
     device = torch.device("cpu" if on_cpu else "cuda")
+    suite.validate(parser, args, device)   # fills the defaults that depend on the device; errors: parser.error
     if on_cpu and args.device == "auto" and not default_run and args.command in MEASURES:
         print(f"no GPU: torch.cuda.is_available() is False on this machine, so `{args.command}` has nothing to "
               f"measure. Pass --device cpu for a tiny run of the reference path (indicative only).")
         return 0
-    suite.validate(parser, args, device)   # fills the defaults that depend on the device; errors: parser.error
     args.torch_dtype = DTYPES[args.dtype]
     if getattr(args, "worker", None):   # one op family for a parent run that validated the arguments
         return suite.worker_main(args, device)

@@ -14,8 +14,6 @@ import sys
 import xml.etree.ElementTree as ET
 from typing import List, Optional
 
-from .common import Results
-
 STEP_FIELDS = ("name", "kind", "status", "rc", "seconds", "timeout", "log", "artifact", "note")
 
 
@@ -63,6 +61,7 @@ def bench_table(payload: dict) -> str:
     command = (payload.get("argv") or [""])[0]
     if command not in ("kernels", "model", "sample", "overhead"):
         return ""
+    from .common import Results   # torch: only when there is a table to print
     try:
         return importlib.import_module(f"bench.{command}").table(Results.from_json(payload))
     except Exception as err:   # a table is a convenience; the rows are in summary.json whatever happens
@@ -73,13 +72,15 @@ def _step_detail(st: dict, log: str, artifact: str, env: dict, bench: dict, fail
     """The detail column of one step (filling `st`, `bench` and `failures` with what its artifact says)."""
     detail = []
     if st["kind"] == "pytest":
-        st["tests"], st["failed_tests"] = counts, bad = pytest_detail(artifact)
+        counts, bad = pytest_detail(artifact)
+        st.update(tests=counts, failed_tests=bad)
         detail += [counts] if counts else []
         failures += [f"{st['name']}: {t}" for t in bad[:20]]
         if len(bad) > 20:
             failures.append(f"{st['name']}: ... and {len(bad) - 20} more failed tests")
     elif st["kind"] == "sanitize":
-        st["memcheck_errors"], st["report"] = errors, report = sanitizer_errors(log), _load_json(artifact)
+        errors, report = sanitizer_errors(log), _load_json(artifact)
+        st.update(memcheck_errors=errors, report=report)
         if report:
             n_ok = sum(r["status"] == "ok" for r in report["launches"])
             detail.append(f"{n_ok}/{len(report['launches'])} launches right")

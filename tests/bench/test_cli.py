@@ -296,11 +296,12 @@ def test_a_typo_names_the_closest_subcommand_under_the_programs_own_name(argv0, 
         assert len(err) == 1 and err[0].startswith(f"{prog}: error: ") and said in err[0], err
 
 
-def test_unknown_model_lists_every_model_of_the_registry(capsys):
+@pytest.mark.parametrize("device", [["--device", "cpu"], []])   # a bad argument comes before "no GPU"
+def test_unknown_model_lists_every_model_of_the_registry(device, capsys):
     from flexdit import DiT_models, FlexDiT_models
     from bench.fixtures import TARGETS
     with pytest.raises(SystemExit) as exc:
-        main(["model", "--device", "cpu", "--model", "nope"])
+        main(["model", *device, "--model", "nope"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert all(f" {name}," in err or err.rstrip().endswith(name)
