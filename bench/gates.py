@@ -3,10 +3,10 @@ import datetime
 import json
 import os
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from .common import Results, Row, gpu_slug
+from .common import Results, gpu_slug, open_out
 
 FORMAT = 1
 DEFAULT_TOLERANCE = 0.10
@@ -82,39 +82,23 @@ def noise_reasons(runs: Sequence[Results], max_spread: float = DEFAULT_MAX_SPREA
     return list(dict.fromkeys(reason for _, reason in sorted(found, key=lambda f: -f[0])))
 
 
-def median_results(runs: Sequence[Results]) -> Results:
-    """A Results whose ratio rows are the per-key medians over `runs` (tags of the first run)."""
-    out = Results(tags=dict(runs[0].tags))
-    per_run = [ratios(r) for r in runs]
-    for row in runs[0].rows:
-        if row.metric in RATIO_METRICS and all(row.key() in r for r in per_run):
-            value = statistics.median(r[row.key()] for r in per_run)
-            out.rows.append(Row(**{**asdict(row), "value": value}))
-    return out
-
-
 def write_baseline(results: Results, path: str, argv: Sequence[str], tolerance: float = DEFAULT_TOLERANCE,
                    runs: Optional[Sequence[Results]] = None, max_spread: float = DEFAULT_MAX_SPREAD):
     """Write the baseline of one run, or of the medians of repeated `runs` after the noise guard (BaselineError:
     too noisy, with the worst reason in one line)."""
-    spreads = None
+    payload = make_baseline(results, _strip_gate_flags(argv), tolerance)
     if runs is not None:
         reasons = noise_reasons(runs, max_spread)
         if reasons:
             more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
             raise BaselineError(f"not writing {path}: the measurement is too noisy for a baseline: {reasons[0]}{more}; "
                                 f"rerun on a quiet machine or raise --max-spread")
-        results = median_results(runs)
-        per_run = [ratios(r) for r in runs]
-        spreads = {k: (max(r[k] for r in per_run) - min(r[k] for r in per_run)) / v if v else 0.0
-                   for k, v in ratios(results).items()}
-    payload = make_baseline(results, _strip_gate_flags(argv), tolerance)
-    if spreads is not None:
-        payload["runs"] = len(runs)
-        payload["max_spread"] = max_spread
-        payload["spread"] = dict(sorted(spreads.items()))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+        per_run = [ratios(r) for r in runs]   # the noise guard made sure that every run has every ratio
+        payload["ratios"] = {k: statistics.median(r[k] for r in per_run) for k in payload["ratios"]}
+        payload.update(runs=len(runs), max_spread=max_spread, spread={
+            k: (max(r[k] for r in per_run) - min(r[k] for r in per_run)) / v if v else 0.0
+            for k, v in payload["ratios"].items()})
+    with open_out(path) as f:
         json.dump(payload, f, indent=1)
         f.write("\n")
     return payload
