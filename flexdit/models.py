@@ -176,8 +176,8 @@ class DiT(_DiTShell):
 #################################################################################
 
 @dataclass
-class BackboneConfig:
-    """A DiT-style backbone's size and the FlexDiT `Plan` it runs (default: the decided plan for its depth)."""
+class FlexDiTConfig:
+    """A class-conditional DiT's size plus FlexDiT's layer plan (default: the decided plan for its depth)."""
 
     input_size: Union[int, Tuple[int, int]] = 32
     patch_size: int = 2
@@ -188,6 +188,8 @@ class BackboneConfig:
     mlp_ratio: float = 4.0
     learn_sigma: bool = True
     plan: Optional[Plan] = None
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
 
     def __post_init__(self):
         if isinstance(self.input_size, (list, tuple)):
@@ -212,14 +214,6 @@ class BackboneConfig:
         if plan_kw:
             rest["plan"] = {**(rest.get("plan") or {}), **plan_kw}
         return cls(**rest)
-
-
-@dataclass
-class FlexDiTConfig(BackboneConfig):
-    """A class-conditional DiT's size plus FlexDiT's layer plan."""
-
-    class_dropout_prob: float = 0.1
-    num_classes: int = 1000
 
     def dit_kwargs(self) -> dict:
         """Constructor arguments of the dense DiT this FlexDiT is built from."""
