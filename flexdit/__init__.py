@@ -8,7 +8,7 @@ from .diffusers_convert import (dit_from_diffusers, dit_state_dict_from_diffuser
 from .diffusion import GaussianDiffusion, create_diffusion, sample_latents
 from .flops import MacCount, count_macs, count_ops  # fvcore is imported only when counting MACs
 from .models import DiT, DiT_models, FlexDiT, FlexDiT_models, FlexDiTConfig, create_model, flexdit_config
-from .patch import FlexPatch, apply_patch, is_patched, remove_patch
+from .patch import FlexPatch, apply_patch, is_patched, remove_patch, set_checkpointing
 from .plan import Plan, parse_grid
 from .router import FlexLayer, RouteState, set_fused
 from .save import load_patched, save_patched
@@ -27,7 +27,7 @@ __all__ = [
     "DensitySchedule", "diffusion", "GaussianDiffusion", "create_diffusion", "sample_latents",
     # patching models in place; diffusers conversions
     "Plan", "parse_grid", "FlexLayer", "RouteState", "set_fused",
-    "apply_patch", "remove_patch", "is_patched", "FlexPatch", "save_patched", "load_patched",
+    "apply_patch", "remove_patch", "is_patched", "FlexPatch", "set_checkpointing", "save_patched", "load_patched",
     "dit_from_diffusers", "dit_state_dict_from_diffusers", "use_diffusers_timesteps_",
     "FlexLatte", "FlexLatteConfig",
     "pixart_state_dict_from_diffusers",

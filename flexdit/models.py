@@ -64,6 +64,8 @@ class FinalLayer(nn.Module):
 class _DiTShell(nn.Module):
     """Embedders, positional table, final layer and (un)patchify shared by DiT and FlexDiT."""
 
+    gradient_checkpointing = False  # recompute every block in the backward (see `flexdit.set_checkpointing`)
+
     def __init__(self, input_size, patch_size, in_channels, hidden_size, num_heads, class_dropout_prob,
                  num_classes, learn_sigma):
         super().__init__()
@@ -159,14 +161,15 @@ class DiT(_DiTShell):
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
         super().__init__(input_size, patch_size, in_channels, hidden_size, num_heads, class_dropout_prob,
                          num_classes, learn_sigma)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.route_state = RouteState()
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, state=self.route_state)
+                                     for _ in range(depth)])
         self.initialize_weights()
 
     def forward(self, x, t, y):
         """x: (B, C_in, H, W) latents, t: (B,) timesteps, y: (B,) labels → (B, out_channels, H, W)."""
         x, c = self.embed(x, t, y)       # (B, N, C)
-        for block in self.blocks:
-            x = block(x, c)
+        x = self.route_state.run(self.blocks, x, self.token_grid, None, c, checkpointing=self.gradient_checkpointing)
         x = self.final_layer(x, c)       # (B, N, p*p*out)
         return self.unpatchify(x)
 
@@ -254,7 +257,8 @@ class FlexDiT(_DiTShell):
         hw = self.token_grid
         grid = self.config.plan.sparse_grid(grid, hw)
         x, c = self.embed(x, t, y)                                      # (B, N, C)
-        x = self.route_state.run(self.blocks, x, hw, grid, c)           # (B, N, C)
+        x = self.route_state.run(self.blocks, x, hw, grid, c,
+                                 checkpointing=self.gradient_checkpointing)  # (B, N, C)
         x = self.final_layer(x, c)                                      # (B, N, p*p*out)
         return self.unpatchify(x)
 

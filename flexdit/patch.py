@@ -18,7 +18,7 @@ from .layers import adaln_silu, to_pair
 from .mmdit import MMDiTRouteState, host_of
 from .models import FlexDiTConfig
 from .plan import Plan, Slot, parse_grid
-from .router import FlexLayer, RouteState
+from .router import FlexLayer, Routed, RouteState
 
 _RECORD = "_flexdit_patch"
 
@@ -157,7 +157,7 @@ class VideoRouteState(RouteState):
         self.batch, self.frames = None, None
 
 
-class TemporalFlexLayer(nn.Module):
+class TemporalFlexLayer(Routed):
     """The temporal half of a Latte spatial/temporal pair: a copy of the temporal `BasicTransformerBlock`, run as is.
 
     It attends across the T frames over the tokens its spatial layer left: the N dense tokens, or, where the spatial
@@ -343,9 +343,6 @@ def _token_grid(module, target) -> Tuple[int, int]:
 def _patched_forward(self, *args, **kwargs):
     """The host's own forward with the token grid and the sparse grid for this call set first."""
     rec = getattr(self, _RECORD)
-    if torch.is_grad_enabled() and getattr(self, "gradient_checkpointing", False):
-        raise ValueError("the host's gradient checkpointing is not supported on a patched model "
-                         "(layers share per-forward state): disable it")
     bound = rec.signature.bind(*args, **kwargs).arguments
     x, t = bound.get(rec.x_name), bound.get(rec.t_name)
     if x is None or t is None:
@@ -358,8 +355,13 @@ def _patched_forward(self, *args, **kwargs):
     video = isinstance(st, VideoRouteState)
     if video and x.dim() != 5:
         raise ValueError(f"{rec.x_name} must be a clip (B, C, T, H, W), got shape {tuple(x.shape)}")
+    # The host's gradient checkpointing becomes the layers' own (they recompute with the route state they saw);
+    # the host's loop calls them directly meanwhile.
+    checkpointing = getattr(self, "gradient_checkpointing", False)
     st.begin(hw, _grid_of(rec.plan.grid if rec.schedule is None else rec.schedule, t, hw) if rec.plan.num_modules
-             else None)
+             else None, checkpointing)
+    if checkpointing:
+        self.gradient_checkpointing = False
     try:
         if video:
             st.begin_clip(x.shape[0], x.shape[2])
@@ -370,6 +372,8 @@ def _patched_forward(self, *args, **kwargs):
         return type(self).forward(self, *args, **kwargs)
     finally:
         st.clear()
+        if checkpointing:
+            self.gradient_checkpointing = checkpointing
 
 
 def apply_patch(model, plan=None, schedule=None):
@@ -518,3 +522,27 @@ def remove_patch(model):
 
 def is_patched(model) -> bool:
     return _RECORD in _host(model).__dict__
+
+
+def set_checkpointing(model, on: bool = True):
+    """Turn activation checkpointing on or off: every block or FlexDiT layer is recomputed in the backward
+    (`torch.utils.checkpoint`, use_reentrant=False), same outputs and gradients, less activation memory; returns
+    `model`.
+
+    model: a FlexDiT, DiT or FlexLatte, a patched model or pipeline, or a diffusers model (DDP wrappers are looked
+    through). On a diffusers model this is its own `enable_gradient_checkpointing()` / `disable_...()`, which a
+    patched one honours too; the project's models and a patched DiT-layout module read `gradient_checkpointing`.
+    """
+    module = getattr(model, "module", model)
+    host = module if hasattr(module, "enable_gradient_checkpointing") else getattr(module, "transformer", None)
+    if hasattr(host, "enable_gradient_checkpointing"):       # diffusers models, FlexLatte and pipelines hold one
+        if on:
+            host.enable_gradient_checkpointing()
+        else:
+            host.disable_gradient_checkpointing()
+    elif isinstance(module, nn.Module) and (hasattr(module, "route_state") or _RECORD in module.__dict__):
+        module.gradient_checkpointing = bool(on)
+    else:
+        raise ValueError(f"model: cannot checkpoint a {type(module).__name__}; expected a FlexDiT, DiT or FlexLatte, "
+                         f"a patched model or a diffusers model")
+    return model
