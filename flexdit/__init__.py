@@ -13,13 +13,14 @@ from .plan import Plan, parse_grid
 from .router import FlexLayer, RouteState, set_fused
 from .save import load_patched, save_patched
 from .schedule import DensitySchedule
+from .sizes import ModelArgs
 from .video import FlexLatte, FlexLatteConfig
 
 __version__ = "0.1.0"
 
 __all__ = [
     # models, conversion, checkpoints
-    "DiT", "FlexDiT", "FlexDiTConfig", "DiT_models", "FlexDiT_models", "create_model", "flexdit_config",
+    "DiT", "FlexDiT", "FlexDiTConfig", "DiT_models", "FlexDiT_models", "ModelArgs", "create_model", "flexdit_config",
     "from_dit", "map_dense_state_dict", "load_model", "model_config", "load_dit_checkpoint", "load_flexdit",
     "save_flexdit", "read_checkpoint",
     "load_state_dict_strict", "check_state_dict",

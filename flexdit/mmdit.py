@@ -38,6 +38,7 @@ import flexdit_kernels as fk
 from .layers import to_pair
 from .plan import Plan, Slot
 from .router import FlexLayer, RouteState
+from .sizes import SIZES
 
 
 #################################################################################
@@ -399,19 +400,9 @@ def host_of(module) -> Optional[MMDiTHost]:
 #                 Real sizes (random weights): bench pairs and MACs             #
 #################################################################################
 
-# name -> (target, diffusers config, text tokens). FLUX.1-dev is diffusers' default FluxTransformer2DModel with the
-# guidance embedding (512 T5 tokens); SD3.5 takes 77 CLIP + 256 T5 tokens.
-MMDIT_SIZES = {
-    "FLUX.1-dev": ("flux", dict(guidance_embeds=True), 512),
-    "SD3.5-medium": ("sd3", dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                                 num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                                 pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
-                                 dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"), 333),
-    "SD3.5-large": ("sd3", dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
-                                num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-                                pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
-                                qk_norm="rms_norm"), 333),
-}
+# name -> (target, diffusers config, text tokens), read off `flexdit.sizes`.
+MMDIT_SIZES = {name: (args.host, args.diffusers_config(), args.text_tokens) for name, args in SIZES.items()
+               if args.host in ("flux", "sd3")}
 BENCH_NAMES = {"flux": "FLUX.1-dev", "sd3": "SD3.5-medium", "sd3-large": "SD3.5-large"}
 
 # Tiny configurations of depth 12 (the decided plan for 12 applies) for CPU runs: hidden 64, 2 heads of 32.

@@ -10,6 +10,7 @@ from .diffusion import check_labels, check_timesteps
 from .layers import LabelEmbedder, Mlp, PatchEmbed, SiLU, TimestepEmbedder, get_2d_sincos_pos_embed, to_pair
 from .plan import GridLike, Plan, Slot, split_plan_fields
 from .router import FlexLayer, RouteState, norm_modulate, set_fused
+from .sizes import ModelArgs, names as size_names
 
 
 #################################################################################
@@ -267,21 +268,17 @@ class FlexDiT(_DiTShell):
 #                                   Registry                                    #
 #################################################################################
 
-DiT_SIZES = {
-    "S": dict(depth=12, hidden_size=384, num_heads=6),
-    "B": dict(depth=12, hidden_size=768, num_heads=12),
-    "L": dict(depth=24, hidden_size=1024, num_heads=16),
-    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
-}
-
-DiT_models = {f"DiT-{s}/{p}": dict(patch_size=p, **kw) for s, kw in DiT_SIZES.items() for p in (2, 4, 8)}
+DiT_models = {name: ModelArgs.from_name(name).dit_kwargs() for name in size_names("dit")}
 FlexDiT_models = {f"Flex{name}": kw for name, kw in DiT_models.items()}
 
 
-def _lookup(name, table):
-    if name not in table:
-        raise ValueError(f"unknown model name {name!r}; known: {', '.join(sorted(table))}")
-    return dict(table[name])
+def dit_size(name: str) -> dict:
+    """The DiT / FlexDiT constructor fields of a size name of `flexdit.sizes` ("DiT-XL/2" or "FlexDiT-XL/2")."""
+    args = ModelArgs.from_name(name)
+    if args.host != "dit":
+        raise ValueError(f"unknown model name {name!r} for a DiT or FlexDiT (it is a {args.host} size); known: "
+                         f"{', '.join(sorted(DiT_models) + sorted(FlexDiT_models))}")
+    return args.dit_kwargs()
 
 
 def flexdit_config(name: str, **overrides) -> FlexDiTConfig:
@@ -290,8 +287,7 @@ def flexdit_config(name: str, **overrides) -> FlexDiTConfig:
     `overrides` replace size fields, and plan fields (num_pool, num_modules, group, num_top, grid) replace those of
     the decided plan (grid 8x8, clamped to the token grid); or pass a whole `plan=Plan(...)`.
     """
-    key = name if name.startswith("Flex") else f"Flex{name}"
-    kwargs = _lookup(key, FlexDiT_models)
+    kwargs = dit_size(name)
     plan_kw, rest = split_plan_fields(overrides)
     kwargs.update(rest)
     if kwargs.get("plan") is None:
@@ -307,6 +303,6 @@ def create_model(name: str, **overrides) -> nn.Module:
     """Build a registered model by name: "DiT-XL/2" (dense) or "FlexDiT-XL/2"; overrides replace config fields."""
     if isinstance(name, str) and name.startswith("FlexDiT-"):
         return FlexDiT(flexdit_config(name, **overrides))
-    kwargs = _lookup(name, DiT_models)
+    kwargs = dit_size(name)
     kwargs.update(overrides)
     return DiT(**kwargs)

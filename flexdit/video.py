@@ -16,12 +16,9 @@ import torch.nn as nn
 from .models import _DiTShell
 from .plan import GridLike, Plan
 from .patch import apply_patch
+from .sizes import ModelArgs
 
-# Latte-XL/2 (Latte-1's transformer): 28 spatial/temporal pairs of 16 heads x 72.
-LATTE_XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-                cross_attention_dim=1152, caption_channels=4096, sample_size=32, patch_size=2,
-                norm_type="ada_norm_single", activation_fn="gelu-approximate", attention_bias=True,
-                num_embeds_ada_norm=1000, norm_elementwise_affine=False, norm_eps=1e-6, video_length=16)
+LATTE_XL = ModelArgs.from_name("Latte-XL/2").diffusers_config()   # the default transformer (Latte-1's)
 
 
 @dataclass
