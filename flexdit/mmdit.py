@@ -199,9 +199,9 @@ class MMDiTFlexLayer(FlexLayer):
         """Sparse image queries (B, M, C) over the keys [text; N dense]."""
         return self.run_block(xs, cond, self._state.rope_sparse, self.key_side(x, cond, cond["rope"]))
 
-    def recover(self, xs, x, hw, grid, cond):
+    def recover(self, xs, x, token_grid, grid, cond):
         """X_m = W1·upsample(X_s) + W2·X; dense image queries (B, N, C) over the keys [text; M sparse]."""
-        xm = self.fuse(xs, x, hw, grid)                                         # (B, N, C)
+        xm = self.fuse(xs, x, token_grid, grid)                                         # (B, N, C)
         return self.run_block(xm, cond, cond["rope"], self.key_side(xs, cond, self._state.rope_sparse))
 
 
@@ -331,19 +331,20 @@ class FluxHost(MMDiTHost):
         ids = bound.get("img_ids")
         if ids is None or bound.get("txt_ids") is None:
             raise ValueError("a FlexDiT-patched flux needs img_ids and txt_ids (the image tokens' grid positions)")
-        ref, version, hw = self._checked
+        ref, version, token_grid = self._checked
         n, now = bound["hidden_states"].shape[1], _version(ids)
-        if ref is None or ref() is not ids or now is None or version != now or hw[0] * hw[1] != n:
-            hw = image_token_grid(ids, n)   # copies img_ids to the host: a pipeline's steps share one tensor
-            self._checked = (weakref.ref(ids), now, hw)
-        return hw
+        if ref is None or ref() is not ids or now is None or version != now or token_grid[0] * token_grid[1] != n:
+            # image_token_grid copies img_ids to the host: done once for the steps of a pipeline, which share one
+            token_grid = image_token_grid(ids, n)
+            self._checked = (weakref.ref(ids), now, token_grid)
+        return token_grid
 
     def begin(self, module, state, bound):
         super().begin(module, state, bound)
         if state.grid is None:
             return
         img, txt = (_ids2d(bound[name]) for name in ("img_ids", "txt_ids"))
-        pooled = sparse_positions(img, state.hw, state.grid)                    # (M, 3) window centres
+        pooled = sparse_positions(img, state.token_grid, state.grid)                    # (M, 3) window centres
         state.rope_sparse = module.pos_embed(torch.cat([txt.float(), pooled]))
 
 
@@ -380,10 +381,10 @@ def image_token_grid(img_ids: torch.Tensor, n: int) -> Tuple[int, int]:
     return h, w
 
 
-def sparse_positions(img_ids: torch.Tensor, hw, grid) -> torch.Tensor:
+def sparse_positions(img_ids: torch.Tensor, token_grid, grid) -> torch.Tensor:
     """(M, 3) float positions of the sparse tokens: the mean of the dense positions in each pooling window, i.e.
     the window's centre (fractional where the window has an even side)."""
-    (h, w), (gh, gw) = hw, grid
+    (h, w), (gh, gw) = token_grid, grid
     pooled = F.adaptive_avg_pool2d(img_ids.double().t().reshape(-1, h, w), (gh, gw))   # the pooling windows of
     return pooled.reshape(-1, gh * gw).t().float()                                      # token_pool, exact in fp64
 

@@ -170,7 +170,8 @@ class DiT(_DiTShell):
     def forward(self, x, t, y):
         """x: (B, C_in, H, W) latents, t: (B,) timesteps, y: (B,) labels → (B, out_channels, H, W)."""
         x, c = self.embed(x, t, y)       # (B, N, C)
-        x = self.route_state.run(self.blocks, x, self.token_grid, None, c, checkpointing=self.gradient_checkpointing)
+        x = self.route_state.run(self.blocks, x, self.token_grid, None, c,
+                                 checkpointing=self.gradient_checkpointing)  # (B, N, C)
         x = self.final_layer(x, c)       # (B, N, p*p*out)
         return self.unpatchify(x)
 
@@ -255,10 +256,10 @@ class FlexDiT(_DiTShell):
 
         Returns (B, out_channels, H, W). The grid may change from call to call (temporal density schedule).
         """
-        hw = self.token_grid
-        grid = self.config.plan.sparse_grid(grid, hw)
+        token_grid = self.token_grid
+        grid = self.config.plan.sparse_grid(grid, token_grid)
         x, c = self.embed(x, t, y)                                      # (B, N, C)
-        x = self.route_state.run(self.blocks, x, hw, grid, c,
+        x = self.route_state.run(self.blocks, x, token_grid, grid, c,
                                  checkpointing=self.gradient_checkpointing)  # (B, N, C)
         x = self.final_layer(x, c)                                      # (B, N, p*p*out)
         return self.unpatchify(x)

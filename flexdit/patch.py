@@ -17,7 +17,7 @@ from .convert import from_dit
 from .layers import adaln_silu, to_pair
 from .mmdit import MMDiTRouteState, host_of
 from .models import FlexDiTConfig
-from .plan import Plan, Slot, parse_grid
+from .plan import GridLike, Plan, Slot, parse_grid
 from .router import FlexLayer, Routed, RouteState
 
 _RECORD = "_flexdit_patch"
@@ -193,7 +193,7 @@ class TemporalFlexLayer(Routed):
         st = self._state
         if st is None or st.batch is None or st.grid is None:
             raise ValueError("a FlexDiT temporal layer runs only inside its model's forward (no clip state)")
-        b, n, m = st.batch, st.hw[0] * st.hw[1], st.grid[0] * st.grid[1]
+        b, n, m = st.batch, st.token_grid[0] * st.token_grid[1], st.grid[0] * st.grid[1]
         if x.shape[0] != b * m:
             raise ValueError(f"temporal layer input has {x.shape[0]} rows, expected batch {b} x {m} sparse tokens")
         if timestep.shape[0] == b * m:
@@ -340,17 +340,18 @@ def _token_grid(module, target) -> Tuple[int, int]:
     return h // module.config.patch_size, w // module.config.patch_size
 
 
-def _patched_forward(self, *args, **kwargs):
-    """The host's own forward with the token grid and the sparse grid for this call set first."""
+def _patched_forward(self, *args, grid: Optional[GridLike] = None, **kwargs):
+    """The host's own forward with the token grid and the sparse grid for this call set first; `grid` (G, a pair or
+    "GhxGw") replaces the schedule's grid for this call."""
     rec = getattr(self, _RECORD)
     bound = rec.signature.bind(*args, **kwargs).arguments
     x, t = bound.get(rec.x_name), bound.get(rec.t_name)
     if x is None or t is None:
         raise ValueError(f"a patched model needs `{rec.x_name}` and `{rec.t_name}` to choose its grid")
     if rec.host is not None:  # MMDiT: the grid from the call's latent or image positions, t on the σ·1000 scale
-        hw, t = rec.host.call_grid(self, bound), rec.host.schedule_time(t, rec.schedule)
+        token_grid, t = rec.host.call_grid(self, bound), rec.host.schedule_time(t, rec.schedule)
     else:
-        hw = (x.shape[-2] // rec.patch_size, x.shape[-1] // rec.patch_size)
+        token_grid = (x.shape[-2] // rec.patch_size, x.shape[-1] // rec.patch_size)
     st = rec.state
     video = isinstance(st, VideoRouteState)
     if video and x.dim() != 5:
@@ -358,8 +359,13 @@ def _patched_forward(self, *args, **kwargs):
     # The host's gradient checkpointing becomes the layers' own (they recompute with the route state they saw);
     # the host's loop calls them directly meanwhile.
     checkpointing = getattr(self, "gradient_checkpointing", False)
-    st.begin(hw, _grid_of(rec.plan.grid if rec.schedule is None else rec.schedule, t, hw) if rec.plan.num_modules
-             else None, checkpointing)
+    if not rec.plan.num_modules:
+        sparse = None
+    elif grid is not None:
+        sparse = parse_grid(grid, token_grid)
+    else:
+        sparse = _grid_of(rec.plan.grid if rec.schedule is None else rec.schedule, t, token_grid)
+    st.begin(token_grid, sparse, checkpointing)
     if checkpointing:
         self.gradient_checkpointing = False
     try:
@@ -391,14 +397,15 @@ def apply_patch(model, plan=None, schedule=None):
             grid 8 clamped to the token grid (SD3 / FLUX: a quarter of each side of the token grid, 16 at 1024²).
         schedule: the sparse grid per call: an object with `grid(t)` (e.g. `flexdit.DensitySchedule`) given the
             timestep the host's forward receives (0..999; SD3 / FLUX: σ·1000, clamped to 999), or a fixed int /
-            (G_h, G_w); default `plan.grid`.
+            (G_h, G_w); default `plan.grid`. A call may name its own: `model(..., grid=(G_h, G_w))`.
 
     To tinker with: `Plan(0, 0, (1, 3, 1, 1), depth)` (all dense) reproduces the host; `group` beyond (1, s, 1, 1).
 
     Blocks are re-used by the paper's mapping (Poolingformers keep V, cross layers split Q and KV, W1 = 0, W2 = I)
     as copies: the original blocks are kept untouched and `remove_patch` restores them. Patching twice equals
-    patching once. The forward signature is unchanged. A patched model needs fine-tuning (`flexdit-finetune`)
-    before its samples are good. Raises ValueError for unsupported models or blocks, a plan that does not fit
+    patching once. The forward signature is unchanged but for `grid`. A patched model needs fine-tuning (`flexdit-finetune`)
+    before its samples are good. The forward also takes `grid=` (G, a pair or "GhxGw"): that call's sparse grid,
+    in place of the schedule's. Raises ValueError for unsupported models or blocks, a plan that does not fit
     the depth, or a grid larger than the token grid.
 
     Latte (video): a spatial block and the temporal block after it count as ONE layer of the plan, so the depth is
@@ -429,14 +436,14 @@ def apply_patch(model, plan=None, schedule=None):
     host = host_of(module)  # the MMDiT adapter (SD3, FLUX), None for the others
     if host is None:
         _check_blocks(blocks, block_class, target)
-        hw = _token_grid(module, target)
-        plan = Plan.coerce(plan, len(blocks), hw)  # validates depth and grid
+        token_grid = _token_grid(module, target)
+        plan = Plan.coerce(plan, len(blocks), token_grid)  # validates depth and grid
     else:
         host.check_blocks(module)
-        hw = host.token_grid(module)
-        plan = host.coerce_plan(plan, sum(map(len, host.block_lists(module).values())), hw)
+        token_grid = host.token_grid(module)
+        plan = host.coerce_plan(plan, sum(map(len, host.block_lists(module).values())), token_grid)
     if schedule is not None and not (hasattr(schedule, "grid") and callable(schedule.grid)):
-        parse_grid(schedule, hw, "schedule")  # a fixed grid: refuse now rather than at the first call
+        parse_grid(schedule, token_grid, "schedule")  # a fixed grid: refuse now rather than at the first call
     temporal = None
     if target == "latte":
         temporal = getattr(module, _TEMPORAL)
@@ -449,7 +456,7 @@ def apply_patch(model, plan=None, schedule=None):
     state = MMDiTRouteState() if host else RouteState() if temporal is None else VideoRouteState()
     more = {}  # other block lists' FlexDiT layers (FLUX's single-stream blocks)
     if target == "dit":
-        config = _dit_config(module, plan, hw)
+        config = _dit_config(module, plan, token_grid)
         layers = [b.attach(state) for b in from_dit(module.state_dict(), config).blocks]  # the paper's mapping
         patch_size = config.patch_size
     elif host is not None:

@@ -45,18 +45,18 @@ class RouteState:
     the layers recompute themselves in the backward (`checkpointing`)."""
 
     def __init__(self):
-        self.hw: Optional[Tuple[int, int]] = None
+        self.token_grid: Optional[Tuple[int, int]] = None
         self.grid: Optional[Tuple[int, int]] = None
         self.checkpointing = False
         self.dense = {}   # module index -> its dense input X (keys of generation, skip of recovery)
         self.sparse = {}  # module index -> the sparse tokens X_s entering recovery
 
-    def begin(self, hw, grid, checkpointing: bool = False) -> None:
-        self.hw, self.grid = hw, grid
+    def begin(self, token_grid, grid, checkpointing: bool = False) -> None:
+        self.token_grid, self.grid = token_grid, grid
         self.checkpointing = bool(checkpointing) and torch.is_grad_enabled()
 
     def clear(self) -> None:
-        self.hw, self.grid = None, None
+        self.token_grid, self.grid = None, None
         self.checkpointing = False
         self.dense.clear()
         self.sparse.clear()
@@ -67,10 +67,10 @@ class RouteState:
         snap.dense, snap.sparse = dict(self.dense), dict(self.sparse)
         return snap
 
-    def run(self, blocks, x, hw, grid, *cond, checkpointing: bool = False):
-        """The native hosts' block loop: x through every block with `hw` and `grid` set for this forward (and each
-        block recomputed in the backward with `checkpointing`)."""
-        self.begin(hw, grid, checkpointing)
+    def run(self, blocks, x, token_grid, grid, *cond, checkpointing: bool = False):
+        """The native hosts' block loop: x through every block with `token_grid` and `grid` set for this forward
+        (and each block recomputed in the backward with `checkpointing`)."""
+        self.begin(token_grid, grid, checkpointing)
         try:
             for block in blocks:
                 x = block(x, *cond)
@@ -195,12 +195,12 @@ class FlexLayer(Routed):
         if self.kind == "dense" and self.slot.module is None:
             return self.dense(x, cond)                                          # (B, N, C)
         st = self._state
-        if st is None or st.hw is None or self.slot.module is None:
+        if st is None or st.token_grid is None or self.slot.module is None:
             raise ValueError(f"a FlexDiT {self.kind!r} layer runs only inside its model's forward (no token grid)")
         k = self.slot.module
         if self.slot.starts_module:
             st.dense[k] = x
-            x = fk.token_pool(x, st.hw, st.grid)                                # (B, M, C)
+            x = fk.token_pool(x, st.token_grid, st.grid)                                # (B, M, C)
         if self.kind == "gen":
             return self.generate(x, st.dense[k], cond)                          # (B, M, C)
         if self.kind == "recover":
@@ -209,7 +209,7 @@ class FlexLayer(Routed):
                 xs, skip = x, st.dense[k]
             else:
                 xs, skip = st.sparse[k], x
-            return self.recover(xs, skip, st.hw, st.grid, cond)                 # (B, N, C)
+            return self.recover(xs, skip, st.token_grid, st.grid, cond)                 # (B, N, C)
         return self.dense(x, cond)                                              # (B, N or M, C)
 
     # ---------------------------------------------------------------- the layer kinds
@@ -252,13 +252,13 @@ class FlexLayer(Routed):
         mods = self.modulation(xs, cond)
         return self.finish(xs, self.attn(self.attn_in(xs, mods), self.attn_in(x, mods)), mods, cond)  # (B, M, C)
 
-    def fuse(self, xs, x, hw, grid):
+    def fuse(self, xs, x, token_grid, grid):
         """X_m = W1·upsample(X_s) + W2·X, (B, N, C). W1·upsample(X_s) = upsample(W1·X_s): W1 runs on the M sparse
         tokens, the upsample is fused with the add."""
-        return fk.upsample_add(self.fuse_sparse(xs), self.fuse_dense(x), hw, grid)
+        return fk.upsample_add(self.fuse_sparse(xs), self.fuse_dense(x), token_grid, grid)
 
-    def recover(self, xs, x, hw, grid, cond):
+    def recover(self, xs, x, token_grid, grid, cond):
         """Dense recovery: X_m = W1·upsample(X_s) + W2·X, then dense queries attend to the sparse tokens."""
         mods = self.modulation(xs, cond)
-        xm = self.fuse(xs, x, hw, grid)                                            # (B, N, C)
+        xm = self.fuse(xs, x, token_grid, grid)                                            # (B, N, C)
         return self.finish(xm, self.attn(self.attn_in(xm, mods), self.attn_in(xs, mods)), mods, cond)

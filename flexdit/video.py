@@ -63,16 +63,6 @@ class FlexLatteConfig:
         return cls(**d)
 
 
-class _GridPerCall:
-    """The patch's schedule: the grid `FlexLatte.forward` was given for this call."""
-
-    def __init__(self, grid):
-        self.current = grid
-
-    def grid(self, t):
-        return self.current
-
-
 class FlexLatte(nn.Module):
     """A patched Latte with class captions: forward(x (B, C, T, H, W), t (B,), y (B,), grid) -> (B, C_out, T, H, W)."""
 
@@ -82,8 +72,7 @@ class FlexLatte(nn.Module):
         self.config = config
         if transformer is None:
             transformer = diffusers.LatteTransformer3DModel(**config.transformer)
-        self._grids = _GridPerCall(config.plan.grid)
-        self.transformer = apply_patch(transformer, config.plan, schedule=self._grids)
+        self.transformer = apply_patch(transformer, config.plan)
         width = config.transformer["caption_channels"]
         self.class_captions = nn.Parameter(torch.randn(config.num_classes + 1, config.caption_len, width) * 0.02)
         self.in_channels = config.transformer["in_channels"]
@@ -102,5 +91,5 @@ class FlexLatte(nn.Module):
         if self.training and self.config.class_dropout_prob > 0:   # label dropout for classifier-free guidance
             drop = torch.rand(y.shape[0], device=y.device) < self.config.class_dropout_prob
             y = torch.where(drop, self.config.num_classes, y)
-        self._grids.current = self.config.plan.sparse_grid(grid, self.token_grid)
-        return self.transformer(x, timestep=t, encoder_hidden_states=self.class_captions[y], return_dict=False)[0]
+        return self.transformer(x, timestep=t, encoder_hidden_states=self.class_captions[y], return_dict=False,
+                                grid=grid)[0]

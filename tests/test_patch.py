@@ -153,6 +153,10 @@ def test_schedule_selects_the_grid_per_call():
             dit(x, torch.tensor([100, 900]), y)
         apply_patch(dit, TOY_PLAN, schedule=(2, 4))  # a fixed (G_h, G_w)
         torch.testing.assert_close(dit(x, torch.full((2,), 5), y), flex(x, torch.full((2,), 5), y, grid=(2, 4)))
+        t = torch.full((2,), 5)
+        torch.testing.assert_close(dit(x, t, y, grid="3x1"), flex(x, t, y, grid=(3, 1)), rtol=0, atol=0)  # per call
+        with pytest.raises(ValueError, match="grid 9x9 is larger than the token grid 8x8"):
+            dit(x, t, y, grid=9)
 
 
 def test_patched_layers_are_built_with_the_kernels(device):
