@@ -19,6 +19,7 @@ from .mmdit import MMDiTRouteState, host_of
 from .models import FlexDiTConfig
 from .plan import GridLike, Plan, Slot, parse_grid
 from .router import FlexLayer, Routed, RouteState
+from .schedule import one_grid
 
 _RECORD = "_flexdit_patch"
 
@@ -28,20 +29,14 @@ _RECORD = "_flexdit_patch"
 #################################################################################
 
 def _grid_of(schedule, t, token_grid) -> Tuple[int, int]:
-    """The sparse grid for timestep(s) t: a fixed int/pair, or `schedule.grid(t)`; one grid per forward."""
+    """The sparse grid for timestep(s) t: a fixed int/pair, or `schedule.grid(t)` (a tensor of per-sample sides
+    must hold one value: `one_grid`)."""
+    grid = schedule
     if hasattr(schedule, "grid") and callable(schedule.grid):
         if isinstance(t, torch.Tensor) and t.numel() > 0 and bool((t == t.flatten()[0]).all()):
             t = t.flatten()[0]                      # one timestep for the batch (pipelines expand a scalar)
         grid = schedule.grid(t)
-    else:
-        grid = schedule
-    if isinstance(grid, torch.Tensor):
-        values = grid.flatten().unique()
-        if values.numel() != 1:
-            raise ValueError(f"timesteps of one batch select different grids {values.tolist()}; "
-                             f"FlexDiT runs one grid per forward")
-        grid = int(values.item())
-    return parse_grid(grid, token_grid)
+    return parse_grid(one_grid(grid) if isinstance(grid, torch.Tensor) else grid, token_grid)
 
 
 # ------------------------------------------------------------------ (b, c) diffusers BasicTransformerBlock
