@@ -398,8 +398,8 @@ def apply_patch(model, plan=None, schedule=None):
 
     Blocks are re-used by the paper's mapping (Poolingformers keep V, cross layers split Q and KV, W1 = 0, W2 = I)
     as copies: the original blocks are kept untouched and `remove_patch` restores them. Patching twice equals
-    patching once. The forward signature is unchanged but for `grid`. A patched model needs fine-tuning (`flexdit-finetune`)
-    before its samples are good. The forward also takes `grid=` (G, a pair or "GhxGw"): that call's sparse grid,
+    patching once. A patched model needs fine-tuning (`flexdit-finetune`) before its samples are good. The forward
+    signature is unchanged; it also takes `grid=` (G, a pair or "GhxGw"): that call's sparse grid,
     in place of the schedule's. Raises ValueError for unsupported models or blocks, a plan that does not fit
     the depth, or a grid larger than the token grid.
 
