@@ -262,7 +262,7 @@ class TextShards(torch.utils.data.Dataset):
     disk when it is asked for, so a folder may exceed the host's memory.
 
     `ds[i]` is a dict with the shard's keys: float32 tensors, `encoder_attention_mask` (PixArt-α) a uint8 tensor;
-    `ds.meta` is meta.json. Raises ValueError naming the file, before any training, for a missing folder or
+    `ds.meta` is meta.json, `ds.latent_shape` the (C, h, w) of a sample's latents. Raises ValueError naming the file, before any training, for a missing folder or
     meta.json, a meta.json that is not valid, a shard that cannot be read, lacks or adds arrays, has ranks, dtypes or
     per-row shapes that disagree with meta.json or the first shard, or a sample count other than meta's `count`;
     when a sample is read, for NaN or inf in it or a mask that is not 0/1.
@@ -299,6 +299,7 @@ class TextShards(torch.utils.data.Dataset):
         if total == 0:
             raise ValueError(f"data: the shards in {root} hold no samples")
         self._count = total
+        self.latent_shape = tuple(first["latents"])   # (C, h, w): h = image_size / the VAE's factor
         self._open: dict[int, dict] = {}         # shard index -> memmaps, opened lazily in each process
 
     def __getstate__(self):                      # DataLoader workers re-open the memmaps

@@ -10,7 +10,7 @@ the output does not depend on the number of processes or the batch size.
 memory. Exit status: 0 on success, 2 with one line `flexdit-sample: error: ...` for a bad argument, file or device.
 
 Text-to-image: `flexdit-sample --model PIPELINE_DIR --prompt "..." [--prompt ...]` loads a local diffusers PixArt-α,
-SD3 / SD3.5 or FLUX.1 pipeline folder, patches its transformer (`flexdit.apply_patch`: the plan from --model-args,
+SD3 / SD3.5 or FLUX.1 pipeline folder, patches its transformer (`flexdit.apply_patch`: the plan from --model-args '{"plan": {...}}',
 the density schedule from --r-min/--r-max or --grid), loads a LoRA of flexdit-finetune with --lora (merged into the
 weights), and generates through the pipeline itself: one PNG per sample (`000000.png`, ...; sample i takes prompt
 i mod P and the seed (seed, i)), `grid.png` and `args.json`.
@@ -353,15 +353,18 @@ def _prepare_text(args, ctx: DistContext):
     if args.lora is not None and not Path(args.lora).is_file():
         raise ValueError(f"--lora {args.lora}: no such file")
     pipeline_host(args.model, "--model")
-    plan = parse_model_args(args.model_args) or None
+    fields = parse_model_args(args.model_args)      # {"plan": {...}}, as flexdit-finetune takes it
+    plan = fields.pop("plan", None)
+    if fields:
+        raise ValueError(f"--model-args: a pipeline folder takes only {{\"plan\": {{...}}}}, got {sorted(fields)}")
     if plan is not None:
         try:
             Plan(**plan)
         except TypeError as e:
-            raise ValueError(f"--model-args takes the fields of a Plan (num_pool, num_modules, group, num_top, "
-                             f"grid): {e}") from None
+            raise ValueError(f"--model-args: plan takes the fields of flexdit.Plan (num_pool, num_modules, group, "
+                             f"num_top, grid): {e}") from None
         except ValueError as e:
-            raise ValueError(f"--model-args: {e}") from None
+            raise ValueError(f"--model-args: plan: {e}") from None
     if ctx.is_main:
         check_out_dir(args.out_dir)
     pipe, host = load_text_pipeline(args.model, dtype=_DTYPES[args.precision], flag="--model", transformer=True,
