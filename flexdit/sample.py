@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +170,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     with usage_errors(PROG):
         if args.prompt:
-            _refuse_class_flags(argv)
+            _refuse_class_flags(args)
         else:
             _refuse_text_flags(args)
         ctx = DistContext(args.device)
@@ -317,16 +316,18 @@ def _sample(args, ctx: DistContext, model, classes, n, schedule):
 # Text-to-image through a diffusers pipeline
 # ---------------------------------------------------------------------------------------------------------------
 
-_CLASS_FLAGS = ("--ckpt", "--weights", "--num-classes", "--classes", "--cfg-channels", "--sampler", "--eta", "--vae",
-                "--adm-npz", "--compile", "--cuda-graph")
+_CLASS_FLAGS = ("ckpt", "weights", "num_classes", "classes", "cfg_channels", "sampler", "eta", "vae", "adm_npz",
+                "compile", "cuda_graph")
 
 
-def _refuse_class_flags(argv) -> None:
-    """The class-conditional flags mean nothing to a pipeline: refuse them rather than ignore them."""
-    argv = sys.argv[1:] if argv is None else argv
-    given = [a.split("=")[0] for a in argv if a.split("=")[0] in _CLASS_FLAGS]
+def _refuse_class_flags(args) -> None:
+    """The class-conditional flags mean nothing to a pipeline: refuse them (any value but the default) rather than
+    ignore them."""
+    defaults = vars(parse_args([]))
+    given = [name for name in _CLASS_FLAGS if getattr(args, name) != defaults[name]]
     if given:
-        raise ValueError(f"{given[0]} is for class-conditional models; --prompt samples a diffusers pipeline")
+        raise ValueError(f"--{given[0].replace('_', '-')} is for class-conditional models; --prompt samples a "
+                         "diffusers pipeline")
 
 
 def _refuse_text_flags(args) -> None:

@@ -73,6 +73,7 @@ def test_bad_flags_get_one_line(pipelines, tmp_path, capsys):
     flux = str(pipelines["flux"])
     cases = [(["--model", flux, "--classes", "1,2"], "--classes is for class-conditional models"),
              (["--model", flux, "--vae", flux], "--vae is for class-conditional models"),
+             (["--model", flux, "--cfg-chan", "4"], "--cfg-channels is for class-conditional models"),
              (["--model", str(tmp_path)], "no model_index.json"),
              (["--model", flux, "--image-size", "34"], "multiple of 4"),
              (["--model", flux, "--grid", "20"], "--grid"),
