@@ -10,10 +10,10 @@ the output does not depend on the number of processes or the batch size.
 memory. Exit status: 0 on success, 2 with one line `flexdit-sample: error: ...` for a bad argument, file or device.
 
 Text-to-image: `flexdit-sample --model PIPELINE_DIR --prompt "..." [--prompt ...]` loads a local diffusers PixArt-α,
-SD3 / SD3.5 or FLUX.1 pipeline folder, patches its transformer (`flexdit.apply_patch`: the plan from --model-args '{"plan": {...}}',
-the density schedule from --r-min/--r-max or --grid), loads a LoRA of flexdit-finetune with --lora (merged into the
-weights), and generates through the pipeline itself: one PNG per sample (`000000.png`, ...; sample i takes prompt
-i mod P and the seed (seed, i)), `grid.png` and `args.json`.
+SD3 / SD3.5 or FLUX.1 pipeline folder, patches its transformer (`flexdit.apply_patch`: the plan from --model-args
+'{"plan": {...}}', the density schedule from --r-min/--r-max or --grid), loads a LoRA of flexdit-finetune with --lora
+(merged into the weights), and generates through the pipeline itself: one PNG per sample (`000000.png`, ...;
+sample i takes prompt i mod P and the seed (seed, i)), `grid.png` and `args.json`.
 """
 from __future__ import annotations
 
