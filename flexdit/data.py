@@ -262,10 +262,11 @@ class TextShards(torch.utils.data.Dataset):
     disk when it is asked for, so a folder may exceed the host's memory.
 
     `ds[i]` is a dict with the shard's keys: float32 tensors, `encoder_attention_mask` (PixArt-α) a uint8 tensor;
-    `ds.meta` is meta.json. Raises ValueError naming the file, before any training, for a missing folder or
-    meta.json, a meta.json that is not valid, a shard that cannot be read, lacks or adds arrays, has ranks, dtypes or
-    per-row shapes that disagree with meta.json or the first shard, or a sample count other than meta's `count`;
-    when a sample is read, for NaN or inf in it or a mask that is not 0/1.
+    `ds.meta` is meta.json, `ds.latent_shape` the (C, h, w) of a sample's latents. Raises ValueError naming the
+    file, before any training, for a missing folder or meta.json, a meta.json that is not valid, a shard that cannot
+    be read, lacks or adds arrays, has ranks, dtypes or per-row shapes that disagree with meta.json or the first
+    shard, or a sample count other than meta's `count`; when a sample is read, for NaN or inf in it or a mask that
+    is not 0/1.
     """
 
     def __init__(self, folder):
@@ -299,6 +300,7 @@ class TextShards(torch.utils.data.Dataset):
         if total == 0:
             raise ValueError(f"data: the shards in {root} hold no samples")
         self._count = total
+        self.latent_shape = tuple(first["latents"])   # (C, h, w): h = image_size / the VAE's factor
         self._open: dict[int, dict] = {}         # shard index -> memmaps, opened lazily in each process
 
     def __getstate__(self):                      # DataLoader workers re-open the memmaps
@@ -793,7 +795,8 @@ def main(argv=None) -> int:
         shard_size, batch_size = default(args.shard_size, 4096, 1024), default(args.batch_size, 32, 16)
         try:
             if args.vae:
-                n = encode_image_folder(args.image_dir, args.out_dir, args.vae, image_size=default(args.image_size, 256, None),
+                n = encode_image_folder(args.image_dir, args.out_dir, args.vae,
+                                        image_size=default(args.image_size, 256, None),
                                         shard_size=shard_size, batch_size=batch_size,
                                         device=device, flip=args.flip, progress=not args.no_progress)
             else:

@@ -21,7 +21,7 @@ import copy
 import torch
 import torch.nn as nn
 
-__all__ = ["memory_plan", "format_memory_plan"]
+__all__ = ["memory_plan", "format_memory_plan", "saved_activation_bytes"]
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -202,6 +202,9 @@ def memory_plan(model, *, world_size: int, batch_size: int, precision: str, lora
         if lora_info(meta) is None:
             add_lora(meta, lora_rank, lora_targets)
     meta.train()
+    for m in meta.modules():     # both figures are measured here: the host's own checkpointing would hide the first
+        if getattr(m, "gradient_checkpointing", False) is True:
+            m.gradient_checkpointing = False
     c = _BYTES[precision]
     params = list(meta.parameters())
     total = sum(p.numel() for p in params)

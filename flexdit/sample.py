@@ -10,16 +10,15 @@ the output does not depend on the number of processes or the batch size.
 memory. Exit status: 0 on success, 2 with one line `flexdit-sample: error: ...` for a bad argument, file or device.
 
 Text-to-image: `flexdit-sample --model PIPELINE_DIR --prompt "..." [--prompt ...]` loads a local diffusers PixArt-α,
-SD3 / SD3.5 or FLUX.1 pipeline folder, patches its transformer (`flexdit.apply_patch`: the plan from --model-args,
-the density schedule from --r-min/--r-max or --grid), loads a LoRA of flexdit-finetune with --lora (merged into the
-weights), and generates through the pipeline itself: one PNG per sample (`000000.png`, ...; sample i takes prompt
-i mod P and the seed (seed, i)), `grid.png` and `args.json`.
+SD3 / SD3.5 or FLUX.1 pipeline folder, patches its transformer (`flexdit.apply_patch`: the plan from --model-args
+'{"plan": {...}}', the density schedule from --r-min/--r-max or --grid), loads a LoRA of flexdit-finetune with --lora
+(merged into the weights), and generates through the pipeline itself: one PNG per sample (`000000.png`, ...;
+sample i takes prompt i mod P and the seed (seed, i)), `grid.png` and `args.json`.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +170,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     with usage_errors(PROG):
         if args.prompt:
-            _refuse_class_flags(argv)
+            _refuse_class_flags(args)
         else:
             _refuse_text_flags(args)
         ctx = DistContext(args.device)
@@ -317,16 +316,18 @@ def _sample(args, ctx: DistContext, model, classes, n, schedule):
 # Text-to-image through a diffusers pipeline
 # ---------------------------------------------------------------------------------------------------------------
 
-_CLASS_FLAGS = ("--ckpt", "--weights", "--num-classes", "--classes", "--cfg-channels", "--sampler", "--eta", "--vae",
-                "--adm-npz", "--compile", "--cuda-graph")
+_CLASS_FLAGS = ("ckpt", "weights", "num_classes", "classes", "cfg_channels", "sampler", "eta", "vae", "adm_npz",
+                "compile", "cuda_graph")
 
 
-def _refuse_class_flags(argv) -> None:
-    """The class-conditional flags mean nothing to a pipeline: refuse them rather than ignore them."""
-    argv = sys.argv[1:] if argv is None else argv
-    given = [a.split("=")[0] for a in argv if a.split("=")[0] in _CLASS_FLAGS]
+def _refuse_class_flags(args) -> None:
+    """The class-conditional flags mean nothing to a pipeline: refuse them (any value but the default) rather than
+    ignore them."""
+    defaults = vars(parse_args([]))
+    given = [name for name in _CLASS_FLAGS if getattr(args, name) != defaults[name]]
     if given:
-        raise ValueError(f"{given[0]} is for class-conditional models; --prompt samples a diffusers pipeline")
+        raise ValueError(f"--{given[0].replace('_', '-')} is for class-conditional models; --prompt samples a "
+                         "diffusers pipeline")
 
 
 def _refuse_text_flags(args) -> None:
@@ -353,15 +354,18 @@ def _prepare_text(args, ctx: DistContext):
     if args.lora is not None and not Path(args.lora).is_file():
         raise ValueError(f"--lora {args.lora}: no such file")
     pipeline_host(args.model, "--model")
-    plan = parse_model_args(args.model_args) or None
+    fields = parse_model_args(args.model_args)      # {"plan": {...}}, as flexdit-finetune takes it
+    plan = fields.pop("plan", None)
+    if fields:
+        raise ValueError(f"--model-args: a pipeline folder takes only {{\"plan\": {{...}}}}, got {sorted(fields)}")
     if plan is not None:
         try:
             Plan(**plan)
         except TypeError as e:
-            raise ValueError(f"--model-args takes the fields of a Plan (num_pool, num_modules, group, num_top, "
-                             f"grid): {e}") from None
+            raise ValueError(f"--model-args: plan takes the fields of flexdit.Plan (num_pool, num_modules, group, "
+                             f"num_top, grid): {e}") from None
         except ValueError as e:
-            raise ValueError(f"--model-args: {e}") from None
+            raise ValueError(f"--model-args: plan: {e}") from None
     if ctx.is_main:
         check_out_dir(args.out_dir)
     pipe, host = load_text_pipeline(args.model, dtype=_DTYPES[args.precision], flag="--model", transformer=True,

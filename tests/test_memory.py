@@ -114,6 +114,10 @@ def test_real_weights_are_left_untouched_and_bad_arguments_refused():
     plan = memory_plan(host, world_size=1, batch_size=1, precision="fp32", sample_inputs=inputs,
                        checkpointing=True)
     assert plan["activations_per_sample"]["checkpointed"] < plan["activations_per_sample"]["full"]
+    host.gradient_checkpointing = True          # the host's own switch changes nothing in the measurement
+    assert memory_plan(host, world_size=1, batch_size=1, precision="fp32", sample_inputs=inputs,
+                       checkpointing=True)["activations_per_sample"] == plan["activations_per_sample"]
+    host.gradient_checkpointing = False
     assert all(torch.equal(v, host.state_dict()[k]) for k, v in before.items())
     assert {p.device.type for p in host.parameters()} == {"cpu"}
     for kw, message in ((dict(world_size=0), "world_size must be a positive int"),

@@ -14,7 +14,7 @@ from .text_hosts import save_tiny_pipeline
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 PLAN = {"num_pool": 1, "num_modules": 1, "group": [1, 2, 1, 1], "num_top": 0, "grid": 3}     # 6 layers
-COMMON = ["--image-size", "32", "--steps", "2", "--model-args", json.dumps(PLAN), "--device", "cpu",
+COMMON = ["--image-size", "32", "--steps", "2", "--model-args", json.dumps({"plan": PLAN}), "--device", "cpu",
           "--no-progress"]
 
 
@@ -73,19 +73,43 @@ def test_bad_flags_get_one_line(pipelines, tmp_path, capsys):
     flux = str(pipelines["flux"])
     cases = [(["--model", flux, "--classes", "1,2"], "--classes is for class-conditional models"),
              (["--model", flux, "--vae", flux], "--vae is for class-conditional models"),
+             (["--model", flux, "--cfg-chan", "4"], "--cfg-channels is for class-conditional models"),
              (["--model", str(tmp_path)], "no model_index.json"),
              (["--model", flux, "--image-size", "34"], "multiple of 4"),
              (["--model", flux, "--grid", "20"], "--grid"),
              (["--model", flux, "--r-min", "0.5"], "--r-min and --r-max go together"),
-             (["--model", flux, "--model-args", '{"depth": 3}'], "--model-args takes the fields of a Plan"),
+             (["--model", flux, "--model-args", '{"plan": {"depth": 3}}'], "plan takes the fields of flexdit.Plan"),
+             (["--model", flux, "--model-args", '{"num_pool": 1}'], "takes only {\"plan\": {...}}"),
              (["--model", flux, "--lora", str(tmp_path / "none.safetensors")], "--lora"),
              (["--model", flux, "--steps", "0"], "--steps must be >= 1")]
     for extra, message in cases:
         with pytest.raises(SystemExit) as exc:
             main(["--prompt", "a cat", "--out-dir", str(tmp_path / "o"), "--device", "cpu", "--no-progress",
-                  "--image-size", "32", "--model-args", json.dumps(PLAN), *extra])
+                  "--image-size", "32", "--model-args", json.dumps({"plan": PLAN}), *extra])
         err = capsys.readouterr().err.strip()
         assert exc.value.code == 2 and len(err.splitlines()) == 1 and message in err, (message, err)
     with pytest.raises(SystemExit):
         main(["--model", "FlexDiT-S/2", "--lora", "x.safetensors", "--out-dir", str(tmp_path / "o")])
     assert "--lora needs --prompt" in capsys.readouterr().err
+
+
+def test_encode_finetune_sample_chain(pipelines, tmp_path):
+    """python -m flexdit.data --pipeline -> flexdit-finetune --lora-rank -> flexdit-sample --lora on one tiny FLUX
+    pipeline folder: the shards, the adapters file and the plan fit together."""
+    pytest.importorskip("peft")
+    from flexdit.data import main as encode
+    from flexdit.train import main as finetune
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+        (tmp_path / "img" / f"{i}.txt").write_text(["a red cat", "the mat"][i % 2])
+    flux, plan = str(pipelines["flux"]), json.dumps({"plan": PLAN})
+    assert encode([str(tmp_path / "img"), str(tmp_path / "shards"), "--pipeline", flux, "--image-size", "32",
+                   "--max-sequence-length", "8", "--device", "cpu", "--no-progress"]) == 0
+    assert finetune(["--model", flux, "--data", str(tmp_path / "shards"), "--out-dir", str(tmp_path / "run"),
+                     "--steps", "2", "--global-batch-size", "2", "--precision", "fp32", "--ckpt-every", "2",
+                     "--quiet", "--lora-rank", "2", "--model-args", plan]) == 0
+    assert main(["--model", flux, "--prompt", "a red cat", "--lora", str(tmp_path / "run" / "adapters.safetensors"),
+                 "--max-sequence-length", "8", "--out-dir", str(tmp_path / "samples"), *COMMON]) == 0
+    assert images(tmp_path / "samples", 1)[0].shape == (32, 32, 3)

@@ -34,7 +34,7 @@ def test_round_trip(host, tmp_path):
     paths = write_text_shards(tmp_path / "s", items, meta, shard_size=3)
     assert [p.name for p in paths] == ["shard_00000.npz", "shard_00001.npz", "shard_00002.npz"]
     ds = TextShards(tmp_path / "s")
-    assert len(ds) == 7 and ds.meta == {**meta, "count": 7}
+    assert len(ds) == 7 and ds.meta == {**meta, "count": 7} and ds.latent_shape == (4, 4, 4)
     assert json.loads((tmp_path / "s" / "meta.json").read_text())["count"] == 7
     for i in (0, 3, 6, -1):
         item = ds[i]

@@ -296,6 +296,10 @@ def test_an_op_takes_the_pytorch_path_where_its_kernel_fails_the_check(monkeypat
     with _dispatch.backend("auto"), pytest.warns(RuntimeWarning, match="token_pool kernel variant triton failed"):
         out = fk.token_pool(x, hw=(6, 6), grid=3)
     torch.testing.assert_close(out, fk.token_pool_ref(x, (6, 6), (3, 3)))
+    assert fk.last_route("token_pool") == "reference (tune=on)"
+    with _dispatch.backend("reference"):
+        fk.token_pool(x, hw=(6, 6), grid=3)
+    assert fk.last_route("token_pool") == "reference (backend)"
 
 
 def test_an_op_keeps_a_right_kernel_that_is_faster(monkeypatch):
