@@ -51,7 +51,8 @@ def _unused(model: nn.Module, name: str) -> bool:
 
 def lora_targets(model: nn.Module, targets=None) -> list[str]:
     """The full names of the `nn.Linear` modules a LoRA adapts: inside the block lists, ending in one of `targets`
-    (default `DEFAULT_TARGETS`), the fusion layers and projections a Poolingformer never calls excepted. ValueError naming `targets` when none matches."""
+    (default `DEFAULT_TARGETS`), the fusion layers and projections a Poolingformer never calls excepted.
+    ValueError naming `targets` when none matches."""
     suffixes = tuple(DEFAULT_TARGETS if targets is None else targets)
     if isinstance(targets, str) or not suffixes or not all(isinstance(s, str) and s for s in suffixes):
         raise ValueError(f"targets must be a non-empty list of module name suffixes, got {targets!r}")

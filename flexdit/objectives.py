@@ -7,9 +7,9 @@
              `encoder_attention_mask`; an ε-only host (out_channels = in_channels) trains on the MSE alone
     sd3      rectified flow (flow matching) as diffusers' SD3 / FLUX training scripts: t drawn through
     flux     `compute_density_for_timestep_sampling` onto the `FlowMatchEulerDiscreteScheduler`'s timesteps,
-             x_t = (1 − σ)·x + σ·ε, target ε − x, weighted by `compute_loss_weighting_for_sd3`; SD3 receives σ·1000,
-             FLUX σ, its latents packed 2x2 into tokens (`FluxPipeline._pack_latents`), `img_ids` / `txt_ids`,
-             and the guidance scale when the transformer has a guidance embedding
+             x_t = (1 − σ)·x + σ·ε, target ε − x, weighted by `compute_loss_weighting_for_sd3`; SD3 receives
+             σ·1000, FLUX σ, its latents packed 2x2 into tokens (`FluxPipeline._pack_latents`), `img_ids` /
+             `txt_ids`, and the guidance scale when the transformer has a guidance embedding
 
 Bucketing (arXiv 2412.06028): every step draws one stage of the density schedule and its timesteps inside it, so a
 batch runs one grid and t keeps its distribution over steps. For the flow hosts the schedule reads σ·1000 (as a
@@ -184,8 +184,8 @@ class FlowMatchingObjective(Objective):
         into tokens (B, H/2·W/2, 4C), with their ids and the guidance scale)."""
         b = x_t.shape[0]
         kwargs = dict(encoder_hidden_states=batch["encoder_hidden_states"],
-                      pooled_projections=batch["pooled_projections"], timestep=self.model_timestep(index).to(x_t.device),
-                      return_dict=False)
+                      pooled_projections=batch["pooled_projections"],
+                      timestep=self.model_timestep(index).to(x_t.device), return_dict=False)
         if self.name == "sd3":
             return dict(kwargs, hidden_states=x_t)
         from diffusers import FluxPipeline

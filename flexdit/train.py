@@ -636,7 +636,7 @@ def load_text_host(name: str, overrides: dict | None = None, device=None, dtype=
             model = cls.from_pretrained(str(path), subfolder=sub, torch_dtype=dtype)
     except TypeError as e:
         raise ValueError(f"--model-args: {e}") from None
-    if not on_meta and path is None:
+    if path is None or on_meta:
         torch.nn.Module.to(model, dtype)      # (diffusers' own `to` warns about modules kept in fp32: none here)
     scheduler = path / "scheduler" if sub and (path / "scheduler").is_dir() else None
     return model, TEXT_HOSTS[cls.__name__], scheduler
@@ -804,9 +804,6 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
         host, _flow_scheduler(args, host, scheduler_dir), args.weighting_scheme, args.logit_mean, args.logit_std,
         args.mode_scale, args.guidance_scale)
     targets = parse_targets(args.lora_targets)
-    if args.dry_run:
-        _print_memory_plan(args, model, objective, data, batch, targets)
-        return None
     if args.lora_rank is not None:
         add_lora(model, args.lora_rank, targets, args.lora_alpha)
         for p in model.parameters():
@@ -814,6 +811,9 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
                 p.data = p.data.float()
     if args.grad_checkpointing:
         model.enable_gradient_checkpointing()
+    if args.dry_run:      # the model as it would train: stored dtypes, adapters
+        _print_memory_plan(args, model, objective, data, batch, targets)
+        return None
 
     model.train()
     net = model

@@ -96,12 +96,13 @@ def test_fsdp_two_processes_equal_one_process(flux_data, tmp_path):
     """torchrun, 2 CPU processes (gloo), FSDP2, LoRA: the same weights as one process accumulating the two ranks'
     micro-batches (--grad-accum 2), within fp32 tolerance."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    lora = ["--lora-rank", "2", "--lora-targets", "to_q,proj_out"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           "-m", "flexdit.train", *_args(flux_data, tmp_path / "fsdp", 2, ["--lora-rank", "2", "--lora-targets", "to_q,proj_out", "--fsdp"])]
+           "-m", "flexdit.train", *_args(flux_data, tmp_path / "fsdp", 2, lora + ["--fsdp"])]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert main(_args(flux_data, tmp_path / "one", 2, ["--lora-rank", "2", "--lora-targets", "to_q,proj_out", "--grad-accum", "2"])) == 0
-    a, b = _trained(tmp_path / "fsdp" / "checkpoints" / "0000002"), _trained(tmp_path / "one" / "checkpoints" / "0000002")
+    assert main(_args(flux_data, tmp_path / "one", 2, lora + ["--grad-accum", "2"])) == 0
+    a, b = (_trained(tmp_path / run / "checkpoints" / "0000002") for run in ("fsdp", "one"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
