@@ -368,6 +368,9 @@ def _train(args, ctx: DistContext):
     with usage_errors(PROG):   # every check before anything trains
         batch = _check_flags(args, ctx)
         text = is_text_model(args.model)
+        if not text and (Path(args.data) / "meta.json").is_file():
+            raise ValueError(f"--data {args.data} holds text shards: give --model a diffusers PixArt-α, SD3 or FLUX "
+                             f"folder (or tiny-pixart / tiny-sd3 / tiny-flux)")
         if not text:
             for flag, value in (("--lora-rank", args.lora_rank), ("--lora-targets", args.lora_targets),
                                 ("--fsdp", args.fsdp), ("--grad-checkpointing", args.grad_checkpointing),

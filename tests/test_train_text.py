@@ -140,6 +140,9 @@ def test_bad_flags_and_data_are_one_line_errors(flux_data, tmp_path, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "meta.json").write_text("{not json")
+    from flexdit.data import make_synthetic_shards
+    latents = tmp_path / "latents"
+    make_synthetic_shards(latents, n=8, shard_size=8)
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
@@ -155,7 +158,8 @@ def test_bad_flags_and_data_are_one_line_errors(flux_data, tmp_path, capsys):
         (_args(flux_data, tmp_path / "r", 2, ["--global-batch-size", "6", "--grad-accum", "4"]), "not divisible"),
         (_args(flux_data, tmp_path / "r", 2, ["--model-args", '{"plan": {"num_pool": 40}}']), "--model-args"),
         (_args(flux_data, tmp_path / "r", 2, ["--model-args", '{"num_pool": 1}']), "not FluxTransformer2DModel"),
-        (["--model", "FlexDiT-S/2", "--data", str(flux_data), "--lora-rank", "4"], "for text-to-image hosts"),
+        (["--model", "FlexDiT-S/2", "--data", str(flux_data)], "holds text shards"),
+        (["--model", "FlexDiT-S/2", "--data", str(latents), "--lora-rank", "4"], "for text-to-image hosts"),
     ]
     for argv, message in cases:
         capsys.readouterr()
