@@ -86,6 +86,13 @@ def ctas_per_sm(n_regs: int, num_warps: int, shared: int, limits: DeviceLimits) 
     return fits[limiter], limiter
 
 
+def register_budget(ctas: int, num_warps: int, limits: DeviceLimits) -> int:
+    """The most registers per thread (ptxas's `maxnreg`) that let `ctas` blocks of num_warps warps share one SM:
+    each warp's registers are allocated in units of reg_alloc_unit."""
+    per_warp = limits.regs_per_sm // (ctas * num_warps) // limits.reg_alloc_unit * limits.reg_alloc_unit
+    return per_warp // 32
+
+
 def resident_programs(device: Optional[torch.device], per_sm: int) -> int:
     """Programs that run at once on the whole device when `per_sm` fit on each SM: one wave."""
     return max(1, per_sm) * sm_count(device)
