@@ -69,8 +69,8 @@ ATTENTION_PRODUCTS = {"_attention_fwd_few_keys_kernel": 2, "_attention_fwd_kerne
 # accesses (static SASS instructions) that are not to a row-statistics tensor (see `_narrow`).
 MAX_ATTENTION_SPILL = 128
 MAX_SCALAR_ACCESSES = 8
-# Occupancy targets: split-K's forward (its register-capped variants) keeps MIN_SPLIT_CTAS CTAs per SM; the window
-# reductions run at least MIN_WAVES waves of programs at the model's batch of 32.
+# Occupancy targets: split-K's forward (its register-capped variants, sm_90) keeps MIN_SPLIT_CTAS CTAs per SM; the
+# window reductions run at least MIN_WAVES waves of programs at the model's batch of 32.
 MIN_SPLIT_CTAS = 3
 MIN_WAVES = 4
 WAVE_KERNELS = ("_token_pool_fwd_kernel", "_upsample_add_bwd_kernel")

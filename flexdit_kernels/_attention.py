@@ -503,12 +503,13 @@ def _check_launch(q: torch.Tensor) -> None:
 
 # NOTE: split-K runs its key loop with num_stages=1: compiled for sm_90 (triton 3.9, bf16, D = 72, aligned) that is
 # 168 registers and 3 CTAs per SM with plain 16-byte loads, against 180 registers, 2 CTAs per SM and cp.async at
-# num_stages=2; the flash loop, which walks every key, keeps num_stages=2. Split-K's kernels are also held to the
-# registers of _SPLIT_CTAS CTAs per SM (`maxnreg`, `_launch.register_budget`: 168 at 4 warps on sm_90 and sm_80):
-# uncapped, the unsplit variant at Lq = 36 or 100 (not a multiple of 16) took 174 registers and 2 CTAs per SM
-# (triton 3.6, sm_90), and with triton 3.9 both variants 172; capped, 0-12 B of spill per thread (static report).
+# num_stages=2; the flash loop, which walks every key, keeps num_stages=2. On sm_90 split-K's kernels are also held
+# to the registers of 3 CTAs per SM (`maxnreg`, `_launch.register_budget`: 168 at 4 warps): uncapped, the unsplit
+# variant at Lq = 36 or 100 (not a multiple of 16) took 174 registers and 2 CTAs per SM (triton 3.6), and with
+# triton 3.9 both variants 172; capped, 0-12 B of spill per thread. Not on sm_80, whose mma.sync loop takes 212-255
+# registers: capped at 168 it spilled 68-172 B per thread (static report, triton 3.6).
 _FWD_STAGES = {"few_keys": 2, "split_k": 1, "flash": 2}
-_SPLIT_CTAS = 3
+_SPLIT_CTAS = {9: 3}          # compute capability major -> CTAs per SM that split-K's registers are held to
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
@@ -531,8 +532,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         cfg = _fwd_config(lq, lk, bh, q.device, ctas, meta["BLOCK_M"])
         _attention_fwd_few_keys_kernel[(cfg.n_splits, bh)](*args, **meta)
         return out, lse
-    if path == "split_k":
-        meta["maxnreg"] = register_budget(_SPLIT_CTAS, meta["num_warps"], device_limits(q.device))
+    limits = device_limits(q.device)
+    if path == "split_k" and limits.capability[0] in _SPLIT_CTAS:
+        meta["maxnreg"] = register_budget(_SPLIT_CTAS[limits.capability[0]], meta["num_warps"], limits)
     # The split count comes from the unsplit variant's occupancy (the variant launched whenever the queries fill the
     # device; the split one runs the same key loop under the same register cap), so a launch that does not split
     # compiles nothing it does not run.
