@@ -95,7 +95,8 @@ def _token_pool_bwd_kernel(
 # C = 1152 on 4 warps), which keeps registers low in every dtype (sm_90 static report: backward fp32 130 -> 32
 # registers with triton 3.6, 113 -> 32 with 3.9) and the grid as fine as 16-byte accesses allow; runs of tiles per
 # program grow only while the grid keeps 4 waves of programs (`wave_programs`). The forward is `window_plan`'s
-# window reduction, shared with upsample_add's backward.
+# window reduction, shared with upsample_add's backward: at B = 32, C = 1152, bf16, G = 6-10 it runs 5.6-10.9 waves
+# of programs on sm_90, against 0.9-2.4 with one token per window per step (static report, triton 3.6).
 _NUM_WARPS = 4
 
 
