@@ -19,6 +19,7 @@ setup(
         "test": ["pytest", "pytest-benchmark", "hypothesis", "fvcore", "scipy", "torchmetrics"],
         "bench": ["fvcore", "matplotlib", "tqdm"],
         "diffusers": ["diffusers", "transformers", "safetensors"],
+        "lora": ["peft>=0.13", "safetensors"],   # flexdit.lora, flexdit-finetune --lora-rank
         "cli": ["tqdm", "pillow"],   # progress bars; PNG, GIF and grid output of flexdit-sample --vae
         # flexdit-eval: Inception (torch-fidelity), PSNR/SSIM/LPIPS (torchmetrics + torchvision), FVD (cd-fvd)
         "eval": ["torch-fidelity>=0.4", "torchmetrics>=1.4", "torchvision", "scipy", "pillow", "cd-fvd"],

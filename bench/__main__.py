@@ -16,7 +16,8 @@ from typing import List, Optional
 import torch
 
 from . import gates
-from .common import DTYPES, PROG, Parser, Results, env_tags, has_gpu, positive_int, write_csv, write_json
+from .common import (DTYPES, PROG, Parser, Results, env_tags, fraction, has_gpu, open_fraction, positive_int, write_csv,
+                     write_json)
 
 # Sub-commands: the module that implements each, and its line in the help.
 SUITES = {"kernels": "each flexdit_kernels op vs the PyTorch path it replaces, forward and backward",
@@ -29,16 +30,6 @@ SUITES = {"kernels": "each flexdit_kernels op vs the PyTorch path it replaces, f
 EXTRA = ("static", "tune")
 SUBCOMMANDS = tuple(SUITES) + tuple(EXTRA)
 MEASURES = ("kernels", "model", "sample")   # the suites with timings, tables, baselines
-
-
-def _fraction(text, low_open=False):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction, got {text!r}") from None
-    if not 0 <= value < 1 or (low_open and value == 0):
-        raise argparse.ArgumentTypeError(f"expected a fraction in {'(0' if low_open else '[0'}, 1), got {value}")
-    return value
 
 
 class Stopped(BaseException):   # not an Exception: per-case error handling must not swallow it
@@ -77,13 +68,13 @@ def build_parser(prog: str = PROG) -> argparse.ArgumentParser:
                         "medians are written, unless the ratios or timings spread too much (exit 2)")
     g.add_argument("--baseline-runs", type=positive_int, default=gates.DEFAULT_RUNS,
                    help="runs measured for --write-baseline (default %(default)s)")
-    g.add_argument("--max-spread", type=lambda t: _fraction(t, low_open=True), default=gates.DEFAULT_MAX_SPREAD,
+    g.add_argument("--max-spread", type=open_fraction, default=gates.DEFAULT_MAX_SPREAD,
                    help="noise guard of --write-baseline: largest (max - min) / median of a ratio over the runs; a "
                         "timing behind a ratio may spread (p80 - p20) / median up to twice this (default "
                         f"{100 * gates.DEFAULT_MAX_SPREAD:.0f}%%)")
     g.add_argument("--check", metavar="PATH", help="fail (exit 1) when a ratio is more than the tolerance below "
                                                    "this baseline (e.g. bench/baselines/nvidia-h200.json)")
-    g.add_argument("--tolerance", type=_fraction, default=None,
+    g.add_argument("--tolerance", type=fraction, default=None,
                    help=f"allowed drop below a baseline ratio (default: the baseline's, else "
                         f"{100 * gates.DEFAULT_TOLERANCE:.0f}%%)")
 
@@ -130,11 +121,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return suite.run_cli(args, parser)
     on_cpu = args.device == "cpu" or (args.device == "auto" and (not has_gpu() or args.command == "overhead"))
     device = torch.device("cpu" if on_cpu else "cuda")
+    suite.validate(parser, args, device)   # fills the defaults that depend on the device; errors: parser.error
     if on_cpu and args.device == "auto" and not default_run and args.command in MEASURES:
         print(f"no GPU: torch.cuda.is_available() is False on this machine, so `{args.command}` has nothing to "
               f"measure. Pass --device cpu for a tiny run of the reference path (indicative only).")
         return 0
-    suite.validate(parser, args, device)   # fills the defaults that depend on the device; errors: parser.error
     args.torch_dtype = DTYPES[args.dtype]
     if getattr(args, "worker", None):   # one op family for a parent run that validated the arguments
         return suite.worker_main(args, device)
@@ -151,10 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     baseline = None
     if getattr(args, "check", None):
         try:
-            baseline = gates.load_baseline(args.check)
-            if baseline["gpu"] != tags["gpu"]:
-                raise gates.BaselineError(f"baseline {args.check} is for GPU {baseline['gpu']!r}, but this run is "
-                                          f"on {tags['gpu']!r}")
+            baseline = gates.load_baseline(args.check, tags["gpu"])
         except gates.BaselineError as err:
             return _fail(prog, str(err))
 

@@ -18,17 +18,9 @@ STEP_FIELDS = ("name", "kind", "status", "rc", "seconds", "timeout", "log", "art
 
 
 def read_steps(raw: str) -> List[dict]:
-    steps = []
     path = os.path.join(raw, "steps.tsv")
-    if not os.path.exists(path):
-        return steps
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) < len(STEP_FIELDS):
-                parts += [""] * (len(STEP_FIELDS) - len(parts))
-            steps.append(dict(zip(STEP_FIELDS, parts)))
-    return steps
+    lines = _read(path).splitlines() if os.path.exists(path) else []
+    return [dict(zip(STEP_FIELDS, line.split("\t") + [""] * len(STEP_FIELDS))) for line in lines]
 
 
 def _read(path: str) -> str:
@@ -41,15 +33,9 @@ def _read(path: str) -> str:
 
 def _load_json(path: str) -> Optional[dict]:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return json.loads(_read(path) or "null")
+    except ValueError:
         return None
-
-
-def _last_lines(text: str, n: int = 3) -> List[str]:
-    lines = [line.rstrip() for line in text.strip().splitlines() if line.strip()]
-    return lines[-n:]
 
 
 def pytest_detail(xml_path: str):
@@ -59,16 +45,11 @@ def pytest_detail(xml_path: str):
     except (OSError, ET.ParseError):
         return None, []
     suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
-    total = sum(int(s.get("tests", 0)) for s in suites)
-    failed = sum(int(s.get("failures", 0)) for s in suites)
-    errors = sum(int(s.get("errors", 0)) for s in suites)
-    skipped = sum(int(s.get("skipped", 0)) for s in suites)
-    bad = []
-    for case in root.iter("testcase"):
-        if case.find("failure") is not None or case.find("error") is not None:
-            bad.append(f"{case.get('classname', '')}::{case.get('name', '')}")
-    passed = total - failed - errors - skipped
-    return f"{passed} passed, {failed} failed, {errors} errors, {skipped} skipped", bad
+    total, failed, errors, skipped = (sum(int(s.get(k, 0)) for s in suites)
+                                      for k in ("tests", "failures", "errors", "skipped"))
+    bad = [f"{case.get('classname', '')}::{case.get('name', '')}" for case in root.iter("testcase")
+           if case.find("failure") is not None or case.find("error") is not None]
+    return f"{total - failed - errors - skipped} passed, {failed} failed, {errors} errors, {skipped} skipped", bad
 
 
 def sanitizer_errors(log: str) -> Optional[int]:
@@ -76,26 +57,62 @@ def sanitizer_errors(log: str) -> Optional[int]:
     return sum(counts) if counts else None
 
 
-def bench_results(payload: dict):
-    """A bench Results object from a `--json` payload."""
-    from .common import Results, Row
-    res = Results(tags=payload.get("tags", {}))
-    res.rows = [Row(**r) for r in payload.get("rows", [])]
-    res.failures = list(payload.get("failures", []))
-    res.notes = list(payload.get("notes", []))
-    return res
-
-
 def bench_table(payload: dict) -> str:
-    argv = payload.get("argv", [])
-    command = argv[0] if argv else ""
-    res = bench_results(payload)
+    command = (payload.get("argv") or [""])[0]
     if command not in ("kernels", "model", "sample", "overhead"):
         return ""
+    from .common import Results   # torch: only when there is a table to print
     try:
-        return importlib.import_module(f"bench.{command}").table(res)
+        return importlib.import_module(f"bench.{command}").table(Results.from_json(payload))
     except Exception as err:   # a table is a convenience; the rows are in summary.json whatever happens
         return f"(no table: {type(err).__name__}: {err})"
+
+
+def _step_detail(st: dict, log: str, artifact: str, env: dict, bench: dict, failures: List[str]) -> List[str]:
+    """The detail column of one step (filling `st`, `bench` and `failures` with what its artifact says)."""
+    detail = []
+    if st["kind"] == "pytest":
+        counts, bad = pytest_detail(artifact)
+        st.update(tests=counts, failed_tests=bad)
+        detail += [counts] if counts else []
+        failures += [f"{st['name']}: {t}" for t in bad[:20]]
+        if len(bad) > 20:
+            failures.append(f"{st['name']}: ... and {len(bad) - 20} more failed tests")
+    elif st["kind"] == "sanitize":
+        errors, report = sanitizer_errors(log), _load_json(artifact)
+        st.update(memcheck_errors=errors, report=report)
+        if report:
+            n_ok = sum(r["status"] == "ok" for r in report["launches"])
+            detail.append(f"{n_ok}/{len(report['launches'])} launches right")
+            failures += [f"{st['name']}: {r['launch']} {r['status']}: {r['reason']}" for r in report["launches"]
+                         if r["status"] not in ("ok", "absent")]
+        if errors is not None:
+            detail.append(f"memcheck: {errors} errors")
+            if errors:
+                failures.append(f"{st['name']}: compute-sanitizer reported {errors} memcheck errors (see logs.txt)")
+    elif st["kind"] == "bench":
+        payload = _load_json(artifact)
+        if payload is None and st["status"] == "ok":
+            st["status"], st["note"] = "failed", "; ".join(filter(None, ["exited 0 without writing its JSON",
+                                                                          st["note"]]))
+        if payload is not None:
+            bench[st["name"]] = payload
+            fails = payload.get("failures", [])
+            detail.append(f"{len(payload.get('rows', []))} rows" + (f", {len(fails)} FAILED" if fails else ""))
+            failures += [f"{st['name']}: {f}" for f in fails]
+            st["speedups"] = {f"{r['case']} | {r['impl']}": r["value"] for r in payload.get("rows", [])
+                              if r["metric"] == "speedup"}
+    elif st["kind"] == "info" and env:
+        missing = env.get("missing_optional") or []
+        detail.append(f"{env.get('gpu', '?')}, torch {env.get('torch', '?')}, triton {env.get('triton', '?')}"
+                      + (f"; not installed: {', '.join(missing)}" if missing else ""))
+    if st["status"] in ("failed", "timeout") and not any(f.startswith(st["name"] + ":") for f in failures):
+        last = [line.rstrip() for line in log.splitlines()[::-1] if line.strip()][:1]
+        last = [line for line in last if not line.startswith("$ ")]   # not the command echo
+        failures.append(f"{st['name']}: {st['status']} (exit {st['rc']})" + (f": {last[0][:300]}" if last else ""))
+    if st["status"] == "timeout":
+        detail.append(f"stopped after {st['timeout']} s")
+    return detail + ([st["note"]] if st["note"] else [])
 
 
 def summarize(raw: str, out: str, budget: Optional[float] = None, elapsed: Optional[float] = None) -> int:
@@ -105,73 +122,18 @@ def summarize(raw: str, out: str, budget: Optional[float] = None, elapsed: Optio
     for st in steps:
         log = _read(os.path.join(raw, st["log"])) if st["log"] else ""
         artifact = os.path.join(raw, st["artifact"]) if st["artifact"] else ""
-        detail = []
-        if st["kind"] == "pytest":
-            counts, bad = pytest_detail(artifact)
-            st["tests"] = counts
-            st["failed_tests"] = bad
-            if counts:
-                detail.append(counts)
-            failures += [f"{st['name']}: {t}" for t in bad[:20]]
-            if len(bad) > 20:
-                failures.append(f"{st['name']}: ... and {len(bad) - 20} more failed tests")
-        elif st["kind"] == "sanitize":
-            report = _load_json(artifact)
-            errors = sanitizer_errors(log)
-            st["memcheck_errors"] = errors
-            st["report"] = report
-            if report:
-                n_ok = sum(r["status"] == "ok" for r in report["launches"])
-                detail.append(f"{n_ok}/{len(report['launches'])} launches right")
-                failures += [f"{st['name']}: {r['launch']} {r['status']}: {r['reason']}" for r in report["launches"]
-                             if r["status"] not in ("ok", "absent")]
-            if errors is not None:
-                detail.append(f"memcheck: {errors} errors")
-                if errors:
-                    failures.append(f"{st['name']}: compute-sanitizer reported {errors} memcheck errors (see logs.txt)")
-        elif st["kind"] == "bench":
-            payload = _load_json(artifact)
-            if payload is None and st["status"] == "ok":
-                st["status"], st["note"] = "failed", "exited 0 without writing its JSON" + (
-                    f"; {st['note']}" if st["note"] else "")
-            if payload is not None:
-                bench[st["name"]] = payload
-                n_rows = len(payload.get("rows", []))
-                fails = payload.get("failures", [])
-                detail.append(f"{n_rows} rows" + (f", {len(fails)} FAILED" if fails else ""))
-                failures += [f"{st['name']}: {f}" for f in fails]
-                st["speedups"] = {f"{r['case']} | {r['impl']}": r["value"] for r in payload.get("rows", [])
-                                  if r["metric"] == "speedup"}
-        elif st["kind"] == "info" and env:
-            missing = env.get("missing_optional") or []
-            detail.append(f"{env.get('gpu', '?')}, torch {env.get('torch', '?')}, triton {env.get('triton', '?')}"
-                          + (f"; not installed: {', '.join(missing)}" if missing else ""))
-        if st["status"] in ("failed", "timeout") and not any(f.startswith(st["name"] + ":") for f in failures):
-            last = [line for line in _last_lines(log, 1) if not line.startswith("$ ")]   # not the command echo
-            failures.append(f"{st['name']}: {st['status']} (exit {st['rc']})" + (f": {last[0][:300]}" if last else ""))
-        if st["status"] == "timeout":
-            detail.append(f"stopped after {st['timeout']} s")
-        if st["note"]:
-            detail.append(st["note"])
-        st["detail"] = "; ".join(detail)
-
+        st["detail"] = "; ".join(_step_detail(st, log, artifact, env, bench, failures))
     n_bad = sum(st["status"] != "ok" for st in steps)
     ok = bool(steps) and n_bad == 0
-    os.makedirs(out, exist_ok=True)
 
-    md = []
     title = f"# .ci/gpu: {env.get('gpu', 'GPU')}"
     if env:
         title += f" (torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}"
         title += f", commit {env['git']})" if env.get("git") else ")"
-    md.append(title)
-    md.append("")
     verdict = "PASSED: every step passed" if ok else f"FAILED: {n_bad} of {len(steps)} steps did not pass"
     timing = f" | {elapsed:.0f} s of a {budget:.0f} s budget" if elapsed is not None and budget is not None else ""
-    md.append(f"**{verdict}**{timing}")
-    md.append("")
-    md.append("| step | status | seconds | limit | detail |")
-    md.append("|---|---|---|---|---|")
+    md = [title, "", f"**{verdict}**{timing}", "", "| step | status | seconds | limit | detail |",
+          "|---|---|---|---|---|"]
     for st in steps:
         status = st["status"] if st["status"] in ("ok", "skipped") else f"**{st['status'].upper()}** (exit {st['rc']})"
         md.append(f"| {st['name']} | {status} | {st['seconds']} | {st['timeout']} | "
@@ -179,16 +141,13 @@ def summarize(raw: str, out: str, budget: Optional[float] = None, elapsed: Optio
     if failures:
         md += ["", "## Failures", ""] + [f"- {f}" for f in failures]
     for name, payload in bench.items():
-        table = bench_table(payload)
-        notes = payload.get("notes", [])
+        table, notes = bench_table(payload), payload.get("notes", [])
         if table or notes:
             md += ["", f"## {name}", "", f"`python -m bench {' '.join(payload.get('argv', []))}`", "", "```", table]
-            md += [f"note: {n}" for n in notes]
-            md.append("```")
-    md_text = "\n".join(md) + "\n"
+            md += [f"note: {n}" for n in notes] + ["```"]
+    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "summary.md"), "w", encoding="utf-8") as f:
-        f.write(md_text)
-
+        f.write("\n".join(md) + "\n")
     summary = {"format": 1, "ok": ok, "budget_s": budget, "elapsed_s": elapsed, "env": env, "steps": steps,
                "failures": failures, "bench": bench}
     with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -35,15 +36,34 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def positive_int(text):
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(kind, ok: Callable[[float], bool], what: str):
+    """An argparse type: `kind(text)` for which `ok` holds, else an error saying that `what` was expected."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+    return parse
+
+
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+positive_float = _number(float, lambda v: v > 0, "a positive number")   # seconds, milliseconds
+fraction = _number(float, lambda v: 0 <= v < 1, "a fraction in [0, 1)")
+open_fraction = _number(float, lambda v: 0 < v < 1, "a fraction in (0, 1)")
+
+
+def parse_list(text: Optional[str], allowed: Sequence[str], flag: str) -> Optional[List[str]]:
+    """The comma-separated subset of `allowed` that `text` names (None for None), without repeats; ValueError naming
+    `--flag` otherwise."""
+    if text is None:
+        return None
+    items = [m.strip() for m in str(text).split(",") if m.strip()]
+    if not items or any(m not in allowed for m in items):
+        raise ValueError(f"--{flag} takes a comma-separated subset of {', '.join(allowed)}, got {text!r}")
+    return list(dict.fromkeys(items))
 
 
 def fill_defaults(args, defaults: Dict[str, tuple], on_cpu: bool) -> None:
@@ -51,17 +71,6 @@ def fill_defaults(args, defaults: Dict[str, tuple], on_cpu: bool) -> None:
     for name, (gpu_value, cpu_value) in defaults.items():
         if getattr(args, name, None) is None:
             setattr(args, name, cpu_value if on_cpu else gpu_value)
-
-
-def positive_float(text):
-    """argparse type: a number > 0 (seconds, milliseconds)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,33 +81,17 @@ def has_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def device_name(device: torch.device) -> str:
-    """The GPU's marketing name ("NVIDIA H200"), or "cpu"."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return "cpu"
-
-
 def gpu_slug(name: str) -> str:
     """File-name form of a device name: "NVIDIA H100 80GB HBM3" → "nvidia-h100-80gb-hbm3"."""
-    out = "".join(ch.lower() if ch.isalnum() else "-" for ch in name)
-    while "--" in out:
-        out = out.replace("--", "-")
-    return out.strip("-")
-
-
-def versions() -> Dict[str, str]:
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:  # pragma: no cover
-        triton_version = "none"
-    import flexdit
-    return {"torch": torch.__version__, "triton": triton_version, "flexdit": flexdit.__version__}
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
 def env_tags(device: torch.device) -> Dict[str, str]:
-    return {"gpu": device_name(device), **versions()}
+    """The GPU's marketing name ("NVIDIA H200", or "cpu") and the torch, triton and flexdit versions."""
+    import flexdit
+    import triton
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"gpu": gpu, "torch": torch.__version__, "triton": triton.__version__, "flexdit": flexdit.__version__}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,14 +99,15 @@ def env_tags(device: torch.device) -> Dict[str, str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 ROW_FIELDS = ("suite", "case", "impl", "metric", "value", "unit", "gpu", "torch", "triton", "flexdit", "dtype",
-              "batch", "mode", "note")
+              "batch", "mode", "note", "route")
 
 
 @dataclass
 class Row:
     """One measurement. `suite`: kernels/model/sample/ceiling; `case`: the shape or configuration; `impl`: which
     implementation (flexdit, torch, sdpa-flash, dense, flexdit-ref, ...); `metric`: ms, ms_p20, ms_p80, GB/s,
-    TFLOP/s, frac_copy_bw, frac_matmul, images/s, speedup, GMACs, peak_MiB, share, compile_s, ..."""
+    TFLOP/s, frac_copy_bw, frac_matmul, images/s, speedup, GMACs, peak_MiB, share, compile_s, ...; `route`: how
+    flexdit_kernels routed the op(s) the row timed (`flexdit_kernels.last_route`)."""
 
     suite: str
     case: str
@@ -129,6 +123,7 @@ class Row:
     batch: int = 0
     mode: str = ""
     note: str = ""
+    route: str = ""
 
     def key(self) -> str:
         """Identity of a measurement across runs (used by the regression gates)."""
@@ -144,6 +139,12 @@ class Results:
     failures: List[str] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
 
+    @classmethod
+    def from_json(cls, payload: dict) -> "Results":
+        """The Results of a `--json` payload."""
+        return cls(tags=payload.get("tags", {}), rows=[Row(**r) for r in payload.get("rows", [])],
+                   failures=list(payload.get("failures", [])), notes=list(payload.get("notes", [])))
+
     def add(self, suite, case, impl, metric, value, unit="", **extra) -> Row:
         fields = {**{k: v for k, v in self.tags.items() if k in ROW_FIELDS}, **extra}
         row = Row(suite=suite, case=case, impl=impl, metric=metric, value=float(value), unit=unit, **fields)
@@ -152,44 +153,36 @@ class Results:
 
     def add_timing(self, suite, case, impl, times: Sequence[float], **extra):
         """times = (median, p20, p80) in ms."""
-        med, p20, p80 = times
-        self.add(suite, case, impl, "ms", med, "ms", **extra)
-        self.add(suite, case, impl, "ms_p20", p20, "ms", **extra)
-        self.add(suite, case, impl, "ms_p80", p80, "ms", **extra)
+        for metric, value in zip(("ms", "ms_p20", "ms_p80"), times):
+            self.add(suite, case, impl, metric, value, "ms", **extra)
 
     def get(self, suite, case, impl, metric) -> Optional[float]:
-        for row in self.rows:
-            if (row.suite, row.case, row.impl, row.metric) == (suite, case, impl, metric):
-                return row.value
-        return None
+        return next((row.value for row in self.rows if (row.suite, row.case, row.impl, row.metric)
+                     == (suite, case, impl, metric)), None)
+
+
+def open_out(path: str, **kwargs):
+    """`open(path, "w")` for an output file, creating its folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    return open(path, "w", encoding="utf-8", **kwargs)
 
 
 def write_json(results: Results, path: str, argv: Sequence[str]) -> None:
-    payload = {"format": 1, "argv": list(argv), "tags": results.tags, "failures": results.failures,
-               "notes": results.notes, "rows": [asdict(r) for r in results.rows]}
-    _makedirs(path)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
+    with open_out(path) as f:
+        json.dump({"format": 1, "argv": list(argv), "tags": results.tags, "failures": results.failures,
+                   "notes": results.notes, "rows": [asdict(r) for r in results.rows]}, f, indent=1)
 
 
 def write_csv(results: Results, path: str) -> None:
-    _makedirs(path)
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with open_out(path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
         writer.writeheader()
-        for r in results.rows:
-            writer.writerow(asdict(r))
+        writer.writerows(asdict(r) for r in results.rows)
 
 
-def read_rows(path: str) -> List[Row]:
+def read_results(path: str) -> Results:
     with open(path, encoding="utf-8") as f:
-        payload = json.load(f)
-    return [Row(**r) for r in payload["rows"]]
-
-
-def _makedirs(path):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
+        return Results.from_json(json.load(f))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -212,43 +205,30 @@ def _fmt(v: Optional[float]) -> str:
 
 
 def format_table(results: Results, suite: str, columns: Sequence[str], title: str = "") -> str:
-    """One line per (case, impl) of a suite, one column per metric; "ms" shown as "median [p20, p80]"."""
+    """One line per (case, impl) of a suite, one column per metric ("ms" as "median [p20, p80]"), and the route
+    flexdit_kernels took where the rows record one; columns without a value are left out."""
     groups: Dict[tuple, Dict[str, Row]] = {}
     for row in results.rows:
         if row.suite == suite:
             groups.setdefault((row.case, row.impl), {})[row.metric] = row
     if not groups:
         return ""
-    header = ["case", "impl"] + list(columns)
+    header = ["case", "impl", *columns, "route"]
     lines = []
     for (case, impl), metrics in groups.items():
-        cells = [case, impl]
-        for col in columns:
-            if col == "ms" and "ms" in metrics:
-                med = metrics["ms"].value
-                p20 = metrics.get("ms_p20")
-                p80 = metrics.get("ms_p80")
-                cell = _fmt(med)
-                if p20 is not None and p80 is not None:
-                    cell += f" [{_fmt(p20.value)}, {_fmt(p80.value)}]"
-                cells.append(cell)
-            elif col in metrics:
-                cells.append(_fmt(metrics[col].value))
-            else:
-                cells.append("-")
+        cells = [_fmt(metrics[col].value) if col in metrics else "-" for col in columns]
+        if "ms" in columns and {"ms", "ms_p20", "ms_p80"} <= set(metrics):
+            cells[columns.index("ms")] += f" [{_fmt(metrics['ms_p20'].value)}, {_fmt(metrics['ms_p80'].value)}]"
         note = next((r.note for r in metrics.values() if r.note), "")
-        if note:
-            cells[1] = f"{impl} ({note})"
-        lines.append(cells)
+        route = next((r.route for r in metrics.values() if r.route), "-")
+        lines.append([case, f"{impl} ({note})" if note else impl, *cells, route])
     keep = [i for i in range(len(header)) if i < 2 or any(cells[i] != "-" for cells in lines)]
     header = [header[i] for i in keep]
     lines = [[cells[i] for i in keep] for cells in lines]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     out = [title] if title else []
-    out.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    out.append("  ".join("-" * w for w in widths))
-    for cells in lines:
-        out.append("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)))
+    out += ["  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+            for cells in [header, ["-" * w for w in widths], *lines]]
     return "\n".join(out)
 
 
@@ -328,6 +308,13 @@ def synchronize(device: torch.device):
 # Ceilings measured in the same run
 # ----------------------------------------------------------------------------------------------------------------
 
+def _ceiling(results: Optional[Results], case: str, impl: str, ms: tuple, metric: str, value: float) -> float:
+    if results is not None:
+        results.add_timing("ceiling", case, impl, ms)
+        results.add("ceiling", case, impl, metric, value, metric)
+    return value
+
+
 def copy_bandwidth(device: torch.device, results: Optional[Results] = None, nbytes: int = 2**30) -> float:
     """Device-to-device copy bandwidth in GB/s (bytes read + bytes written per second), 1 GiB buffers on CUDA."""
     if device.type != "cuda":
@@ -336,12 +323,7 @@ def copy_bandwidth(device: torch.device, results: Optional[Results] = None, nbyt
     dst = torch.empty_like(src)
     ms = bench_fn(lambda: dst.copy_(src), device, cpu_repeats=5)
     gbps = 2 * nbytes / (ms[0] * 1e-3) / 1e9
-    if results is not None:
-        case = f"copy {nbytes // 2**20} MiB"
-        results.add_timing("ceiling", case, "torch.copy_", ms)
-        results.add("ceiling", case, "torch.copy_", "GB/s", gbps, "GB/s")
-    del src, dst
-    return gbps
+    return _ceiling(results, f"copy {nbytes // 2**20} MiB", "torch.copy_", ms, "GB/s", gbps)
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, results: Optional[Results] = None,
@@ -352,10 +334,5 @@ def matmul_tflops(device: torch.device, dtype: torch.dtype, results: Optional[Re
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = bench_fn(lambda: a @ b, device, cpu_repeats=5)
-    tflops = 2 * n ** 3 / (ms[0] * 1e-3) / 1e12
-    if results is not None:
-        case = f"matmul {n}^3 {str(dtype).replace('torch.', '')}"
-        results.add_timing("ceiling", case, "torch.matmul", ms)
-        results.add("ceiling", case, "torch.matmul", "TFLOP/s", tflops, "TFLOP/s")
-    return tflops
-
+    return _ceiling(results, f"matmul {n}^3 {str(dtype).replace('torch.', '')}", "torch.matmul", ms, "TFLOP/s",
+                    2 * n ** 3 / (ms[0] * 1e-3) / 1e12)

@@ -3,10 +3,10 @@ import datetime
 import json
 import os
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-from .common import Results, Row, gpu_slug
+from .common import Results, gpu_slug, open_out
 
 FORMAT = 1
 DEFAULT_TOLERANCE = 0.10
@@ -19,6 +19,7 @@ DEFAULT_MAX_SPREAD = 0.05
 TIMING_SPREAD_FACTOR = 2.0
 # Dimensionless metrics that may be gated: speedups over the PyTorch path / dense model, fractions of ceilings.
 RATIO_METRICS = ("speedup",)
+GATE_FLAGS = ("--write-baseline", "--check", "--json", "--csv", "--tolerance", "--baseline-runs", "--max-spread")
 BASELINE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "baselines")
 
 
@@ -41,7 +42,7 @@ def make_baseline(results: Results, argv: Sequence[str], tolerance: float = DEFA
         raise BaselineError("this run measured no speed ratios; nothing to write")
     return {"format": FORMAT, "gpu": results.tags["gpu"], "torch": results.tags.get("torch", ""),
             "triton": results.tags.get("triton", ""), "flexdit": results.tags.get("flexdit", ""),
-            "created": datetime.date.today().isoformat(), "argv": [a for a in argv if a not in ("",)],
+            "created": datetime.date.today().isoformat(), "argv": [a for a in argv if a],
             "tolerance": tolerance, "ratios": dict(sorted(r.items()))}
 
 
@@ -78,48 +79,26 @@ def noise_reasons(runs: Sequence[Results], max_spread: float = DEFAULT_MAX_SPREA
                 if spread > limit:
                     found.append((spread / limit, f"{row.suite}|{row.case}|{impl} timing spread (p80 - p20) / median "
                                                   f"= {spread:.1%} > {limit:.1%} in run {i + 1}"))
-    found.sort(key=lambda f: -f[0])
-    seen, out = set(), []
-    for _, reason in found:
-        if reason not in seen:
-            seen.add(reason)
-            out.append(reason)
-    return out
-
-
-def median_results(runs: Sequence[Results]) -> Results:
-    """A Results whose ratio rows are the per-key medians over `runs` (tags of the first run)."""
-    out = Results(tags=dict(runs[0].tags))
-    per_run = [ratios(r) for r in runs]
-    for row in runs[0].rows:
-        if row.metric in RATIO_METRICS and all(row.key() in r for r in per_run):
-            value = statistics.median(r[row.key()] for r in per_run)
-            out.rows.append(Row(**{**asdict(row), "value": value}))
-    return out
+    return list(dict.fromkeys(reason for _, reason in sorted(found, key=lambda f: -f[0])))
 
 
 def write_baseline(results: Results, path: str, argv: Sequence[str], tolerance: float = DEFAULT_TOLERANCE,
                    runs: Optional[Sequence[Results]] = None, max_spread: float = DEFAULT_MAX_SPREAD):
     """Write the baseline of one run, or of the medians of repeated `runs` after the noise guard (BaselineError:
     too noisy, with the worst reason in one line)."""
-    spreads = None
+    payload = make_baseline(results, _strip_gate_flags(argv), tolerance)
     if runs is not None:
         reasons = noise_reasons(runs, max_spread)
         if reasons:
             more = f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else ""
             raise BaselineError(f"not writing {path}: the measurement is too noisy for a baseline: {reasons[0]}{more}; "
                                 f"rerun on a quiet machine or raise --max-spread")
-        results = median_results(runs)
-        per_run = [ratios(r) for r in runs]
-        spreads = {k: (max(r[k] for r in per_run) - min(r[k] for r in per_run)) / v if v else 0.0
-                   for k, v in ratios(results).items()}
-    payload = make_baseline(results, _strip_gate_flags(argv), tolerance)
-    if spreads is not None:
-        payload["runs"] = len(runs)
-        payload["max_spread"] = max_spread
-        payload["spread"] = dict(sorted(spreads.items()))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+        per_run = [ratios(r) for r in runs]   # the noise guard made sure that every run has every ratio
+        payload["ratios"] = {k: statistics.median(r[k] for r in per_run) for k in payload["ratios"]}
+        payload.update(runs=len(runs), max_spread=max_spread, spread={
+            k: (max(r[k] for r in per_run) - min(r[k] for r in per_run)) / v if v else 0.0
+            for k, v in payload["ratios"].items()})
+    with open_out(path) as f:
         json.dump(payload, f, indent=1)
         f.write("\n")
     return payload
@@ -129,19 +108,15 @@ def _strip_gate_flags(argv: Sequence[str]) -> List[str]:
     """The command that reproduces a run, without output and gate flags (so `--check` can rerun it)."""
     out, skip = [], False
     for a in argv:
-        if skip:
-            skip = False
-            continue
         name = a.split("=", 1)[0]
-        if name in ("--write-baseline", "--check", "--json", "--csv", "--tolerance", "--baseline-runs",
-                    "--max-spread"):
-            skip = "=" not in a
-            continue
-        out.append(a)
+        if not skip and name not in GATE_FLAGS:
+            out.append(a)
+        skip = not skip and name in GATE_FLAGS and "=" not in a   # the flag's value is the next word
     return out
 
 
-def load_baseline(path: str) -> dict:
+def load_baseline(path: str, gpu: Optional[str] = None) -> dict:
+    """The baseline at `path`; BaselineError when it is missing or malformed, or recorded on another `gpu`."""
     if not os.path.exists(path):
         raise BaselineError(f"baseline {path} does not exist")
     try:
@@ -151,6 +126,8 @@ def load_baseline(path: str) -> dict:
         raise BaselineError(f"baseline {path} is not valid JSON: {err}") from err
     if data.get("format") != FORMAT or not isinstance(data.get("ratios"), dict) or "gpu" not in data:
         raise BaselineError(f"baseline {path} is not a format-{FORMAT} baseline (needs 'format', 'gpu', 'ratios')")
+    if gpu is not None and data["gpu"] != gpu:
+        raise BaselineError(f"baseline {path} is for GPU {data['gpu']!r}, but this run is on {gpu!r}")
     return data
 
 

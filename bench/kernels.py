@@ -1,15 +1,9 @@
 """`python -m bench kernels`: every flexdit_kernels op against the PyTorch path it replaces, forward and backward.
 
-token_pool   vs permute → adaptive_avg_pool2d → permute
-token_mean   vs layer_norm → mean
-upsample_add vs interpolate(nearest) → add
-attention    vs every SDPA backend that takes the shape, fed from the fused-projection layout the model has
-             (q, k, v strided views of a (B, L, 3, H, D) or q (B, Lq, H, D) + kv (B, Lk, 2, H, D) tensor), the
-             transposes in and the transpose + reshape copy out INCLUDED, as `flexdit.layers.Attention` does.
-layernorm_modulate, gated_residual, gated_residual_layernorm_modulate, silu
-             vs DiT's unfused lines (affine-free layer_norm → modulate, x + gate · y, silu), then the cast autocast
-             makes before the next GEMM; shift, scale and gate are chunks of one (B, 6C) adaLN projection and the
-             residual stream is fp32, as in the model.
+Each op is timed against the PyTorch lines it replaces (`torch_<op>` below; attention: every SDPA backend that
+takes the shape), fed as the model feeds it: q, k, v strided views of a fused projection, the transposes in and the
+copy out included; shift, scale and gate chunks of one (B, 6C) adaLN projection; an fp32 residual stream; the cast
+autocast makes before the next GEMM included.
 
 One case table (`make_inputs`, `baselines`) serves this suite, `bench sanitize` and `bench overhead`. Two phases:
 first every case of every op family is checked against its `*_ref` (forward, and gradients with --backward;
@@ -85,6 +79,23 @@ def cpu_banner(args) -> str:
 def exported_ops() -> List[str]:
     """The ops of flexdit_kernels: names of `__all__` that have a `<name>_ref` beside them."""
     return [n for n in fk.__all__ if f"{n}_ref" in fk.__all__]
+
+
+def route(op: str, backward: bool = False) -> str:
+    """How flexdit_kernels routed the latest call of `op` (and of its backward): `flexdit_kernels.last_route`."""
+    fwd = fk.last_route(op) or ""
+    bwd = fk.last_route(f"{op}_backward") if backward else None
+    return f"{fwd or '-'}; backward {bwd}" if bwd and bwd != fwd else fwd
+
+
+def route_summary(ops=OPS) -> str:
+    """The routes of those `ops` that recorded one, compacted: "reference (backend)" when they agree, else
+    "triton (tune=on): token_pool, silu; reference (tune=on): token_mean"."""
+    by_route: Dict[str, List[str]] = {}
+    for op in ops:
+        if fk.last_route(op):
+            by_route.setdefault(fk.last_route(op), []).append(op)
+    return "; ".join(r if len(by_route) == 1 else f"{r}: {', '.join(names)}" for r, names in by_route.items())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -281,9 +292,6 @@ class Case:
     params: dict
     timed: bool = True
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
 
 def cases(op: str, shapes: dict) -> List[Case]:
     """Every case of an op family, in run order."""
@@ -314,11 +322,10 @@ def cases(op: str, shapes: dict) -> List[Case]:
 # ----------------------------------------------------------------------------------------------------------------
 
 class _Runner:
-    """Checks (`check`: None or a one-line reason) and timings (`time`: rows into `results`) per case."""
+    """Checks (`check`: None or a one-line reason) and timings (`time`: the rows of one case) per case."""
 
-    def __init__(self, args, results: Results, device: torch.device, dtype: torch.dtype, copy_gbps: float):
-        self.args, self.results, self.device, self.dtype = args, results, device, dtype
-        self.copy_gbps = copy_gbps
+    def __init__(self, args, tags: dict, device: torch.device, dtype: torch.dtype, copy_gbps: float):
+        self.args, self.tags, self.device, self.dtype, self.copy_gbps = args, tags, device, dtype, copy_gbps
         self.on_cpu = device.type == "cpu"
         self.flex_impl = "flexdit-ref" if self.on_cpu else "flexdit"
 
@@ -337,12 +344,12 @@ class _Runner:
         return bench_fn(fn, self.device, warmup=max(1, int(rep / 4)), rep=max(1, int(rep)),
                         grad_to_none=grad_to_none, cpu_repeats=self.args.repeats or 5)
 
-    def time(self, case: Case) -> None:
+    def time(self, case: Case) -> Results:
         """Time the op and the PyTorch paths it replaces (and, on CUDA, its reference): forward, then forward +
         backward with --backward; ms, GB/s and the fraction of the copy bandwidth (attention: TFLOP/s), and the
         speedup over the fastest PyTorch path."""
-        p, res = case.params, self.results
-        res.tags["batch"] = p["b"]   # rows of this case carry its batch
+        p = case.params
+        res = Results(tags=dict(self.tags, batch=p["b"]))   # rows of this case carry its batch
         leaves, views = make_inputs(case.op, p, self.device, self.dtype)
         args = views(*leaves)
         torch_paths, skipped = baselines(case.op, p, self.device)
@@ -363,39 +370,34 @@ class _Runner:
         flops = 4 * p["b"] * p["h"] * p["lq"] * p["lk"] * p["d"] if case.op == "attention" else None
         nbytes = sum(t.numel() * t.element_size() for t in (*args, *_outputs(fns[self.flex_impl](*args)))
                      if isinstance(t, torch.Tensor))
-        note = p.get("path", "")
-        for impl, fn in fns.items():
-            t = self.bench(lambda: fn(*args))
-            res.add_timing("kernels", f"{case.name} fwd", impl, t, note=note if impl == self.flex_impl else "")
-            if flops:
-                res.add("kernels", f"{case.name} fwd", impl, "TFLOP/s", flops / (t[0] * 1e-3) / 1e12, "TFLOP/s")
-            else:
-                gbps = nbytes / (t[0] * 1e-3) / 1e9
-                res.add("kernels", f"{case.name} fwd", impl, "GB/s", gbps, "GB/s")
-                res.add("kernels", f"{case.name} fwd", impl, "frac_copy_bw", gbps / self.copy_gbps)
-        self._speedup(f"{case.name} fwd", fns)
-        if not self.args.backward:
-            return
-        fns.pop("reference", None)
-        for impl, fn in fns.items():
-            ls = [t.detach().clone().requires_grad_(True) for t in leaves]
-            grads = [torch.randn_like(o) for o in _outputs(fn(*views(*ls)))]
-            t = self.bench(lambda: torch.autograd.backward(_outputs(fn(*views(*ls))), grads), grad_to_none=ls)
-            res.add_timing("kernels", f"{case.name} fwd+bwd", impl, t)
-            if flops:   # backward: 2.5x the forward's matmul FLOPs
-                res.add("kernels", f"{case.name} fwd+bwd", impl, "TFLOP/s", 3.5 * flops / (t[0] * 1e-3) / 1e12,
-                        "TFLOP/s")
-        self._speedup(f"{case.name} fwd+bwd", fns)
-
-    def _speedup(self, case: str, impls):
-        """The op's speedup over the fastest PyTorch path (its reference's time is in the table, not gated)."""
-        times = [(self.results.get("kernels", case, i, "ms"), i) for i in impls if i not in (self.flex_impl,
-                                                                                              "reference")]
-        times = [(ms, i) for ms, i in times if ms]
-        flex = self.results.get("kernels", case, self.flex_impl, "ms")
-        if times and flex:
-            best_ms, best = min(times)
-            self.results.add("kernels", case, self.flex_impl, "speedup", best_ms / flex, "x", note=f"over {best}")
+        for mode in ("fwd", "fwd+bwd") if self.args.backward else ("fwd",):
+            name = f"{case.name} {mode}"
+            for impl, fn in fns.items():
+                flex = impl == self.flex_impl
+                if mode == "fwd":
+                    t = self.bench(lambda: fn(*args))
+                elif impl == "reference":
+                    continue
+                else:
+                    ls = [t.detach().clone().requires_grad_(True) for t in leaves]
+                    grads = [torch.randn_like(o) for o in _outputs(fn(*views(*ls)))]
+                    t = self.bench(lambda: torch.autograd.backward(_outputs(fn(*views(*ls))), grads), grad_to_none=ls)
+                res.add_timing("kernels", name, impl, t, note=p.get("path", "") if flex and mode == "fwd" else "",
+                               route=route(case.op, backward=mode != "fwd") if flex else "")
+                if flops:   # backward: 2.5x the forward's matmul FLOPs
+                    tflops = (1 if mode == "fwd" else 3.5) * flops / (t[0] * 1e-3) / 1e12
+                    res.add("kernels", name, impl, "TFLOP/s", tflops, "TFLOP/s")
+                elif mode == "fwd":
+                    gbps = nbytes / (t[0] * 1e-3) / 1e9
+                    res.add("kernels", name, impl, "GB/s", gbps, "GB/s")
+                    res.add("kernels", name, impl, "frac_copy_bw", gbps / self.copy_gbps)
+            # The speedup over the fastest PyTorch path (the reference's time is in the table, not gated).
+            times = [(res.get("kernels", name, i, "ms"), i) for i in fns if i not in (self.flex_impl, "reference")]
+            flex_ms = res.get("kernels", name, self.flex_impl, "ms")
+            if times and flex_ms:
+                best_ms, best = min(times)
+                res.add("kernels", name, self.flex_impl, "speedup", best_ms / flex_ms, "x", note=f"over {best}")
+        return res
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -415,36 +417,26 @@ def _poisons(err: BaseException) -> bool:
     return "CUDA error" in str(err) or type(err).__name__ == "AcceleratorError"
 
 
-def check_family(runner: _Runner, family: List[Case], emit: Callable[[dict], None]) -> bool:
-    """Check every case of one family; emit({"case", "reason"}) per case (reason None: passed). Returns False when
-    a CUDA fault ended the family early (the cases after it are left for a fresh process)."""
+def run_family(runner: _Runner, phase: str, family: List[Case], emit: Callable[[dict], None]) -> bool:
+    """Check (`phase` "check") or time ("time": cases already checked) every case of one family, emitting
+    {"start": name} before each case and after it {"case", "reason"} (reason None: passed), {"case", "rows",
+    "notes"} or {"case", "error"}. Returns False when a CUDA fault ended the family early (the cases after it are
+    left for a fresh process)."""
     with _family_context(runner.device):
         for case in family:
             emit({"start": case.name})
-            reason, err = runner.check(case)
-            emit({"case": case.name, "reason": reason})
+            if phase == "check":
+                reason, err = runner.check(case)
+                emit({"case": case.name, "reason": reason})
+            else:
+                try:
+                    sub, err = runner.time(case), None
+                    emit({"case": case.name, "rows": [asdict(r) for r in sub.rows], "notes": sub.notes})
+                except Exception as e:
+                    err = e
+                    emit({"case": case.name, "error": f"timing raised {type(err).__name__}: {first_line(err)}"})
             if err is not None and _poisons(err):
                 return False
-    return True
-
-
-def time_family(runner: _Runner, family: List[Case], emit: Callable[[dict], None]) -> bool:
-    """Time the given (already checked) cases; emit({"case", "rows", "notes"}) per case. Returns False when a CUDA
-    fault ended the family early."""
-    with _family_context(runner.device):
-        for case in family:
-            emit({"start": case.name})
-            sub = Results(tags=dict(runner.results.tags))
-            runner.results, saved = sub, runner.results
-            try:
-                runner.time(case)
-                emit({"case": case.name, "rows": [asdict(r) for r in sub.rows], "notes": sub.notes})
-            except Exception as err:
-                emit({"case": case.name, "error": f"timing raised {type(err).__name__}: {first_line(err)}"})
-                if _poisons(err):
-                    return False
-            finally:
-                runner.results = saved
     return True
 
 
@@ -456,7 +448,7 @@ def worker_main(args, device: torch.device) -> int:
     with open(args.worker_file, encoding="utf-8") as f:
         job = json.load(f)
     family = [Case(**c) for c in job["cases"]]
-    runner = _Runner(args, Results(tags=job["tags"]), device, args.torch_dtype, job["copy_gbps"])
+    runner = _Runner(args, job["tags"], device, args.torch_dtype, job["copy_gbps"])
     out = open(args.worker_file + ".out", "a", encoding="utf-8")
 
     def emit(record):
@@ -464,7 +456,7 @@ def worker_main(args, device: torch.device) -> int:
         out.flush()
 
     try:
-        finished = (check_family if args.worker == "check" else time_family)(runner, family, emit)
+        finished = run_family(runner, args.worker, family, emit)
         if finished:
             synchronize(device)
     finally:
@@ -485,38 +477,6 @@ def worker_command(args, phase: str, path: str) -> List[str]:
     return cmd
 
 
-def _one_worker(args, phase: str, op: str, family: List[Case], tags: dict, copy_gbps: float, path: str):
-    """One child process over `family`: (records by case, names of cases it started, None or why it ended early)."""
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"cases": [c.to_json() for c in family], "tags": tags, "copy_gbps": copy_gbps}, f)
-    if os.path.exists(path + ".out"):
-        os.remove(path + ".out")
-    timeout = args.family_timeout or None
-    died = None
-    try:
-        proc = subprocess.run(worker_command(args, phase, path), capture_output=True, text=True, timeout=timeout)
-        if proc.returncode == POISONED:
-            died = f"{op} worker stopped after a CUDA fault"
-        elif proc.returncode != 0:
-            last = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
-            died = f"{op} worker exited with status {proc.returncode}" + (f": {last[-1].strip()[:200]}" if last else "")
-    except subprocess.TimeoutExpired:
-        died = f"{op} worker did not finish within --family-timeout {args.family_timeout:g} s"
-    records, started = {}, []
-    if os.path.exists(path + ".out"):
-        with open(path + ".out", encoding="utf-8") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue   # a line cut short by the crash
-                if "start" in rec:
-                    started.append(rec["start"])
-                else:
-                    records[rec["case"]] = rec
-    return records, started, died
-
-
 def _in_worker(args, phase: str, op: str, family: List[Case], tags: dict, copy_gbps: float,
                tmpdir: str) -> Tuple[Dict[str, dict], Optional[str]]:
     """Run one family's phase in child processes: ({case name: record}, None or why a worker ended early).
@@ -529,19 +489,48 @@ def _in_worker(args, phase: str, op: str, family: List[Case], tags: dict, copy_g
     remaining = list(family)
     for attempt in range(len(family)):
         path = os.path.join(tmpdir, f"{phase}-{op}-{attempt}.json")
-        got, started, died = _one_worker(args, phase, op, remaining, tags, copy_gbps, path)
-        records.update(got)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"cases": [asdict(c) for c in remaining], "tags": tags, "copy_gbps": copy_gbps}, f)
+        died, started = None, []
+        try:
+            proc = subprocess.run(worker_command(args, phase, path), capture_output=True, text=True,
+                                  timeout=args.family_timeout or None)
+            if proc.returncode == POISONED:
+                died = f"{op} worker stopped after a CUDA fault"
+            elif proc.returncode != 0:
+                last = [line for line in (proc.stderr or proc.stdout).strip().splitlines() if line.strip()]
+                died = f"{op} worker exited with status {proc.returncode}" + (f": {last[-1].strip()[:200]}"
+                                                                              if last else "")
+        except subprocess.TimeoutExpired:
+            died = f"{op} worker did not finish within --family-timeout {args.family_timeout:g} s"
+        if os.path.exists(path + ".out"):
+            with open(path + ".out", encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue   # a line cut short by the crash
+                    if "start" in rec:
+                        started.append(rec["start"])
+                    else:
+                        records[rec["case"]] = rec
         if died is None:
             break
         first_death = first_death or died
-        in_flight = [name for name in started if name not in got]
-        for name in in_flight:
-            records[name] = ({"case": name, "reason": f"the worker died in this case: {died}"} if phase == "check"
-                             else {"case": name, "error": f"the worker died in this case: {died}"})
+        for name in started:
+            if name not in records:   # the case it died in
+                records[name] = {"case": name, "reason" if phase == "check" else "error":
+                                 f"the worker died in this case: {died}"}
         remaining = [c for c in remaining if c.name not in records]
         if not remaining or not started or "--family-timeout" in died:
             break
     return records, first_death
+
+
+def _in_process(runner: _Runner, phase: str, family: List[Case], records: Dict[str, dict]) -> Optional[str]:
+    """Run one family's phase in this process, filling `records` ({case name: record}); None or why it ended early."""
+    finished = run_family(runner, phase, family, lambda rec: "case" in rec and records.__setitem__(rec["case"], rec))
+    return None if finished else "an earlier case left the CUDA context unusable"
 
 
 def run(args, results: Results, device: torch.device) -> None:
@@ -556,53 +545,45 @@ def run(args, results: Results, device: torch.device) -> None:
     copy_gbps = copy_bandwidth(device, results)
     if device.type == "cuda" and isolate:
         torch.cuda.empty_cache()   # the workers need the memory, this process does no more work on the GPU
-    runner = _Runner(args, results, device, dtype, copy_gbps)
+    runner = _Runner(args, results.tags, device, dtype, copy_gbps)
     tmpdir = tempfile.mkdtemp(prefix="flexdit-bench-") if isolate else None
     if isolate:
         results.notes.append(f"each op family ran in a process of its own ({', '.join(ops)})")
 
+    def family_records(phase, op, family, records) -> Optional[str]:
+        if not isolate:
+            return _in_process(runner, phase, family, records)
+        got, died = _in_worker(args, phase, op, family, results.tags, copy_gbps, tmpdir)
+        records.update(got)
+        return died
+
     # Phase 1: every case of every family is checked before anything is timed.
     verdicts: Dict[str, Optional[str]] = {}
     for op, family in families.items():
-        if isolate:
-            records, died = _in_worker(args, "check", op, family, results.tags, copy_gbps, tmpdir)
-            for case in family:
-                rec = records.get(case.name)
-                verdicts[case.name] = rec["reason"] if rec else f"not checked: {died or 'no result from the worker'}"
-        else:
-            check_family(runner, family, lambda rec: "case" in rec and verdicts.__setitem__(rec["case"], rec["reason"]))
-            for case in family:   # after a CUDA fault this process cannot check the rest
-                verdicts.setdefault(case.name, "not checked: an earlier case left the CUDA context unusable")
+        records: Dict[str, dict] = {}
+        died = family_records("check", op, family, records)
         for case in family:
-            reason = verdicts[case.name]
+            rec = records.get(case.name)
+            reason = rec["reason"] if rec else f"not checked: {died or 'no result from the worker'}"
+            verdicts[case.name] = reason
             results.add("check", case.name, runner.flex_impl, "passed", float(reason is None),
                         batch=case.params["b"], note="check only" if not case.timed else "")
             if reason is not None:
                 results.failures.append(f"{case.name}: {reason}")
 
     # Phase 2: only the cases that passed are timed.
-    def accept(rec):
-        if "error" in rec:
-            results.failures.append(f"{rec['case']}: {rec['error']}")
-        else:
-            results.rows.extend(Row(**r) for r in rec["rows"])
-            results.notes.extend(rec["notes"])
-
     for op, family in families.items():
-        todo = [c for c in family if c.timed and verdicts[c.name] is None]
-        if not todo:
-            continue
-        if not isolate:
-            if not time_family(runner, todo, lambda rec: "case" in rec and accept(rec)):
-                results.failures.append(f"{op}: timing stopped after a CUDA fault left the context unusable")
-            continue
-        records, died = _in_worker(args, "time", op, todo, results.tags, copy_gbps, tmpdir)
-        for case in todo:
-            rec = records.get(case.name)
-            if rec is None:
-                results.failures.append(f"{case.name}: not timed: {died or 'no result from the worker'}")
-            else:
-                accept(rec)
+        todo, records, died = [c for c in family if c.timed and verdicts[c.name] is None], {}, None
+        try:
+            died = family_records("time", op, todo, records) if todo else None
+        finally:   # also when the run is stopped (SIGTERM): the rows timed until then are kept
+            for case in todo:
+                rec = records.get(case.name, {"error": f"not timed: {died or 'no result from the worker'}"})
+                if "error" in rec:
+                    results.failures.append(f"{case.name}: {rec['error']}")
+                else:
+                    results.rows.extend(Row(**r) for r in rec["rows"])
+                    results.notes.extend(rec["notes"])
     if tmpdir:
         shutil.rmtree(tmpdir, ignore_errors=True)
 

@@ -11,12 +11,14 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import flexdit_kernels as fk
-from flexdit import DiT_models, FlexDiT, FlexDiT_models, create_model, flexdit_config, from_dit, set_fused
+from flexdit import (DensitySchedule, DiT_models, FlexDiT, FlexDiT_models, create_model, flexdit_config, from_dit,
+                     set_fused)
 from flexdit.diffusion import CudaGraphDenoiser
 
-from .common import (Results, bench_fn, fill_defaults, first_line, format_table, matmul_tflops, peak_memory_mib,
-                     positive_int, synchronize)
+from .common import (Results, bench_fn, fill_defaults, first_line, format_table, matmul_tflops, parse_list,
+                     peak_memory_mib, positive_int, synchronize)
 from .fixtures import TARGETS as PATCH_TARGETS   # hosts patched in place by `flexdit.apply_patch` (diffusers)
+from .kernels import OPS, route_summary
 
 # Names of the per-kind ranges in the profile, in model order.
 KIND_NAMES = {"embed": "embedding", "pool": "Poolingformer", "gen": "generation", "sparse": "sparse",
@@ -30,6 +32,7 @@ KIND_NAMES = {"embed": "embedding", "pool": "Poolingformer", "gen": "generation"
 # What `--impls` may name: the dense DiT, the dense DiT with the fused adaLN kernels (CUDA only: what fusion alone
 # gives), FlexDiT on the kernels (CUDA only) and FlexDiT on its PyTorch reference path (token density alone).
 IMPLS = ("dense", "dense-fused", "flexdit", "flexdit-ref")
+MODES = ("eager", "compile", "cuda-graph")
 # Defaults that depend on where the run happens: (GPU, CPU).
 DEFAULTS = {"model": ("DiT-XL/2", "DiT-S/2"), "image_size": (512, 256), "batch_size": (32, 1),
             "dtype": ("bf16", "fp32"), "grid": (8, 8)}
@@ -57,7 +60,7 @@ def add_arguments(m) -> None:
                    help="pixels; latent = image/8")
     m.add_argument("--batch-size", type=positive_int, default=None)
     m.add_argument("--grid", type=positive_int, default=None, help="FlexDiT sparse grid side G (default 8)")
-    m.add_argument("--mode", choices=("eager", "compile", "cuda-graph"), default="eager",
+    m.add_argument("--mode", choices=MODES, default="eager",
                    help="compile: torch.compile (compile time reported apart); cuda-graph: replay of flexdit's "
                         "CudaGraphDenoiser, registry models on CUDA only")
     m.add_argument("--profile", action="store_true",
@@ -72,10 +75,10 @@ def validate(parser, args, device: torch.device) -> None:
     """Fill the device's defaults; every bad argument is `parser.error` (one line, exit 2)."""
     fill_defaults(args, DEFAULTS, device.type == "cpu")
     args.model = dense_name(args.model, parser, registry_names() + list(PATCH_TARGETS))
-    if args.impls is not None:
-        impls = [i.strip() for i in args.impls.split(",") if i.strip()]
-        if not impls or any(i not in IMPLS for i in impls):
-            parser.error(f"--impls {args.impls!r}: choose from {','.join(IMPLS)}")
+    try:
+        args.impl_list = parse_list(args.impls, IMPLS, "impls")
+    except ValueError as err:
+        parser.error(str(err))
     if args.mode == "cuda-graph" and device.type != "cuda":
         parser.error("--mode cuda-graph needs a CUDA GPU")
     if args.model in PATCH_TARGETS:
@@ -132,14 +135,6 @@ FRAMES = 16   # latte: frames per clip
 PATCH_OVERRIDES: Dict[str, object] = {}   # diffusers config fields replaced in every build (tests: tiny models)
 
 
-def build_patched_models(name: str, image_size: int, grid: int, device: torch.device, overrides=None):
-    """(dense, patched, inputs kwargs builder) for a patch target; the patched model uses the decided plan."""
-    from .fixtures import build_patched_pair
-    return build_patched_pair(name, image_size, device=device, plan={"grid": grid},
-                              config_overrides=dict(PATCH_OVERRIDES) if overrides is None else overrides,
-                              frames=FRAMES)
-
-
 def model_inputs(batch: int, image_size: int, device: torch.device, num_classes: int = 1000, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     latent = image_size // 8
@@ -188,7 +183,8 @@ def make_forward(model, inputs, kwargs, mode: str, device, dtype, backend: str):
         run = functools.partial(eager, torch.compile(model))
     elif mode == "cuda-graph":
         x, t, y = inputs
-        graphed = CudaGraphDenoiser(model, warmup=3).model_fn(y)   # no guidance: one conditional forward
+        schedule = DensitySchedule([kwargs["grid"]]) if "grid" in kwargs else None   # FlexDiT: its grid every step
+        graphed = CudaGraphDenoiser(model, warmup=3).model_fn(y, schedule=schedule)   # no guidance: one forward
         run = functools.partial(eager, lambda *a, **k: graphed(x, t))
     else:
         raise ValueError(f"mode must be eager, compile or cuda-graph, got {mode!r}")
@@ -204,24 +200,12 @@ def make_forward(model, inputs, kwargs, mode: str, device, dtype, backend: str):
 @contextlib.contextmanager
 def kind_ranges(model: FlexDiT):
     """Wrap each block (and the embedders and final layer) in a `record_function("kind:<name>")` range via hooks."""
-    handles, stack = [], []
-
-    def pre(name):
-        def hook(module, args):
-            rf = torch.profiler.record_function(f"kind:{name}")
-            rf.__enter__()
-            stack.append(rf)
-        return hook
-
-    def post(module, args, output):
-        stack.pop().__exit__(None, None, None)
-
+    stack, handles = [], []
     targets = [(m, "embed") for m in (model.x_embedder, model.t_embedder, model.y_embedder)]
-    targets += [(b, k) for b, k in zip(model.blocks, model.kinds)]
-    targets.append((model.final_layer, "final"))
-    for module, kind in targets:
-        handles.append(module.register_forward_pre_hook(pre(KIND_NAMES[kind])))
-        handles.append(module.register_forward_hook(post))
+    for module, kind in [*targets, *zip(model.blocks, model.kinds), (model.final_layer, "final")]:
+        rf = functools.partial(torch.profiler.record_function, f"kind:{KIND_NAMES[kind]}")
+        handles.append(module.register_forward_pre_hook(lambda m, args, rf=rf: stack.append(rf().__enter__())))
+        handles.append(module.register_forward_hook(lambda m, args, out: stack.pop().__exit__(None, None, None)))
     try:
         yield
     finally:
@@ -229,32 +213,33 @@ def kind_ranges(model: FlexDiT):
             h.remove()
 
 
+def _profiled(forward, device, iters: int, wrap=contextlib.nullcontext):
+    """The profiler over `iters` calls of forward() (each inside `wrap()`), after one call outside it."""
+    from torch.profiler import ProfilerActivity, profile
+    forward()
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])) as p:
+        for _ in range(iters):
+            with wrap():
+                forward()
+        synchronize(device)
+    return p
+
+
 def profile_kinds(model: FlexDiT, forward, device, iters: int = 3) -> Dict[str, float]:
     """ms per forward spent in each layer kind (device time on CUDA, CPU time otherwise), plus "forward"."""
-    from torch.profiler import ProfilerActivity, profile, record_function
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with kind_ranges(model):
-        forward()
-        synchronize(device)
-        with profile(activities=activities) as prof:
-            for _ in range(iters):
-                with record_function("kind:forward"):
-                    forward()
-            synchronize(device)
-    out = {}
+        prof = _profiled(forward, device, iters, lambda: torch.profiler.record_function("kind:forward"))
+    out = Counter()
     for evt in prof.key_averages():
         # key_averages keeps the CPU-side range and its GPU-side annotation apart (device_type is part of the
         # key): read only the CPU-side one, whose device time sums the kernels launched inside it.
-        if not evt.key.startswith("kind:") or evt.device_type != torch.autograd.DeviceType.CPU:
-            continue
-        if device.type == "cuda":
-            us = getattr(evt, "device_time_total", None)
-            if us is None:  # older PyTorch
-                us = evt.cuda_time_total
-        else:
+        if evt.key.startswith("kind:") and evt.device_type == torch.autograd.DeviceType.CPU:
             us = evt.cpu_time_total
-        out[evt.key[len("kind:"):]] = out.get(evt.key[len("kind:"):], 0.0) + us / 1e3 / iters
-    return out
+            if device.type == "cuda":
+                us = evt.device_time_total if hasattr(evt, "device_time_total") else evt.cuda_time_total
+            out[evt.key[len("kind:"):]] += us / 1e3 / iters
+    return dict(out)
 
 
 FAMILIES = (("attention", ("attention", "attn", "fmha", "flash", "sdpa", "softmax")),
@@ -277,17 +262,9 @@ def kernel_family(name: str) -> str:
 def profile_families(forward, device, iters: int = 3):
     """({family: ms per forward}, launches per forward): CUDA kernel time and count on a GPU; on the CPU the self
     time of the aten/flexdit ops and their count (one op is about one launch)."""
-    from torch.profiler import ProfilerActivity, profile
     on_cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    forward()
-    synchronize(device)
-    with profile(activities=activities) as prof:
-        for _ in range(iters):
-            forward()
-        synchronize(device)
     times, count = Counter(), 0
-    for evt in prof.events():
+    for evt in _profiled(forward, device, iters).events():
         if on_cuda:
             if evt.device_type != torch.autograd.DeviceType.CUDA:
                 continue
@@ -306,64 +283,78 @@ def profile_families(forward, device, iters: int = 3):
 # The suite
 # ----------------------------------------------------------------------------------------------------------------
 
-def run(args, results: Results, device: torch.device) -> None:
-    dtype = args.torch_dtype
-    on_cpu = device.type == "cpu"
-    case = f"{args.model} {args.image_size}px grid={args.grid}"
-    reps = dict(cpu_repeats=args.repeats or 3, cpu_warmup=1)
+def forward_routes(forward: Callable[[str], object], backend: str, device) -> str:
+    """How the flexdit_kernels ops that `forward(backend)` calls are routed (`bench.kernels.route_summary`; "" when
+    it calls none). On a GPU a forward under another backend comes first, so that every op the forward calls records
+    a route other than the one it had and the ops it does not call are left out. On the CPU every call records
+    "reference (backend)": the ops the forward changed, and those that hold that route, are listed."""
+    if device.type == "cuda":
+        forward("triton" if backend == "reference" else "reference")
+    before = {op: fk.last_route(op) for op in OPS}
+    forward(backend)
+    return route_summary([op for op in OPS if fk.last_route(op) != before[op]
+                          or device.type != "cuda" and fk.last_route(op) == "reference (backend)"])
 
-    ceiling = matmul_tflops(device, dtype, results)   # the matmul ceiling in the run's dtype
+
+def _build(args, device, results: Results):
+    """(dense, flexdit, positional inputs, dense kwargs, flexdit kwargs, MACs per image by impl or None)."""
     if args.model in PATCH_TARGETS:
         overrides = dict(PATCH_OVERRIDES)
-        if on_cpu and not overrides and args.model in ("flux", "sd3"):   # 12B / 2.5B parameters: no CPU run
+        if device.type == "cpu" and not overrides and args.model in ("flux", "sd3"):   # 12B / 2.5B parameters
             from flexdit.mmdit import TINY_CONFIGS
             overrides = dict(TINY_CONFIGS[args.model])
             results.notes.append(f"--model {args.model} on the CPU: a tiny random configuration {overrides}")
-        dense, flex, make_inputs = build_patched_models(args.model, args.image_size, args.grid, device, overrides)
-        inputs, dense_kw = (), make_inputs(args.batch_size)
-        flex_kw = dense_kw
-        from .fixtures import patched_pair_macs   # counted by dispatch: fvcore cannot trace keyword-only forwards
-        macs = patched_pair_macs(args.model, args.image_size, plan={"grid": args.grid},
-                                 config_overrides=overrides, frames=FRAMES)
-        macs["flexdit-ref"] = macs["flexdit"]
-    else:
-        dense, flex = build_models(args.model, args.image_size, args.grid, device)
-        inputs, dense_kw, flex_kw = model_inputs(args.batch_size, args.image_size, device), {}, {"grid": args.grid}
-        try:
-            counts = per_image_macs(args.model, args.image_size, [args.grid])
-            macs = {"dense": counts["dense"], "flexdit": counts[args.grid], "flexdit-ref": counts[args.grid]}
-        except ImportError as err:   # fvcore is optional: the times stand without the MAC columns
-            macs = None
-            results.notes.append(f"no GMACs / TFLOP/s columns: {first_line(err)}")
+        from .fixtures import build_patched_pair, patched_pair_macs   # MACs by dispatch: fvcore cannot trace these
+        pair = dict(plan={"grid": args.grid}, config_overrides=overrides, frames=FRAMES)
+        dense, flex, make_inputs = build_patched_pair(args.model, args.image_size, device=device, **pair)
+        macs = patched_pair_macs(args.model, args.image_size, **pair)
+        kwargs = make_inputs(args.batch_size)
+        return dense, flex, (), kwargs, kwargs, {**macs, "flexdit-ref": macs["flexdit"]}
+    dense, flex = build_models(args.model, args.image_size, args.grid, device)
+    inputs = model_inputs(args.batch_size, args.image_size, device)
+    try:
+        counts = per_image_macs(args.model, args.image_size, [args.grid])
+        macs = {"dense": counts["dense"], "dense-fused": counts["dense"], "flexdit": counts[args.grid],
+                "flexdit-ref": counts[args.grid]}
+    except ImportError as err:   # fvcore is optional: the times stand without the MAC columns
+        macs = None
+        results.notes.append(f"no GMACs / TFLOP/s columns: {first_line(err)}")
+    return dense, flex, inputs, {}, {"grid": args.grid}, macs
 
+
+def run(args, results: Results, device: torch.device) -> None:
+    dtype = args.torch_dtype
+    case = f"{args.model} {args.image_size}px grid={args.grid}"
+    ceiling = matmul_tflops(device, dtype, results)   # the matmul ceiling in the run's dtype
+    dense, flex, inputs, dense_kw, flex_kw, macs = _build(args, device, results)
     unit = "clip" if args.model == "latte" else "img"
-    variants = [("dense", dense, dense_kw, fk.get_backend()),
-                ("flexdit-ref", flex, flex_kw, "reference")]
-    if not on_cpu:   # on the CPU "auto" would be the reference (or the Triton interpreter): not a measurement
+    variants = [("dense", dense, dense_kw, fk.get_backend()), ("flexdit-ref", flex, flex_kw, "reference")]
+    if device.type == "cuda":   # on the CPU "auto" would be the reference (or the interpreter): not a measurement
         variants.insert(1, ("flexdit", flex, flex_kw, "auto"))
         if args.model not in PATCH_TARGETS:   # the diffusers hosts' own blocks have no fused form
             variants.insert(1, ("dense-fused", set_fused(copy.deepcopy(dense)), dense_kw, "auto"))
-            if macs is not None:
-                macs["dense-fused"] = macs["dense"]
-    if getattr(args, "impls", None):
-        wanted = {"dense"} | {i.strip() for i in args.impls.split(",")}
+    if getattr(args, "impl_list", None):
+        wanted = {"dense", *args.impl_list}
         dropped = [v[0] for v in variants if v[0] not in wanted]
         variants = [v for v in variants if v[0] in wanted]
         if dropped:
             results.notes.append(f"not timed (--impls): {', '.join(dropped)}")
 
+    def eager(model, kwargs, backend):
+        return make_forward(model, inputs, kwargs, "eager", device, dtype, backend)[0]
+
     # The kernels are checked against the reference before anything is timed (same model, same inputs).
-    reason = any(v[0] == "flexdit" for v in variants) and kernels_differ(
-        lambda backend: make_forward(flex, inputs, flex_kw, "eager", device, dtype, backend)[0](), dtype)
+    reason = any(v[0] == "flexdit" for v in variants) and kernels_differ(lambda b: eager(flex, flex_kw, b)(), dtype)
     if reason:
         results.failures.append(f"{case}: {reason}")
         variants = [v for v in variants if v[0] != "flexdit"]
 
     for impl, model, kwargs, backend in variants:
+        route = forward_routes(lambda b: eager(model, kwargs, b)(), backend, device)
         fwd, setup_s = make_forward(model, inputs, kwargs, args.mode, device, dtype, backend)
         with autocast(device, dtype):
-            t = bench_fn(fwd, device, warmup=25, rep=200, min_reps=20, **reps)
-        results.add_timing("model", case, impl, t)
+            t = bench_fn(fwd, device, warmup=25, rep=200, min_reps=20, cpu_repeats=args.repeats or 3, cpu_warmup=1)
+        results.add_timing("model", case, impl, t, route=route)
         results.add("model", case, impl, f"{'clips' if unit == 'clip' else 'images'}/s",
                     args.batch_size / (t[0] * 1e-3), f"{unit}/s")
         if macs is not None:
@@ -381,35 +372,33 @@ def run(args, results: Results, device: torch.device) -> None:
     for impl, *_ in variants[1:]:
         results.add("model", case, impl, "speedup", base / results.get("model", case, impl, "ms"), "x",
                     note="over dense")
-
     if args.profile:
         for impl, model, kwargs, backend in variants:
-            fwd, _ = make_forward(model, inputs, kwargs, "eager", device, dtype, backend)
-            with autocast(device, dtype):
-                families, launches = profile_families(fwd, device)
-            total = sum(families.values())
-            for name, ms in sorted(families.items(), key=lambda kv: -kv[1]):
-                results.add("families", f"{case} {impl}", name, "ms", ms, "ms")
-                results.add("families", f"{case} {impl}", name, "share", ms / total)
-            results.add("families", f"{case} {impl}", "launches", "count", launches, "per forward",
-                        note="CUDA kernels" if device.type == "cuda" else "aten/flexdit ops")
-        for impl, _, kwargs, backend in variants[1:]:
-            if impl == "dense-fused":
-                continue
-            fwd, _ = make_forward(flex, inputs, kwargs, "eager", device, dtype, backend)
-            shares = profile_kinds(flex, fwd, device)
-            total = shares.pop("forward", None) or sum(shares.values())
-            counts = {KIND_NAMES[k]: flex.kinds.count(k) for k in set(flex.kinds)}
-            for name in KIND_NAMES.values():
-                if name not in shares:
-                    continue
-                ms = shares[name]
-                note = f"{counts[name]} layers" if name in counts else ""
-                results.add("profile", f"{case} {impl}", name, "ms", ms, "ms", note=note)
-                results.add("profile", f"{case} {impl}", name, "share", ms / total)
-            other = total - sum(shares.values())
-            results.add("profile", f"{case} {impl}", "other", "ms", other, "ms", note="outside the layer ranges")
-            results.add("profile", f"{case} {impl}", "other", "share", other / total)
+            _profile(results, f"{case} {impl}", eager(model, kwargs, backend), device, dtype,
+                     flex if model is flex else None)
+
+
+def _profile(results: Results, name: str, fwd, device, dtype, flex: Optional[FlexDiT]) -> None:
+    """Rows of one variant's profile: kernel time by family and launches; for a FlexDiT, time by layer kind."""
+    with autocast(device, dtype):
+        families, launches = profile_families(fwd, device)
+    total = sum(families.values())
+    for family, ms in sorted(families.items(), key=lambda kv: -kv[1]):
+        results.add("families", name, family, "ms", ms, "ms")
+        results.add("families", name, family, "share", ms / total)
+    results.add("families", name, "launches", "count", launches, "per forward",
+                note="CUDA kernels" if device.type == "cuda" else "aten/flexdit ops")
+    if flex is None:
+        return
+    shares = profile_kinds(flex, fwd, device)
+    total = shares.pop("forward", None) or sum(shares.values())
+    shares["other"] = total - sum(shares.values())
+    layers = Counter(KIND_NAMES[k] for k in flex.kinds)
+    for kind in (*KIND_NAMES.values(), "other"):
+        if kind in shares:
+            note = "outside the layer ranges" if kind == "other" else f"{layers[kind]} layers" if layers[kind] else ""
+            results.add("profile", name, kind, "ms", shares[kind], "ms", note=note)
+            results.add("profile", name, kind, "share", shares[kind] / total)
 
 
 def _prediction(out):

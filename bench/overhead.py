@@ -1,14 +1,10 @@
 """`python -m bench overhead`: host (CPU) time that each flexdit op adds per call over its reference, forward and
 forward+backward.
 
-Tiny fp32 CPU tensors (the cases of `bench kernels` at B=2, 8x8 tokens, G=4, C=16; attention: 16 queries over 64
-keys, 2 heads of 8) on one intra-op thread, so the numbers are Python and dispatcher time, not arithmetic. Each timing
-is the best of `--repeats` means over `--calls` calls, in CPU time of the calling thread (so that other processes on
-a shared machine do not inflate it); an op and its baseline take turns within each repeat. The public op runs its
-reference path on the CPU (backend "auto" without the interpreter, "reference" under it) against its `*_ref` called
-directly (forward: the bare call; forward+backward: `ref(...)` then `.backward` through autograd): the difference is
-what validation, dispatch and the autograd wrapper cost. The Triton path's host cost needs a GPU, where its launches
-run (`bench model --profile` counts them per forward).
+Tiny fp32 CPU tensors (the cases of `bench kernels` at SHAPE / ATTENTION below) on one intra-op thread, so the numbers
+are Python and dispatcher time, not arithmetic: the public op on its reference path (backend "auto" without the
+interpreter, "reference" under it) against its `*_ref` called directly, so the difference is what validation,
+dispatch and the autograd wrapper cost. The Triton path's host cost needs a GPU, where its launches run.
 Rows: suite "overhead", case "<op> <mode>", impl "reference", metrics "us" (the op), "baseline_us", "overhead_us".
 """
 import time

@@ -11,68 +11,62 @@ import os
 import sys
 from typing import List, Optional
 
-from .common import Parser, Row, read_rows
+from .common import Parser, Row, read_results
 
 KIND_ORDER = ("embedding", "Poolingformer", "generation", "sparse", "recovery", "dense", "final", "other")
 
 
-def _pyplot():
+def _barh(path: str, labels: List[str], height: float, draw, xlabel: str, title: str = "") -> str:
+    """A horizontal bar chart, one bar (or stack) per label, first label on top; `draw(ax)` draws the bars."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:  # pragma: no cover
         raise SystemExit("bench.plot needs matplotlib: pip install matplotlib (or the 'bench' extra)") from err
-    return plt
+    fig, ax = plt.subplots(figsize=(10, height))
+    draw(ax)
+    ax.set_yticks(range(len(labels)))
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_speedups(rows: List[Row], path: str) -> Optional[str]:
     rows = [r for r in rows if r.metric == "speedup"]
-    if not rows:
-        return None
-    plt = _pyplot()
-    labels = [f"{r.case} | {r.impl}" + (f" [{r.gpu}]" if r.gpu else "") for r in rows]
     values = [r.value for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 0.35 * len(rows) + 1.5))
-    colors = ["tab:green" if v >= 1 else "tab:red" for v in values]
-    ax.barh(range(len(rows)), values, color=colors)
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels(labels, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlabel("speedup (x) over the PyTorch path / best SDPA / dense DiT")
-    for i, v in enumerate(values):
-        ax.text(v, i, f" {v:.2f}x", va="center", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+
+    def draw(ax):
+        ax.barh(range(len(rows)), values, color=["tab:green" if v >= 1 else "tab:red" for v in values])
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        for i, v in enumerate(values):
+            ax.text(v, i, f" {v:.2f}x", va="center", fontsize=7)
+
+    labels = [f"{r.case} | {r.impl}" + (f" [{r.gpu}]" if r.gpu else "") for r in rows]
+    return _barh(path, labels, 0.35 * len(rows) + 1.5, draw,
+                 "speedup (x) over the PyTorch path / best SDPA / dense DiT") if rows else None
 
 
 def plot_breakdown(rows: List[Row], path: str) -> Optional[str]:
     rows = [r for r in rows if r.suite == "profile" and r.metric == "ms"]
-    if not rows:
-        return None
-    plt = _pyplot()
     groups = sorted({r.case for r in rows})
-    fig, ax = plt.subplots(figsize=(9, 0.6 * len(groups) + 1.8))
-    left = [0.0] * len(groups)
-    for kind in KIND_ORDER:
-        widths = [sum(r.value for r in rows if r.case == g and r.impl == kind) for g in groups]
-        if not any(widths):
-            continue
-        ax.barh(range(len(groups)), widths, left=left, label=kind)
-        left = [a + b for a, b in zip(left, widths)]
-    ax.set_yticks(range(len(groups)))
-    ax.set_yticklabels(groups, fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("ms per forward")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.set_title("FlexDiT time by layer kind")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+
+    def draw(ax):
+        left = [0.0] * len(groups)
+        for kind in KIND_ORDER:
+            widths = [sum(r.value for r in rows if r.case == g and r.impl == kind) for g in groups]
+            if any(widths):
+                ax.barh(range(len(groups)), widths, left=left, label=kind)
+                left = [a + b for a, b in zip(left, widths)]
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+
+    return _barh(path, groups, 0.6 * len(groups) + 1.8, draw, "ms per forward",
+                 "FlexDiT time by layer kind") if rows else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,8 +83,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows: List[Row] = []
     for path in args.json:
         try:
-            rows.extend(read_rows(path))
-        except (OSError, ValueError, KeyError, TypeError) as err:
+            rows.extend(read_results(path).rows)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
             parser.error(f"{path}: not a `python -m bench --json` file ({type(err).__name__}: {err})")
     os.makedirs(args.out_dir, exist_ok=True)
     for name, fn in (("speedup.png", plot_speedups), ("breakdown.png", plot_breakdown)):

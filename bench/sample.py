@@ -18,10 +18,10 @@ import flexdit_kernels as fk
 from flexdit import DensitySchedule
 from flexdit.diffusion import CudaGraphDenoiser, create_diffusion, grid_steps, sample_latents
 
-from .common import Results, bench_fn, fill_defaults, format_table, positive_int, synchronize
-from .model import autocast, build_models, dense_name, kernels_differ, per_image_macs, registry_names
+from .common import Results, bench_fn, fill_defaults, format_table, parse_list, positive_int, synchronize
+from .model import (MODES, autocast, build_models, dense_name, kernels_differ, model_inputs, per_image_macs,
+                    registry_names)
 
-MODES = ("eager", "compile", "cuda-graph")
 IMPLS = ("dense", "flexdit", "flexdit-ref")    # flexdit: Triton kernels (CUDA); flexdit-ref: the PyTorch reference
 CHAIN_STEPS = {"ddim": 50, "ddpm": 250}        # the paper's chains: 50-step DDIM and 250-step DDPM
 CPU_STEPS = 3
@@ -68,26 +68,16 @@ def parse_grids(text: str) -> List[int]:
     return [int(g) for g in str(text).split(",") if g.strip()]
 
 
-def _parse_list(text: Optional[str], allowed, what: str) -> Optional[List[str]]:
-    if text is None:
-        return None
-    items = [m.strip() for m in str(text).split(",") if m.strip()]
-    bad = [m for m in items if m not in allowed]
-    if not items or bad:
-        raise ValueError(f"--{what} takes a comma-separated subset of {', '.join(allowed)}, got {text!r}")
-    return list(dict.fromkeys(items))
-
-
 def resolve(args, device: torch.device) -> None:
     """Fill modes, impls and the chains (args.runs: [(sampler, steps)]) from the options and the device."""
     on_cpu = device.type != "cuda"
-    modes = _parse_list(getattr(args, "modes", None), MODES, "modes")
-    impls = _parse_list(getattr(args, "impls", None), IMPLS, "impls")
+    modes = parse_list(getattr(args, "modes", None), MODES, "modes")
+    impls = parse_list(getattr(args, "impls", None), IMPLS, "impls")
     args.mode_list = modes or (["eager"] if on_cpu else list(MODES))
     args.impl_list = impls or (["dense", "flexdit-ref"] if on_cpu else ["dense", "flexdit"])
     sampler, steps = getattr(args, "sampler", None), getattr(args, "steps", None)
-    if on_cpu and sampler in (None, "both"):
-        sampler = "ddim" if sampler is None else sampler
+    if on_cpu and sampler is None:
+        sampler = "ddim"
     samplers = ["ddim", "ddpm"] if sampler in (None, "both") else [sampler]
     args.runs = [(s, steps or (CPU_STEPS if on_cpu else CHAIN_STEPS[s])) for s in samplers]
 
@@ -159,11 +149,7 @@ def count_macs_by_grid(name: str, image_size: int, grids) -> Optional[Dict]:
 
 def _check_kernels(flex, schedule, args, device, results) -> bool:
     """FlexDiT with the kernels against its reference path, one guided forward per grid, before any timing."""
-    latent = args.image_size // 8
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2 * args.batch_size, 4, latent, latent, generator=g).to(device)
-    t = torch.full((2 * args.batch_size,), 500, device=device)
-    y = torch.arange(2 * args.batch_size, device=device) % 1000
+    x, t, y = model_inputs(2 * args.batch_size, args.image_size, device, seed=1)   # the batch guidance runs
 
     def forward(grid, backend):
         with torch.no_grad(), autocast(device, args.torch_dtype), fk.backend(backend):

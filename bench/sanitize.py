@@ -25,7 +25,7 @@ import torch
 
 import flexdit_kernels as fk
 
-from .common import DTYPES, has_gpu
+from .common import DTYPES, first_line, has_gpu, open_out
 from .kernels import ATTENTION_PATHS, OPS, PATH_PROBES, check_case, exported_ops, make_inputs, path_probe
 
 SHAPE = dict(b=2, hw=(7, 9), grid=(3, 4), c=72)   # 63 tokens pooled to 12; C not a power of two
@@ -65,10 +65,14 @@ LAUNCHES: List[Launch] = [launch for op in OPS for launch in
                            else [Launch(op, "", SHAPE)])]
 
 
+def uncovered(only: Optional[List[str]] = None) -> List[str]:
+    """The ops of flexdit_kernels (those in `only`, when given) without a launch."""
+    return [op for op in exported_ops() if op not in {item.op for item in LAUNCHES} and (not only or op in only)]
+
+
 def run_launches(device: torch.device, dtype: torch.dtype, only: Optional[List[str]] = None,
                  emit: Callable[[str], None] = print) -> dict:
     """Run every registered launch (or those of the ops in `only`); a report dict with one record per launch."""
-    ops = exported_ops()
     records = []
     for item in LAUNCHES:
         if only and item.op not in only:
@@ -85,17 +89,14 @@ def run_launches(device: torch.device, dtype: torch.dtype, only: Optional[List[s
         except Exception as err:
             frames = traceback.extract_tb(err.__traceback__)
             where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
-            text = str(err).strip().splitlines()
-            reason = f"raised {type(err).__name__}{where}: {text[0] if text else ''}"
+            reason = f"raised {type(err).__name__}{where}: {first_line(err)}"
         records.append(dict(launch=item.name, op=item.op, status="ok" if reason is None else "FAILED",
                             reason=reason or "", seconds=round(time.perf_counter() - start, 3)))
         emit(f"{item.name:34s} {'ok' if reason is None else 'FAILED: ' + reason}")
-    covered = {item.op for item in LAUNCHES}
-    uncovered = [op for op in ops if op not in covered and (not only or op in only)]
-    for op in uncovered:
-        records.append(dict(launch=op, op=op, status="UNCOVERED",
-                            reason="no case in bench/kernels.py (add one to OPS and make_inputs)"))
-        emit(f"{op:34s} UNCOVERED: no case in bench/kernels.py (add one to OPS and make_inputs)")
+    why = "no case in bench/kernels.py (add one to OPS and make_inputs)"
+    for op in uncovered(only):
+        records.append(dict(launch=op, op=op, status="UNCOVERED", reason=why))
+        emit(f"{op:34s} UNCOVERED: {why}")
     for rec in records:
         if rec["status"] == "absent":
             emit(f"{rec['launch']:34s} absent (not exported by this flexdit_kernels), skipped")
@@ -114,12 +115,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_cli(args, parser) -> int:
     if args.list:
-        ops = exported_ops()
         for item in LAUNCHES:
-            print(f"{item.name:34s} {'registered' if item.op in ops else 'registered, op absent here'}")
-        for op in ops:
-            if op not in {item.op for item in LAUNCHES}:
-                print(f"{op:34s} UNCOVERED")
+            print(f"{item.name:34s} {'registered' if item.op in exported_ops() else 'registered, op absent here'}")
+        for op in uncovered():
+            print(f"{op:34s} UNCOVERED")
         return 0
     if args.op:
         unknown = [op for op in args.op if op not in {item.op for item in LAUNCHES} | set(exported_ops())]
@@ -142,7 +141,6 @@ def run_cli(args, parser) -> int:
     n_ok = sum(r["status"] == "ok" for r in report["launches"])
     print(f"sanitize: {n_ok} of {len(report['launches'])} launches ok on {report['device']} ({report['dtype']})")
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w", encoding="utf-8") as f:
+        with open_out(args.json) as f:
             json.dump(report, f, indent=1)
     return 0 if report["ok"] else 1

@@ -1,24 +1,29 @@
 """`python -m bench tune`: check and time every routed op at a model's shapes on this GPU ahead of time.
 
-Runs FlexDiT's forward and backward once per sparse grid with `FLEXDIT_TUNE=on`, which makes each op that routes
-through `flexdit_kernels._tune` check its kernel against its reference and time it against the PyTorch path at
-every shape the model meets, and prints the decisions: per op and shape bucket, pass/fail, the winner, and the
-times. The decisions land in the tuning cache (see `flexdit_kernels._tune`); `--export PATH` also writes them as a
-file that `FLEXDIT_TUNE_FILE` reads (a GPU CI runner keeps it beside its baselines). Run it in a process of its own
-before training or sampling on a new GPU or Triton version: a CUDA fault in a check ends this process, not yours.
+Runs the model's forward and backward once per sparse grid with `FLEXDIT_TUNE=on`, which makes each op check every
+kernel variant of its config space against its fp32 reference and time those that pass against the PyTorch path at
+every shape the model meets (`flexdit_kernels.tune_decisions`), then runs the same passes again with every decision
+cached. It prints, per op and shape bucket, the variants checked (passed, failed, pruned), the winner, its time and the
+PyTorch path's, and the wall time of both passes: the first is what a first forward and backward costs with an empty
+cache. The decisions land in the tuning cache; `--export PATH` also writes them as a file that `FLEXDIT_TUNE_FILE`
+reads (a GPU CI runner keeps it beside its baselines). Run it in a process of its own before training or sampling on
+a new GPU or Triton version: a CUDA fault in a check ends this process, not yours.
 """
-import json
 import sys
+import time
 
 import torch
 
 from .common import DTYPES, PROG, positive_int
+from .fixtures import TARGETS as PATCH_TARGETS
 
 
 def add_parser(sub):
     p = sub.add_parser("tune", help="check and time the kernels at a model's shapes on this GPU; cache the decisions")
-    p.add_argument("--model", default="DiT-XL/2", help="dense registry name; its FlexDiT is tuned (default %(default)s)")
-    p.add_argument("--image-size", type=int, choices=(256, 512), default=512)
+    p.add_argument("--model", default="DiT-XL/2",
+                   help="registry name (its FlexDiT is tuned) or a diffusers host patched in place: "
+                        f"{', '.join(PATCH_TARGETS)} (default %(default)s)")
+    p.add_argument("--image-size", type=int, choices=(256, 512, 1024), default=512)
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--grids", default="10,9,8,6", help="sparse grid sides the density schedule uses")
     p.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16", help="autocast dtype")
@@ -26,27 +31,77 @@ def add_parser(sub):
     return p
 
 
+def _ms(t) -> str:
+    return "-" if t is None else f"{t:.4f}"
+
+
 def decision_rows(decisions):
-    """(op, bucket, dtype, verdict, winner, kernel ms, PyTorch ms) per cached decision."""
-    from flexdit_kernels._tune import KERNEL, REFERENCE
+    """(op, bucket, dtype, variants checked, winner, winner ms, PyTorch ms) per row of
+    `flexdit_kernels.tune_decisions`; the variants as "name ok", "name FAILED: error" or "name pruned: why"."""
     rows = []
-    for key, d in sorted(decisions.items()):
-        op, bucket, dtype = key.split("|")
-        verdict = "FAILED: " + "; ".join(d.failed.values()) if d.failed else "passed"
-        times = [d.times_ms.get(KERNEL), d.times_ms.get(REFERENCE)]
-        rows.append((op, bucket, dtype, verdict, d.choice, *("-" if t is None else f"{t:.4f}" for t in times)))
+    for d in decisions:
+        checked = [f"{name} ok" if verdict == "passed" else f"{name} {verdict.replace('failed:', 'FAILED:', 1)}"
+                   for name, verdict in d["candidates"].items() if name != "reference"]
+        rows.append((d["op"], d["bucket"], d["dtype"], "; ".join(checked) or "-", d["winner"], _ms(d["winner_ms"]),
+                     _ms(d["pytorch_ms"])))
     return rows
 
 
-def export(cache, path) -> None:
-    with open(path, "w") as f:
-        json.dump(cache.to_json(), f, indent=1)
+def format_rows(rows) -> str:
+    head = ("op", "shape bucket", "dtype", "variants checked", "winner", "winner ms", "PyTorch ms")
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    return "\n".join("  ".join(f"{str(c):<{w}}" if i < 5 else f"{str(c):>{w}}" for i, (c, w) in
+                               enumerate(zip(r, widths))) for r in [head, *rows])
+
+
+def _passes(args, device, dtype, grids):
+    """One forward and backward of the model per grid, as a function to call: FlexDiT from the registry, or the
+    diffusers host patched at each grid (weights frozen: only the activations' gradients, where the ops' backward
+    kernels run)."""
+    from .model import FRAMES, PATCH_OVERRIDES, _prediction, build_models, model_inputs
+    if args.model in PATCH_TARGETS:
+        from flexdit import apply_patch
+        from .fixtures import build_patched_pair
+        # Weights in the autocast dtype (FLUX.1: 12B parameters); the dense twin is dropped at once.
+        _, model, make_inputs = build_patched_pair(args.model, args.image_size, device=device, dtype=dtype,
+                                                   plan={"grid": grids[0]}, config_overrides=dict(PATCH_OVERRIDES),
+                                                   frames=FRAMES)
+        model.requires_grad_(False)
+        kwargs = make_inputs(args.batch_size)
+
+        def run():
+            for grid in grids:
+                apply_patch(model, plan={"grid": grid})           # idempotent: replaces the previous grid's patch
+                x = kwargs["hidden_states"].detach().requires_grad_()
+                with torch.autocast(device.type, dtype=dtype):
+                    out = _prediction(model(**dict(kwargs, hidden_states=x)))
+                out.float().square().mean().backward()
+        return run
+    _, flex = build_models(args.model, args.image_size, grids[0], device)
+    flex.requires_grad_(False)
+    x, t, y = model_inputs(args.batch_size, args.image_size, device)
+
+    def run():
+        for grid in grids:
+            with torch.autocast(device.type, dtype=dtype):
+                out = flex(x.detach().requires_grad_(), t, y, grid=grid)
+            out.float().square().mean().backward()
+    return run
+
+
+def _timed(fn) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def run(args) -> int:
     prog = getattr(args, "prog", PROG)
+    import flexdit_kernels as fk
     from flexdit_kernels import _tune
-    from .model import build_models, dense_name, model_inputs, registry_names
+    from .model import dense_name, registry_names
     from .sample import parse_grids
     try:
         grids = parse_grids(args.grids)
@@ -58,7 +113,7 @@ def run(args) -> int:
         print(f"{prog}: error: --grids {args.grids!r}: sides from 1 to the token grid's {args.image_size // 16}",
               file=sys.stderr)
         return 2
-    name = dense_name(args.model, _Refuse(prog), registry_names())
+    args.model = dense_name(args.model, _Refuse(prog), registry_names() + list(PATCH_TARGETS))
     if not torch.cuda.is_available():
         print(f"{prog}: error: tune needs a CUDA GPU (torch.cuda.is_available() is False): there is nothing to check "
               "or time on this machine", file=sys.stderr)
@@ -67,20 +122,19 @@ def run(args) -> int:
         print(f"{prog}: error: tune needs FLEXDIT_TUNE=on (it is {tune_mode!r})", file=sys.stderr)
         return 2
     device, dtype = torch.device("cuda"), DTYPES[args.dtype]
-    _, flex = build_models(name, args.image_size, grids[0], device)
-    x, t, y = model_inputs(args.batch_size, args.image_size, device)
-    for grid in grids:
-        with torch.autocast("cuda", dtype=dtype):
-            flex(x.requires_grad_(), t, y, grid=grid).float().square().mean().backward()
-    torch.cuda.synchronize()
-    cache = _tune.cache_for(device)
-    print(f"{'op':<22} {'shape bucket':<60} {'dtype':<9} {'check':<8} {'winner':<10} {'kernel ms':>10} "
-          f"{'PyTorch ms':>10}")
-    for row in decision_rows(cache.decisions):
-        print(f"{row[0]:<22} {row[1]:<60} {row[2]:<9} {row[3]:<8} {row[4]:<10} {row[5]:>10} {row[6]:>10}")
-    print(f"cache: {cache.path}")
+    passes = _passes(args, device, dtype, grids)
+    before = {(d["op"], d["bucket"], d["dtype"]) for d in fk.tune_decisions(device)}
+    first = _timed(passes)
+    second = _timed(passes)
+    rows = fk.tune_decisions(device)
+    new = sum((d["op"], d["bucket"], d["dtype"]) not in before for d in rows)
+    print(format_rows(decision_rows(rows)))
+    print(f"{args.model} {args.image_size}px batch {args.batch_size} {args.dtype}, grids {args.grids}: "
+          f"{new} new decisions; forward + backward over the grids {first:.2f} s with the checks and timing, "
+          f"{second:.2f} s cached")
+    print(f"cache: {_tune.cache_path(device)}")
     if args.export:
-        export(cache, args.export)
+        fk.export_decisions(args.export, device)
         print(f"exported the decisions to {args.export} (FLEXDIT_TUNE_FILE={args.export} reads them)")
     return 0
 

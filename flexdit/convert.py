@@ -1,5 +1,4 @@
-"""Dense checkpoints of the project's layouts (DiT, PixArt-α) → FlexDiT by the paper's weight mapping: block i
-becomes layer i of the plan."""
+"""Dense DiT checkpoints → FlexDiT by the paper's weight mapping: block i becomes layer i of the plan."""
 from typing import Mapping, Union
 
 import torch
@@ -7,7 +6,6 @@ import torch.nn as nn
 
 from .checkpoint import check_state_dict, load_state_dict_strict
 from .models import DiT, FlexDiT, FlexDiTConfig
-from .pixart import FlexPixArt, PixArtConfig
 
 
 def dense_shapes(config: FlexDiTConfig):
@@ -21,15 +19,9 @@ def map_dense_state_dict(state_dict: Mapping[str, torch.Tensor], config: FlexDiT
     """FlexDiT state dict from a dense one: Poolingformers keep the V rows of qkv, cross layers split Q and KV,
     recovery layers get W1 = 0, W2 = I; everything else is copied by name (cloned, never shared)."""
     check_state_dict(dense_shapes(config), state_dict, what="dense DiT state dict")
-    return map_dense_blocks(state_dict, config.layer_kinds(), config.hidden_size)
-
-
-def map_dense_blocks(state_dict: Mapping[str, torch.Tensor], kinds, hidden_size: int, prefix: str = "blocks."):
-    """The paper's block-by-block mapping on any state dict whose blocks hold `attn.qkv` and `attn.proj`
-    (DiT, PixArt-α): `prefix{i}.` becomes layer i of `kinds`; other keys (in or outside the blocks) are cloned."""
-    c = hidden_size
+    c, prefix = config.hidden_size, "blocks."
     out = {k: v.clone() for k, v in state_dict.items() if not k.startswith(prefix)}
-    for i, kind in enumerate(kinds):
+    for i, kind in enumerate(config.layer_kinds()):
         block_prefix = f"{prefix}{i}."
         for key, value in state_dict.items():
             if not key.startswith(block_prefix):
@@ -72,16 +64,4 @@ def from_dit(dit_or_state_dict: Union[nn.Module, Mapping[str, torch.Tensor]], co
         model = FlexDiT(config)
     load_state_dict_strict(model, mapped, what="converted state dict", assign=True)
     model.pos_embed.requires_grad_(False)
-    return model
-
-
-def flex_pixart_from_pixart(pixart_or_state_dict: Union[nn.Module, Mapping[str, torch.Tensor]],
-                            config: PixArtConfig) -> FlexPixArt:
-    """FlexPixArt by the the paper's weight mapping from a dense PixArt (module or state dict); shares no storage."""
-    sd = pixart_or_state_dict.state_dict() if isinstance(pixart_or_state_dict, nn.Module) else pixart_or_state_dict
-    mapped = map_dense_blocks(sd, config.layer_kinds(), config.hidden_size)
-    with torch.device("meta"):
-        model = FlexPixArt(config)
-    load_state_dict_strict(model, mapped, what="converted PixArt state dict", assign=True)
-    model.reset_pos_embed(next(iter(mapped.values())).device)
     return model

@@ -1,5 +1,6 @@
 """diffusers models → the project's layouts: `DiTTransformer2DModel` → the published DiT layout (the inverse of
-diffusers' convert_dit_to_diffusers), `PixArtTransformer2DModel` → the original PixArt-α layout.
+diffusers' convert_dit_to_diffusers), and a `PixArtTransformer2DModel`'s state dict → the key layout of the original
+PixArt-α repository (PixArt-α itself runs through diffusers: `flexdit.apply_patch` patches it in place).
 
 Two differences of diffusers' DiT are kept visible rather than hidden: its timestep frequencies are
 exp(−ln(10000)·k/127) (`downscale_freq_shift=1`; DiT uses /128), reproduced by `DiffusersTimestepEmbedder`, and its
@@ -16,8 +17,6 @@ import torch.nn as nn
 from .checkpoint import load_state_dict_strict
 from .layers import TimestepEmbedder
 from .models import DiT
-from .pixart import PixArt, PixArtConfig
-from .plan import DECIDED_PLANS, Plan
 
 
 class DiffusersTimestepEmbedder(TimestepEmbedder):
@@ -100,31 +99,6 @@ def dit_from_diffusers(model: nn.Module) -> DiT:
     return use_diffusers_timesteps_(dit)
 
 
-def pixart_config_from_diffusers(model: nn.Module, **plan) -> PixArtConfig:
-    """PixArtConfig of a diffusers `PixArtTransformer2DModel` (plan fields from `plan`, else the decided plan)."""
-    cfg = model.config
-    c = cfg.num_attention_heads * cfg.attention_head_dim
-    out_channels = cfg.out_channels or cfg.in_channels
-    problems = [msg for bad, msg in (
-        (model.use_additional_conditions, "resolution/aspect-ratio conditions (the 1024² model)"),
-        (cfg.caption_channels is None, "no caption projection"),
-        (cfg.cross_attention_dim != c, f"cross_attention_dim {cfg.cross_attention_dim} != hidden {c}"),
-        (cfg.norm_elementwise_affine, "affine LayerNorms"),
-        (out_channels not in (cfg.in_channels, 2 * cfg.in_channels), f"out_channels {out_channels}"),
-    ) if bad]
-    if problems:
-        raise ValueError(f"unsupported PixArtTransformer2DModel: {'; '.join(problems)}")
-    side = cfg.sample_size
-    token_grid = (side // cfg.patch_size, side // cfg.patch_size)
-    plan = Plan.for_depth(cfg.num_layers, token_grid, **plan) if cfg.num_layers in DECIDED_PLANS or plan \
-        else Plan.dense(cfg.num_layers)
-    return PixArtConfig(input_size=side, patch_size=cfg.patch_size, in_channels=cfg.in_channels, hidden_size=c,
-                        depth=cfg.num_layers, num_heads=cfg.num_attention_heads,
-                        mlp_ratio=model.transformer_blocks[0].ff.net[0].proj.out_features / c,
-                        caption_channels=cfg.caption_channels, learn_sigma=out_channels == 2 * cfg.in_channels,
-                        interpolation_scale=cfg.interpolation_scale or max(side // 64, 1), plan=plan)
-
-
 def pixart_state_dict_from_diffusers(model_or_state_dict) -> Dict[str, torch.Tensor]:
     """Original-layout PixArt-α state dict (cloned) from a diffusers `PixArtTransformer2DModel` or its state dict."""
     sd = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else model_or_state_dict
@@ -155,13 +129,3 @@ def pixart_state_dict_from_diffusers(model_or_state_dict) -> Dict[str, torch.Ten
     lin("proj_out", "final_layer.linear")
     return {k: v.detach().clone() for k, v in out.items()}
 
-
-def pixart_from_diffusers(model: nn.Module) -> PixArt:
-    """The project's dense PixArt from a diffusers `PixArtTransformer2DModel` (same function; no shared storage)."""
-    cfg = pixart_config_from_diffusers(model)
-    sd = pixart_state_dict_from_diffusers(model)
-    with torch.device("meta"):
-        pixart = PixArt(cfg)
-    load_state_dict_strict(pixart, sd, what="converted diffusers PixArt state dict", assign=True)
-    pixart.reset_pos_embed(sd["x_embedder.proj.weight"].device)
-    return pixart

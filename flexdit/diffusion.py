@@ -299,32 +299,31 @@ class GaussianDiffusion:
                 pass
         return steps
 
+    def _denoise(self, model_fn: ModelFn, x: torch.Tensor, progress: bool, clip_denoised: bool, step) -> torch.Tensor:
+        """The reverse chain: at every step i the model's prediction on (x, original timestep), then
+        x = step(i, t, x, (mean, log_var, x0))."""
+        for i in self._steps(progress):
+            t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+            out = model_fn(x, self.original_timestep(t)).float()
+            x = step(i, t, x, self.p_mean_variance(out, x, t, clip_denoised=clip_denoised))
+        return x
+
     @torch.no_grad()
     def p_sample_loop(self, model_fn: ModelFn, noise: torch.Tensor, generator=None, progress: bool = False,
                       clip_denoised: bool = False) -> torch.Tensor:
         """Ancestral (DDPM) sampling from x_T = noise down to x_0, with the learned variance."""
-        x = noise
-        b = x.shape[0]
-        for i in self._steps(progress):
-            t = torch.full((b,), i, device=x.device, dtype=torch.long)
-            out = model_fn(x, self.original_timestep(t)).float()
-            mean, log_var, _ = self.p_mean_variance(out, x, t, clip_denoised=clip_denoised)
-            if i > 0:
-                x = mean + torch.exp(0.5 * log_var) * _randn(x.shape, generator, x.device, x.dtype)
-            else:
-                x = mean
-        return x
+        def step(i, t, x, pred):
+            mean, log_var, _ = pred
+            return mean + torch.exp(0.5 * log_var) * _randn(x.shape, generator, x.device, x.dtype) if i > 0 else mean
+
+        return self._denoise(model_fn, noise, progress, clip_denoised, step)
 
     @torch.no_grad()
     def ddim_sample_loop(self, model_fn: ModelFn, noise: torch.Tensor, eta: float = 0.0, generator=None,
                          progress: bool = False, clip_denoised: bool = False) -> torch.Tensor:
         """DDIM sampling; η = 0 is deterministic given the starting noise, η = 1 matches DDPM's marginals."""
-        x = noise
-        b = x.shape[0]
-        for i in self._steps(progress):
-            t = torch.full((b,), i, device=x.device, dtype=torch.long)
-            out = model_fn(x, self.original_timestep(t)).float()
-            _, _, x0 = self.p_mean_variance(out, x, t, clip_denoised=clip_denoised)
+        def step(i, t, x, pred):
+            x0 = pred[2]
             eps = self._eps_from_x0(x, t, x0)
             a_bar = self._at(self.alphas_cumprod, t, x)
             a_bar_prev = self._at(self.alphas_cumprod_prev, t, x)
@@ -332,7 +331,9 @@ class GaussianDiffusion:
             x = x0 * a_bar_prev.sqrt() + (1 - a_bar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
             if i > 0 and eta > 0:
                 x = x + sigma * _randn(x.shape, generator, x.device, x.dtype)
-        return x
+            return x
+
+        return self._denoise(model_fn, noise, progress, clip_denoised, step)
 
 
 def create_diffusion(timestep_respacing=None, num_timesteps: int = 1000) -> GaussianDiffusion:

@@ -38,6 +38,7 @@ import flexdit_kernels as fk
 from .layers import to_pair
 from .plan import Plan, Slot
 from .router import FlexLayer, RouteState
+from .sizes import SIZES
 
 
 #################################################################################
@@ -198,9 +199,9 @@ class MMDiTFlexLayer(FlexLayer):
         """Sparse image queries (B, M, C) over the keys [text; N dense]."""
         return self.run_block(xs, cond, self._state.rope_sparse, self.key_side(x, cond, cond["rope"]))
 
-    def recover(self, xs, x, hw, grid, cond):
+    def recover(self, xs, x, token_grid, grid, cond):
         """X_m = W1·upsample(X_s) + W2·X; dense image queries (B, N, C) over the keys [text; M sparse]."""
-        xm = self.fuse(xs, x, hw, grid)                                         # (B, N, C)
+        xm = self.fuse(xs, x, token_grid, grid)                                         # (B, N, C)
         return self.run_block(xm, cond, cond["rope"], self.key_side(xs, cond, self._state.rope_sparse))
 
 
@@ -330,19 +331,20 @@ class FluxHost(MMDiTHost):
         ids = bound.get("img_ids")
         if ids is None or bound.get("txt_ids") is None:
             raise ValueError("a FlexDiT-patched flux needs img_ids and txt_ids (the image tokens' grid positions)")
-        ref, version, hw = self._checked
+        ref, version, token_grid = self._checked
         n, now = bound["hidden_states"].shape[1], _version(ids)
-        if ref is None or ref() is not ids or now is None or version != now or hw[0] * hw[1] != n:
-            hw = image_token_grid(ids, n)   # copies img_ids to the host: a pipeline's steps share one tensor
-            self._checked = (weakref.ref(ids), now, hw)
-        return hw
+        if ref is None or ref() is not ids or now is None or version != now or token_grid[0] * token_grid[1] != n:
+            # image_token_grid copies img_ids to the host: done once for the steps of a pipeline, which share one
+            token_grid = image_token_grid(ids, n)
+            self._checked = (weakref.ref(ids), now, token_grid)
+        return token_grid
 
     def begin(self, module, state, bound):
         super().begin(module, state, bound)
         if state.grid is None:
             return
         img, txt = (_ids2d(bound[name]) for name in ("img_ids", "txt_ids"))
-        pooled = sparse_positions(img, state.hw, state.grid)                    # (M, 3) window centres
+        pooled = sparse_positions(img, state.token_grid, state.grid)                    # (M, 3) window centres
         state.rope_sparse = module.pos_embed(torch.cat([txt.float(), pooled]))
 
 
@@ -379,10 +381,10 @@ def image_token_grid(img_ids: torch.Tensor, n: int) -> Tuple[int, int]:
     return h, w
 
 
-def sparse_positions(img_ids: torch.Tensor, hw, grid) -> torch.Tensor:
+def sparse_positions(img_ids: torch.Tensor, token_grid, grid) -> torch.Tensor:
     """(M, 3) float positions of the sparse tokens: the mean of the dense positions in each pooling window, i.e.
     the window's centre (fractional where the window has an even side)."""
-    (h, w), (gh, gw) = hw, grid
+    (h, w), (gh, gw) = token_grid, grid
     pooled = F.adaptive_avg_pool2d(img_ids.double().t().reshape(-1, h, w), (gh, gw))   # the pooling windows of
     return pooled.reshape(-1, gh * gw).t().float()                                      # token_pool, exact in fp64
 
@@ -399,19 +401,9 @@ def host_of(module) -> Optional[MMDiTHost]:
 #                 Real sizes (random weights): bench pairs and MACs             #
 #################################################################################
 
-# name -> (target, diffusers config, text tokens). FLUX.1-dev is diffusers' default FluxTransformer2DModel with the
-# guidance embedding (512 T5 tokens); SD3.5 takes 77 CLIP + 256 T5 tokens.
-MMDIT_SIZES = {
-    "FLUX.1-dev": ("flux", dict(guidance_embeds=True), 512),
-    "SD3.5-medium": ("sd3", dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                                 num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                                 pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
-                                 dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"), 333),
-    "SD3.5-large": ("sd3", dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
-                                num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
-                                pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
-                                qk_norm="rms_norm"), 333),
-}
+# name -> (target, diffusers config, text tokens), read off `flexdit.sizes`.
+MMDIT_SIZES = {name: (args.host, args.diffusers_config(), args.text_tokens) for name, args in SIZES.items()
+               if args.host in ("flux", "sd3")}
 BENCH_NAMES = {"flux": "FLUX.1-dev", "sd3": "SD3.5-medium", "sd3-large": "SD3.5-large"}
 
 # Tiny configurations of depth 12 (the decided plan for 12 applies) for CPU runs: hidden 64, 2 heads of 32.

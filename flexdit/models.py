@@ -10,6 +10,7 @@ from .diffusion import check_labels, check_timesteps
 from .layers import LabelEmbedder, Mlp, PatchEmbed, SiLU, TimestepEmbedder, get_2d_sincos_pos_embed, to_pair
 from .plan import GridLike, Plan, Slot, split_plan_fields
 from .router import FlexLayer, RouteState, norm_modulate, set_fused
+from .sizes import ModelArgs, names as size_names
 
 
 #################################################################################
@@ -63,6 +64,8 @@ class FinalLayer(nn.Module):
 
 class _DiTShell(nn.Module):
     """Embedders, positional table, final layer and (un)patchify shared by DiT and FlexDiT."""
+
+    gradient_checkpointing = False  # recompute every block in the backward (see `flexdit.set_checkpointing`)
 
     def __init__(self, input_size, patch_size, in_channels, hidden_size, num_heads, class_dropout_prob,
                  num_classes, learn_sigma):
@@ -159,14 +162,16 @@ class DiT(_DiTShell):
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
         super().__init__(input_size, patch_size, in_channels, hidden_size, num_heads, class_dropout_prob,
                          num_classes, learn_sigma)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        self.route_state = RouteState()
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, state=self.route_state)
+                                     for _ in range(depth)])
         self.initialize_weights()
 
     def forward(self, x, t, y):
         """x: (B, C_in, H, W) latents, t: (B,) timesteps, y: (B,) labels → (B, out_channels, H, W)."""
         x, c = self.embed(x, t, y)       # (B, N, C)
-        for block in self.blocks:
-            x = block(x, c)
+        x = self.route_state.run(self.blocks, x, self.token_grid, None, c,
+                                 checkpointing=self.gradient_checkpointing)  # (B, N, C)
         x = self.final_layer(x, c)       # (B, N, p*p*out)
         return self.unpatchify(x)
 
@@ -176,8 +181,8 @@ class DiT(_DiTShell):
 #################################################################################
 
 @dataclass
-class BackboneConfig:
-    """A DiT-style backbone's size and the FlexDiT `Plan` it runs (default: the decided plan for its depth)."""
+class FlexDiTConfig:
+    """A class-conditional DiT's size plus FlexDiT's layer plan (default: the decided plan for its depth)."""
 
     input_size: Union[int, Tuple[int, int]] = 32
     patch_size: int = 2
@@ -188,6 +193,8 @@ class BackboneConfig:
     mlp_ratio: float = 4.0
     learn_sigma: bool = True
     plan: Optional[Plan] = None
+    class_dropout_prob: float = 0.1
+    num_classes: int = 1000
 
     def __post_init__(self):
         if isinstance(self.input_size, (list, tuple)):
@@ -212,14 +219,6 @@ class BackboneConfig:
         if plan_kw:
             rest["plan"] = {**(rest.get("plan") or {}), **plan_kw}
         return cls(**rest)
-
-
-@dataclass
-class FlexDiTConfig(BackboneConfig):
-    """A class-conditional DiT's size plus FlexDiT's layer plan."""
-
-    class_dropout_prob: float = 0.1
-    num_classes: int = 1000
 
     def dit_kwargs(self) -> dict:
         """Constructor arguments of the dense DiT this FlexDiT is built from."""
@@ -257,10 +256,11 @@ class FlexDiT(_DiTShell):
 
         Returns (B, out_channels, H, W). The grid may change from call to call (temporal density schedule).
         """
-        hw = self.token_grid
-        grid = self.config.plan.sparse_grid(grid, hw)
+        token_grid = self.token_grid
+        grid = self.config.plan.sparse_grid(grid, token_grid)
         x, c = self.embed(x, t, y)                                      # (B, N, C)
-        x = self.route_state.run(self.blocks, x, hw, grid, c)           # (B, N, C)
+        x = self.route_state.run(self.blocks, x, token_grid, grid, c,
+                                 checkpointing=self.gradient_checkpointing)  # (B, N, C)
         x = self.final_layer(x, c)                                      # (B, N, p*p*out)
         return self.unpatchify(x)
 
@@ -269,21 +269,17 @@ class FlexDiT(_DiTShell):
 #                                   Registry                                    #
 #################################################################################
 
-DiT_SIZES = {
-    "S": dict(depth=12, hidden_size=384, num_heads=6),
-    "B": dict(depth=12, hidden_size=768, num_heads=12),
-    "L": dict(depth=24, hidden_size=1024, num_heads=16),
-    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
-}
-
-DiT_models = {f"DiT-{s}/{p}": dict(patch_size=p, **kw) for s, kw in DiT_SIZES.items() for p in (2, 4, 8)}
+DiT_models = {name: ModelArgs.from_name(name).dit_kwargs() for name in size_names("dit")}
 FlexDiT_models = {f"Flex{name}": kw for name, kw in DiT_models.items()}
 
 
-def _lookup(name, table):
-    if name not in table:
-        raise ValueError(f"unknown model name {name!r}; known: {', '.join(sorted(table))}")
-    return dict(table[name])
+def dit_size(name: str) -> dict:
+    """The DiT / FlexDiT constructor fields of a size name of `flexdit.sizes` ("DiT-XL/2" or "FlexDiT-XL/2")."""
+    args = ModelArgs.from_name(name)
+    if args.host != "dit":
+        raise ValueError(f"unknown model name {name!r} for a DiT or FlexDiT (it is a {args.host} size); known: "
+                         f"{', '.join(sorted(DiT_models) + sorted(FlexDiT_models))}")
+    return args.dit_kwargs()
 
 
 def flexdit_config(name: str, **overrides) -> FlexDiTConfig:
@@ -292,8 +288,7 @@ def flexdit_config(name: str, **overrides) -> FlexDiTConfig:
     `overrides` replace size fields, and plan fields (num_pool, num_modules, group, num_top, grid) replace those of
     the decided plan (grid 8x8, clamped to the token grid); or pass a whole `plan=Plan(...)`.
     """
-    key = name if name.startswith("Flex") else f"Flex{name}"
-    kwargs = _lookup(key, FlexDiT_models)
+    kwargs = dit_size(name)
     plan_kw, rest = split_plan_fields(overrides)
     kwargs.update(rest)
     if kwargs.get("plan") is None:
@@ -309,6 +304,6 @@ def create_model(name: str, **overrides) -> nn.Module:
     """Build a registered model by name: "DiT-XL/2" (dense) or "FlexDiT-XL/2"; overrides replace config fields."""
     if isinstance(name, str) and name.startswith("FlexDiT-"):
         return FlexDiT(flexdit_config(name, **overrides))
-    kwargs = _lookup(name, DiT_models)
+    kwargs = dit_size(name)
     kwargs.update(overrides)
     return DiT(**kwargs)

@@ -17,8 +17,9 @@ from .convert import from_dit
 from .layers import adaln_silu, to_pair
 from .mmdit import MMDiTRouteState, host_of
 from .models import FlexDiTConfig
-from .plan import Plan, Slot, parse_grid
-from .router import FlexLayer, RouteState
+from .plan import GridLike, Plan, Slot, parse_grid
+from .router import FlexLayer, Routed, RouteState
+from .schedule import one_grid
 
 _RECORD = "_flexdit_patch"
 
@@ -28,20 +29,14 @@ _RECORD = "_flexdit_patch"
 #################################################################################
 
 def _grid_of(schedule, t, token_grid) -> Tuple[int, int]:
-    """The sparse grid for timestep(s) t: a fixed int/pair, or `schedule.grid(t)`; one grid per forward."""
+    """The sparse grid for timestep(s) t: a fixed int/pair, or `schedule.grid(t)` (a tensor of per-sample sides
+    must hold one value: `one_grid`)."""
+    grid = schedule
     if hasattr(schedule, "grid") and callable(schedule.grid):
         if isinstance(t, torch.Tensor) and t.numel() > 0 and bool((t == t.flatten()[0]).all()):
             t = t.flatten()[0]                      # one timestep for the batch (pipelines expand a scalar)
         grid = schedule.grid(t)
-    else:
-        grid = schedule
-    if isinstance(grid, torch.Tensor):
-        values = grid.flatten().unique()
-        if values.numel() != 1:
-            raise ValueError(f"timesteps of one batch select different grids {values.tolist()}; "
-                             f"FlexDiT runs one grid per forward")
-        grid = int(values.item())
-    return parse_grid(grid, token_grid)
+    return parse_grid(one_grid(grid) if isinstance(grid, torch.Tensor) else grid, token_grid)
 
 
 # ------------------------------------------------------------------ (b, c) diffusers BasicTransformerBlock
@@ -157,7 +152,7 @@ class VideoRouteState(RouteState):
         self.batch, self.frames = None, None
 
 
-class TemporalFlexLayer(nn.Module):
+class TemporalFlexLayer(Routed):
     """The temporal half of a Latte spatial/temporal pair: a copy of the temporal `BasicTransformerBlock`, run as is.
 
     It attends across the T frames over the tokens its spatial layer left: the N dense tokens, or, where the spatial
@@ -193,7 +188,7 @@ class TemporalFlexLayer(nn.Module):
         st = self._state
         if st is None or st.batch is None or st.grid is None:
             raise ValueError("a FlexDiT temporal layer runs only inside its model's forward (no clip state)")
-        b, n, m = st.batch, st.hw[0] * st.hw[1], st.grid[0] * st.grid[1]
+        b, n, m = st.batch, st.token_grid[0] * st.token_grid[1], st.grid[0] * st.grid[1]
         if x.shape[0] != b * m:
             raise ValueError(f"temporal layer input has {x.shape[0]} rows, expected batch {b} x {m} sparse tokens")
         if timestep.shape[0] == b * m:
@@ -340,26 +335,34 @@ def _token_grid(module, target) -> Tuple[int, int]:
     return h // module.config.patch_size, w // module.config.patch_size
 
 
-def _patched_forward(self, *args, **kwargs):
-    """The host's own forward with the token grid and the sparse grid for this call set first."""
+def _patched_forward(self, *args, grid: Optional[GridLike] = None, **kwargs):
+    """The host's own forward with the token grid and the sparse grid for this call set first; `grid` (G, a pair or
+    "GhxGw") replaces the schedule's grid for this call."""
     rec = getattr(self, _RECORD)
-    if torch.is_grad_enabled() and getattr(self, "gradient_checkpointing", False):
-        raise ValueError("the host's gradient checkpointing is not supported on a patched model "
-                         "(layers share per-forward state): disable it")
     bound = rec.signature.bind(*args, **kwargs).arguments
     x, t = bound.get(rec.x_name), bound.get(rec.t_name)
     if x is None or t is None:
         raise ValueError(f"a patched model needs `{rec.x_name}` and `{rec.t_name}` to choose its grid")
     if rec.host is not None:  # MMDiT: the grid from the call's latent or image positions, t on the σ·1000 scale
-        hw, t = rec.host.call_grid(self, bound), rec.host.schedule_time(t, rec.schedule)
+        token_grid, t = rec.host.call_grid(self, bound), rec.host.schedule_time(t, rec.schedule)
     else:
-        hw = (x.shape[-2] // rec.patch_size, x.shape[-1] // rec.patch_size)
+        token_grid = (x.shape[-2] // rec.patch_size, x.shape[-1] // rec.patch_size)
     st = rec.state
     video = isinstance(st, VideoRouteState)
     if video and x.dim() != 5:
         raise ValueError(f"{rec.x_name} must be a clip (B, C, T, H, W), got shape {tuple(x.shape)}")
-    st.begin(hw, _grid_of(rec.plan.grid if rec.schedule is None else rec.schedule, t, hw) if rec.plan.num_modules
-             else None)
+    # The host's gradient checkpointing becomes the layers' own (they recompute with the route state they saw);
+    # the host's loop calls them directly meanwhile.
+    checkpointing = getattr(self, "gradient_checkpointing", False)
+    if not rec.plan.num_modules:
+        sparse = None
+    elif grid is not None:
+        sparse = parse_grid(grid, token_grid)
+    else:
+        sparse = _grid_of(rec.plan.grid if rec.schedule is None else rec.schedule, t, token_grid)
+    st.begin(token_grid, sparse, checkpointing)
+    if checkpointing:
+        self.gradient_checkpointing = False
     try:
         if video:
             st.begin_clip(x.shape[0], x.shape[2])
@@ -370,6 +373,8 @@ def _patched_forward(self, *args, **kwargs):
         return type(self).forward(self, *args, **kwargs)
     finally:
         st.clear()
+        if checkpointing:
+            self.gradient_checkpointing = checkpointing
 
 
 def apply_patch(model, plan=None, schedule=None):
@@ -387,14 +392,15 @@ def apply_patch(model, plan=None, schedule=None):
             grid 8 clamped to the token grid (SD3 / FLUX: a quarter of each side of the token grid, 16 at 1024²).
         schedule: the sparse grid per call: an object with `grid(t)` (e.g. `flexdit.DensitySchedule`) given the
             timestep the host's forward receives (0..999; SD3 / FLUX: σ·1000, clamped to 999), or a fixed int /
-            (G_h, G_w); default `plan.grid`.
+            (G_h, G_w); default `plan.grid`. A call may name its own: `model(..., grid=(G_h, G_w))`.
 
     To tinker with: `Plan(0, 0, (1, 3, 1, 1), depth)` (all dense) reproduces the host; `group` beyond (1, s, 1, 1).
 
     Blocks are re-used by the paper's mapping (Poolingformers keep V, cross layers split Q and KV, W1 = 0, W2 = I)
     as copies: the original blocks are kept untouched and `remove_patch` restores them. Patching twice equals
-    patching once. The forward signature is unchanged. A patched model needs fine-tuning (`flexdit-finetune`)
-    before its samples are good. Raises ValueError for unsupported models or blocks, a plan that does not fit
+    patching once. A patched model needs fine-tuning (`flexdit-finetune`) before its samples are good. The forward
+    signature is unchanged; it also takes `grid=` (G, a pair or "GhxGw"): that call's sparse grid,
+    in place of the schedule's. Raises ValueError for unsupported models or blocks, a plan that does not fit
     the depth, or a grid larger than the token grid.
 
     Latte (video): a spatial block and the temporal block after it count as ONE layer of the plan, so the depth is
@@ -425,14 +431,14 @@ def apply_patch(model, plan=None, schedule=None):
     host = host_of(module)  # the MMDiT adapter (SD3, FLUX), None for the others
     if host is None:
         _check_blocks(blocks, block_class, target)
-        hw = _token_grid(module, target)
-        plan = Plan.coerce(plan, len(blocks), hw)  # validates depth and grid
+        token_grid = _token_grid(module, target)
+        plan = Plan.coerce(plan, len(blocks), token_grid)  # validates depth and grid
     else:
         host.check_blocks(module)
-        hw = host.token_grid(module)
-        plan = host.coerce_plan(plan, sum(map(len, host.block_lists(module).values())), hw)
+        token_grid = host.token_grid(module)
+        plan = host.coerce_plan(plan, sum(map(len, host.block_lists(module).values())), token_grid)
     if schedule is not None and not (hasattr(schedule, "grid") and callable(schedule.grid)):
-        parse_grid(schedule, hw, "schedule")  # a fixed grid: refuse now rather than at the first call
+        parse_grid(schedule, token_grid, "schedule")  # a fixed grid: refuse now rather than at the first call
     temporal = None
     if target == "latte":
         temporal = getattr(module, _TEMPORAL)
@@ -445,7 +451,7 @@ def apply_patch(model, plan=None, schedule=None):
     state = MMDiTRouteState() if host else RouteState() if temporal is None else VideoRouteState()
     more = {}  # other block lists' FlexDiT layers (FLUX's single-stream blocks)
     if target == "dit":
-        config = _dit_config(module, plan, hw)
+        config = _dit_config(module, plan, token_grid)
         layers = [b.attach(state) for b in from_dit(module.state_dict(), config).blocks]  # the paper's mapping
         patch_size = config.patch_size
     elif host is not None:
@@ -518,3 +524,27 @@ def remove_patch(model):
 
 def is_patched(model) -> bool:
     return _RECORD in _host(model).__dict__
+
+
+def set_checkpointing(model, on: bool = True):
+    """Turn activation checkpointing on or off: every block or FlexDiT layer is recomputed in the backward
+    (`torch.utils.checkpoint`, use_reentrant=False), same outputs and gradients, less activation memory; returns
+    `model`.
+
+    model: a FlexDiT, DiT or FlexLatte, a patched model or pipeline, or a diffusers model (DDP wrappers are looked
+    through). On a diffusers model this is its own `enable_gradient_checkpointing()` / `disable_...()`, which a
+    patched one honours too; the project's models and a patched DiT-layout module read `gradient_checkpointing`.
+    """
+    module = getattr(model, "module", model)
+    host = module if hasattr(module, "enable_gradient_checkpointing") else getattr(module, "transformer", None)
+    if hasattr(host, "enable_gradient_checkpointing"):       # diffusers models, FlexLatte and pipelines hold one
+        if on:
+            host.enable_gradient_checkpointing()
+        else:
+            host.disable_gradient_checkpointing()
+    elif isinstance(module, nn.Module) and (hasattr(module, "route_state") or _RECORD in module.__dict__):
+        module.gradient_checkpointing = bool(on)
+    else:
+        raise ValueError(f"model: cannot checkpoint a {type(module).__name__}; expected a FlexDiT, DiT or FlexLatte, "
+                         f"a patched model or a diffusers model")
+    return model

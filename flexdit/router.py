@@ -6,11 +6,17 @@ sparse grid and keeps the dense input, sparse layers run on the M sparse tokens,
 tokens back. Host differences (class-label adaLN-Zero, adaLN-single, caption cross-attention, diffusers modules) are
 the few hooks a subclass provides: `modulation`, and where they differ from the defaults `attn_layer_norm`,
 `mlp_layer_norm`, `feed_forward`, `after_attention` and `dense`.
+
+Activation checkpointing: when a forward's `RouteState` says so, every layer runs under `torch.utils.checkpoint`
+(use_reentrant=False) and is recomputed in the backward from a copy of the route state it saw, so a recomputed
+layer reads the same token grid, sparse grid and module inputs as its first run.
 """
+import copy
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 import flexdit_kernels as fk
 
@@ -35,25 +41,36 @@ def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
 
 
 class RouteState:
-    """Per-forward state shared by the layers of one model: token grid, sparse grid and the modules' inputs."""
+    """Per-forward state shared by the layers of one model: token grid, sparse grid, the modules' inputs and whether
+    the layers recompute themselves in the backward (`checkpointing`)."""
 
     def __init__(self):
-        self.hw: Optional[Tuple[int, int]] = None
+        self.token_grid: Optional[Tuple[int, int]] = None
         self.grid: Optional[Tuple[int, int]] = None
+        self.checkpointing = False
         self.dense = {}   # module index -> its dense input X (keys of generation, skip of recovery)
         self.sparse = {}  # module index -> the sparse tokens X_s entering recovery
 
-    def begin(self, hw, grid) -> None:
-        self.hw, self.grid = hw, grid
+    def begin(self, token_grid, grid, checkpointing: bool = False) -> None:
+        self.token_grid, self.grid = token_grid, grid
+        self.checkpointing = bool(checkpointing) and torch.is_grad_enabled()
 
     def clear(self) -> None:
-        self.hw, self.grid = None, None
+        self.token_grid, self.grid = None, None
+        self.checkpointing = False
         self.dense.clear()
         self.sparse.clear()
 
-    def run(self, blocks, x, hw, grid, *cond):
-        """The native hosts' block loop: x through every block with `hw` and `grid` set for this forward."""
-        self.begin(hw, grid)
+    def snapshot(self) -> "RouteState":
+        """A copy of the state as it is now (the module inputs stored so far included), for a recomputation."""
+        snap = copy.copy(self)
+        snap.dense, snap.sparse = dict(self.dense), dict(self.sparse)
+        return snap
+
+    def run(self, blocks, x, token_grid, grid, *cond, checkpointing: bool = False):
+        """The native hosts' block loop: x through every block with `token_grid` and `grid` set for this forward
+        (and each block recomputed in the backward with `checkpointing`)."""
+        self.begin(token_grid, grid, checkpointing)
         try:
             for block in blocks:
                 x = block(x, *cond)
@@ -62,7 +79,37 @@ class RouteState:
         return x
 
 
-class FlexLayer(nn.Module):
+class _Replay:
+    """A layer's call under torch.utils.checkpoint: the first run uses the live route state (later layers read the
+    module inputs it stores), every recomputation a fresh copy of the state as the layer first saw it."""
+
+    def __init__(self, layer: nn.Module, seen: RouteState):
+        self.layer, self.seen, self.ran = layer, seen, False
+
+    def __call__(self, *args, **kwargs):
+        if not self.ran:
+            self.ran = True
+            return nn.Module.__call__(self.layer, *args, **kwargs)
+        live, self.layer._state = self.layer._state, self.seen.snapshot()
+        try:
+            return nn.Module.__call__(self.layer, *args, **kwargs)
+        finally:
+            self.layer._state = live
+
+
+class Routed(nn.Module):
+    """A module sharing its model's `RouteState` (`_state`); recomputed in the backward when the state asks."""
+
+    _state: Optional[RouteState] = None
+
+    def __call__(self, *args, **kwargs):
+        st = self._state
+        if st is None or not st.checkpointing or not torch.is_grad_enabled():
+            return super().__call__(*args, **kwargs)
+        return checkpoint(_Replay(self, st.snapshot()), *args, use_reentrant=False, **kwargs)
+
+
+class FlexLayer(Routed):
     """One layer of a FlexDiT plan: dense, sparse, Poolingformer (`pool`), sparse generation (`gen`) or dense
     recovery (`recover`). Subclasses build the host's modules and provide `modulation(x, cond)`, which returns
     (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, C). With `fused`, LayerNorm with
@@ -148,12 +195,12 @@ class FlexLayer(nn.Module):
         if self.kind == "dense" and self.slot.module is None:
             return self.dense(x, cond)                                          # (B, N, C)
         st = self._state
-        if st is None or st.hw is None or self.slot.module is None:
+        if st is None or st.token_grid is None or self.slot.module is None:
             raise ValueError(f"a FlexDiT {self.kind!r} layer runs only inside its model's forward (no token grid)")
         k = self.slot.module
         if self.slot.starts_module:
             st.dense[k] = x
-            x = fk.token_pool(x, st.hw, st.grid)                                # (B, M, C)
+            x = fk.token_pool(x, st.token_grid, st.grid)                                # (B, M, C)
         if self.kind == "gen":
             return self.generate(x, st.dense[k], cond)                          # (B, M, C)
         if self.kind == "recover":
@@ -162,7 +209,7 @@ class FlexLayer(nn.Module):
                 xs, skip = x, st.dense[k]
             else:
                 xs, skip = st.sparse[k], x
-            return self.recover(xs, skip, st.hw, st.grid, cond)                 # (B, N, C)
+            return self.recover(xs, skip, st.token_grid, st.grid, cond)                 # (B, N, C)
         return self.dense(x, cond)                                              # (B, N or M, C)
 
     # ---------------------------------------------------------------- the layer kinds
@@ -205,13 +252,13 @@ class FlexLayer(nn.Module):
         mods = self.modulation(xs, cond)
         return self.finish(xs, self.attn(self.attn_in(xs, mods), self.attn_in(x, mods)), mods, cond)  # (B, M, C)
 
-    def fuse(self, xs, x, hw, grid):
+    def fuse(self, xs, x, token_grid, grid):
         """X_m = W1·upsample(X_s) + W2·X, (B, N, C). W1·upsample(X_s) = upsample(W1·X_s): W1 runs on the M sparse
         tokens, the upsample is fused with the add."""
-        return fk.upsample_add(self.fuse_sparse(xs), self.fuse_dense(x), hw, grid)
+        return fk.upsample_add(self.fuse_sparse(xs), self.fuse_dense(x), token_grid, grid)
 
-    def recover(self, xs, x, hw, grid, cond):
+    def recover(self, xs, x, token_grid, grid, cond):
         """Dense recovery: X_m = W1·upsample(X_s) + W2·X, then dense queries attend to the sparse tokens."""
         mods = self.modulation(xs, cond)
-        xm = self.fuse(xs, x, hw, grid)                                            # (B, N, C)
+        xm = self.fuse(xs, x, token_grid, grid)                                            # (B, N, C)
         return self.finish(xm, self.attn(self.attn_in(xm, mods), self.attn_in(xs, mods)), mods, cond)

@@ -8,6 +8,12 @@ Runs on several GPUs with torchrun: rank r takes samples r, r + W, ...; sample i
 the output does not depend on the number of processes or the batch size.
 `--cuda-graph` replays the network from CUDA graphs (one per grid of the schedule and batch size) and reports their
 memory. Exit status: 0 on success, 2 with one line `flexdit-sample: error: ...` for a bad argument, file or device.
+
+Text-to-image: `flexdit-sample --model PIPELINE_DIR --prompt "..." [--prompt ...]` loads a local diffusers PixArt-α,
+SD3 / SD3.5 or FLUX.1 pipeline folder, patches its transformer (`flexdit.apply_patch`: the plan from --model-args
+'{"plan": {...}}', the density schedule from --r-min/--r-max or --grid), loads a LoRA of flexdit-finetune with --lora
+(merged into the weights), and generates through the pipeline itself: one PNG per sample (`000000.png`, ...;
+sample i takes prompt i mod P and the seed (seed, i)), `grid.png` and `args.json`.
 """
 from __future__ import annotations
 
@@ -124,9 +130,12 @@ def parse_args(argv=None):
     p.add_argument("--classes", default=DEFAULT_CLASSES, help="comma-separated class labels, cycled")
     p.add_argument("--num-samples", type=int, default=None, help="default: one per listed class (at least 1)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward batch, per process")
-    p.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance scale >= 0 (1: none)")
+    p.add_argument("--cfg-scale", "--guidance-scale", dest="cfg_scale", type=float, default=None,
+                   help="guidance scale >= 0: classifier-free (1: none; default 4.0), or the pipeline's "
+                        "guidance_scale with --prompt (default: the pipeline's)")
     p.add_argument("--cfg-channels", type=int, default=3, help="eps channels guided (DiT: 3; 4 for all)")
-    p.add_argument("--steps", type=int, default=250, help="sampling steps (ADM respacing of the 1000)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (ADM respacing of the 1000; default 250, or the pipeline's with --prompt)")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--eta", type=float, default=None, help="DDIM η (default 0; --sampler ddim only)")
     add_schedule_args(p)
@@ -145,6 +154,14 @@ def parse_args(argv=None):
     speed.add_argument("--cuda-graph", action="store_true",
                        help="replay the guided forward from CUDA graphs, one per (grid, batch) (CUDA only)")
     p.add_argument("--no-progress", action="store_true")
+    text = p.add_argument_group("text-to-image (--model PIPELINE_DIR --prompt ...)")
+    text.add_argument("--prompt", action="append", default=None,
+                      help="a caption (repeat the flag for several); --model is then a local diffusers PixArt-α, "
+                           "SD3 / SD3.5 or FLUX.1 pipeline folder")
+    text.add_argument("--lora", default=None, metavar="PATH",
+                      help="adapters + fusion weights of a LoRA run (flexdit.lora.save_adapters), merged for sampling")
+    text.add_argument("--max-sequence-length", type=int, default=None,
+                      help="T5 tokens per prompt (default: the pipeline's; use the shards' for a fine-tuned model)")
     return p.parse_args(argv)
 
 
@@ -152,8 +169,17 @@ def main(argv=None) -> int:
     """Run flexdit-sample; 0 on success. Bad arguments, files or devices end it with one line and exit 2."""
     args = parse_args(argv)
     with usage_errors(PROG):
+        if args.prompt:
+            _refuse_class_flags(args)
+        else:
+            _refuse_text_flags(args)
         ctx = DistContext(args.device)
     try:
+        if args.prompt:
+            with usage_errors(PROG):
+                setup = _prepare_text(args, ctx)
+            _sample_text(args, ctx, *setup)
+            return 0
         with usage_errors(PROG):
             setup = _prepare(args, ctx)
         _sample(args, ctx, *setup)
@@ -165,6 +191,8 @@ def main(argv=None) -> int:
 def _prepare(args, ctx: DistContext):
     """Every check and the model, before any sampling: (model, classes, n, schedule). Fills in `args` what the run
     uses (the model's name, image size and classes), for args.json."""
+    args.cfg_scale = 4.0 if args.cfg_scale is None else args.cfg_scale
+    args.steps = 250 if args.steps is None else args.steps
     if args.image_size is not None and (args.image_size < 8 or args.image_size % 8):
         raise ValueError(f"--image-size must be a positive multiple of 8, got {args.image_size}")
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--num-classes", args.num_classes, 1),
@@ -280,6 +308,128 @@ def _sample(args, ctx: DistContext, model, classes, n, schedule):
                 print(f"wrote {pack_adm_npz(out_dir, args.adm_npz, labels=labels)} (ADM layout)")
         (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2))
         print(f"wrote {n} samples to {out_dir}")
+    ctx.barrier()
+    return out_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text-to-image through a diffusers pipeline
+# ---------------------------------------------------------------------------------------------------------------
+
+_CLASS_FLAGS = ("ckpt", "weights", "num_classes", "classes", "cfg_channels", "sampler", "eta", "vae", "adm_npz",
+                "compile", "cuda_graph")
+
+
+def _refuse_class_flags(args) -> None:
+    """The class-conditional flags mean nothing to a pipeline: refuse them (any value but the default) rather than
+    ignore them."""
+    defaults = vars(parse_args([]))
+    given = [name for name in _CLASS_FLAGS if getattr(args, name) != defaults[name]]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} is for class-conditional models; --prompt samples a "
+                         "diffusers pipeline")
+
+
+def _refuse_text_flags(args) -> None:
+    for flag, value in (("--lora", args.lora), ("--max-sequence-length", args.max_sequence_length)):
+        if value is not None:
+            raise ValueError(f"{flag} needs --prompt (text-to-image through a diffusers pipeline folder)")
+
+
+def _prepare_text(args, ctx: DistContext):
+    """Every check, the pipeline, the patch and the LoRA, before any sampling: (pipe, n, the pipeline call's
+    keyword arguments). Fills in `args` what the run uses (image size, plan, schedule), for args.json."""
+    from types import SimpleNamespace
+    from .data import _DTYPES, load_text_pipeline, pipeline_host
+    from .patch import apply_patch
+    from .plan import Plan
+    if not args.model:
+        raise ValueError("--prompt needs --model PIPELINE_DIR (a local diffusers pipeline folder)")
+    for flag, value in (("--batch-size", args.batch_size), ("--num-samples", args.num_samples),
+                        ("--steps", args.steps), ("--max-sequence-length", args.max_sequence_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    if args.cfg_scale is not None and not args.cfg_scale >= 0:
+        raise ValueError(f"--guidance-scale must be >= 0, got {args.cfg_scale}")
+    if args.lora is not None and not Path(args.lora).is_file():
+        raise ValueError(f"--lora {args.lora}: no such file")
+    pipeline_host(args.model, "--model")
+    fields = parse_model_args(args.model_args)      # {"plan": {...}}, as flexdit-finetune takes it
+    plan = fields.pop("plan", None)
+    if fields:
+        raise ValueError(f"--model-args: a pipeline folder takes only {{\"plan\": {{...}}}}, got {sorted(fields)}")
+    if plan is not None:
+        try:
+            Plan(**plan)
+        except TypeError as e:
+            raise ValueError(f"--model-args: plan takes the fields of flexdit.Plan (num_pool, num_modules, group, "
+                             f"num_top, grid): {e}") from None
+        except ValueError as e:
+            raise ValueError(f"--model-args: plan: {e}") from None
+    if ctx.is_main:
+        check_out_dir(args.out_dir)
+    pipe, host = load_text_pipeline(args.model, dtype=_DTYPES[args.precision], flag="--model", transformer=True,
+                                    progress=not args.no_progress and ctx.is_main)
+    if getattr(pipe, "transformer", None) is None:
+        raise ValueError(f"--model {args.model}: the pipeline has no transformer")
+    config = pipe.transformer.config
+    token = pipe.vae_scale_factor * config.patch_size * (2 if host == "flux" else 1)   # FLUX packs 2x2 latents
+    default_side = getattr(pipe, "default_sample_size", None) or config.sample_size
+    args.image_size = args.image_size or default_side * pipe.vae_scale_factor
+    if args.image_size < token or args.image_size % token:
+        raise ValueError(f"--image-size must be a positive multiple of {token} (the VAE's factor times the "
+                         f"transformer's 2x2 patch), got {args.image_size}")
+    side = args.image_size // token
+    # The schedule flags as for the FlexDiT models; whether the plan has sparse layers is checked once patched.
+    stand_in = SimpleNamespace(config=SimpleNamespace(plan=SimpleNamespace(num_modules=1)), token_grid=(side, side))
+    schedule = schedule_from_args(args, stand_in)
+    try:
+        apply_patch(pipe, plan, schedule)
+    except ValueError as e:
+        raise ValueError(f"--model-args / --model: {e}") from None
+    patched_plan = pipe.transformer.transformer_blocks.plan
+    if schedule is not None and patched_plan.num_modules == 0:
+        raise ValueError("--r-min/--r-max/--grid need a plan with sparse layers (the plan is all dense)")
+    if args.lora is not None:
+        from .lora import load_adapters
+        load_adapters(pipe.transformer, args.lora, merge=True)
+    pipe = pipe.to(ctx.device)
+    pipe.set_progress_bar_config(disable=args.no_progress or not ctx.is_main)
+    n = args.num_samples if args.num_samples is not None else len(args.prompt)
+    call = {"height": args.image_size, "width": args.image_size, "output_type": "pil"}
+    for key, value in (("num_inference_steps", args.steps), ("guidance_scale", args.cfg_scale),
+                       ("max_sequence_length", args.max_sequence_length)):
+        if value is not None:
+            call[key] = value
+    if host == "pixart":
+        call["use_resolution_binning"] = False     # the size asked for, not the nearest aspect-ratio bin
+    args.model_config = {"pipeline": type(pipe).__name__, "transformer": dict(config), "plan": str(patched_plan)}
+    args.schedule = schedule.to_dict() if schedule is not None else None
+    if ctx.is_main:
+        params = sum(p.numel() for p in pipe.transformer.parameters())
+        print(f"pipeline {type(pipe).__name__} ({args.model}); transformer {params / 1e6:.2f} M parameters, "
+              f"patched: {patched_plan}" + (f"; LoRA {args.lora} merged" if args.lora else ""))
+        if schedule is not None:
+            print(f"density schedule: {schedule}")
+    return pipe, n, call
+
+
+def _sample_text(args, ctx: DistContext, pipe, n, call):
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mine = list(range(ctx.rank, n, ctx.world_size))
+    with backend_context(args.backend, ctx.device):
+        for start in range(0, len(mine), args.batch_size):
+            idx = mine[start:start + args.batch_size]
+            gens = [torch.Generator().manual_seed(sample_seed(args.seed, i)) for i in idx]
+            images = pipe(prompt=[args.prompt[i % len(args.prompt)] for i in idx], generator=gens, **call).images
+            for i, image in zip(idx, images):
+                image.save(out_dir / f"{i:06d}.png")
+    ctx.barrier()
+    if ctx.is_main:
+        _save_grid(out_dir, range(n))
+        (out_dir / "args.json").write_text(json.dumps(vars(args), indent=2, default=str))
+        print(f"wrote {n} images to {out_dir}")
     ctx.barrier()
     return out_dir
 

@@ -13,7 +13,17 @@ import torch
 
 from flexdit_kernels._validate import pair
 
-__all__ = ["DensitySchedule"]
+__all__ = ["DensitySchedule", "one_grid"]
+
+
+def one_grid(grids: torch.Tensor) -> int:
+    """The one grid side of a batch from its per-sample sides; ValueError when the batch selects several (one
+    forward pass runs one grid, so a batch must stay inside one stage)."""
+    values = torch.unique(grids)
+    if values.numel() != 1:
+        raise ValueError(f"timesteps of one batch select different grids {values.tolist()} (stages of the density "
+                         "schedule); FlexDiT runs one grid per forward, so a batch must stay inside one stage")
+    return int(values)
 
 
 class DensitySchedule:
@@ -134,14 +144,10 @@ class DensitySchedule:
         return t * self.num_stages // self.num_timesteps
 
     def grid(self, t) -> int:
-        """Grid side G for timestep t: an int, or a tensor whose entries all fall in one stage."""
+        """Grid side G for timestep t: an int, or a tensor whose entries all select one grid (`one_grid`)."""
         k = self.stage(t)
         if isinstance(k, torch.Tensor):
-            ks = torch.unique(k)
-            if ks.numel() != 1:
-                raise ValueError(f"t spans stages {ks.tolist()}; one forward pass runs one grid, "
-                                 "so a batch must stay inside one stage")
-            k = int(ks)
+            return one_grid(torch.tensor(self.grids, device=k.device)[k])
         return self.grids[k]
 
     def sample_stage(self, generator: torch.Generator | None = None) -> int:

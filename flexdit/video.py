@@ -16,12 +16,9 @@ import torch.nn as nn
 from .models import _DiTShell
 from .plan import GridLike, Plan
 from .patch import apply_patch
+from .sizes import ModelArgs
 
-# Latte-XL/2 (Latte-1's transformer): 28 spatial/temporal pairs of 16 heads x 72.
-LATTE_XL = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-                cross_attention_dim=1152, caption_channels=4096, sample_size=32, patch_size=2,
-                norm_type="ada_norm_single", activation_fn="gelu-approximate", attention_bias=True,
-                num_embeds_ada_norm=1000, norm_elementwise_affine=False, norm_eps=1e-6, video_length=16)
+LATTE_XL = ModelArgs.from_name("Latte-XL/2").diffusers_config()   # the default transformer (Latte-1's)
 
 
 @dataclass
@@ -66,16 +63,6 @@ class FlexLatteConfig:
         return cls(**d)
 
 
-class _GridPerCall:
-    """The patch's schedule: the grid `FlexLatte.forward` was given for this call."""
-
-    def __init__(self, grid):
-        self.current = grid
-
-    def grid(self, t):
-        return self.current
-
-
 class FlexLatte(nn.Module):
     """A patched Latte with class captions: forward(x (B, C, T, H, W), t (B,), y (B,), grid) -> (B, C_out, T, H, W)."""
 
@@ -85,8 +72,7 @@ class FlexLatte(nn.Module):
         self.config = config
         if transformer is None:
             transformer = diffusers.LatteTransformer3DModel(**config.transformer)
-        self._grids = _GridPerCall(config.plan.grid)
-        self.transformer = apply_patch(transformer, config.plan, schedule=self._grids)
+        self.transformer = apply_patch(transformer, config.plan)
         width = config.transformer["caption_channels"]
         self.class_captions = nn.Parameter(torch.randn(config.num_classes + 1, config.caption_len, width) * 0.02)
         self.in_channels = config.transformer["in_channels"]
@@ -105,5 +91,5 @@ class FlexLatte(nn.Module):
         if self.training and self.config.class_dropout_prob > 0:   # label dropout for classifier-free guidance
             drop = torch.rand(y.shape[0], device=y.device) < self.config.class_dropout_prob
             y = torch.where(drop, self.config.num_classes, y)
-        self._grids.current = self.config.plan.sparse_grid(grid, self.token_grid)
-        return self.transformer(x, timestep=t, encoder_hidden_states=self.class_captions[y], return_dict=False)[0]
+        return self.transformer(x, timestep=t, encoder_hidden_states=self.class_captions[y], return_dict=False,
+                                grid=grid)[0]

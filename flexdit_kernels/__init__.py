@@ -1,7 +1,7 @@
 """Triton kernels for FlexDiT, each beside its pure-PyTorch reference, registered as `torch.ops.flexdit.*`."""
 from ._dispatch import (backend, get_backend, interpreting, last_route, set_backend, triton_only, triton_only_active,
                         use_triton)
-from ._tune import tuning
+from ._tune import export_decisions, tune_decisions, tuning
 from ._attention import attention, attention_backward_ref, attention_path, attention_ref
 from ._adaln import (
     gated_residual, gated_residual_backward_ref, gated_residual_layernorm_modulate,
@@ -23,5 +23,5 @@ __all__ = [
     "token_pool", "token_pool_ref", "token_pool_backward_ref", "pool_matrix",
     "upsample_add", "upsample_add_ref", "upsample_add_backward_ref", "parent_index",
     "backend", "get_backend", "set_backend", "use_triton", "interpreting", "triton_only", "triton_only_active",
-    "tuning", "last_route",
+    "tuning", "last_route", "tune_decisions", "export_decisions",
 ]

@@ -1,15 +1,16 @@
 """The adaLN family (LayerNorm-modulate, gated residual, both fused; SiLU): one forward and one backward row kernel
 with constexpr switches. x, y: (B, L, C) fp32/fp16/bf16, any strides; gate, shift, scale, SiLU's x: (B, C)."""
 import functools
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
 from ._common import centered_rows, channel_offsets, column_sum, row_tile
-from ._dispatch import autocast_dtype, call_op, custom_op, register_autograd, use_kernel
+from ._dispatch import autocast_dtype, call_op, custom_op, kernel_variant, register_autograd
 from ._launch import cdiv, ctas_per_sm, device_limits, next_pow2, whole_wave_splits
+from ._tune import alternatives
 from ._validate import FLOAT_DTYPES, check_kernel_device, check_tensor, fits_int32
 
 
@@ -244,9 +245,46 @@ def _resident(variant: tuple, num_warps: int, device: torch.device, compile_vari
     return per_sm * device_limits(device).sm_count
 
 
-def _launch_fwd(x, y, gate, shift, scale, r, u, eps: float, has_residual: bool, has_norm: bool) -> None:
+def _fwd_space(x: torch.Tensor, has_norm: bool) -> List[Dict[str, int]]:
+    """The forward's token tiles the heuristic searches (the largest and two halvings), as configurations."""
+    n, c = x.shape[1], x.shape[2]
+    top = max(1, min(_TILE // _channel_block(c, has_norm)[0], next_pow2(n)))
+    return [{"BLOCK_N": bn} for bn in sorted({top, max(1, top // 2), max(1, top // 4)}, reverse=True)]
+
+
+def _bwd_space(x: torch.Tensor, has_norm: bool) -> List[Dict[str, int]]:
+    """The backward's token tiles around the heuristic's base tile (half, base, double), as configurations."""
+    n, c = x.shape[1], x.shape[2]
+    base = max(1, min(_BWD_TILE // ((2 if has_norm else 1) * _channel_block(c, has_norm)[0]), next_pow2(n)))
+    return [{"BLOCK_N": bn} for bn in sorted({max(1, base // 2), base, min(2 * base, next_pow2(n))})]
+
+
+def _silu_space(x: torch.Tensor) -> List[Dict[str, int]]:
+    """SiLU's channel blocks below the heuristic's (more programs per row), as configurations."""
+    top = min(_ROW_MAX_BLOCK_C, next_pow2(x.shape[1]))
+    return alternatives({"BLOCK_C": top}, BLOCK_C=[bc for bc in (256, 512) if bc < top])
+
+
+# The launchers' config spaces besides their heuristics (`config` of each launcher: the token tile BLOCK_N, whose
+# warps follow from it as the heuristic's do; silu's channel block BLOCK_C), checked and timed per device and shape
+# by `_tune` (docs/kernels.md, "Tuning"). Keyed by op, called with the op's tensors.
+CONFIGS = {
+    "layernorm_modulate": lambda x, shift, scale: _fwd_space(x, True),
+    "gated_residual": lambda x, y, gate: _fwd_space(x, False),
+    "gated_residual_layernorm_modulate": lambda x, *_: _fwd_space(x, True),
+    "layernorm_modulate_backward": lambda g, x, scale: _bwd_space(x, True),
+    "gated_residual_backward": lambda g, y, gate: _bwd_space(y, False),
+    "gated_residual_layernorm_modulate_backward": lambda gr, gu, r, *_: _bwd_space(r, True),
+    "silu": _silu_space,
+    "silu_backward": lambda g, x: _silu_space(x),
+}
+
+
+def _launch_fwd(x, y, gate, shift, scale, r, u, eps: float, has_residual: bool, has_norm: bool,
+                config=None) -> None:
     """Launch the forward kernel on x (B, L, C) and whichever of y, gate (HAS_RESIDUAL), shift, scale, u
-    (HAS_NORM) and r the op has; absent ones are given as present ones and never read."""
+    (HAS_NORM) and r the op has; absent ones are given as present ones and never read. `config`: a BLOCK_N of
+    `CONFIGS` instead of the heuristic's."""
     b, n, c = x.shape
     y, gate = (y, gate) if has_residual else (x, shift)
     shift, scale, u = (shift, scale, u) if has_norm else (gate, gate, r)
@@ -257,6 +295,11 @@ def _launch_fwd(x, y, gate, shift, scale, r, u, eps: float, has_residual: bool, 
     flags = dict(HAS_RESIDUAL=has_residual, HAS_NORM=has_norm, BLOCK_C=block_c, EVEN_C=even_c,
                  IDX64=not fits_int32(x, y, r, u))
     dtypes = (x.dtype, y.dtype, r.dtype, u.dtype, shift.dtype, block_c, even_c, flags["IDX64"])
+    if config:                                          # a configuration of CONFIGS: its tile, no search
+        block_n = config["BLOCK_N"]
+        _adaln_fwd_kernel[(b * cdiv(n, block_n), c_blocks)](*args, BLOCK_N=block_n, **flags,
+                                                            num_warps=_num_warps(block_n * block_c))
+        return
     block_n = max(1, min(_TILE // block_c, next_pow2(n)))
     best = None                                         # (waves, block_n, num_warps)
     while True:
@@ -278,8 +321,8 @@ def _parts(b: int, n_splits: int, c: int, device: torch.device) -> torch.Tensor:
     return torch.empty((3, b, n_splits, c), dtype=torch.float32, device=device)
 
 
-def _launch_bwd(dr, du, h, y, gate, scale, dx, dy, eps: float, has_residual: bool, has_norm: bool
-                ) -> torch.Tensor:
+def _launch_bwd(dr, du, h, y, gate, scale, dx, dy, eps: float, has_residual: bool, has_norm: bool,
+                config=None) -> torch.Tensor:
     """Launch the backward kernel; returns the fp32 partial sums over token splits, (3, B, splits, C): dgate,
     dshift, dscale (rows of the absent ones unwritten). dr, y, gate, dy are given with HAS_RESIDUAL; du, h, scale, dx
     with HAS_NORM; absent ones as present ones, never read."""
@@ -302,7 +345,8 @@ def _launch_bwd(dr, du, h, y, gate, scale, dx, dy, eps: float, has_residual: boo
 
     block_n = max(1, min(_BWD_TILE // (live * block_c), next_pow2(n)))
     best = None
-    for bn in (block_n, 2 * block_n) if has_norm and block_n < next_pow2(n) else (block_n,):
+    tiles = (block_n, 2 * block_n) if has_norm and block_n < next_pow2(n) else (block_n,)
+    for bn in (config["BLOCK_N"],) if config else tiles:
         num_warps = _num_warps(live * bn * block_c)
         wave = _resident(("bwd", has_residual, has_norm, bn) + dtypes, num_warps, rows.device,
                          lambda: _adaln_bwd_kernel.warmup(*args(bn, _parts(b, 1, c, rows.device)), BLOCK_N=bn,
@@ -319,10 +363,11 @@ def _launch_bwd(dr, du, h, y, gate, scale, dx, dy, eps: float, has_residual: boo
     return parts
 
 
-def _row_block_c(n_channels: int) -> Tuple[int, bool, int]:
+def _row_block_c(n_channels: int, config=None) -> Tuple[int, bool, int]:
     """(BLOCK_C, EVEN_C, warps) of the kernels that walk one row's channels (SiLU, the column sums): up to
-    _ROW_MAX_BLOCK_C channels, 8 values per thread (4 warps at 1024): 16-byte vectors of fp16/bf16."""
-    block_c = min(_ROW_MAX_BLOCK_C, next_pow2(n_channels))
+    _ROW_MAX_BLOCK_C channels (or a configuration's BLOCK_C), 8 values per thread (4 warps at 1024): 16-byte vectors
+    of fp16/bf16."""
+    block_c = (config or {}).get("BLOCK_C") or min(_ROW_MAX_BLOCK_C, next_pow2(n_channels))
     return block_c, n_channels % block_c == 0, max(1, min(4, block_c // 256))
 
 
@@ -408,7 +453,7 @@ def _default_out_dtype(x: torch.Tensor) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------------------------
 
 def layernorm_modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
-                           out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                           out_dtype: Optional[torch.dtype] = None, config=None) -> torch.Tensor:
     """Launch the forward. x: (B, L, C), shift, scale: (B, C), any strides (read in place) -> (B, L, C) contiguous
     in out_dtype (x's dtype if None)."""
     _check_x(x)
@@ -419,12 +464,13 @@ def layernorm_modulate_fwd(x: torch.Tensor, shift: torch.Tensor, scale: torch.Te
     out_dtype = _dtype_arg(out_dtype, x.dtype)
     out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if out.numel():
-        _launch_fwd(x, None, None, shift, scale, out, out, float(eps), has_residual=False, has_norm=True)
+        _launch_fwd(x, None, None, shift, scale, out, out, float(eps), has_residual=False, has_norm=True,
+                    config=config)
     return out
 
 
 def layernorm_modulate_bwd(grad_out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
-                           shift_dtype: Optional[torch.dtype] = None
+                           shift_dtype: Optional[torch.dtype] = None, config=None
                            ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward. grad_out, x: (B, L, C), scale: (B, C), any strides -> (dx (B, L, C) contiguous in x's
     dtype, dshift (B, C) in shift_dtype (scale's dtype if None), dscale (B, C) in scale's dtype)."""
@@ -440,31 +486,31 @@ def layernorm_modulate_bwd(grad_out: torch.Tensor, x: torch.Tensor, scale: torch
         return (dx, torch.zeros((b, c), dtype=shift_dtype, device=x.device),
                 torch.zeros((b, c), dtype=scale.dtype, device=x.device))
     parts = _launch_bwd(None, grad_out, x, None, None, scale, dx, None, float(eps), has_residual=False,
-                        has_norm=True)
+                        has_norm=True, config=config)
     return dx, _column_sum(parts[1], shift_dtype), _column_sum(parts[2], scale.dtype)
 
 
-def gated_residual_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+def gated_residual_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, config=None) -> torch.Tensor:
     """Launch the forward. x, y: (B, L, C), gate: (B, C), any strides -> x + gate·y, (B, L, C) contiguous in x's
     dtype."""
     _check_residual(x, y, gate)
     check_kernel_device("x", x)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if out.numel():
-        _launch_fwd(x, y, gate, None, None, out, None, 0.0, has_residual=True, has_norm=False)
+        _launch_fwd(x, y, gate, None, None, out, None, 0.0, has_residual=True, has_norm=False, config=config)
     return out
 
 
-def gated_residual_inplace_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
+def gated_residual_inplace_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, config=None) -> None:
     """Launch the forward writing x + gate·y over x (any strides without overlap)."""
     _check_residual(x, y, gate)
     check_kernel_device("x", x)
     _check_no_overlap(x)
     if x.numel():
-        _launch_fwd(x, y, gate, None, None, x, None, 0.0, has_residual=True, has_norm=False)
+        _launch_fwd(x, y, gate, None, None, x, None, 0.0, has_residual=True, has_norm=False, config=config)
 
 
-def gated_residual_bwd(grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
+def gated_residual_bwd(grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, config=None
                        ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the backward. grad_out, y: (B, L, C), gate: (B, C), any strides -> (dy = gate·grad_out, (B, L, C)
     contiguous in y's dtype; dgate = sum over L of grad_out·y, (B, C) in gate's dtype). dx is grad_out itself."""
@@ -474,13 +520,14 @@ def gated_residual_bwd(grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tens
     dy = torch.empty((b, n, c), dtype=y.dtype, device=y.device)
     if dy.numel() == 0:
         return dy, torch.zeros((b, c), dtype=gate.dtype, device=y.device)
-    parts = _launch_bwd(grad_out, None, None, y, gate, None, None, dy, 0.0, has_residual=True, has_norm=False)
+    parts = _launch_bwd(grad_out, None, None, y, gate, None, None, dy, 0.0, has_residual=True, has_norm=False,
+                        config=config)
     return dy, _column_sum(parts[0], gate.dtype)
 
 
 def gated_residual_layernorm_modulate_fwd(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                                           scale: torch.Tensor, eps: float = 1e-6,
-                                          out_dtype: Optional[torch.dtype] = None
+                                          out_dtype: Optional[torch.dtype] = None, config=None
                                           ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward. x, y: (B, L, C), gate, shift, scale: (B, C), any strides -> (r in x's dtype, u in
     out_dtype (x's dtype if None)), both (B, L, C) contiguous."""
@@ -491,13 +538,13 @@ def gated_residual_layernorm_modulate_fwd(x: torch.Tensor, y: torch.Tensor, gate
     r = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     u = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     if r.numel():
-        _launch_fwd(x, y, gate, shift, scale, r, u, float(eps), has_residual=True, has_norm=True)
+        _launch_fwd(x, y, gate, shift, scale, r, u, float(eps), has_residual=True, has_norm=True, config=config)
     return r, u
 
 
 def gated_residual_layernorm_modulate_bwd(grad_r: torch.Tensor, grad_u: torch.Tensor, r: torch.Tensor,
                                           y: torch.Tensor, gate: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6,
-                                          shift_dtype: Optional[torch.dtype] = None
+                                          shift_dtype: Optional[torch.dtype] = None, config=None
                                           ) -> Tuple[torch.Tensor, ...]:
     """Launch the backward. grad_r, grad_u, r (the forward's residual output), y: (B, L, C); gate, scale: (B, C);
     any strides -> (dx in r's dtype, dy in y's dtype, both (B, L, C) contiguous; dgate, dshift, dscale (B, C) in the
@@ -517,12 +564,13 @@ def gated_residual_layernorm_modulate_bwd(grad_r: torch.Tensor, grad_u: torch.Te
         return (dx, dy, torch.zeros((b, c), dtype=gate.dtype, device=r.device),
                 torch.zeros((b, c), dtype=shift_dtype, device=r.device),
                 torch.zeros((b, c), dtype=scale.dtype, device=r.device))
-    parts = _launch_bwd(grad_r, grad_u, r, y, gate, scale, dx, dy, float(eps), has_residual=True, has_norm=True)
+    parts = _launch_bwd(grad_r, grad_u, r, y, gate, scale, dx, dy, float(eps), has_residual=True, has_norm=True,
+                        config=config)
     return (dx, dy, _column_sum(parts[0], gate.dtype), _column_sum(parts[1], shift_dtype),
             _column_sum(parts[2], scale.dtype))
 
 
-def silu_fwd(x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def silu_fwd(x: torch.Tensor, out_dtype: Optional[torch.dtype] = None, config=None) -> torch.Tensor:
     """Launch the forward. x: (B, C), any strides -> SiLU(x), (B, C) contiguous in out_dtype (x's dtype if None)."""
     check_tensor("x", x, 2)
     check_kernel_device("x", x)
@@ -531,13 +579,13 @@ def silu_fwd(x: torch.Tensor, out_dtype: Optional[torch.dtype] = None) -> torch.
     out = torch.empty((b, c), dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_c, even_c, num_warps = _row_block_c(c)
+    block_c, even_c, num_warps = _row_block_c(c, config)
     _silu_fwd_kernel[(b, cdiv(c, block_c))](
         x, out, c, x.stride(0), x.stride(1), out.stride(0), BLOCK_C=block_c, EVEN_C=even_c, num_warps=num_warps)
     return out
 
 
-def silu_bwd(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def silu_bwd(grad_out: torch.Tensor, x: torch.Tensor, config=None) -> torch.Tensor:
     """Launch the backward. grad_out, x: (B, C), any strides -> dx, (B, C) contiguous in x's dtype."""
     check_tensor("x", x, 2)
     check_kernel_device("x", x)
@@ -546,7 +594,7 @@ def silu_bwd(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     dx = torch.empty((b, c), dtype=x.dtype, device=x.device)
     if dx.numel() == 0:
         return dx
-    block_c, even_c, num_warps = _row_block_c(c)
+    block_c, even_c, num_warps = _row_block_c(c, config)
     _silu_bwd_kernel[(b, cdiv(c, block_c))](
         grad_out, x, dx, c, grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), dx.stride(0),
         BLOCK_C=block_c, EVEN_C=even_c, num_warps=num_warps)
@@ -565,16 +613,18 @@ def _check_fused(x, y, gate, shift, scale) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Each op is a custom op `flexdit::<op>` (torch.compile, tracing, dispatch modes and meta tensors see one opaque
 # node) with a backward custom op; plain eager calls skip the dispatcher through the op's autograd twin
-# (`call_op`). Bodies pick the kernel or the reference (`use_kernel`).
+# (`call_op`). Bodies pick the kernel variant or the reference (`kernel_variant`).
 
 # layernorm_modulate ---------------------------------------------------------------------------------------------
 
 def _layernorm_modulate_body(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                              out_dtype: torch.dtype) -> torch.Tensor:
-    if use_kernel("layernorm_modulate", x, shift, scale, params=(eps, out_dtype),
-                  kernel=lambda *t: layernorm_modulate_fwd(*t, eps, out_dtype),
-                  reference=lambda *t: layernorm_modulate_ref(*t, eps, out_dtype)):
-        return layernorm_modulate_fwd(x, shift, scale, eps, out_dtype)
+    config = kernel_variant("layernorm_modulate", x, shift, scale, params=(eps, out_dtype),
+                            kernel=lambda *t, config=None: layernorm_modulate_fwd(*t, eps, out_dtype, config),
+                            reference=lambda *t: layernorm_modulate_ref(*t, eps, out_dtype),
+                            space=CONFIGS["layernorm_modulate"])
+    if config is not None:
+        return layernorm_modulate_fwd(x, shift, scale, eps, out_dtype, config)
     return layernorm_modulate_ref(x, shift, scale, eps, out_dtype)
 
 
@@ -588,10 +638,12 @@ def _(x, shift, scale, eps, out_dtype):
 
 def _layernorm_modulate_backward_body(grad_out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float,
                                       shift_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if use_kernel("layernorm_modulate_backward", grad_out, x, scale, params=(eps, shift_dtype),
-                  kernel=lambda *t: layernorm_modulate_bwd(*t, eps, shift_dtype),
-                  reference=lambda *t: layernorm_modulate_backward_ref(*t, eps, shift_dtype)):
-        return layernorm_modulate_bwd(grad_out, x, scale, eps, shift_dtype)
+    config = kernel_variant("layernorm_modulate_backward", grad_out, x, scale, params=(eps, shift_dtype),
+                            kernel=lambda *t, config=None: layernorm_modulate_bwd(*t, eps, shift_dtype, config),
+                            reference=lambda *t: layernorm_modulate_backward_ref(*t, eps, shift_dtype),
+                            space=CONFIGS["layernorm_modulate_backward"])
+    if config is not None:
+        return layernorm_modulate_bwd(grad_out, x, scale, eps, shift_dtype, config)
     return layernorm_modulate_backward_ref(grad_out, x, scale, eps, shift_dtype)
 
 
@@ -648,9 +700,15 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
 
 # gated_residual -------------------------------------------------------------------------------------------------
 
+def _gated_residual_variant(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> Optional[dict]:
+    return kernel_variant("gated_residual", x, y, gate, kernel=gated_residual_fwd, reference=gated_residual_ref,
+                          space=CONFIGS["gated_residual"])
+
+
 def _gated_residual_body(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    if use_kernel("gated_residual", x, y, gate, kernel=gated_residual_fwd, reference=gated_residual_ref):
-        return gated_residual_fwd(x, y, gate)
+    config = _gated_residual_variant(x, y, gate)
+    if config is not None:
+        return gated_residual_fwd(x, y, gate, config)
     return gated_residual_ref(x, y, gate)
 
 
@@ -664,8 +722,9 @@ def _(x, y, gate):
 
 def _gated_residual_inplace_body(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> None:
     # The out-of-place op's decision: its first-use check runs out of place on random copies, before this write.
-    if use_kernel("gated_residual", x, y, gate, kernel=gated_residual_fwd, reference=gated_residual_ref):
-        gated_residual_inplace_fwd(x, y, gate)
+    config = _gated_residual_variant(x, y, gate)
+    if config is not None:
+        gated_residual_inplace_fwd(x, y, gate, config)
     else:
         x.copy_(gated_residual_ref(x, y, gate))
 
@@ -688,9 +747,10 @@ def _(x, y, gate):
 
 def _gated_residual_backward_body(grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
                                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    if use_kernel("gated_residual_backward", grad_out, y, gate, kernel=gated_residual_bwd,
-                  reference=gated_residual_backward_ref):
-        return gated_residual_bwd(grad_out, y, gate)
+    config = kernel_variant("gated_residual_backward", grad_out, y, gate, kernel=gated_residual_bwd,
+                            reference=gated_residual_backward_ref, space=CONFIGS["gated_residual_backward"])
+    if config is not None:
+        return gated_residual_bwd(grad_out, y, gate, config)
     return gated_residual_backward_ref(grad_out, y, gate)
 
 
@@ -750,10 +810,13 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace
 def _gated_residual_layernorm_modulate_body(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                                             scale: torch.Tensor, eps: float, out_dtype: torch.dtype
                                             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    if use_kernel("gated_residual_layernorm_modulate", x, y, gate, shift, scale, params=(eps, out_dtype),
-                  kernel=lambda *t: gated_residual_layernorm_modulate_fwd(*t, eps, out_dtype),
-                  reference=lambda *t: gated_residual_layernorm_modulate_ref(*t, eps, out_dtype)):
-        return gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps, out_dtype)
+    config = kernel_variant("gated_residual_layernorm_modulate", x, y, gate, shift, scale, params=(eps, out_dtype),
+                            kernel=lambda *t, config=None: gated_residual_layernorm_modulate_fwd(*t, eps, out_dtype,
+                                                                                                 config),
+                            reference=lambda *t: gated_residual_layernorm_modulate_ref(*t, eps, out_dtype),
+                            space=CONFIGS["gated_residual_layernorm_modulate"])
+    if config is not None:
+        return gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps, out_dtype, config)
     return gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale, eps, out_dtype)
 
 
@@ -770,10 +833,13 @@ def _gated_residual_layernorm_modulate_backward_body(
         grad_r: torch.Tensor, grad_u: torch.Tensor, r: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
         scale: torch.Tensor, eps: float, shift_dtype: torch.dtype
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if use_kernel("gated_residual_layernorm_modulate_backward", grad_r, grad_u, r, y, gate, scale,
-                  params=(eps, shift_dtype), kernel=lambda *t: gated_residual_layernorm_modulate_bwd(*t, eps, shift_dtype),
-                  reference=lambda *t: gated_residual_layernorm_modulate_backward_ref(*t, eps, shift_dtype)):
-        return gated_residual_layernorm_modulate_bwd(grad_r, grad_u, r, y, gate, scale, eps, shift_dtype)
+    config = kernel_variant(
+        "gated_residual_layernorm_modulate_backward", grad_r, grad_u, r, y, gate, scale, params=(eps, shift_dtype),
+        kernel=lambda *t, config=None: gated_residual_layernorm_modulate_bwd(*t, eps, shift_dtype, config),
+        reference=lambda *t: gated_residual_layernorm_modulate_backward_ref(*t, eps, shift_dtype),
+        space=CONFIGS["gated_residual_layernorm_modulate_backward"])
+    if config is not None:
+        return gated_residual_layernorm_modulate_bwd(grad_r, grad_u, r, y, gate, scale, eps, shift_dtype, config)
     return gated_residual_layernorm_modulate_backward_ref(grad_r, grad_u, r, y, gate, scale, eps, shift_dtype)
 
 
@@ -834,9 +900,11 @@ def gated_residual_layernorm_modulate(x: torch.Tensor, y: torch.Tensor, gate: to
 # silu -----------------------------------------------------------------------------------------------------------
 
 def _silu_body(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    if use_kernel("silu", x, params=(out_dtype,), kernel=lambda t: silu_fwd(t, out_dtype),
-                  reference=lambda t: silu_ref(t, out_dtype)):
-        return silu_fwd(x, out_dtype)
+    config = kernel_variant("silu", x, params=(out_dtype,),
+                            kernel=lambda t, config=None: silu_fwd(t, out_dtype, config),
+                            reference=lambda t: silu_ref(t, out_dtype), space=CONFIGS["silu"])
+    if config is not None:
+        return silu_fwd(x, out_dtype, config)
     return silu_ref(x, out_dtype)
 
 
@@ -849,8 +917,10 @@ def _(x, out_dtype):
 
 
 def _silu_backward_body(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    if use_kernel("silu_backward", grad_out, x, kernel=silu_bwd, reference=silu_backward_ref):
-        return silu_bwd(grad_out, x)
+    config = kernel_variant("silu_backward", grad_out, x, kernel=silu_bwd, reference=silu_backward_ref,
+                            space=CONFIGS["silu_backward"])
+    if config is not None:
+        return silu_bwd(grad_out, x, config)
     return silu_backward_ref(grad_out, x)
 
 

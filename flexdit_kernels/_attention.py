@@ -1,13 +1,15 @@
 """attention: multi-head softmax attention for FlexDiT's shapes (few queries, few keys, or both dense).
 q: (B, Lq, H, D), k, v: (B, Lk, H, D), any strides, fp32/fp16/bf16, D a multiple of 8 up to 128 -> (B, Lq, H, D)."""
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import call_op, custom_op, interpreting, register_autograd, triton_only_active, use_triton
+from ._dispatch import (call_op, custom_op, interpreting, kernel_variant, register_autograd, triton_only_active,
+                        use_triton)
+from ._tune import Unfit, alternatives
 from ._launch import (cdiv, compiled_ctas_per_sm, device_limits, next_pow2, register_budget, resident_programs,
                       split_count)
 from ._validate import check_same, check_tensor
@@ -449,34 +451,41 @@ def _is_aligned(*tensors: torch.Tensor) -> bool:
 _SM90_CTAS = {"few_keys": 3, "split_k": 3, "flash": 2, "dkdv": 1, "dq": 1}
 
 
-def _fitted(kernel, device: torch.device, default: int, args: tuple, meta: dict) -> Tuple[dict, int]:
+def _fitted(kernel, device: torch.device, default: int, args: tuple, meta: dict, fixed: bool = False
+            ) -> Tuple[dict, int]:
     """(meta, CTAs per SM): `meta` with BLOCK_M halved, down to 16, until the compiled kernel fits the shared memory
     a block may have on `device` (`_launch.device_limits`; fp32 tiles can need more than an A100 block's 166,912 B).
-    Off the GPU the tiles are those of the default target, where every variant fits."""
+    Off the GPU the tiles are those of the default target, where every variant fits. `fixed`: a configuration's
+    BLOCK_M, never halved: `Unfit` where it does not fit (the tuner prunes it)."""
     while True:
         ctas = compiled_ctas_per_sm(kernel, device, default, *args, **meta)
         if ctas > 0:
             return meta, ctas
+        if fixed:
+            raise Unfit(f"{kernel.__name__} with BLOCK_M={meta['BLOCK_M']}, num_warps={meta.get('num_warps')} "
+                        f"needs more shared memory than a block may have on {device}")
         if meta["BLOCK_M"] <= 16:
             raise ValueError(f"q: no {kernel.__name__} tile fits the shared memory of a block on {device} "
                              f"({device_limits(device).smem_per_block} B) at head dim {meta['HEAD_DIM']}")
         meta = dict(meta, BLOCK_M=meta["BLOCK_M"] // 2)
 
 
-def _fwd_tiles(lq: int, lk: int, block_m: int = 64) -> Tuple[str, int, int]:
+def _fwd_tiles(lq: int, lk: int, block_m: int = 64, path: Optional[str] = None) -> Tuple[str, int, int]:
     """(path, BLOCK_M, BLOCK_N) of the forward. Token tiles are powers of two >= 16 (tl.dot's minimum), so few-keys
     pads Lk (36 -> 64, 100 -> 128) and few queries pad Lq (36 -> 64, 1 -> 16): Triton has no other tile shapes;
-    masked rows/columns are never loaded from memory. block_m caps the query tile."""
-    path = attention_path(lq, lk, sdpa=False)
+    masked rows/columns are never loaded from memory. block_m caps the query tile; `path` (a configuration's)
+    overrides `attention_path`."""
+    path = path or attention_path(lq, lk, sdpa=False)
     block_n = max(16, next_pow2(lk)) if path == "few_keys" else 64
     return path, min(block_m, max(16, next_pow2(lq))), block_n
 
 
-def _fwd_config(lq: int, lk: int, bh: int, device: torch.device, ctas: int = 0, block_m: int = 64) -> _Config:
+def _fwd_config(lq: int, lk: int, bh: int, device: torch.device, ctas: int = 0, block_m: int = 64,
+                path: Optional[str] = None) -> _Config:
     """Tiles (`_fwd_tiles`) and grid for the forward. Few-keys and split-K fill one wave of the device, `ctas` CTAs
     per SM (the default target's figure when 0), each few-keys program walking several query blocks with one copy
     of K and V."""
-    path, block_m, block_n = _fwd_tiles(lq, lk, block_m)
+    path, block_m, block_n = _fwd_tiles(lq, lk, block_m, path)
     n_qblocks = cdiv(lq, block_m)
     wave = resident_programs(device, ctas or _SM90_CTAS[path])
     if path == "few_keys":
@@ -509,38 +518,70 @@ def _check_launch(q: torch.Tensor) -> None:
 # triton 3.9 both variants 172; capped, 0-12 B of spill per thread. Not on sm_80, whose mma.sync loop takes 212-255
 # registers: capped at 168 it spilled 68-172 B per thread (static report, triton 3.6).
 _FWD_STAGES = {"few_keys": 2, "split_k": 1, "flash": 2}
-_SPLIT_CTAS = {9: 3}          # compute capability major -> CTAs per SM that split-K's registers are held to
+_SPLIT_CTAS = {9: 3}          # compute capability major -> CTAs of 4 warps per SM that split-K's registers allow
 
 
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+def _fwd_space(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> List[dict]:
+    """The forward's other kernel paths at this shape, a query tile of 32 and 8 warps, as configurations."""
+    lq, lk = q.shape[1], k.shape[1]
+    path = attention_path(lq, lk, sdpa=False)
+    paths = [p for p in ("few_keys", "split_k", "flash") if p != path and (p != "few_keys" or lk <= MAX_KEYS_ONE_TILE)]
+    return ([{"path": p} for p in paths] + (alternatives({}, BLOCK_M=(32,)) if lq > 32 else [])
+            + alternatives({"num_warps": 4}, num_warps=(8,)))
+
+
+def _bwd_space(grad_out, q, k, v, out, lse) -> List[dict]:
+    """The backward's half query tile and 4 warps, as configurations."""
+    block_m = _bwd_tiles(q.shape[1], k.shape[1])[0]
+    return (alternatives({}, BLOCK_M=(block_m // 2,)) if block_m > 16 else []) + alternatives(
+        {"num_warps": BWD_WARPS}, num_warps=(4,))
+
+
+# The launchers' config spaces besides their heuristics (`config` of attention_fwd: path, BLOCK_M, num_warps; of
+# attention_bwd: BLOCK_M, num_warps), checked and timed per device and shape against PyTorch SDPA by `_tune`
+# (docs/kernels.md, "Tuning"). Keyed by op, called with the op's tensors.
+CONFIGS = {
+    "attention": _fwd_space,
+    "attention_backward": _bwd_space,
+}
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, config=None
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Triton forward: (out (B, Lq, H, D) contiguous, lse (B, H, Lq) fp32, natural log). Not routed to SDPA."""
+    """Triton forward: (out (B, Lq, H, D) contiguous, lse (B, H, Lq) fp32, natural log). Not routed to SDPA.
+    `config`: a configuration of `CONFIGS["attention"]` instead of the heuristic's path and tiles."""
     _check_launch(q)
     b, lq, h, d = q.shape
     lk = k.shape[1]
     bh = b * h
+    config = config or {}
+    path = config.get("path") or attention_path(lq, lk, sdpa=False)
+    if path == "few_keys" and lk > MAX_KEYS_ONE_TILE:
+        raise Unfit(f"k: few_keys holds at most {MAX_KEYS_ONE_TILE} keys, got Lk={lk}")
     out = torch.empty((b, lq, h, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
     strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride())
-    path, block_m, block_n = _fwd_tiles(lq, lk)
+    path, block_m, block_n = _fwd_tiles(lq, lk, path=path)
     meta = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=_is_aligned(q, k, v, out),
                 PRECISION=_precision(q.dtype), num_warps=4, num_stages=_FWD_STAGES[path])
+    meta.update((key, config[key]) for key in ("BLOCK_M", "num_warps") if key in config)
+    fixed = "BLOCK_M" in config
     qk_scale = scale * _LOG2E
     if path == "few_keys":
         args = (q, k, v, out, lse, *strides, h, lq, lk, qk_scale)
-        meta, ctas = _fitted(_attention_fwd_few_keys_kernel, q.device, _SM90_CTAS[path], args, meta)
-        cfg = _fwd_config(lq, lk, bh, q.device, ctas, meta["BLOCK_M"])
+        meta, ctas = _fitted(_attention_fwd_few_keys_kernel, q.device, _SM90_CTAS[path], args, meta, fixed)
+        cfg = _fwd_config(lq, lk, bh, q.device, ctas, meta["BLOCK_M"], path)
         _attention_fwd_few_keys_kernel[(cfg.n_splits, bh)](*args, **meta)
         return out, lse
     limits = device_limits(q.device)
-    if path == "split_k" and limits.capability[0] in _SPLIT_CTAS:
+    if path == "split_k" and meta["num_warps"] == 4 and limits.capability[0] in _SPLIT_CTAS:
         meta["maxnreg"] = register_budget(_SPLIT_CTAS[limits.capability[0]], meta["num_warps"], limits)
     # The split count comes from the unsplit variant's occupancy (the variant launched whenever the queries fill the
     # device; the split one runs the same key loop under the same register cap), so a launch that does not split
     # compiles nothing it does not run.
     args = (q, k, v, out, lse, lse, lse, *strides, h, lq, lk, lk, qk_scale)
-    meta, ctas = _fitted(_attention_fwd_kernel, q.device, _SM90_CTAS[path], args, dict(meta, SPLIT=False))
-    cfg = _fwd_config(lq, lk, bh, q.device, ctas, meta["BLOCK_M"])
+    meta, ctas = _fitted(_attention_fwd_kernel, q.device, _SM90_CTAS[path], args, dict(meta, SPLIT=False), fixed)
+    cfg = _fwd_config(lq, lk, bh, q.device, ctas, meta["BLOCK_M"], path)
     grid_m = cdiv(lq, cfg.block_m)
     if cfg.n_splits == 1:
         _attention_fwd_kernel[(grid_m, bh, 1)](*args, **meta)
@@ -573,20 +614,23 @@ def _bwd_tiles(lq: int, lk: int) -> Tuple[int, int, bool]:
 
 
 def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  lse: torch.Tensor, scale: float, config=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton backward (flash-attention-2 style): delta = rowsum(dO ⊙ O); dk, dv over key blocks (queries split when
     there are few key blocks); dq over query blocks (keys split when there are few query blocks), or fused into the
-    dk/dv kernel when every key fits one block. Split partials are fp32 and summed here, deterministic, no atomics."""
+    dk/dv kernel when every key fits one block. Split partials are fp32 and summed here, deterministic, no atomics.
+    `config`: a configuration of `CONFIGS["attention_backward"]` instead of the heuristic's tiles."""
     _check_launch(q)
     b, lq, h, d = q.shape
     lk = k.shape[1]
     bh = b * h
     lse = lse.contiguous()                             # read as (B·H, Lq)
     block_m, block_n, fuse_dq = _bwd_tiles(lq, lk)
+    config = config or {}
+    block_m, fixed = config.get("BLOCK_M", block_m), "BLOCK_M" in config
     dq = torch.empty((b, lq, h, d), device=q.device, dtype=q.dtype)
     aligned = _is_aligned(q, k, v, grad_out, out, dq)  # dk, dv and the workspaces: contiguous, D a multiple of 8
     meta = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=aligned,
-                PRECISION=_precision(q.dtype), num_warps=BWD_WARPS, num_stages=2)
+                PRECISION=_precision(q.dtype), num_warps=config.get("num_warps", BWD_WARPS), num_stages=2)
     qk_scale = scale * _LOG2E
 
     delta = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
@@ -601,7 +645,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
     ws_strides = (b * lk * h * d, lk * h * d, h * d, d, 1)             # (splits, B, Lk, H, D)
     args = (*common, k.dtype, k.dtype, *strides, *ws_strides, h, lq, lk, lq, qk_scale, scale)
     dkdv_meta, ctas = _fitted(_attention_bwd_dkdv_kernel, q.device, _SM90_CTAS["dkdv"], args,
-                              dict(meta, FUSE_DQ=fuse_dq))
+                              dict(meta, FUSE_DQ=fuse_dq), fixed)
     q_splits, q_chunk = split_count(n_kblocks * bh, cdiv(lq, dkdv_meta["BLOCK_M"]), dkdv_meta["BLOCK_M"],
                                     resident_programs(q.device, ctas))
     dk = torch.empty((q_splits, b, lk, h, d), device=q.device, dtype=q.dtype if q_splits == 1 else torch.float32)
@@ -614,7 +658,7 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 
     # dq: one program per query block and key split.
     args = (*common[:6], q.dtype, *strides[:16], b * lq * h * d, *dq.stride(), h, lq, lk, lk, qk_scale, scale)
-    meta, ctas = _fitted(_attention_bwd_dq_kernel, q.device, _SM90_CTAS["dq"], args, meta)
+    meta, ctas = _fitted(_attention_bwd_dq_kernel, q.device, _SM90_CTAS["dq"], args, meta, fixed)
     grid_m = cdiv(lq, meta["BLOCK_M"])
     k_splits, k_chunk = split_count(grid_m * bh, n_kblocks, block_n, resident_programs(q.device, ctas))
     dq = dq[None] if k_splits == 1 else torch.empty((k_splits, b, lq, h, d), device=q.device, dtype=torch.float32)
@@ -628,11 +672,26 @@ def attention_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: t
 # Autograd and the public op
 # ----------------------------------------------------------------------------------------------------------------
 
+def _variant(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Optional[dict]:
+    """The forward's route: None for PyTorch SDPA, else the Triton configuration ({}: the heuristic's path and
+    tiles). Where nothing is measured, and on the "triton" backend, `attention_path`'s rule: dense shapes and the
+    dtypes of `SDPA_DTYPES` go to SDPA, except inside `triton_only()`; on "auto" on a GPU the first-use check and
+    timing of every configuration against SDPA decide (`_tune`)."""
+    sdpa = not triton_only_active()
+    default = attention_path(q.shape[1], k.shape[1], sdpa=sdpa) != "sdpa" and not (sdpa and q.dtype in SDPA_DTYPES)
+    if default and interpreting() and q.dtype == torch.bfloat16 and use_triton(q, k, v):
+        raise ValueError("q is bfloat16, which the Triton interpreter (TRITON_INTERPRET=1) cannot multiply: its bf16 "
+                         "dots return wrong numbers. Use float16 or float32 on the CPU, or the reference backend")
+    return kernel_variant("attention", q, k, v, params=(scale,), default=default, space=CONFIGS["attention"],
+                          kernel=lambda *t, config=None: attention_fwd(*t, scale, config)[0],
+                          reference=lambda *t: attention_ref(*t, scale))
+
+
 def _attention_body(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(out (B, Lq, H, D), lse (B, H, Lq) fp32): the log-sum-exp is kept for the Triton backward."""
     if use_triton(q, k, v):
-        return attention_fwd(q, k, v, scale)
+        return attention_fwd(q, k, v, scale, _variant(q, k, v, scale) or None)
     return attention_ref(q, k, v, scale), attention_lse_ref(q, k, scale)
 
 
@@ -648,9 +707,29 @@ def _(q, k, v, scale):
 def _attention_backward_body(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                              out: torch.Tensor, lse: torch.Tensor, scale: float
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if use_triton(grad_out, q, k, v):
-        return attention_bwd(grad_out, q, k, v, out, lse, scale)
-    return attention_backward_ref(grad_out, q, k, v, out, scale)
+    if not use_triton(grad_out, q, k, v):
+        return attention_backward_ref(grad_out, q, k, v, out, scale)
+    config = kernel_variant("attention_backward", grad_out, q, k, v, out, lse, params=(scale,),
+                            space=CONFIGS["attention_backward"], derive=lambda t: _forward_of(t, scale),
+                            kernel=lambda *t, config=None: attention_bwd(*t, scale, config),
+                            reference=lambda *t: _sdpa_backward(*t, scale))
+    if config is None:
+        return _sdpa_backward(grad_out, q, k, v, out, lse, scale)
+    return attention_bwd(grad_out, q, k, v, out, lse, scale, config)
+
+
+def _forward_of(inputs: list, scale: float) -> list:
+    """The backward's random inputs (grad_out, q, k, v, out, lse) with out and lse those of q, k, v."""
+    grad_out, q, k, v = inputs[:4]
+    return [grad_out, q, k, v, attention_ref(q, k, v, scale), attention_lse_ref(q, k, scale)]
+
+
+def _sdpa_backward(grad_out, q, k, v, out, lse, scale: float):
+    """The backward's PyTorch path: SDPA's own backward (its forward recomputed), (dq, dk, dv) in the inputs'
+    dtypes."""
+    with torch.enable_grad():
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        return torch.autograd.grad(attention_ref(q, k, v, scale), (q, k, v), grad_out)
 
 
 _attention_backward_op = custom_op("flexdit::attention_backward", mutates_args=())(_attention_backward_body)
@@ -687,7 +766,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     Returns:
         (B, Lq, H, D) contiguous in q's dtype, so `.reshape(B, Lq, H * D)` is free.
     On the Triton backend the kernel follows `attention_path(Lq, Lk)`; dense shapes and the dtypes of `SDPA_DTYPES`
-    (fp32) go to PyTorch SDPA, except inside `flexdit_kernels._dispatch.triton_only()`.
+    (fp32) go to PyTorch SDPA, except inside `flexdit_kernels._dispatch.triton_only()`. On "auto" on a GPU each
+    shape's kernel paths and tiles are checked and timed against SDPA on first use, and the fastest runs there.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(name, t, 4)
@@ -708,13 +788,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     if q.device.type == "meta":
         return _attention_op(q, k, v, scale)[0]        # shape-only tracing (FLOP counts) sees the op by name
-    sdpa = not triton_only_active()
-    triton_path = (use_triton(q, k, v) and attention_path(lq, k.shape[1], sdpa=sdpa) != "sdpa"
-                   and not (sdpa and q.dtype in SDPA_DTYPES))
-    if triton_path and interpreting() and q.dtype == torch.bfloat16:
-        raise ValueError("q is bfloat16, which the Triton interpreter (TRITON_INTERPRET=1) cannot multiply: its bf16 "
-                         "dots return wrong numbers. Use float16 or float32 on the CPU, or the reference backend")
-    if not triton_path:
+    if _variant(q, k, v, scale) is None:
         # PyTorch SDPA with its own autograd (cuDNN / flash backward on GPU): dense shapes and fp32 on the Triton
         # backend, every shape on the reference backend (which so skips the log-sum-exp the Triton backward needs).
         return attention_ref(q, k, v, scale)

@@ -145,34 +145,47 @@ def table_path(op: str, **shape: int) -> str:
 
 
 def use_kernel(op: str, *tensors: torch.Tensor, kernel=None, reference=None, params=(), **shape: int) -> bool:
-    """Whether `op` runs its Triton kernel on these tensors at this shape: `use_triton`, then for "auto" the table
-    (`AUTO_TABLE`, where `op` has rows) and, on a CUDA device, the first-use check and tuning of `_tune`: given
-    `kernel(*tensors)` and `reference(*tensors)` (the op's two paths on these tensors; `params`: the other arguments
-    they close over, part of the shape bucket), the kernel runs only where it proved right on this device and beats
-    the PyTorch path; the table's answer is the default where nothing is
-    measured (FLEXDIT_TUNE=off or cached, tracing, capture)."""
+    """Whether `op` runs its Triton kernel on these tensors at this shape (`kernel_variant` is not None)."""
+    return kernel_variant(op, *tensors, kernel=kernel, reference=reference, params=params, **shape) is not None
+
+
+def kernel_variant(op: str, *tensors: torch.Tensor, kernel=None, reference=None, params=(), space=None,
+                   derive=None, default: Optional[bool] = None, **shape: int) -> Optional[dict]:
+    """The variant `op` runs on these tensors at this shape: None for the PyTorch reference, else the launcher's
+    configuration ({}: its heuristic). `use_triton` first; then for "auto" the table (`AUTO_TABLE`, where `op` has
+    rows; `default` overrides it) and, on a CUDA device, the first-use check and tuning of `_tune`: given
+    `kernel(*tensors, config=...)` and `reference(*tensors)` (the op's two paths on these tensors; `params`: the
+    other arguments they close over, part of the shape bucket; `space(*tensors)`: the op's configurations besides
+    the heuristic, its `CONFIGS` entry), only a variant that proved right on this device runs, the fastest, and
+    only where it beats the PyTorch path; the table's answer (the heuristic or the reference) is the default where
+    nothing is measured (FLEXDIT_TUNE=off or cached, tracing, capture, the CPU). On the "triton" backend and in
+    `triton_only()` the heuristic runs, or where `default` is False (attention's dense shapes on "triton") the
+    reference."""
     if not use_triton(*tensors):
-        return _route(op, False, "backend")
+        return _route(op, None, "backend")
     if _backend != "auto" or _triton_only:
-        return _route(op, True, "backend")
-    default = op not in AUTO_TABLE or table_path(op, **shape) == "triton"
+        return _route(op, None if default is False else {}, "backend")
+    if default is None:
+        default = op not in AUTO_TABLE or table_path(op, **shape) == "triton"
     if kernel is None:
-        return _route(op, default, "default")
-    return _route(op, _tune.kernel_or_reference(op, kernel, reference, tensors, default, params=params),
-                  f"tune={_tune.mode()}")
+        return _route(op, {} if default else None, "default")
+    return _route(op, _tune.choose(op, kernel, reference, tensors, {} if default else None, params=params,
+                                   space=space, derive=derive), f"tune={_tune.mode()}")
 
 
 _routes: Dict[str, str] = {}
 
 
-def _route(op: str, kernel: bool, why: str) -> bool:
-    _routes[op] = f"{'triton' if kernel else 'reference'} ({why})"
-    return kernel
+def _route(op: str, config: Optional[dict], why: str) -> Optional[dict]:
+    _routes[op] = f"{_tune.variant_name(config) if config is not None else 'reference'} ({why})"
+    return config
 
 
 def last_route(op: str) -> Optional[str]:
-    """How the latest call of `op` (a forward op's name, or its name + "_backward") was routed, e.g. "triton
-    (tune=on)", "reference (backend)"; None before its first call. The bench prints it beside each row."""
+    """How the latest call of `op` (a forward op's name, or its name + "_backward") was routed: the variant that
+    ran ("triton" for the launcher's heuristic, "triton:num_warps=8" for a configuration of the op's space,
+    "reference" for the PyTorch path) and why, e.g. "triton:num_warps=8 (tune=on)", "reference (backend)"; None
+    before its first call. The bench prints it beside each row."""
     return _routes.get(op)
 
 

@@ -6,8 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import call_op, custom_op, register_autograd, use_kernel
+from ._dispatch import call_op, custom_op, kernel_variant, register_autograd
 from ._launch import cdiv, next_pow2, run_length, wave_programs
+from ._tune import alternatives
 from ._validate import check_kernel_device, fits_int32, mean_args, mean_backward_args
 
 
@@ -141,10 +142,11 @@ _MIN_FWD_RUN = 16
 _COMBINE_BLOCK_C = 256
 
 
-def _blocks(n_tokens: int, n_channels: int) -> Tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_C, num_warps) for whole channel rows, _PER_THREAD elements per thread."""
+def _blocks(n_tokens: int, n_channels: int, num_warps: int = 0) -> Tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_C, num_warps) for whole channel rows, _PER_THREAD elements per thread (num_warps: a
+    configuration's, else the heuristic's)."""
     block_c = max(16, next_pow2(n_channels))
-    num_warps = 8 if block_c >= 1024 else 4
+    num_warps = num_warps or (8 if block_c >= 1024 else 4)
     block_n = max(1, min(_PER_THREAD * 32 * num_warps // block_c, next_pow2(n_tokens), 64))
     return block_n, block_c, num_warps
 
@@ -158,12 +160,24 @@ def _run(n_tokens: int, n_batch: int, block_n: int, min_run: int, num_warps: int
     return block_n * min_tiles * grow
 
 
-def _token_mean_fwd(x: torch.Tensor, eps: float) -> torch.Tensor:
+# The launchers' config spaces besides their heuristics (`config`: num_warps, which sets the token tile with it),
+# checked and timed per device and shape by `_tune` (docs/kernels.md, "Tuning").
+def _warps_space(x: torch.Tensor) -> list:
+    return alternatives({"num_warps": _blocks(x.shape[1], x.shape[2])[2]}, num_warps=(4, 8, 16))
+
+
+CONFIGS = {
+    "token_mean": _warps_space,
+    "token_mean_backward": lambda g, x: _warps_space(x),
+}
+
+
+def _token_mean_fwd(x: torch.Tensor, eps: float, config=None) -> torch.Tensor:
     b, n, c = x.shape
     out = torch.empty((b, c), device=x.device, dtype=x.dtype)
     if b == 0:
         return out
-    block_n, block_c, num_warps = _blocks(n, c)
+    block_n, block_c, num_warps = _blocks(n, c, (config or {}).get("num_warps", 0))
     run = _run(n, b, block_n, _MIN_FWD_RUN, num_warps, x.device)
     n_runs = cdiv(n, run)
     idx64 = not fits_int32(x)
@@ -193,12 +207,12 @@ def _token_mean_fwd(x: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-def _token_mean_bwd(grad_out: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+def _token_mean_bwd(grad_out: torch.Tensor, x: torch.Tensor, eps: float, config=None) -> torch.Tensor:
     b, n, c = x.shape
     dx = torch.empty((b, n, c), device=x.device, dtype=x.dtype)
     if b == 0:
         return dx
-    block_n, block_c, num_warps = _blocks(n, c)
+    block_n, block_c, num_warps = _blocks(n, c, (config or {}).get("num_warps", 0))
     run = _run(n, b, block_n, block_n, num_warps, x.device)
     _token_mean_bwd_kernel[(cdiv(n, run), b)](
         grad_out, x, dx, n, c, run, eps,
@@ -233,19 +247,23 @@ def token_mean_bwd(grad_out: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -
 
 def _forward(x: torch.Tensor, eps: float) -> torch.Tensor:
     b, n, c = x.shape
-    if use_kernel("token_mean", x, batch=b, tokens=n, channels=c, params=(eps,),
-                  kernel=lambda t: _token_mean_fwd(t, eps), reference=lambda t: token_mean_ref(t, eps)):
-        return _token_mean_fwd(x, eps)
+    config = kernel_variant("token_mean", x, batch=b, tokens=n, channels=c, params=(eps,),
+                            kernel=lambda t, config=None: _token_mean_fwd(t, eps, config),
+                            reference=lambda t: token_mean_ref(t, eps), space=CONFIGS["token_mean"])
+    if config is not None:
+        return _token_mean_fwd(x, eps, config)
     return token_mean_ref(x, eps)
 
 
 def _backward(grad_out: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
     b, n, c = x.shape
-    if use_kernel("token_mean_backward", grad_out, x, batch=b, tokens=n, channels=c, params=(eps,),
-                  kernel=lambda g, t: _token_mean_bwd(g, t, eps),
-                  reference=lambda g, t: token_mean_backward_ref(g, t, eps)):
-        return _token_mean_bwd(grad_out, x, eps)
+    config = kernel_variant("token_mean_backward", grad_out, x, batch=b, tokens=n, channels=c, params=(eps,),
+                            kernel=lambda g, t, config=None: _token_mean_bwd(g, t, eps, config),
+                            reference=lambda g, t: token_mean_backward_ref(g, t, eps),
+                            space=CONFIGS["token_mean_backward"])
+    if config is not None:
+        return _token_mean_bwd(grad_out, x, eps, config)
     return token_mean_backward_ref(grad_out, x, eps)
 
 

@@ -7,8 +7,9 @@ import triton
 import triton.language as tl
 
 from ._common import channel_offsets, window_reduce, window_span
-from ._dispatch import call_op, custom_op, register_autograd, use_kernel
-from ._launch import token_plan, window_plan
+from ._dispatch import call_op, custom_op, kernel_variant, register_autograd
+from ._launch import _WINDOW_RUN, token_plan, window_plan
+from ._tune import alternatives
 from ._validate import Grid, check_kernel_device, fits_int32, pool_args, pool_backward_args
 
 
@@ -99,34 +100,44 @@ def _token_pool_bwd_kernel(
 # of programs on sm_90, against 0.9-2.4 with one token per window per step (static report, triton 3.6).
 _NUM_WARPS = 4
 
+# The launchers' config spaces besides their heuristics (`config`: num_warps, and the backward's longest run of
+# tiles per program, max_run), checked and timed per device and shape by `_tune` (docs/kernels.md, "Tuning").
+CONFIGS = {
+    "token_pool": lambda x: alternatives({"num_warps": _NUM_WARPS}, num_warps=(2, 8)),
+    "token_pool_backward": lambda g: alternatives({"num_warps": _NUM_WARPS, "max_run": _WINDOW_RUN},
+                                                  num_warps=(2, 8), max_run=(1,)),
+}
 
-def _token_pool_fwd(x: torch.Tensor, h: int, w: int, gh: int, gw: int) -> torch.Tensor:
+
+def _token_pool_fwd(x: torch.Tensor, h: int, w: int, gh: int, gw: int, config=None) -> torch.Tensor:
     b, _, c = x.shape
     out = torch.empty((b, gh * gw, c), device=x.device, dtype=x.dtype)
     if out.numel() == 0:
         return out
-    p = window_plan(x, h, w, gh, gw, children=False, num_warps=_NUM_WARPS)
+    num_warps = (config or {}).get("num_warps", _NUM_WARPS)
+    p = window_plan(x, h, w, gh, gw, children=False, num_warps=num_warps)
     _token_pool_fwd_kernel[p.grid](
         x, out, h, w, gh, gw, c, p.run, p.max_rows * p.max_cols,
         x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        **p.meta, IDX64=not fits_int32(x, out), num_warps=_NUM_WARPS,
+        **p.meta, IDX64=not fits_int32(x, out), num_warps=num_warps,
     )
     return out
 
 
-def _token_pool_bwd(grad_out: torch.Tensor, h: int, w: int, gh: int, gw: int) -> torch.Tensor:
+def _token_pool_bwd(grad_out: torch.Tensor, h: int, w: int, gh: int, gw: int, config=None) -> torch.Tensor:
     b, _, c = grad_out.shape
     n = h * w
     dx = torch.empty((b, n, c), device=grad_out.device, dtype=grad_out.dtype)
     if dx.numel() == 0:
         return dx
-    grid, run, meta = token_plan(dx, _NUM_WARPS)
+    num_warps = (config or {}).get("num_warps", _NUM_WARPS)
+    grid, run, meta = token_plan(dx, num_warps, (config or {}).get("max_run", _WINDOW_RUN))
     _token_pool_bwd_kernel[grid](
         grad_out, dx, h, w, gh, gw, n, c, run,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         dx.stride(0), dx.stride(1), dx.stride(2),
-        **meta, IDX64=not fits_int32(grad_out, dx), num_warps=_NUM_WARPS,
+        **meta, IDX64=not fits_int32(grad_out, dx), num_warps=num_warps,
     )
     return dx
 
@@ -156,10 +167,11 @@ def token_pool_bwd(grad_out: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor
 def _forward(x: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
     (h, w), (gh, gw) = hw, grid
     b, n, c = x.shape
-    if use_kernel("token_pool", x, batch=b, tokens=n, sparse=gh * gw, channels=c,
-                  params=(h, w, gh, gw), kernel=lambda t: _token_pool_fwd(t, h, w, gh, gw),
-                  reference=lambda t: token_pool_ref(t, hw, grid)):
-        return _token_pool_fwd(x, h, w, gh, gw)
+    config = kernel_variant("token_pool", x, batch=b, tokens=n, sparse=gh * gw, channels=c, params=(h, w, gh, gw),
+                            kernel=lambda t, config=None: _token_pool_fwd(t, h, w, gh, gw, config),
+                            reference=lambda t: token_pool_ref(t, hw, grid), space=CONFIGS["token_pool"])
+    if config is not None:
+        return _token_pool_fwd(x, h, w, gh, gw, config)
     return token_pool_ref(x, hw, grid)
 
 
@@ -167,10 +179,13 @@ def _backward(grad_out: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) ->
     # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
     (h, w), (gh, gw) = hw, grid
     b, m, c = grad_out.shape
-    if use_kernel("token_pool_backward", grad_out, batch=b, tokens=h * w, sparse=m, channels=c, params=(h, w, gh, gw),
-                  kernel=lambda g: _token_pool_bwd(g, h, w, gh, gw),
-                  reference=lambda g: token_pool_backward_ref(g, hw, grid)):
-        return _token_pool_bwd(grad_out, h, w, gh, gw)
+    config = kernel_variant("token_pool_backward", grad_out, batch=b, tokens=h * w, sparse=m, channels=c,
+                            params=(h, w, gh, gw),
+                            kernel=lambda g, config=None: _token_pool_bwd(g, h, w, gh, gw, config),
+                            reference=lambda g: token_pool_backward_ref(g, hw, grid),
+                            space=CONFIGS["token_pool_backward"])
+    if config is not None:
+        return _token_pool_bwd(grad_out, h, w, gh, gw, config)
     return token_pool_backward_ref(grad_out, hw, grid)
 
 

@@ -2,10 +2,13 @@
 
 The first time an op meets a (device, shape bucket, dtype), `decide` runs every candidate kernel variant once on
 fresh random inputs of that shape (never the caller's data), compares it with the op's fp32 reference, and times the
-variants that pass against the op's PyTorch path with CUDA events. The fastest wins; the PyTorch path wins unless a
-variant beats it by more than `MARGIN`. A variant that fails (error over twice the PyTorch path's own error in the same
-dtype, a NaN, or an exception) is never used on that device, and one warning names the op, shape, dtype, device,
-Triton version and the error. Decisions are kept in one JSON file per software and hardware environment.
+variants that pass against the op's PyTorch path with CUDA events. An op's variants are its launcher's heuristic
+("triton") and the configurations of its config space (`CONFIGS` beside the launcher, e.g. "triton:num_warps=8");
+a configuration that cannot launch on the device (`Unfit`: too much shared memory for a block there) is pruned
+before anything is timed. The fastest wins; the PyTorch path wins unless a variant beats it by more than `MARGIN`.
+A variant that fails (error over twice the PyTorch path's own error in the same dtype, a NaN, or an exception) is
+never used on that device, and one warning names the op, variant, shape, dtype, device, Triton version and the
+error. Decisions are kept in one JSON file per software and hardware environment.
 
 `FLEXDIT_TUNE`: "on" (default: check and tune on a miss), "cached" (use what the cache holds, the launchers' defaults
 for the rest), "off" (defaults only, no check: this skips the safety net). Nothing is checked or timed while a CUDA
@@ -111,14 +114,16 @@ class Decision(NamedTuple):
     times_ms: Dict[str, float]           # median time of each candidate that was timed
     failed: Dict[str, str]               # variant -> the error found by the check
     source: str = ""                     # the hash of the op's source the decision was made for
+    pruned: Mapping[str, str] = {}       # variant -> why it cannot launch on the device (never run)
 
     def to_json(self) -> Dict[str, Any]:
-        return {"choice": self.choice, "times_ms": self.times_ms, "failed": self.failed, "source": self.source}
+        return {"choice": self.choice, "times_ms": self.times_ms, "failed": self.failed, "source": self.source,
+                "pruned": dict(self.pruned)}
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> "Decision":
         return Decision(str(data["choice"]), dict(data.get("times_ms", {})), dict(data.get("failed", {})),
-                        str(data.get("source", "")))
+                        str(data.get("source", "")), dict(data.get("pruned", {})))
 
 
 class TuneCache:
@@ -247,6 +252,11 @@ def cuda_timer(fn: Callable[[], Any], reps: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+class Unfit(ValueError):
+    """A launcher's configuration that cannot launch on the device (its compiled kernel needs more shared memory
+    than a block may have there, or the shape admits no such tile): pruned, not a failure of the check."""
+
+
 def run_trials(make_inputs: Callable[[], Any], reference: Callable[[Any], Any], pytorch: Callable[[Any], Any],
                variants: Mapping[str, Callable[[Any], Any]], timer: Callable[[Callable[[], Any]], float],
                floor: float = 1e-6) -> Decision:
@@ -260,10 +270,13 @@ def run_trials(make_inputs: Callable[[], Any], reference: Callable[[Any], Any], 
     floor = max([floor] + [torch.finfo(o.dtype).eps * float(r.float().abs().max())
                            for o, r in zip(_tensors(out), _tensors(ref)) if o.is_floating_point() and r.numel()])
     bound = ERROR_FACTOR * max(max_error(out, ref), floor)
-    failed, passed = {}, []
+    failed, passed, pruned = {}, [], {}
     for name, run in variants.items():
         try:
             err = max_error(run(inputs), ref)
+        except Unfit as exc:
+            pruned[name] = str(exc).splitlines()[0]
+            continue
         except Exception as exc:                   # a launch error is a failure of the variant, not of the caller
             failed[name] = f"{type(exc).__name__}: {exc}".splitlines()[0]
             continue
@@ -276,7 +289,7 @@ def run_trials(make_inputs: Callable[[], Any], reference: Callable[[Any], Any], 
         times[name] = timer(lambda run=variants[name]: run(inputs))
     best = min(passed, key=times.get, default=None)
     choice = best if best is not None and times[best] < (1.0 - MARGIN) * times[REFERENCE] else REFERENCE
-    return Decision(choice, times, failed)
+    return Decision(choice, times, failed, pruned=pruned)
 
 
 def decide(op: str, bucket: str, device: torch.device, dtype: torch.dtype, kernels_hash: str,
@@ -357,19 +370,34 @@ def bucket_of(args: Sequence[Any]) -> str:
     return ",".join(parts)
 
 
-_memo: Dict[tuple, bool] = {}
+def variant_name(config: Optional[Mapping[str, Any]]) -> str:
+    """A variant's name: KERNEL for the launcher's heuristic (no configuration), "triton:num_warps=8,..." else."""
+    return KERNEL + ":" + ",".join(f"{k}={v}" for k, v in config.items()) if config else KERNEL
+
+
+def alternatives(default: Mapping[str, Any], **choices: Sequence[Any]) -> List[Dict[str, Any]]:
+    """An op's config space besides its heuristic: each of `choices`' values changed alone from the value
+    `default` gives that key (the heuristic's own value is left out: the heuristic is always a candidate)."""
+    return [{key: value} for key, values in choices.items() for value in values if value != default.get(key)]
+
+
+_memo: Dict[tuple, Optional[Dict[str, Any]]] = {}
 # A timer for devices without CUDA events (tests inject one to drive the whole path on the CPU).
 timer_override: Optional[Callable[[Callable[[], Any]], float]] = None
 
 
-def kernel_or_reference(op: str, kernel: Callable[..., Any], pytorch: Callable[..., Any],
-                        args: Sequence[Any], default: bool = True,
-                        timer: Optional[Callable[[Callable[[], Any]], float]] = None,
-                        params: Sequence[Any] = ()) -> bool:
-    """Whether `op` runs `kernel(*args)` (True) or its PyTorch path `pytorch(*args)` at this call's shape, decided
-    once per device and shape bucket by `decide` (the reference is `pytorch` on fp32 copies of the inputs) and then
-    remembered in the process: a warm call costs one dictionary look-up. `params`: the call's other arguments that
-    `kernel` and `pytorch` close over (grids, eps, output dtypes); they are part of the bucket."""
+def choose(op: str, kernel: Callable[..., Any], pytorch: Callable[..., Any], args: Sequence[Any],
+           default: Optional[Dict[str, Any]] = None, timer: Optional[Callable[[Callable[[], Any]], float]] = None,
+           params: Sequence[Any] = (), space: Optional[Callable[..., Sequence[Mapping[str, Any]]]] = None,
+           derive: Optional[Callable[[List[Any]], List[Any]]] = None) -> Optional[Dict[str, Any]]:
+    """The variant `op` runs at this call's shape: None for its PyTorch path `pytorch(*args)`, else the
+    configuration to launch `kernel(*args, config=...)` with ({} is the launcher's heuristic, which is called
+    without `config`). Decided once per device and shape bucket by `decide` (the reference is `pytorch` on fp32
+    copies of the inputs) and then remembered in the process: a warm call costs one dictionary look-up.
+    `default`: what runs where nothing is measured. `params`: the call's other arguments that `kernel` and
+    `pytorch` close over (grids, eps, output dtypes); they are part of the bucket. `space(*args)`: the op's
+    configurations besides the heuristic. `derive(inputs)`: the random inputs with the arguments that depend on the
+    others recomputed (attention's backward needs the forward's output and log-sum-exp of its q, k, v)."""
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     device = tensors[0].device
     timer = timer or timer_override
@@ -378,24 +406,80 @@ def kernel_or_reference(op: str, kernel: Callable[..., Any], pytorch: Callable[.
     tune = mode()
     if tune == "off":
         return default
-    key = (op, str(device), tune, default, tuple(params),
+    key = (op, str(device), tune, variant_name(default) if default is not None else REFERENCE, tuple(params),
            tuple((tuple(a.shape), a.dtype, a.stride()) if isinstance(a, torch.Tensor) else a for a in args))
-    hit = _memo.get(key)
-    if hit is not None:
-        return hit
+    if key in _memo:
+        return _memo[key]
 
     def make_inputs():
         g = torch.Generator(device=device).manual_seed(0)
-        return [(_random_like(a, g) if isinstance(a, torch.Tensor) else a) for a in args]
+        inputs = [(_random_like(a, g) if isinstance(a, torch.Tensor) else a) for a in args]
+        return derive(inputs) if derive is not None else inputs
 
     def fp32(inputs):
         return pytorch(*[(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a)
                          for a in inputs])
 
+    configs = {KERNEL: {}}
+    for config in (space(*args) if space is not None else ()):
+        configs.setdefault(variant_name(config), dict(config))
+    variants = {name: (lambda inputs, c=c: kernel(*inputs, config=c) if c else kernel(*inputs))
+                for name, c in configs.items()}
     dtype = next((t.dtype for t in tensors if t.is_floating_point()), tensors[0].dtype)
+    default_name = variant_name(default) if default is not None else REFERENCE
     choice = decide(op, bucket_of([*args, *params]), device, dtype, _module_hash(kernel), make_inputs, fp32,
-                    lambda inputs: pytorch(*inputs), {KERNEL: lambda inputs: kernel(*inputs)},
-                    KERNEL if default else REFERENCE, timer) == KERNEL
+                    lambda inputs: pytorch(*inputs), variants, default_name, timer)
+    chosen = None if choice == REFERENCE else configs.get(choice, default)
     if not tracing():                    # a default taken while tracing is not a decision
-        _memo[key] = choice
-    return choice
+        _memo[key] = chosen
+    return chosen
+
+
+def kernel_or_reference(op: str, kernel: Callable[..., Any], pytorch: Callable[..., Any],
+                        args: Sequence[Any], default: bool = True,
+                        timer: Optional[Callable[[Callable[[], Any]], float]] = None,
+                        params: Sequence[Any] = ()) -> bool:
+    """Whether `op` runs `kernel(*args)` (True) or its PyTorch path `pytorch(*args)`: `choose` with the kernel's
+    heuristic as its only variant."""
+    return choose(op, kernel, pytorch, args, {} if default else None, timer, params) is not None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the bench reads: every decision of a device, and the file FLEXDIT_TUNE_FILE reads
+# ----------------------------------------------------------------------------------------------------------------
+
+def tune_decisions(device: Optional[torch.device] = None) -> List[Dict[str, Any]]:
+    """The tuning cache's decisions for `device` (the current CUDA device by default), one row per op, shape
+    bucket and dtype: {"op", "bucket", "dtype", "candidates": {variant: "passed" | "failed: ..." | "pruned: ..."},
+    "winner", "times_ms": {variant: median ms}, "winner_ms", "pytorch_ms"}. The PyTorch path is the candidate
+    named "reference"."""
+    cache = cache_for(_device(device))
+    rows = []
+    for key, d in sorted(cache.decisions.items()):
+        op, bucket, dtype = key.split("|")
+        candidates = {name: "passed" for name in d.times_ms}
+        candidates.update({name: f"failed: {err}" for name, err in d.failed.items()})
+        candidates.update({name: f"pruned: {why}" for name, why in d.pruned.items()})
+        rows.append(dict(op=op, bucket=bucket, dtype=dtype, candidates=candidates, winner=d.choice,
+                         times_ms=dict(d.times_ms), winner_ms=d.times_ms.get(d.choice),
+                         pytorch_ms=d.times_ms.get(REFERENCE)))
+    return rows
+
+
+def export_decisions(path, device: Optional[torch.device] = None) -> Path:
+    """Write the tuning cache's decisions for `device` to `path` (what `FLEXDIT_TUNE_FILE` reads); returns it."""
+    path = Path(path)
+    with open(path, "w") as f:
+        json.dump(cache_for(_device(device)).to_json(), f, indent=1)
+    return path
+
+
+def cache_path(device: Optional[torch.device] = None) -> Path:
+    """The file the decisions for `device` are kept in."""
+    return cache_for(_device(device)).path
+
+
+def _device(device: Optional[torch.device]) -> torch.device:
+    if device is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(device)

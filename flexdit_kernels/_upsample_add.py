@@ -7,8 +7,9 @@ import triton
 import triton.language as tl
 
 from ._common import channel_offsets, window_reduce
-from ._dispatch import call_op, custom_op, register_autograd, use_kernel
-from ._launch import token_plan, window_plan
+from ._dispatch import call_op, custom_op, kernel_variant, register_autograd
+from ._launch import _WINDOW_RUN, token_plan, window_plan
+from ._tune import alternatives
 from ._validate import Grid, check_kernel_device, fits_int32, upsample_args, upsample_backward_args
 
 
@@ -80,34 +81,45 @@ def _upsample_add_bwd_kernel(
 # only while the grid keeps 4 waves of programs; the backward is `window_plan`'s window reduction.
 _NUM_WARPS = 4
 
+# The launchers' config spaces besides their heuristics (`config`: num_warps, and the forward's longest run of tiles
+# per program, max_run), checked and timed per device and shape by `_tune` (docs/kernels.md, "Tuning").
+CONFIGS = {
+    "upsample_add": lambda s, d: alternatives({"num_warps": _NUM_WARPS, "max_run": _WINDOW_RUN},
+                                              num_warps=(2, 8), max_run=(1,)),
+    "upsample_add_backward": lambda g: alternatives({"num_warps": _NUM_WARPS}, num_warps=(2, 8)),
+}
 
-def _upsample_add_fwd(sparse: torch.Tensor, dense: torch.Tensor, h: int, w: int, gh: int, gw: int) -> torch.Tensor:
+
+def _upsample_add_fwd(sparse: torch.Tensor, dense: torch.Tensor, h: int, w: int, gh: int, gw: int,
+                      config=None) -> torch.Tensor:
     b, n, c = dense.shape
     out = torch.empty((b, n, c), device=dense.device, dtype=dense.dtype)
     if out.numel() == 0:
         return out
-    grid, run, meta = token_plan(out, _NUM_WARPS)
+    num_warps = (config or {}).get("num_warps", _NUM_WARPS)
+    grid, run, meta = token_plan(out, num_warps, (config or {}).get("max_run", _WINDOW_RUN))
     _upsample_add_fwd_kernel[grid](
         sparse, dense, out, h, w, gh, gw, n, c, run,
         sparse.stride(0), sparse.stride(1), sparse.stride(2),
         dense.stride(0), dense.stride(1), dense.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
-        **meta, IDX64=not fits_int32(sparse, dense, out), num_warps=_NUM_WARPS,
+        **meta, IDX64=not fits_int32(sparse, dense, out), num_warps=num_warps,
     )
     return out
 
 
-def _upsample_add_bwd(grad_out: torch.Tensor, h: int, w: int, gh: int, gw: int) -> torch.Tensor:
+def _upsample_add_bwd(grad_out: torch.Tensor, h: int, w: int, gh: int, gw: int, config=None) -> torch.Tensor:
     b, _, c = grad_out.shape
     ds = torch.empty((b, gh * gw, c), device=grad_out.device, dtype=grad_out.dtype)
     if ds.numel() == 0:
         return ds
-    p = window_plan(grad_out, h, w, gh, gw, children=True, num_warps=_NUM_WARPS)
+    num_warps = (config or {}).get("num_warps", _NUM_WARPS)
+    p = window_plan(grad_out, h, w, gh, gw, children=True, num_warps=num_warps)
     _upsample_add_bwd_kernel[p.grid](
         grad_out, ds, h, w, gh, gw, c, p.run, p.max_rows * p.max_cols,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         ds.stride(0), ds.stride(1), ds.stride(2),
-        **p.meta, IDX64=not fits_int32(grad_out, ds), num_warps=_NUM_WARPS,
+        **p.meta, IDX64=not fits_int32(grad_out, ds), num_warps=num_warps,
     )
     return ds
 
@@ -137,10 +149,12 @@ def upsample_add_bwd(grad_out: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tens
 def _forward(sparse: torch.Tensor, dense: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
     (h, w), (gh, gw) = hw, grid
     b, n, c = dense.shape
-    if use_kernel("upsample_add", sparse, dense, batch=b, tokens=n, sparse=gh * gw, channels=c, params=(h, w, gh, gw),
-                  kernel=lambda s, d: _upsample_add_fwd(s, d, h, w, gh, gw),
-                  reference=lambda s, d: upsample_add_ref(s, d, hw, grid)):
-        return _upsample_add_fwd(sparse, dense, h, w, gh, gw)
+    config = kernel_variant("upsample_add", sparse, dense, batch=b, tokens=n, sparse=gh * gw, channels=c,
+                            params=(h, w, gh, gw),
+                            kernel=lambda s, d, config=None: _upsample_add_fwd(s, d, h, w, gh, gw, config),
+                            reference=lambda s, d: upsample_add_ref(s, d, hw, grid), space=CONFIGS["upsample_add"])
+    if config is not None:
+        return _upsample_add_fwd(sparse, dense, h, w, gh, gw, config)
     return upsample_add_ref(sparse, dense, hw, grid)
 
 
@@ -148,10 +162,13 @@ def _backward(grad_out: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) ->
     # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
     (h, w), (gh, gw) = hw, grid
     b, n, c = grad_out.shape
-    if use_kernel("upsample_add_backward", grad_out, batch=b, tokens=n, sparse=gh * gw, channels=c,
-                  params=(h, w, gh, gw), kernel=lambda g: _upsample_add_bwd(g, h, w, gh, gw),
-                  reference=lambda g: upsample_add_backward_ref(g, hw, grid)):
-        return _upsample_add_bwd(grad_out, h, w, gh, gw)
+    config = kernel_variant("upsample_add_backward", grad_out, batch=b, tokens=n, sparse=gh * gw, channels=c,
+                            params=(h, w, gh, gw),
+                            kernel=lambda g, config=None: _upsample_add_bwd(g, h, w, gh, gw, config),
+                            reference=lambda g: upsample_add_backward_ref(g, hw, grid),
+                            space=CONFIGS["upsample_add_backward"])
+    if config is not None:
+        return _upsample_add_bwd(grad_out, h, w, gh, gw, config)
     return upsample_add_backward_ref(grad_out, hw, grid)
 
 

@@ -64,6 +64,7 @@ def test_documented_command_parses(doc, command, monkeypatch):
     elif program == "flexdit.data":
         from flexdit import data
         monkeypatch.setattr(data, "encode_image_folder", lambda *args, **kwargs: 0)
+        monkeypatch.setattr(data, "encode_caption_folder", lambda *args, **kwargs: 0)
         assert data.main(argv + ["--device", "cpu"]) == 0
     else:
         pytest.fail(f"{doc}: unknown program {program!r} in {command!r}")

@@ -153,6 +153,10 @@ def test_schedule_selects_the_grid_per_call():
             dit(x, torch.tensor([100, 900]), y)
         apply_patch(dit, TOY_PLAN, schedule=(2, 4))  # a fixed (G_h, G_w)
         torch.testing.assert_close(dit(x, torch.full((2,), 5), y), flex(x, torch.full((2,), 5), y, grid=(2, 4)))
+        t = torch.full((2,), 5)
+        torch.testing.assert_close(dit(x, t, y, grid="3x1"), flex(x, t, y, grid=(3, 1)), rtol=0, atol=0)  # per call
+        with pytest.raises(ValueError, match="grid 9x9 is larger than the token grid 8x8"):
+            dit(x, t, y, grid=9)
 
 
 def test_patched_layers_are_built_with_the_kernels(device):
@@ -230,16 +234,21 @@ def test_deepcopy_and_device_moves_follow_the_patch():
 # Refusals
 # ----------------------------------------------------------------------------------------------------------------
 
+def check_plan_refusals(host):
+    """A depth-6 host on an 8x8 token grid refuses plans and grids that do not fit (shared with test_latte.py)."""
+    with pytest.raises(ValueError, match="no decided FlexDiT plan for depth 6"):
+        apply_patch(host)
+    with pytest.raises(ValueError, match="but depth is 6"):
+        apply_patch(host, Plan(2, 4, (1, 3, 1, 1), 2))
+    with pytest.raises(ValueError, match="larger than the token grid 8x8"):
+        apply_patch(host, Plan(1, 1, (1, 2, 1, 1), 0, grid=9))
+    with pytest.raises(ValueError, match="larger than the token grid 8x8"):
+        apply_patch(host, TOY_PLAN, schedule=12)
+
+
 def test_bad_inputs_are_refused():
     dit = toy_dit()
-    with pytest.raises(ValueError, match="no decided FlexDiT plan for depth 6"):
-        apply_patch(dit)
-    with pytest.raises(ValueError, match="but depth is 6"):
-        apply_patch(dit, Plan(2, 4, (1, 3, 1, 1), 2))
-    with pytest.raises(ValueError, match="larger than the token grid 8x8"):
-        apply_patch(dit, Plan(1, 1, (1, 2, 1, 1), 0, grid=9))
-    with pytest.raises(ValueError, match="larger than the token grid 8x8"):
-        apply_patch(dit, TOY_PLAN, schedule=12)
+    check_plan_refusals(dit)
     with pytest.raises(ValueError, match="already FlexDiT layers"):
         apply_patch(flexdit.from_dit(dit, toy_config()), TOY_PLAN)
     with pytest.raises(ValueError, match="unsupported model"):

@@ -1,5 +1,6 @@
 """The harness itself on the CPU: argument errors, output schema, the default run, sampling and the profile."""
 import csv
+import os
 import json
 
 import pytest
@@ -149,6 +150,8 @@ def test_model_profile_by_layer_kind(tmp_path):
     model = {(r["impl"], r["metric"]): r["value"] for r in rows if r["suite"] == "model"}
     assert model[("dense", "GMACs")] > model[("flexdit-ref", "GMACs")] > 0
     assert ("flexdit-ref", "speedup") in model and ("dense", "frac_matmul") in model
+    routes = {r["impl"]: r["route"] for r in rows if r["suite"] == "model" and r["metric"] == "ms"}
+    assert routes["flexdit-ref"] == "reference (backend)", routes   # the decision column: every op on its reference
     shares = {r["impl"]: r["value"] for r in rows if r["suite"] == "profile" and r["metric"] == "share"}
     for kind in ("Poolingformer", "generation", "sparse", "recovery", "dense", "final"):
         assert kind in shares, kind
@@ -179,11 +182,17 @@ def test_plot_writes_pngs(tmp_path):
         assert (tmp_path / "plots" / name).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_kernel_rows_carry_their_batch(tmp_path):
+def test_kernel_rows_carry_their_batch_and_route(tmp_path, capsys):
     jpath = tmp_path / "b.json"
-    assert main(["kernels", "--device", "cpu", "--op", "token_mean", "--repeats", "1", "--json", str(jpath)]) == 0
+    assert main(["kernels", "--device", "cpu", "--op", "token_mean", "--backward", "--repeats", "1",
+                 "--json", str(jpath)]) == 0
     rows = [r for r in json.loads(jpath.read_text())["rows"] if r["suite"] == "kernels"]
     assert rows and all(r["batch"] == int(r["case"].split("B=")[1].split()[0]) for r in rows)
+    routes = {(r["case"].split()[-1], r["impl"]): r["route"] for r in rows if r["metric"] == "ms"}
+    assert routes == {("fwd", "flexdit-ref"): "reference (backend)", ("fwd", "torch"): "",
+                      ("fwd+bwd", "flexdit-ref"): "reference (backend)", ("fwd+bwd", "torch"): ""}
+    headers = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("case ")]
+    assert headers[-1][-1] == "route"   # the kernels table (after the ceiling's) ends with the decision column
 
 
 def test_wrong_attention_gradient_is_failed(monkeypatch, capsys):
@@ -287,11 +296,12 @@ def test_a_typo_names_the_closest_subcommand_under_the_programs_own_name(argv0, 
         assert len(err) == 1 and err[0].startswith(f"{prog}: error: ") and said in err[0], err
 
 
-def test_unknown_model_lists_every_model_of_the_registry(capsys):
+@pytest.mark.parametrize("device", [["--device", "cpu"], []])   # a bad argument comes before "no GPU"
+def test_unknown_model_lists_every_model_of_the_registry(device, capsys):
     from flexdit import DiT_models, FlexDiT_models
     from bench.fixtures import TARGETS
     with pytest.raises(SystemExit) as exc:
-        main(["model", "--device", "cpu", "--model", "nope"])
+        main(["model", *device, "--model", "nope"])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert all(f" {name}," in err or err.rstrip().endswith(name)
@@ -329,3 +339,46 @@ def test_no_import_cycle_in_bench():
     def reaches(start, node, seen):
         return any(dep == start or (dep not in seen and reaches(start, dep, seen | {dep})) for dep in graph[node])
     assert not [name for name in graph if reaches(name, name, {name})], graph
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs a kernel through the Triton interpreter")
+def test_model_routes_name_only_the_ops_a_forward_calls():
+    """The decision column of `model`: on a GPU a forward under another backend comes first, so an op the forward
+    does not call (token_pool here, routed earlier) stays out of the summary."""
+    import flexdit_kernels as fk
+    from bench.model import forward_routes
+    x = torch.randn(2, 16, 8)
+    with fk.backend("reference"):
+        fk.token_pool(x, (4, 4), (2, 2))
+
+    def forward(backend):
+        with fk.backend(backend):
+            return fk.token_mean(x)
+
+    gpu = torch.device("cuda")   # the GPU's logic, on CPU tensors that the interpreter runs
+    assert forward_routes(forward, "reference", gpu) == "reference (backend)"
+    assert forward_routes(forward, "triton", gpu) == "triton (backend)"
+    assert forward_routes(forward, "reference", torch.device("cpu")) == "reference (backend)"
+
+
+def test_cuda_graph_mode_captures_flexdit_at_its_grid(monkeypatch):
+    """`model --mode cuda-graph` replays FlexDiT at --grid (the graph is captured with a one-grid schedule), the dense
+    DiT without one."""
+    import bench.model
+    seen = []
+
+    class Graphs:   # CudaGraphDenoiser's interface, without a GPU
+        def __init__(self, model, warmup):
+            self.model = model
+
+        def model_fn(self, y, schedule=None):
+            seen.append(schedule and schedule.grid(500))
+            return lambda x, t: self.model(x, t, y, **({"grid": schedule.grid(500)} if schedule else {}))
+
+    monkeypatch.setattr(bench.model, "CudaGraphDenoiser", Graphs)
+    inputs = (torch.zeros(1), torch.zeros(1), torch.zeros(1))
+    for kwargs in ({"grid": 3}, {}):
+        fwd, _ = bench.model.make_forward(lambda x, t, y, **kw: kw, inputs, kwargs, "cuda-graph", torch.device("cpu"),
+                                          torch.float32, "reference")
+        assert fwd() == kwargs
+    assert seen == [3, None]

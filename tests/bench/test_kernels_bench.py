@@ -129,15 +129,15 @@ def test_cuda_faults_are_recognised():
 def test_sigterm_keeps_the_rows_measured_so_far(monkeypatch, tmp_path, capsys):
     """`timeout` ends a CI step with SIGTERM: the run stops, says so, and still writes what it measured."""
     from bench.__main__ import _raise_stopped
-    real = bench.kernels.time_family
+    real = bench.kernels.run_family
 
-    def time_then_stop(runner, family, emit):
-        finished = real(runner, family, emit)
-        if family[0].op == "token_mean":
+    def time_then_stop(runner, phase, family, emit):
+        finished = real(runner, phase, family, emit)
+        if phase == "time" and family[0].op == "token_mean":
             _raise_stopped(15, None)
         return finished
 
-    monkeypatch.setattr(bench.kernels, "time_family", time_then_stop)
+    monkeypatch.setattr(bench.kernels, "run_family", time_then_stop)
     jpath = tmp_path / "k.json"
     assert main(["kernels", "--device", "cpu", "--repeats", "1", "--json", str(jpath)]) == 1
     payload = json.loads(jpath.read_text())
