@@ -110,6 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser(prog)
     full_argv, default_run = _split_default(argv, parser)
     args = parser.parse_args(full_argv)
+    args.prog = prog                    # the name sub-commands' messages speak under
 
     if args.command in EXTRA:
         return importlib.import_module(f"bench.{args.command}").run(args)

@@ -69,26 +69,33 @@ ATTENTION_PRODUCTS = {"_attention_fwd_few_keys_kernel": 2, "_attention_fwd_kerne
 # accesses (static SASS instructions) that are not to a row-statistics tensor (see `_narrow`).
 MAX_ATTENTION_SPILL = 128
 MAX_SCALAR_ACCESSES = 8
+# Occupancy targets: split-K's forward (its register-capped variants, sm_90) keeps MIN_SPLIT_CTAS CTAs per SM; the
+# window reductions run at least MIN_WAVES waves of programs at the model's batch of 32.
+MIN_SPLIT_CTAS = 3
+MIN_WAVES = 4
+WAVE_KERNELS = ("_token_pool_fwd_kernel", "_upsample_add_bwd_kernel")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Recording (worker side): launchers on meta tensors, kernels replaced by recorders
 # ----------------------------------------------------------------------------------------------------------------
 
-def _mangle(arg):
-    """(type, divisible_by_16) as `JITFunction.run` specializes an argument; ("constexpr", v) for an int equal to 1."""
+def _mangle(arg, specialize: bool = True, align: bool = True):
+    """(type, divisible_by_16) as `JITFunction.run` specializes an argument; ("constexpr", v) for an int equal to 1.
+    specialize=False (a `do_not_specialize` parameter): an int is never a constexpr nor known divisible by 16;
+    align=False (`do_not_specialize_on_alignment`): a pointer is not known 16-byte aligned."""
     import torch
     if isinstance(arg, torch.Tensor):
         names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
                  torch.int64: "i64"}
-        return "*" + names[arg.dtype], arg.data_ptr() % 16 == 0
+        return "*" + names[arg.dtype], align and arg.data_ptr() % 16 == 0
     if isinstance(arg, bool):
         return "u1", False
     if isinstance(arg, int):
-        if arg == 1:
+        if arg == 1 and specialize:
             return "constexpr", False
         kind = "i32" if -2**31 <= arg < 2**31 else "i64" if -2**63 <= arg < 2**63 else "u64"
-        return kind, arg % 16 == 0
+        return kind, specialize and align and arg % 16 == 0
     if isinstance(arg, float):
         return "fp32", False
     raise TypeError(f"cannot specialize {type(arg).__name__}")
@@ -154,7 +161,7 @@ class _Recorder:
                 signature[p.name] = "constexpr"
                 constexprs[(i,)] = v
                 continue
-            kind, div16 = _mangle(v)
+            kind, div16 = _mangle(v, not p.do_not_specialize, not p.do_not_specialize_on_alignment)
             signature[p.name] = kind
             if kind == "constexpr":
                 constexprs[(i,)] = v
@@ -377,9 +384,11 @@ def _drive(shapes: str, dtypes: Sequence[str], arch: int):
         if shapes == "ci":
             # The CI gates' representative set: one sparse grid, both token grids for the pooling ops, the masked
             # channel tails on sm_90 only (they compile slowly and are gated only on compiling and fitting).
-            # B = 8 (not 32) so that split-K splits the keys and launches its combine kernel.
+            # B = 8 (not 32) so that split-K splits the keys and launches its combine kernel; the window reductions
+            # also at B = 32 (the waves gate), on the grid with the fewest windows.
             _model_launches(dt, sides=(32,), grids=(10,), batches=(8,))
             _pool_ops(16, 8, 8, CHANNELS, dt, "model")
+            _pool_ops(32, 6, 32, CHANNELS, dt, "model")
             if arch == 90:
                 _odd_launches(dt, wide=False)
             continue
@@ -768,6 +777,21 @@ def gate_memory_bound(v: dict) -> List[str]:
     return out
 
 
+def gate_occupancy(v: dict) -> List[str]:
+    """The occupancy targets: MIN_SPLIT_CTAS CTAs per SM for an attention forward held to a register budget
+    (`maxnreg`: split-K), MIN_WAVES waves for every B = 32 launch of a window reduction (WAVE_KERNELS)."""
+    out = []
+    if v["kernel"] == "_attention_fwd_kernel" and (v.get("options") or {}).get("maxnreg") \
+            and (v.get("ctas_per_sm") or 0) < MIN_SPLIT_CTAS:
+        out.append(f"{v.get('ctas_per_sm')} CTAs per SM (want {MIN_SPLIT_CTAS})")
+    if v["kernel"] in WAVE_KERNELS:
+        for launch in v.get("launches", []):
+            waves = min((c["waves"] for c in launch.get("ceilings", {}).values()), default=MIN_WAVES)
+            if launch["shape"].startswith("B=32 ") and waves < MIN_WAVES:
+                out.append(f"{waves} waves at {launch['shape']} (want {MIN_WAVES})")
+    return out
+
+
 def is_attention(v: dict) -> bool:
     return v["kernel"].startswith("_attention")
 
@@ -780,7 +804,7 @@ def gate(v: dict) -> List[str]:
     if out:
         return out
     if v.get("broken") or any(l["set"] in ("model", "bench") for l in v.get("launches", [])):
-        out += gate_attention(v) if is_attention(v) else gate_memory_bound(v)
+        out += (gate_attention(v) if is_attention(v) else gate_memory_bound(v)) + gate_occupancy(v)
     return out
 
 
@@ -891,14 +915,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
+    prog = f"{args.prog} static" if hasattr(args, "prog") else PROG     # the harness's name, as typed
     dtypes = args.dtypes or (list(DTYPE_NAMES) if args.shapes == "all" else ["bf16"])
     try:
         report = collect(args.arch, args.shapes, dtypes, args.jobs, broken=args.broken)
     except StaticError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     if "skip" in report:
-        print(f"{PROG}: error: cannot compile for CUDA here: {report['skip']}", file=sys.stderr)
+        print(f"{prog}: error: cannot compile for CUDA here: {report['skip']}", file=sys.stderr)
         return 2
     print(summary(report))
     print(table(report))
@@ -907,7 +932,7 @@ def run(args) -> int:
             with open(args.json, "w") as f:
                 json.dump(report, f, indent=1)
         except OSError as err:
-            print(f"{PROG}: error: cannot write {args.json}: {err}", file=sys.stderr)
+            print(f"{prog}: error: cannot write {args.json}: {err}", file=sys.stderr)
             return 2
     return 1 if any(gate_fits(v) for v in report["variants"] if not v.get("broken")) else 0
 
@@ -915,6 +940,6 @@ def run(args) -> int:
 if __name__ == "__main__":
     if "--worker" in sys.argv[1:]:
         sys.exit(worker_main(sys.argv[1:]))
-    parser = argparse.ArgumentParser(prog=PROG)
+    parser = argparse.ArgumentParser(prog=PROG.rsplit(" ", 1)[0])    # its sub-parser adds " static"
     add_parser(parser.add_subparsers(dest="command", required=True))
     sys.exit(run(parser.parse_args(["static", *sys.argv[1:]])))

@@ -98,6 +98,7 @@ def _timed(fn) -> float:
 
 
 def run(args) -> int:
+    prog = getattr(args, "prog", PROG)
     import flexdit_kernels as fk
     from flexdit_kernels import _tune
     from .model import dense_name, registry_names
@@ -106,19 +107,19 @@ def run(args) -> int:
         grids = parse_grids(args.grids)
         tune_mode = _tune.mode()
     except ValueError as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     if not grids or min(grids) < 1 or max(grids) > args.image_size // 16:
-        print(f"{PROG}: error: --grids {args.grids!r}: sides from 1 to the token grid's {args.image_size // 16}",
+        print(f"{prog}: error: --grids {args.grids!r}: sides from 1 to the token grid's {args.image_size // 16}",
               file=sys.stderr)
         return 2
-    args.model = dense_name(args.model, _Refuse(), registry_names() + list(PATCH_TARGETS))
+    args.model = dense_name(args.model, _Refuse(prog), registry_names() + list(PATCH_TARGETS))
     if not torch.cuda.is_available():
-        print(f"{PROG}: error: tune needs a CUDA GPU (torch.cuda.is_available() is False): there is nothing to check "
+        print(f"{prog}: error: tune needs a CUDA GPU (torch.cuda.is_available() is False): there is nothing to check "
               "or time on this machine", file=sys.stderr)
         return 2
     if tune_mode != "on":
-        print(f"{PROG}: error: tune needs FLEXDIT_TUNE=on (it is {tune_mode!r})", file=sys.stderr)
+        print(f"{prog}: error: tune needs FLEXDIT_TUNE=on (it is {tune_mode!r})", file=sys.stderr)
         return 2
     device, dtype = torch.device("cuda"), DTYPES[args.dtype]
     passes = _passes(args, device, dtype, grids)
@@ -141,6 +142,9 @@ def run(args) -> int:
 class _Refuse:
     """`dense_name`'s parser stand-in: a bad --model is a one-line error (exit 2)."""
 
+    def __init__(self, prog: str):
+        self.prog = prog
+
     def error(self, message):
-        print(f"{PROG}: error: {message}", file=sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)

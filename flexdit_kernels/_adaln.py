@@ -201,7 +201,7 @@ _BWD_TILE = 4096
 _MAX_BLOCK_C = 128
 _FWD_WAVES = 4
 _SUM_TILE = 2048
-_SILU_MAX_BLOCK_C = 1024
+_ROW_MAX_BLOCK_C = 1024
 
 # NOTE: registers per thread of each variant (direction, HAS_RESIDUAL, HAS_NORM, BLOCK_N) compiled for sm_90 at
 # C = 1152 (triton 3.9, fp32 stream, bf16 branch and modulation, `cuobjdump -res-usage`; docs/kernels.md).
@@ -261,7 +261,7 @@ def _bwd_space(x: torch.Tensor, has_norm: bool) -> List[Dict[str, int]]:
 
 def _silu_space(x: torch.Tensor) -> List[Dict[str, int]]:
     """SiLU's channel blocks below the heuristic's (more programs per row), as configurations."""
-    top = min(_SILU_MAX_BLOCK_C, next_pow2(x.shape[1]))
+    top = min(_ROW_MAX_BLOCK_C, next_pow2(x.shape[1]))
     return alternatives({"BLOCK_C": top}, BLOCK_C=[bc for bc in (256, 512) if bc < top])
 
 
@@ -363,16 +363,24 @@ def _launch_bwd(dr, du, h, y, gate, scale, dx, dy, eps: float, has_residual: boo
     return parts
 
 
+def _row_block_c(n_channels: int, config=None) -> Tuple[int, bool, int]:
+    """(BLOCK_C, EVEN_C, warps) of the kernels that walk one row's channels (SiLU, the column sums): up to
+    _ROW_MAX_BLOCK_C channels (or a configuration's BLOCK_C), 8 values per thread (4 warps at 1024): 16-byte vectors
+    of fp16/bf16."""
+    block_c = (config or {}).get("BLOCK_C") or min(_ROW_MAX_BLOCK_C, next_pow2(n_channels))
+    return block_c, n_channels % block_c == 0, max(1, min(4, block_c // 256))
+
+
 def _column_sum(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """part: (B, S, C) fp32 with unit channel stride -> (B, C) in `dtype`, summed over S in a fixed order. Programs
-    of up to 1024 channels, 8 per thread (16-byte stores of fp16/bf16; `cuobjdump -sass`, sm_90)."""
+    """part: (B, S, C) fp32 with unit channel stride -> (B, C) in `dtype`, summed over S in a fixed order. Channel
+    blocks as SiLU's (`_row_block_c`: 16-byte stores of fp16/bf16; `cuobjdump -sass`, sm_90)."""
     b, s, c = part.shape
     out = torch.empty((b, c), dtype=dtype, device=part.device)
-    block_c = min(next_pow2(c), 1024)
+    block_c, even_c, num_warps = _row_block_c(c)
     block_s = max(1, min(next_pow2(s), _SUM_TILE // block_c))
     _column_sum_kernel[(b, cdiv(c, block_c))](
         part, out, s, c, part.stride(0), part.stride(1), out.stride(0), out.stride(1),
-        BLOCK_S=block_s, BLOCK_C=block_c, EVEN_C=c % block_c == 0, num_warps=max(1, min(4, block_c // 256)),
+        BLOCK_S=block_s, BLOCK_C=block_c, EVEN_C=even_c, num_warps=num_warps,
     )
     return out
 
@@ -562,13 +570,6 @@ def gated_residual_layernorm_modulate_bwd(grad_r: torch.Tensor, grad_u: torch.Te
             _column_sum(parts[2], scale.dtype))
 
 
-def _silu_block_c(n_channels: int, config=None) -> Tuple[int, bool, int]:
-    """(BLOCK_C, EVEN_C, warps): up to 1024 channels of a row (or a configuration's BLOCK_C), 8 values per thread
-    (4 warps at 1024): 16-byte vectors of fp16/bf16."""
-    block_c = (config or {}).get("BLOCK_C") or min(_SILU_MAX_BLOCK_C, next_pow2(n_channels))
-    return block_c, n_channels % block_c == 0, max(1, min(4, block_c // 256))
-
-
 def silu_fwd(x: torch.Tensor, out_dtype: Optional[torch.dtype] = None, config=None) -> torch.Tensor:
     """Launch the forward. x: (B, C), any strides -> SiLU(x), (B, C) contiguous in out_dtype (x's dtype if None)."""
     check_tensor("x", x, 2)
@@ -578,7 +579,7 @@ def silu_fwd(x: torch.Tensor, out_dtype: Optional[torch.dtype] = None, config=No
     out = torch.empty((b, c), dtype=out_dtype, device=x.device)
     if out.numel() == 0:
         return out
-    block_c, even_c, num_warps = _silu_block_c(c, config)
+    block_c, even_c, num_warps = _row_block_c(c, config)
     _silu_fwd_kernel[(b, cdiv(c, block_c))](
         x, out, c, x.stride(0), x.stride(1), out.stride(0), BLOCK_C=block_c, EVEN_C=even_c, num_warps=num_warps)
     return out
@@ -593,7 +594,7 @@ def silu_bwd(grad_out: torch.Tensor, x: torch.Tensor, config=None) -> torch.Tens
     dx = torch.empty((b, c), dtype=x.dtype, device=x.device)
     if dx.numel() == 0:
         return dx
-    block_c, even_c, num_warps = _silu_block_c(c, config)
+    block_c, even_c, num_warps = _row_block_c(c, config)
     _silu_bwd_kernel[(b, cdiv(c, block_c))](
         grad_out, x, dx, c, grad_out.stride(0), grad_out.stride(1), x.stride(0), x.stride(1), dx.stride(0),
         BLOCK_C=block_c, EVEN_C=even_c, num_warps=num_warps)

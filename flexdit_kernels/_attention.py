@@ -10,7 +10,8 @@ import triton.language as tl
 from ._dispatch import (call_op, custom_op, interpreting, kernel_variant, register_autograd, triton_only_active,
                         use_triton)
 from ._tune import Unfit, alternatives
-from ._launch import cdiv, compiled_ctas_per_sm, device_limits, next_pow2, resident_programs, split_count
+from ._launch import (cdiv, compiled_ctas_per_sm, device_limits, next_pow2, register_budget, resident_programs,
+                      split_count)
 from ._validate import check_same, check_tensor
 
 MAX_HEAD_DIM = 128
@@ -469,21 +470,26 @@ def _fitted(kernel, device: torch.device, default: int, args: tuple, meta: dict,
         meta = dict(meta, BLOCK_M=meta["BLOCK_M"] // 2)
 
 
+def _fwd_tiles(lq: int, lk: int, block_m: int = 64, path: Optional[str] = None) -> Tuple[str, int, int]:
+    """(path, BLOCK_M, BLOCK_N) of the forward. Token tiles are powers of two >= 16 (tl.dot's minimum), so few-keys
+    pads Lk (36 -> 64, 100 -> 128) and few queries pad Lq (36 -> 64, 1 -> 16): Triton has no other tile shapes;
+    masked rows/columns are never loaded from memory. block_m caps the query tile; `path` (a configuration's)
+    overrides `attention_path`."""
+    path = path or attention_path(lq, lk, sdpa=False)
+    block_n = max(16, next_pow2(lk)) if path == "few_keys" else 64
+    return path, min(block_m, max(16, next_pow2(lq))), block_n
+
+
 def _fwd_config(lq: int, lk: int, bh: int, device: torch.device, ctas: int = 0, block_m: int = 64,
                 path: Optional[str] = None) -> _Config:
-    """Tiles and grid for the forward. Token tiles are powers of two >= 16 (tl.dot's minimum), so few-keys pads Lk
-    (36 -> 64, 100 -> 128) and few queries pad Lq (36 -> 64, 1 -> 16): Triton has no other tile shapes; masked
-    rows/columns are never loaded from memory. Few-keys and split-K fill one wave of the device, `ctas` CTAs per SM
-    (the default target's figure when 0), each few-keys program walking several query blocks with one copy of K and
-    V; block_m caps the query tile; `path` (a configuration's) overrides `attention_path`."""
-    path = path or attention_path(lq, lk, sdpa=False)
-    block_m = min(block_m, max(16, next_pow2(lq)))
+    """Tiles (`_fwd_tiles`) and grid for the forward. Few-keys and split-K fill one wave of the device, `ctas` CTAs
+    per SM (the default target's figure when 0), each few-keys program walking several query blocks with one copy
+    of K and V."""
+    path, block_m, block_n = _fwd_tiles(lq, lk, block_m, path)
     n_qblocks = cdiv(lq, block_m)
     wave = resident_programs(device, ctas or _SM90_CTAS[path])
     if path == "few_keys":
-        block_n = max(16, next_pow2(lk))
         return _Config(path, block_m, block_n, max(1, min(n_qblocks, cdiv(wave, bh))), lk)
-    block_n = 64
     if path == "split_k":
         splits, chunk = split_count(n_qblocks * bh, cdiv(lk, block_n), block_n, wave)
         return _Config(path, block_m, block_n, splits, chunk)
@@ -506,8 +512,13 @@ def _check_launch(q: torch.Tensor) -> None:
 
 # NOTE: split-K runs its key loop with num_stages=1: compiled for sm_90 (triton 3.9, bf16, D = 72, aligned) that is
 # 168 registers and 3 CTAs per SM with plain 16-byte loads, against 180 registers, 2 CTAs per SM and cp.async at
-# num_stages=2; the flash loop, which walks every key, keeps num_stages=2.
+# num_stages=2; the flash loop, which walks every key, keeps num_stages=2. On sm_90 split-K's kernels are also held
+# to the registers of 3 CTAs per SM (`maxnreg`, `_launch.register_budget`: 168 at 4 warps): uncapped, the unsplit
+# variant at Lq = 36 or 100 (not a multiple of 16) took 174 registers and 2 CTAs per SM (triton 3.6), and with
+# triton 3.9 both variants 172; capped, 0-12 B of spill per thread. Not on sm_80, whose mma.sync loop takes 212-255
+# registers: capped at 168 it spilled 68-172 B per thread (static report, triton 3.6).
 _FWD_STAGES = {"few_keys": 2, "split_k": 1, "flash": 2}
+_SPLIT_CTAS = {9: 3}          # compute capability major -> CTAs of 4 warps per SM that split-K's registers allow
 
 
 def _fwd_space(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> List[dict]:
@@ -550,8 +561,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     out = torch.empty((b, lq, h, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((b, h, lq), device=q.device, dtype=torch.float32)
     strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride())
-    meta = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=min(64, max(16, next_pow2(lq))),
-                BLOCK_N=max(16, next_pow2(lk)) if path == "few_keys" else 64, ALIGNED=_is_aligned(q, k, v, out),
+    path, block_m, block_n = _fwd_tiles(lq, lk, path=path)
+    meta = dict(HEAD_DIM=d, BLOCK_D=_block_d(d), BLOCK_M=block_m, BLOCK_N=block_n, ALIGNED=_is_aligned(q, k, v, out),
                 PRECISION=_precision(q.dtype), num_warps=4, num_stages=_FWD_STAGES[path])
     meta.update((key, config[key]) for key in ("BLOCK_M", "num_warps") if key in config)
     fixed = "BLOCK_M" in config
@@ -562,19 +573,23 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         cfg = _fwd_config(lq, lk, bh, q.device, ctas, meta["BLOCK_M"], path)
         _attention_fwd_few_keys_kernel[(cfg.n_splits, bh)](*args, **meta)
         return out, lse
-    args = (q, k, v, out, lse, torch.float32, torch.float32, *strides, h, lq, lk, lk, qk_scale)
-    meta, ctas = _fitted(_attention_fwd_kernel, q.device, _SM90_CTAS[path], args, dict(meta, SPLIT=path == "split_k"),
-                         fixed)
+    limits = device_limits(q.device)
+    if path == "split_k" and meta["num_warps"] == 4 and limits.capability[0] in _SPLIT_CTAS:
+        meta["maxnreg"] = register_budget(_SPLIT_CTAS[limits.capability[0]], meta["num_warps"], limits)
+    # The split count comes from the unsplit variant's occupancy (the variant launched whenever the queries fill the
+    # device; the split one runs the same key loop under the same register cap), so a launch that does not split
+    # compiles nothing it does not run.
+    args = (q, k, v, out, lse, lse, lse, *strides, h, lq, lk, lk, qk_scale)
+    meta, ctas = _fitted(_attention_fwd_kernel, q.device, _SM90_CTAS[path], args, dict(meta, SPLIT=False), fixed)
     cfg = _fwd_config(lq, lk, bh, q.device, ctas, meta["BLOCK_M"], path)
     grid_m = cdiv(lq, cfg.block_m)
     if cfg.n_splits == 1:
-        _attention_fwd_kernel[(grid_m, bh, 1)](
-            q, k, v, out, lse, lse, lse, *strides, h, lq, lk, lk, qk_scale, **dict(meta, SPLIT=False))
+        _attention_fwd_kernel[(grid_m, bh, 1)](*args, **meta)
         return out, lse
     ws_acc = torch.empty((bh, cfg.n_splits, lq, d), device=q.device, dtype=torch.float32)
     ws_ml = torch.empty((bh, cfg.n_splits, 2, lq), device=q.device, dtype=torch.float32)
     _attention_fwd_kernel[(grid_m, bh, cfg.n_splits)](
-        q, k, v, out, lse, ws_acc, ws_ml, *strides, h, lq, lk, cfg.chunk, qk_scale, **meta)
+        q, k, v, out, lse, ws_acc, ws_ml, *strides, h, lq, lk, cfg.chunk, qk_scale, **dict(meta, SPLIT=True))
     _attention_fwd_combine_kernel[(grid_m, bh)](
         ws_acc, ws_ml, out, lse, *out.stride(), h, lq, cfg.n_splits,
         HEAD_DIM=d, BLOCK_D=meta["BLOCK_D"], BLOCK_M=cfg.block_m, ALIGNED=meta["ALIGNED"], num_warps=4)

@@ -71,82 +71,56 @@ def window_span(idx, size, n_windows, CHILDREN: tl.constexpr):
 
 
 @triton.jit
-def window_tile_sum(base, offs_m, mask_m, h, w, grid_h, grid_w, max_rows, max_cols, stride_n, stride_c,
-                    offs_c, mask_c, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, CHILDREN: tl.constexpr,
+def window_tile_sum(base, offs_m, mask_m, h, w, grid_h, grid_w, max_area, stride_n, stride_c, offs_c, mask_c,
+                    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CHILDREN: tl.constexpr,
                     IDX64: tl.constexpr):
-    """Small windows, many per tile: the fp32 (BLOCK_W, BLOCK_C) sums of windows offs_m (row-major on the sparse
-    grid) and their areas. One pass over the window positions (dr, dc) < (max_rows, max_cols) loads one token row
-    per window at each step and adds it in registers: no reduction across threads, no barrier."""
+    """The fp32 (BLOCK_W, BLOCK_C) sums of windows offs_m (row-major on the sparse grid) and their areas. Each
+    window's rectangle is flattened row by row and read BLOCK_T tokens at a time, so a step loads a (BLOCK_W,
+    BLOCK_T, BLOCK_C) tile of token rows (one or a few 16-byte vectors per thread); the BLOCK_T partial sums are
+    reduced once, after the last step (no reduction across threads inside the loop). BLOCK_T = 1 adds BLOCK_W
+    windows in registers without any reduction; BLOCK_W = 1 reduces one window across BLOCK_T tokens. max_area
+    bounds every window's area (max_rows x max_cols)."""
     r0, r1 = window_span(offs_m // grid_w, h, grid_h, CHILDREN)
     c0, c1 = window_span(offs_m % grid_w, w, grid_w, CHILDREN)
-    acc = tl.zeros([BLOCK_W, BLOCK_C], dtype=tl.float32)
-    for dr in range(0, max_rows):
-        row_ok = mask_m & (r0 + dr < r1)
-        for dc in range(0, max_cols):
-            ok = row_ok & (c0 + dc < c1)
-            tok = (r0 + dr) * w + c0 + dc
-            if IDX64:
-                tok = tok.to(tl.int64)
-            ptrs = base + tok[:, None] * stride_n + offs_c[None, :] * stride_c
-            acc += tl.load(ptrs, mask=ok[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-    return acc, (r1 - r0) * (c1 - c0)
-
-
-@triton.jit
-def window_sum(base, m, h, w, grid_h, grid_w, stride_n, stride_c, offs_c, mask_c,
-               BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, CHILDREN: tl.constexpr, IDX64: tl.constexpr):
-    """Large windows, one at a time: the fp32 (BLOCK_C,) sum of window m and its area. The rectangle is flattened
-    and read as (BLOCK_T, BLOCK_C) tiles (token rows of contiguous channels), reduced once at the end."""
-    r0, r1 = window_span(m // grid_w, h, grid_h, CHILDREN)
-    c0, c1 = window_span(m % grid_w, w, grid_w, CHILDREN)
-    rect_w = c1 - c0
-    area = (r1 - r0) * rect_w
-    acc = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
-    for t0 in range(0, area, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        tok = (r0 + t // rect_w) * w + (c0 + t % rect_w)
+    rect_w = (c1 - c0)[:, None]
+    area = (r1 - r0) * (c1 - c0)
+    ok_m = mask_m[:, None]
+    first = (r0 * w + c0)[:, None]
+    acc = tl.zeros([BLOCK_W, BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for t0 in range(0, max_area, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)[None, :]
+        ok = ok_m & (t < area[:, None])                                          # (BLOCK_W, BLOCK_T)
+        tok = first + (t // rect_w) * w + t % rect_w
         if IDX64:
             tok = tok.to(tl.int64)
-        ptrs = base + tok[:, None] * stride_n + offs_c[None, :] * stride_c
-        acc += tl.load(ptrs, mask=(t < area)[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
-    return tl.sum(acc, axis=0), area
+        ptrs = base + tok[:, :, None] * stride_n + offs_c[None, None, :] * stride_c
+        acc += tl.load(ptrs, mask=ok[:, :, None] & mask_c[None, None, :], other=0.0).to(tl.float32)
+    return tl.sum(acc, axis=1), area
 
 
 @triton.jit
-def window_reduce(X, OUT, b, pid_c, pid_m, h, w, grid_h, grid_w, n_channels, windows_per_program,
-                  max_rows, max_cols, stride_x_b, stride_x_n, stride_x_c, stride_out_b, stride_out_m, stride_out_c,
+def window_reduce(X, OUT, b, pid_c, pid_m, h, w, grid_h, grid_w, n_channels, windows_per_program, max_area,
+                  stride_x_b, stride_x_n, stride_x_c, stride_out_b, stride_out_m, stride_out_c,
                   BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
-                  TILED: tl.constexpr, CHILDREN: tl.constexpr, MEAN: tl.constexpr, IDX64: tl.constexpr):
+                  CHILDREN: tl.constexpr, MEAN: tl.constexpr, IDX64: tl.constexpr):
     """One program of a window reduction: windows [pid_m * windows_per_program, +windows_per_program) of batch
-    entry b, channel block pid_c, each summed over its tokens (divided by its area with MEAN) into OUT row m. TILED:
-    BLOCK_W small windows per tile (`window_tile_sum`); otherwise one window at a time (`window_sum`)."""
+    entry b, channel block pid_c, BLOCK_W at a time (`window_tile_sum`), each summed over its tokens (divided by its
+    area with MEAN) into OUT row m."""
     offs_c, mask_c = channel_offsets(pid_c, n_channels, BLOCK_C, EVEN_C)
     x_base = X + b * stride_x_b
     out_base = OUT + b * stride_out_b
     start = pid_m * windows_per_program
     end = tl.minimum(start + windows_per_program, grid_h * grid_w)
-    if TILED:
-        for m0 in range(start, end, BLOCK_W):
-            offs_m = m0 + tl.arange(0, BLOCK_W)
-            mask_m = offs_m < end
-            total, area = window_tile_sum(x_base, offs_m, mask_m, h, w, grid_h, grid_w, max_rows, max_cols,
-                                          stride_x_n, stride_x_c, offs_c, mask_c, BLOCK_W, BLOCK_C, CHILDREN, IDX64)
-            if MEAN:
-                # Masked-off windows have a positive area too (their bounds are those of a real window's formula).
-                total = total / area.to(tl.float32)[:, None]
-            m = offs_m
-            if IDX64:
-                m = m.to(tl.int64)
-            tl.store(out_base + m[:, None] * stride_out_m + offs_c[None, :] * stride_out_c,
-                     total.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
-    else:
-        for m in range(start, end):
-            total, area = window_sum(x_base, m, h, w, grid_h, grid_w, stride_x_n, stride_x_c, offs_c, mask_c,
-                                     BLOCK_T, BLOCK_C, CHILDREN, IDX64)
-            if MEAN:
-                total = total / area.to(tl.float32)
-            row = m
-            if IDX64:
-                row = row.to(tl.int64)
-            tl.store(out_base + row * stride_out_m + offs_c * stride_out_c, total.to(OUT.dtype.element_ty),
-                     mask=mask_c)
+    for m0 in range(start, end, BLOCK_W):
+        offs_m = m0 + tl.arange(0, BLOCK_W)
+        mask_m = offs_m < end
+        total, area = window_tile_sum(x_base, offs_m, mask_m, h, w, grid_h, grid_w, max_area, stride_x_n,
+                                      stride_x_c, offs_c, mask_c, BLOCK_W, BLOCK_T, BLOCK_C, CHILDREN, IDX64)
+        if MEAN:
+            # Masked-off windows have a positive area too (their bounds are those of a real window's formula).
+            total = total / area.to(tl.float32)[:, None]
+        m = offs_m
+        if IDX64:
+            m = m.to(tl.int64)
+        tl.store(out_base + m[:, None] * stride_out_m + offs_c[None, :] * stride_out_c,
+                 total.to(OUT.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])

@@ -86,6 +86,13 @@ def ctas_per_sm(n_regs: int, num_warps: int, shared: int, limits: DeviceLimits) 
     return fits[limiter], limiter
 
 
+def register_budget(ctas: int, num_warps: int, limits: DeviceLimits) -> int:
+    """The most registers per thread (ptxas's `maxnreg`) that let `ctas` blocks of num_warps warps share one SM:
+    each warp's registers are allocated in units of reg_alloc_unit."""
+    per_warp = limits.regs_per_sm // (ctas * num_warps) // limits.reg_alloc_unit * limits.reg_alloc_unit
+    return per_warp // 32
+
+
 def resident_programs(device: Optional[torch.device], per_sm: int) -> int:
     """Programs that run at once on the whole device when `per_sm` fit on each SM: one wave."""
     return max(1, per_sm) * sm_count(device)
@@ -170,9 +177,9 @@ class WindowPlan(NamedTuple):
     meta: dict
 
 
-# Windows of at most this many tokens are reduced many per tile (BLOCK_W windows of one 16-byte vector per thread,
-# no reduction across threads); larger ones (G = 1 or 2 on a DiT grid) one at a time across (BLOCK_T, BLOCK_C)
-# tiles of 4 vectors per thread, with one reduction each.
+# Windows of at most this many tokens (FlexDiT's grids G >= 5 on a 32 x 32 or 16 x 16 token grid) are read in
+# tiles of one 16-byte vector per thread (more where the grid stays short of its waves even so); larger ones (G = 1
+# or 2) in tiles of 4 vectors per thread.
 _MAX_TILED_AREA = 64
 _WINDOW_RUN = 16
 
@@ -192,21 +199,46 @@ def max_window(size: int, n_windows: int, children: bool) -> int:
 
 
 def window_plan(src: torch.Tensor, h: int, w: int, gh: int, gw: int, children: bool, num_warps: int) -> WindowPlan:
-    """How to reduce src (B, h*w, C) over the windows of the G_h x G_w grid with num_warps warps."""
+    """How to reduce src (B, h*w, C) over the windows of the G_h x G_w grid with num_warps warps, in (BLOCK_W
+    windows, BLOCK_T tokens of each, BLOCK_C channels) tiles. Every window is read once, by one program; a program's
+    BLOCK_T partial sums of a window are added across threads once, after its last step.
+    - BLOCK_T is the fewest tokens per window (a power of two up to the window's area) that give the grid 4 waves
+      of programs: more programs share a batch entry's windows, nothing more crosses memory.
+    - BLOCK_W is at least the windows whose (BLOCK_W, BLOCK_C) sums give each thread 4 bytes to store: Triton
+      spreads a stored tile over every thread, so a finer split would store 2 bytes at a time (bf16).
+    - Where even the finest split leaves the grid short of its waves, a thread holds 2, then 4 16-byte vectors per
+      step (as many loads in flight) instead of one, as long as that keeps as many programs.
+    Runs of tiles per program then grow only while the grid keeps the waves."""
     b, _, c = src.shape
     m = gh * gw
     max_rows, max_cols = max_window(h, gh, children), max_window(w, gw, children)
-    tiled = max_rows * max_cols <= _MAX_TILED_AREA
-    rows, block_c, even_c = channel_tile(c, src.element_size(), num_warps, 1 if tiled else 4)
+    area = max_rows * max_cols
+    small = area <= _MAX_TILED_AREA
+    rows, block_c, even_c = channel_tile(c, src.element_size(), num_warps)
     c_blocks = cdiv(c, block_c)
     target = wave_programs(src.device, num_warps)
-    if tiled:
-        block_w, block_t = min(rows, next_pow2(m)), 1
-        run = block_w * run_length(cdiv(m, block_w), c_blocks * b, target, _WINDOW_RUN)
-    else:
-        block_w, block_t = 1, min(rows, next_pow2(max_rows * max_cols))
-        run = run_length(m, c_blocks * b, target, _WINDOW_RUN)
-    meta = dict(BLOCK_W=block_w, BLOCK_T=block_t, BLOCK_C=block_c, EVEN_C=even_c, TILED=tiled)
+    min_w = min(next_pow2(m), max(1, 4 * 32 * num_warps // (block_c * src.element_size())))
+
+    def tokens_per_step(vectors: int) -> int:
+        most = max(1, min(rows * vectors // min_w, next_pow2(area)))
+        t = 1 if small else most
+        while t < most and (c_blocks * b * cdiv(m, rows * vectors // t) < target
+                            or min_w < rows * vectors // t < 4 * min_w):    # 8-byte stores: not one vector
+            t *= 2
+        return t
+
+    best = None                                         # (programs, vectors, BLOCK_T)
+    for vectors in (1, 2, 4) if small else (4,):
+        t = tokens_per_step(vectors)
+        programs = c_blocks * b * cdiv(m, rows * vectors // t)
+        if best is None or programs >= best[0]:
+            best = (programs, vectors, t)
+        if programs >= target:
+            break
+    _, vectors, block_t = best
+    block_w = min(max(1, rows * vectors // block_t), next_pow2(m))
+    run = block_w * run_length(cdiv(m, block_w), c_blocks * b, target, _WINDOW_RUN)
+    meta = dict(BLOCK_W=block_w, BLOCK_T=block_t, BLOCK_C=block_c, EVEN_C=even_c)
     return WindowPlan((c_blocks, cdiv(m, run), b), run, max_rows, max_cols, meta)
 
 

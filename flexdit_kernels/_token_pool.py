@@ -23,18 +23,18 @@ from ._validate import Grid, check_kernel_device, fits_int32, pool_args, pool_ba
 @triton.jit
 def _token_pool_fwd_kernel(
     X, OUT,
-    h, w, grid_h, grid_w, n_channels, windows_per_program, max_rows, max_cols,
+    h, w, grid_h, grid_w, n_channels, windows_per_program, max_area,
     stride_x_b, stride_x_n, stride_x_c,
     stride_out_b, stride_out_m, stride_out_c,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
-    TILED: tl.constexpr, IDX64: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
-    """Program (channel block, run of windows_per_program windows in row-major order, batch): each window's mean.
-    TILED (windows of at most max_rows x max_cols tokens): BLOCK_W windows per tile; else one window at a time."""
+    """Program (channel block, run of windows_per_program windows in row-major order, batch): each window's mean,
+    BLOCK_W windows and BLOCK_T tokens of each per step (`window_reduce`)."""
     window_reduce(X, OUT, tl.program_id(2).to(tl.int64), tl.program_id(0), tl.program_id(1), h, w, grid_h, grid_w,
-                  n_channels, windows_per_program, max_rows, max_cols, stride_x_b, stride_x_n, stride_x_c,
+                  n_channels, windows_per_program, max_area, stride_x_b, stride_x_n, stride_x_c,
                   stride_out_b, stride_out_m, stride_out_c,
-                  BLOCK_W, BLOCK_T, BLOCK_C, EVEN_C, TILED, CHILDREN=False, MEAN=True, IDX64=IDX64)
+                  BLOCK_W, BLOCK_T, BLOCK_C, EVEN_C, CHILDREN=False, MEAN=True, IDX64=IDX64)
 
 
 @triton.jit
@@ -96,7 +96,8 @@ def _token_pool_bwd_kernel(
 # C = 1152 on 4 warps), which keeps registers low in every dtype (sm_90 static report: backward fp32 130 -> 32
 # registers with triton 3.6, 113 -> 32 with 3.9) and the grid as fine as 16-byte accesses allow; runs of tiles per
 # program grow only while the grid keeps 4 waves of programs (`wave_programs`). The forward is `window_plan`'s
-# window reduction, shared with upsample_add's backward.
+# window reduction, shared with upsample_add's backward: at B = 32, C = 1152, bf16, G = 6-10 it runs 5.6-10.9 waves
+# of programs on sm_90, against 0.9-2.4 with one token per window per step (static report, triton 3.6).
 _NUM_WARPS = 4
 
 # The launchers' config spaces besides their heuristics (`config`: num_warps, and the backward's longest run of
@@ -116,7 +117,7 @@ def _token_pool_fwd(x: torch.Tensor, h: int, w: int, gh: int, gw: int, config=No
     num_warps = (config or {}).get("num_warps", _NUM_WARPS)
     p = window_plan(x, h, w, gh, gw, children=False, num_warps=num_warps)
     _token_pool_fwd_kernel[p.grid](
-        x, out, h, w, gh, gw, c, p.run, p.max_rows, p.max_cols,
+        x, out, h, w, gh, gw, c, p.run, p.max_rows * p.max_cols,
         x.stride(0), x.stride(1), x.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         **p.meta, IDX64=not fits_int32(x, out), num_warps=num_warps,

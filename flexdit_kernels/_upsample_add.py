@@ -57,20 +57,20 @@ def _upsample_add_fwd_kernel(
 @triton.jit
 def _upsample_add_bwd_kernel(
     DOUT, DSPARSE,
-    h, w, grid_h, grid_w, n_channels, windows_per_program, max_rows, max_cols,
+    h, w, grid_h, grid_w, n_channels, windows_per_program, max_area,
     stride_dout_b, stride_dout_n, stride_dout_c,
     stride_ds_b, stride_ds_m, stride_ds_c,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, EVEN_C: tl.constexpr,
-    TILED: tl.constexpr, IDX64: tl.constexpr,
+    IDX64: tl.constexpr,
 ):
     """Program (channel block, run of windows_per_program sparse tokens in row-major order, batch): each sparse
     token (I, J) sums the gradients of its children, so no atomics are needed. The children of (I, J) are the
     rectangle rows ceil(I*h/G_h) .. ceil((I+1)*h/G_h) - 1, same for columns: token_pool's window reduction with
     that window rule and no division."""
     window_reduce(DOUT, DSPARSE, tl.program_id(2).to(tl.int64), tl.program_id(0), tl.program_id(1), h, w, grid_h,
-                  grid_w, n_channels, windows_per_program, max_rows, max_cols, stride_dout_b, stride_dout_n,
+                  grid_w, n_channels, windows_per_program, max_area, stride_dout_b, stride_dout_n,
                   stride_dout_c, stride_ds_b, stride_ds_m, stride_ds_c,
-                  BLOCK_W, BLOCK_T, BLOCK_C, EVEN_C, TILED, CHILDREN=True, MEAN=False, IDX64=IDX64)
+                  BLOCK_W, BLOCK_T, BLOCK_C, EVEN_C, CHILDREN=True, MEAN=False, IDX64=IDX64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -116,7 +116,7 @@ def _upsample_add_bwd(grad_out: torch.Tensor, h: int, w: int, gh: int, gw: int, 
     num_warps = (config or {}).get("num_warps", _NUM_WARPS)
     p = window_plan(grad_out, h, w, gh, gw, children=True, num_warps=num_warps)
     _upsample_add_bwd_kernel[p.grid](
-        grad_out, ds, h, w, gh, gw, c, p.run, p.max_rows, p.max_cols,
+        grad_out, ds, h, w, gh, gw, c, p.run, p.max_rows * p.max_cols,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         ds.stride(0), ds.stride(1), ds.stride(2),
         **p.meta, IDX64=not fits_int32(grad_out, ds), num_warps=num_warps,

@@ -68,7 +68,7 @@ def test_autocast_picks_the_output_dtype(kernels_only):
 
 def test_launchers_small_blocks_and_strides(monkeypatch):
     """Channel blocks smaller than C (several programs per row), x batch-minor, grad_out expanded (stride 0)."""
-    monkeypatch.setattr(mod, "_SILU_MAX_BLOCK_C", 16)
+    monkeypatch.setattr(mod, "_ROW_MAX_BLOCK_C", 16)
     x = torch.randn(40, 3).t()
     grad_out = torch.randn(1, 40).expand(3, 40)
     torch.testing.assert_close(mod.silu_fwd(x, torch.float16), silu_ref(x, torch.float16))

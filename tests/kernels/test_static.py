@@ -12,12 +12,14 @@ recorders in place of the kernels, compiles every distinct variant down to a cub
   `MAX_ATTENTION_SPILL` B of spill per thread;
 - memory-bound kernels: every global access 16 bytes wide except at most `MAX_SCALAR_ACCESSES` 32-bit ones, no
   spill;
+- occupancy: split-K's register-capped forward (sm_90) keeps 3 CTAs per SM; token_pool's forward and upsample_add's
+  backward run 4 waves of programs at B = 32;
 - each gate reports a deliberately broken variant (alignment facts removed; registers capped so that it spills).
 
-The representative set (`--shapes ci`: bf16, 32x32 tokens, G = 10, B = 32, D = 72; token pooling also on 16x16;
-masked channel tails on sm_90; about 85 variants, 3 CPU-minutes) compiles in one subprocess. FLEXDIT_STATIC_FULL=1
-compiles every shape set instead (`--shapes all`, three dtypes, about 650 variants; an fp32 attention variant takes
-minutes on its own).
+The representative set (`--shapes ci`: bf16, 32x32 tokens, G = 10, B = 8, D = 72; token pooling also on 16x16 and
+at B = 32; masked channel tails on sm_90; about 85 variants, 3 CPU-minutes) compiles in one subprocess.
+FLEXDIT_STATIC_FULL=1 compiles every shape set instead (`--shapes all`, three dtypes, about 650 variants; an fp32
+attention variant takes minutes on its own).
 """
 import os
 
@@ -86,6 +88,18 @@ def test_memory_bound_gates(report, arch):
     assert not any(static.gate_memory_bound(v) for v in variants), _failures(variants, static.gate_memory_bound)
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_occupancy_gates(report, arch):
+    """Split-K's forward keeps 3 CTAs per SM (its registers are capped on sm_90 only); the window reductions run 4
+    waves of programs at B = 32."""
+    variants = [v for v in _variants(report, arch) if not static.gate_fits(v)]
+    capped = any(v["kernel"] == "_attention_fwd_kernel" and v["options"].get("maxnreg") for v in variants)
+    assert capped == (arch == 90)
+    assert any(l["shape"].startswith("B=32 ") for v in variants if v["kernel"] in static.WAVE_KERNELS
+               for l in v["launches"])
+    assert not any(static.gate_occupancy(v) for v in variants), _failures(variants, static.gate_occupancy)
+
+
 def test_gates_catch_broken_variants(report):
     """Compiled for real: the width gate sees the lost alignment, the spill gates see the register cap."""
     broken = {v["broken"]: v for v in report["variants"] if v["broken"]}
@@ -123,6 +137,14 @@ def test_gate_rules():
     assert static.gate_attention(_row(spill_stores=limit)) == []
     assert any("spill" in r for r in static.gate_attention(_row(spill_stores=limit + 4)))
     assert any("spill" in r for r in static.gate_memory_bound(_row(spill_loads=4)))
+    # occupancy: a register-capped forward at 2 CTAs per SM, a window reduction at 3.9 waves
+    assert static.gate_occupancy(_row(options={"maxnreg": 168})) == []
+    assert any("CTAs per SM" in r for r in static.gate_occupancy(_row(options={"maxnreg": 168}, ctas_per_sm=2)))
+    assert static.gate_occupancy(_row(ctas_per_sm=2)) == []                 # the uncapped (flash) forward
+    launch = dict(set="model", shape="B=32 N=32x32 G=6 C=1152", ceilings={"H100": {"waves": 3.9}})
+    pool = _row(kernel="_token_pool_fwd_kernel", launches=[launch])
+    assert any("waves" in r for r in static.gate_occupancy(pool))
+    assert static.gate_occupancy(dict(pool, launches=[dict(launch, shape="B=8 N=32x32 G=6 C=1152")])) == []
 
 
 def test_read_sass_and_logs(tmp_path):
@@ -160,6 +182,23 @@ def test_read_sass_and_logs(tmp_path):
     assert static.read_ptxas_log("ptxas info    : Used 255 registers\n    8 bytes stack frame, 1356 bytes spill "
                                  "stores, 1356 bytes spill loads") == \
         {"spill_stores": 1356, "spill_loads": 1356, "stack_frame": 8}
+
+
+def test_cli_speaks_under_the_programs_name(monkeypatch, capsys):
+    """Errors name the program as typed (the console script, or `python -m bench`), not a fixed string."""
+    from bench.__main__ import main
+    monkeypatch.setattr(static, "collect", lambda *a, **k: {"skip": "no CUDA backend"})
+    monkeypatch.setattr("sys.argv", ["/usr/local/bin/flexdit-bench", "static", "--arch", "90"])
+    assert main() == 2
+    assert capsys.readouterr().err.startswith("flexdit-bench static: error: cannot compile for CUDA here")
+
+
+def test_recorder_honours_do_not_specialize():
+    """A `do_not_specialize` integer is neither a constexpr 1 nor known divisible by 16, as JITFunction.run does."""
+    assert static._mangle(1) == ("constexpr", False) and static._mangle(32) == ("i32", True)
+    assert static._mangle(1, specialize=False) == ("i32", False)
+    assert static._mangle(32, specialize=False) == ("i32", False)
+    assert static._mangle(32, align=False) == ("i32", False)
 
 
 def test_cli_rejects_bad_arguments(capsys):

@@ -120,17 +120,21 @@ def test_ref_matches_adaptive_avg_pool2d(hw, grid):
 @pytest.mark.parametrize("size, g", [(16, 6), (16, 8), (16, 10), (32, 6), (32, 10), (7, 4), (9, 1), (5, 5)])
 def test_window_plan(size, g):
     """max_window is the longest window of either rule (the reference's windows; the children of parent_index), and
-    the plan reduces the DiT grids' windows many per tile, G = 1 and 2 one at a time."""
+    the plan splits the DiT grids' windows over enough programs at B = 32, in whole 16-byte vectors."""
     from flexdit_kernels import _launch
     assert _launch.max_window(size, g, False) == max(b - a for a, b in mod._windows(size, g))
     parents = fk.parent_index((1, size), (1, g)).tolist()
     assert _launch.max_window(size, g, True) == max(parents.count(p) for p in range(g))
     x = torch.empty(32, size * size, 1152, dtype=torch.bfloat16)
     plan = _launch.window_plan(x, size, size, g, g, children=False, num_warps=4)
-    assert plan.meta["TILED"] == (_launch.max_window(size, g, False) ** 2 <= 64)
+    block_w, block_t = plan.meta["BLOCK_W"], plan.meta["BLOCK_T"]
+    assert block_t <= _launch.next_pow2(_launch.max_window(size, g, False) ** 2)
     if size in (16, 32) and g >= 6:
-        assert plan.meta["TILED"] and plan.meta["BLOCK_C"] == 128 and plan.meta["BLOCK_W"] == 8   # 16-byte vectors
-    assert not _launch.window_plan(x, 32, 32, 2, 2, children=False, num_warps=4).meta["TILED"]
+        # whole 16-byte vectors per thread to load, at least 4 bytes per thread to store
+        assert plan.meta["BLOCK_C"] == 128 and block_w * block_t in (8, 16, 32) and block_w >= 2
+        assert plan.grid[0] * plan.grid[1] * plan.grid[2] >= 5184          # >= 4 waves of the compiled kernel
+    large = _launch.window_plan(x, 32, 32, 2, 2, children=False, num_warps=4).meta
+    assert large["BLOCK_W"] * large["BLOCK_T"] == 32 and large["BLOCK_T"] > 1     # 4 vectors, many tokens a step
 
 
 # ----------------------------------------------------------------------------------------------------------------
