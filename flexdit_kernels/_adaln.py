@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from ._common import centered_rows, channel_offsets, column_sum, row_tile
-from ._dispatch import autocast_dtype, call_op, custom_op, kernel_variant, register_autograd
+from ._dispatch import autocast_dtype, call_op, custom_op, kernel_variant, register_autograd, run_variant
 from ._launch import cdiv, ctas_per_sm, device_limits, next_pow2, whole_wave_splits
 from ._tune import alternatives
 from ._validate import FLOAT_DTYPES, check_kernel_device, check_tensor, fits_int32
@@ -613,19 +613,16 @@ def _check_fused(x, y, gate, shift, scale) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Each op is a custom op `flexdit::<op>` (torch.compile, tracing, dispatch modes and meta tensors see one opaque
 # node) with a backward custom op; plain eager calls skip the dispatcher through the op's autograd twin
-# (`call_op`). Bodies pick the kernel variant or the reference (`kernel_variant`).
+# (`call_op`). Bodies run the kernel variant or the reference (`run_variant`).
 
 # layernorm_modulate ---------------------------------------------------------------------------------------------
 
 def _layernorm_modulate_body(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
                              out_dtype: torch.dtype) -> torch.Tensor:
-    config = kernel_variant("layernorm_modulate", x, shift, scale, params=(eps, out_dtype),
-                            kernel=lambda *t, config=None: layernorm_modulate_fwd(*t, eps, out_dtype, config),
-                            reference=lambda *t: layernorm_modulate_ref(*t, eps, out_dtype),
-                            space=CONFIGS["layernorm_modulate"])
-    if config is not None:
-        return layernorm_modulate_fwd(x, shift, scale, eps, out_dtype, config)
-    return layernorm_modulate_ref(x, shift, scale, eps, out_dtype)
+    return run_variant("layernorm_modulate", x, shift, scale, params=(eps, out_dtype),
+                       kernel=lambda *t, config=None: layernorm_modulate_fwd(*t, eps, out_dtype, config),
+                       reference=lambda *t: layernorm_modulate_ref(*t, eps, out_dtype),
+                       space=CONFIGS["layernorm_modulate"])
 
 
 _layernorm_modulate_op = custom_op("flexdit::layernorm_modulate", mutates_args=())(_layernorm_modulate_body)
@@ -638,13 +635,10 @@ def _(x, shift, scale, eps, out_dtype):
 
 def _layernorm_modulate_backward_body(grad_out: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, eps: float,
                                       shift_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    config = kernel_variant("layernorm_modulate_backward", grad_out, x, scale, params=(eps, shift_dtype),
-                            kernel=lambda *t, config=None: layernorm_modulate_bwd(*t, eps, shift_dtype, config),
-                            reference=lambda *t: layernorm_modulate_backward_ref(*t, eps, shift_dtype),
-                            space=CONFIGS["layernorm_modulate_backward"])
-    if config is not None:
-        return layernorm_modulate_bwd(grad_out, x, scale, eps, shift_dtype, config)
-    return layernorm_modulate_backward_ref(grad_out, x, scale, eps, shift_dtype)
+    return run_variant("layernorm_modulate_backward", grad_out, x, scale, params=(eps, shift_dtype),
+                       kernel=lambda *t, config=None: layernorm_modulate_bwd(*t, eps, shift_dtype, config),
+                       reference=lambda *t: layernorm_modulate_backward_ref(*t, eps, shift_dtype),
+                       space=CONFIGS["layernorm_modulate_backward"])
 
 
 _layernorm_modulate_backward_op = custom_op("flexdit::layernorm_modulate_backward", mutates_args=())(
@@ -747,11 +741,8 @@ def _(x, y, gate):
 
 def _gated_residual_backward_body(grad_out: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
                                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    config = kernel_variant("gated_residual_backward", grad_out, y, gate, kernel=gated_residual_bwd,
-                            reference=gated_residual_backward_ref, space=CONFIGS["gated_residual_backward"])
-    if config is not None:
-        return gated_residual_bwd(grad_out, y, gate, config)
-    return gated_residual_backward_ref(grad_out, y, gate)
+    return run_variant("gated_residual_backward", grad_out, y, gate, kernel=gated_residual_bwd,
+                       reference=gated_residual_backward_ref, space=CONFIGS["gated_residual_backward"])
 
 
 _gated_residual_backward_op = custom_op("flexdit::gated_residual_backward",
@@ -810,14 +801,11 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, inplace
 def _gated_residual_layernorm_modulate_body(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                                             scale: torch.Tensor, eps: float, out_dtype: torch.dtype
                                             ) -> Tuple[torch.Tensor, torch.Tensor]:
-    config = kernel_variant("gated_residual_layernorm_modulate", x, y, gate, shift, scale, params=(eps, out_dtype),
-                            kernel=lambda *t, config=None: gated_residual_layernorm_modulate_fwd(*t, eps, out_dtype,
-                                                                                                 config),
-                            reference=lambda *t: gated_residual_layernorm_modulate_ref(*t, eps, out_dtype),
-                            space=CONFIGS["gated_residual_layernorm_modulate"])
-    if config is not None:
-        return gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, eps, out_dtype, config)
-    return gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale, eps, out_dtype)
+    return run_variant("gated_residual_layernorm_modulate", x, y, gate, shift, scale, params=(eps, out_dtype),
+                       kernel=lambda *t, config=None: gated_residual_layernorm_modulate_fwd(*t, eps, out_dtype,
+                                                                                            config),
+                       reference=lambda *t: gated_residual_layernorm_modulate_ref(*t, eps, out_dtype),
+                       space=CONFIGS["gated_residual_layernorm_modulate"])
 
 
 _gated_residual_layernorm_modulate_op = custom_op("flexdit::gated_residual_layernorm_modulate", mutates_args=())(
@@ -833,14 +821,11 @@ def _gated_residual_layernorm_modulate_backward_body(
         grad_r: torch.Tensor, grad_u: torch.Tensor, r: torch.Tensor, y: torch.Tensor, gate: torch.Tensor,
         scale: torch.Tensor, eps: float, shift_dtype: torch.dtype
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    config = kernel_variant(
+    return run_variant(
         "gated_residual_layernorm_modulate_backward", grad_r, grad_u, r, y, gate, scale, params=(eps, shift_dtype),
         kernel=lambda *t, config=None: gated_residual_layernorm_modulate_bwd(*t, eps, shift_dtype, config),
         reference=lambda *t: gated_residual_layernorm_modulate_backward_ref(*t, eps, shift_dtype),
         space=CONFIGS["gated_residual_layernorm_modulate_backward"])
-    if config is not None:
-        return gated_residual_layernorm_modulate_bwd(grad_r, grad_u, r, y, gate, scale, eps, shift_dtype, config)
-    return gated_residual_layernorm_modulate_backward_ref(grad_r, grad_u, r, y, gate, scale, eps, shift_dtype)
 
 
 _gated_residual_layernorm_modulate_backward_op = custom_op(
@@ -900,12 +885,9 @@ def gated_residual_layernorm_modulate(x: torch.Tensor, y: torch.Tensor, gate: to
 # silu -----------------------------------------------------------------------------------------------------------
 
 def _silu_body(x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    config = kernel_variant("silu", x, params=(out_dtype,),
-                            kernel=lambda t, config=None: silu_fwd(t, out_dtype, config),
-                            reference=lambda t: silu_ref(t, out_dtype), space=CONFIGS["silu"])
-    if config is not None:
-        return silu_fwd(x, out_dtype, config)
-    return silu_ref(x, out_dtype)
+    return run_variant("silu", x, params=(out_dtype,),
+                       kernel=lambda t, config=None: silu_fwd(t, out_dtype, config),
+                       reference=lambda t: silu_ref(t, out_dtype), space=CONFIGS["silu"])
 
 
 _silu_op = custom_op("flexdit::silu", mutates_args=())(_silu_body)
@@ -917,11 +899,8 @@ def _(x, out_dtype):
 
 
 def _silu_backward_body(grad_out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    config = kernel_variant("silu_backward", grad_out, x, kernel=silu_bwd, reference=silu_backward_ref,
-                            space=CONFIGS["silu_backward"])
-    if config is not None:
-        return silu_bwd(grad_out, x, config)
-    return silu_backward_ref(grad_out, x)
+    return run_variant("silu_backward", grad_out, x, kernel=silu_bwd, reference=silu_backward_ref,
+                       space=CONFIGS["silu_backward"])
 
 
 _silu_backward_op = custom_op("flexdit::silu_backward", mutates_args=())(_silu_backward_body)

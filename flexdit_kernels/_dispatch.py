@@ -173,6 +173,13 @@ def kernel_variant(op: str, *tensors: torch.Tensor, kernel=None, reference=None,
                                    space=space, derive=derive), f"tune={_tune.mode()}")
 
 
+def run_variant(op: str, *tensors: torch.Tensor, kernel, reference, **kwargs):
+    """`op` on these tensors: `kernel(*tensors, config=...)` in the variant `kernel_variant` chooses, else
+    `reference(*tensors)` (the same arguments as `kernel_variant`)."""
+    config = kernel_variant(op, *tensors, kernel=kernel, reference=reference, **kwargs)
+    return reference(*tensors) if config is None else kernel(*tensors, config=config)
+
+
 _routes: Dict[str, str] = {}
 
 

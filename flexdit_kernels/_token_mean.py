@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import call_op, custom_op, kernel_variant, register_autograd
+from ._dispatch import call_op, custom_op, register_autograd, run_variant
 from ._launch import cdiv, next_pow2, run_length, wave_programs
 from ._tune import alternatives
 from ._validate import check_kernel_device, fits_int32, mean_args, mean_backward_args
@@ -247,24 +247,18 @@ def token_mean_bwd(grad_out: torch.Tensor, x: torch.Tensor, eps: float = 1e-6) -
 
 def _forward(x: torch.Tensor, eps: float) -> torch.Tensor:
     b, n, c = x.shape
-    config = kernel_variant("token_mean", x, batch=b, tokens=n, channels=c, params=(eps,),
-                            kernel=lambda t, config=None: _token_mean_fwd(t, eps, config),
-                            reference=lambda t: token_mean_ref(t, eps), space=CONFIGS["token_mean"])
-    if config is not None:
-        return _token_mean_fwd(x, eps, config)
-    return token_mean_ref(x, eps)
+    return run_variant("token_mean", x, batch=b, tokens=n, channels=c, params=(eps,),
+                       kernel=lambda t, config=None: _token_mean_fwd(t, eps, config),
+                       reference=lambda t: token_mean_ref(t, eps), space=CONFIGS["token_mean"])
 
 
 def _backward(grad_out: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
     b, n, c = x.shape
-    config = kernel_variant("token_mean_backward", grad_out, x, batch=b, tokens=n, channels=c, params=(eps,),
-                            kernel=lambda g, t, config=None: _token_mean_bwd(g, t, eps, config),
-                            reference=lambda g, t: token_mean_backward_ref(g, t, eps),
-                            space=CONFIGS["token_mean_backward"])
-    if config is not None:
-        return _token_mean_bwd(grad_out, x, eps, config)
-    return token_mean_backward_ref(grad_out, x, eps)
+    return run_variant("token_mean_backward", grad_out, x, batch=b, tokens=n, channels=c, params=(eps,),
+                       kernel=lambda g, t, config=None: _token_mean_bwd(g, t, eps, config),
+                       reference=lambda g, t: token_mean_backward_ref(g, t, eps),
+                       space=CONFIGS["token_mean_backward"])
 
 
 @custom_op("flexdit::token_mean", mutates_args=())

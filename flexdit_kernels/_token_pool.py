@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ._common import channel_offsets, window_reduce, window_span
-from ._dispatch import call_op, custom_op, kernel_variant, register_autograd
+from ._dispatch import call_op, custom_op, register_autograd, run_variant
 from ._launch import _WINDOW_RUN, token_plan, window_plan
 from ._tune import alternatives
 from ._validate import Grid, check_kernel_device, fits_int32, pool_args, pool_backward_args
@@ -167,26 +167,20 @@ def token_pool_bwd(grad_out: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor
 def _forward(x: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
     (h, w), (gh, gw) = hw, grid
     b, n, c = x.shape
-    config = kernel_variant("token_pool", x, batch=b, tokens=n, sparse=gh * gw, channels=c, params=(h, w, gh, gw),
-                            kernel=lambda t, config=None: _token_pool_fwd(t, h, w, gh, gw, config),
-                            reference=lambda t: token_pool_ref(t, hw, grid), space=CONFIGS["token_pool"])
-    if config is not None:
-        return _token_pool_fwd(x, h, w, gh, gw, config)
-    return token_pool_ref(x, hw, grid)
+    return run_variant("token_pool", x, batch=b, tokens=n, sparse=gh * gw, channels=c, params=(h, w, gh, gw),
+                       kernel=lambda t, config=None: _token_pool_fwd(t, h, w, gh, gw, config),
+                       reference=lambda t: token_pool_ref(t, hw, grid), space=CONFIGS["token_pool"])
 
 
 def _backward(grad_out: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
     # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
     (h, w), (gh, gw) = hw, grid
     b, m, c = grad_out.shape
-    config = kernel_variant("token_pool_backward", grad_out, batch=b, tokens=h * w, sparse=m, channels=c,
-                            params=(h, w, gh, gw),
-                            kernel=lambda g, config=None: _token_pool_bwd(g, h, w, gh, gw, config),
-                            reference=lambda g: token_pool_backward_ref(g, hw, grid),
-                            space=CONFIGS["token_pool_backward"])
-    if config is not None:
-        return _token_pool_bwd(grad_out, h, w, gh, gw, config)
-    return token_pool_backward_ref(grad_out, hw, grid)
+    return run_variant("token_pool_backward", grad_out, batch=b, tokens=h * w, sparse=m, channels=c,
+                       params=(h, w, gh, gw),
+                       kernel=lambda g, config=None: _token_pool_bwd(g, h, w, gh, gw, config),
+                       reference=lambda g: token_pool_backward_ref(g, hw, grid),
+                       space=CONFIGS["token_pool_backward"])
 
 
 @custom_op("flexdit::token_pool", mutates_args=())

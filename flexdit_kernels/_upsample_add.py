@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from ._common import channel_offsets, window_reduce
-from ._dispatch import call_op, custom_op, kernel_variant, register_autograd
+from ._dispatch import call_op, custom_op, register_autograd, run_variant
 from ._launch import _WINDOW_RUN, token_plan, window_plan
 from ._tune import alternatives
 from ._validate import Grid, check_kernel_device, fits_int32, upsample_args, upsample_backward_args
@@ -149,27 +149,21 @@ def upsample_add_bwd(grad_out: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tens
 def _forward(sparse: torch.Tensor, dense: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
     (h, w), (gh, gw) = hw, grid
     b, n, c = dense.shape
-    config = kernel_variant("upsample_add", sparse, dense, batch=b, tokens=n, sparse=gh * gw, channels=c,
-                            params=(h, w, gh, gw),
-                            kernel=lambda s, d, config=None: _upsample_add_fwd(s, d, h, w, gh, gw, config),
-                            reference=lambda s, d: upsample_add_ref(s, d, hw, grid), space=CONFIGS["upsample_add"])
-    if config is not None:
-        return _upsample_add_fwd(sparse, dense, h, w, gh, gw, config)
-    return upsample_add_ref(sparse, dense, hw, grid)
+    return run_variant("upsample_add", sparse, dense, batch=b, tokens=n, sparse=gh * gw, channels=c,
+                       params=(h, w, gh, gw),
+                       kernel=lambda s, d, config=None: _upsample_add_fwd(s, d, h, w, gh, gw, config),
+                       reference=lambda s, d: upsample_add_ref(s, d, hw, grid), space=CONFIGS["upsample_add"])
 
 
 def _backward(grad_out: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) -> torch.Tensor:
     # No .contiguous(): the kernel reads any strides (e.g. the stride-0 gradient of a .sum()).
     (h, w), (gh, gw) = hw, grid
     b, n, c = grad_out.shape
-    config = kernel_variant("upsample_add_backward", grad_out, batch=b, tokens=n, sparse=gh * gw, channels=c,
-                            params=(h, w, gh, gw),
-                            kernel=lambda g, config=None: _upsample_add_bwd(g, h, w, gh, gw, config),
-                            reference=lambda g: upsample_add_backward_ref(g, hw, grid),
-                            space=CONFIGS["upsample_add_backward"])
-    if config is not None:
-        return _upsample_add_bwd(grad_out, h, w, gh, gw, config)
-    return upsample_add_backward_ref(grad_out, hw, grid)
+    return run_variant("upsample_add_backward", grad_out, batch=b, tokens=n, sparse=gh * gw, channels=c,
+                       params=(h, w, gh, gw),
+                       kernel=lambda g, config=None: _upsample_add_bwd(g, h, w, gh, gw, config),
+                       reference=lambda g: upsample_add_backward_ref(g, hw, grid),
+                       space=CONFIGS["upsample_add_backward"])
 
 
 @custom_op("flexdit::upsample_add", mutates_args=())
