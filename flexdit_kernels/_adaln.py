@@ -9,7 +9,7 @@ import triton.language as tl
 
 from ._common import centered_rows, channel_offsets, column_sum, row_tile
 from ._dispatch import autocast_dtype, call_op, custom_op, kernel_variant, register_autograd, run_variant
-from ._launch import cdiv, ctas_per_sm, device_limits, next_pow2, whole_wave_splits
+from ._launch import WAVES, cdiv, ctas_per_sm, device_limits, next_pow2, wave_split, whole_wave_splits
 from ._tune import alternatives
 from ._validate import FLOAT_DTYPES, check_kernel_device, check_tensor, fits_int32
 
@@ -193,7 +193,9 @@ def _silu_bwd_kernel(DOUT, X, DX, n_channels, stride_dout_b, stride_dout_c, stri
 # - forward: the most rows per program that still leave _FWD_WAVES waves of programs (a short last wave then costs
 #   little), down to _MIN_TILE values; where none does, the tile with the most waves;
 # - backward: whole rows take BLOCK_N = 1 or 2 per step, whichever keeps more rows in flight on the device (resident
-#   programs x BLOCK_N; the tie to 1); the token splits fill whole waves (`whole_wave_splits`).
+#   programs x BLOCK_N; the tie to 1); the token splits fill whole waves (`whole_wave_splits`): at B = 32 one wave,
+#   each program walking its rows. The config space's `waves` variant splits the tokens into WAVES waves instead,
+#   writing as many more fp32 partial rows for the column sums to read back.
 MAX_CHANNELS = 16384
 _TILE = 4096
 _MIN_TILE = 2048
@@ -253,10 +255,12 @@ def _fwd_space(x: torch.Tensor, has_norm: bool) -> List[Dict[str, int]]:
 
 
 def _bwd_space(x: torch.Tensor, has_norm: bool) -> List[Dict[str, int]]:
-    """The backward's token tiles around the heuristic's base tile (half, base, double), as configurations."""
+    """The backward's token tiles around the heuristic's base tile (half, base, double), and the heuristic's tile
+    with the token splits that make WAVES waves (`waves`), as configurations."""
     n, c = x.shape[1], x.shape[2]
     base = max(1, min(_BWD_TILE // ((2 if has_norm else 1) * _channel_block(c, has_norm)[0]), next_pow2(n)))
-    return [{"BLOCK_N": bn} for bn in sorted({max(1, base // 2), base, min(2 * base, next_pow2(n))})]
+    return [{"BLOCK_N": bn} for bn in sorted({max(1, base // 2), base, min(2 * base, next_pow2(n))})] + [
+        {"waves": WAVES}]
 
 
 def _silu_space(x: torch.Tensor) -> List[Dict[str, int]]:
@@ -266,8 +270,9 @@ def _silu_space(x: torch.Tensor) -> List[Dict[str, int]]:
 
 
 # The launchers' config spaces besides their heuristics (`config` of each launcher: the token tile BLOCK_N, whose
-# warps follow from it as the heuristic's do; silu's channel block BLOCK_C), checked and timed per device and shape
-# by `_tune` (docs/kernels.md, "Tuning"). Keyed by op, called with the op's tensors.
+# warps follow from it as the heuristic's do; the backward's `waves`, token splits for that many waves; silu's
+# channel block BLOCK_C), checked and timed per device and shape by `_tune` (docs/kernels.md, "Tuning"). Keyed by
+# op, called with the op's tensors.
 CONFIGS = {
     "layernorm_modulate": lambda x, shift, scale: _fwd_space(x, True),
     "gated_residual": lambda x, y, gate: _fwd_space(x, False),
@@ -325,7 +330,9 @@ def _launch_bwd(dr, du, h, y, gate, scale, dx, dy, eps: float, has_residual: boo
                 config=None) -> torch.Tensor:
     """Launch the backward kernel; returns the fp32 partial sums over token splits, (3, B, splits, C): dgate,
     dshift, dscale (rows of the absent ones unwritten). dr, y, gate, dy are given with HAS_RESIDUAL; du, h, scale, dx
-    with HAS_NORM; absent ones as present ones, never read."""
+    with HAS_NORM; absent ones as present ones, never read. `config`: a BLOCK_N of `CONFIGS` instead of the
+    heuristic's, or `waves`: the fewest token splits that make that many waves (`wave_split`) instead of the ones
+    that finish in the fewest whole waves."""
     rows = dr if has_residual else du
     b, n, c = rows.shape
     dr, y, gate, dy = (dr, y, gate, dy) if has_residual else (du, du, scale, dx)
@@ -346,7 +353,8 @@ def _launch_bwd(dr, du, h, y, gate, scale, dx, dy, eps: float, has_residual: boo
     block_n = max(1, min(_BWD_TILE // (live * block_c), next_pow2(n)))
     best = None
     tiles = (block_n, 2 * block_n) if has_norm and block_n < next_pow2(n) else (block_n,)
-    for bn in (config["BLOCK_N"],) if config else tiles:
+    config = config or {}
+    for bn in (config["BLOCK_N"],) if "BLOCK_N" in config else tiles:
         num_warps = _num_warps(live * bn * block_c)
         wave = _resident(("bwd", has_residual, has_norm, bn) + dtypes, num_warps, rows.device,
                          lambda: _adaln_bwd_kernel.warmup(*args(bn, _parts(b, 1, c, rows.device)), BLOCK_N=bn,
@@ -355,7 +363,10 @@ def _launch_bwd(dr, du, h, y, gate, scale, dx, dy, eps: float, has_residual: boo
             best = (wave, bn, num_warps)
     wave, block_n, num_warps = best
     n_blocks = cdiv(n, block_n)
-    per_split = cdiv(n_blocks, _whole_wave_splits(b * c_blocks, n_blocks, wave)) * block_n
+    if config.get("waves"):
+        per_split = wave_split(b * c_blocks, n_blocks, wave, config["waves"]) * block_n
+    else:
+        per_split = cdiv(n_blocks, _whole_wave_splits(b * c_blocks, n_blocks, wave)) * block_n
     n_splits = cdiv(n, per_split)
     parts = _parts(b, n_splits, c, rows.device)
     _adaln_bwd_kernel[(b, n_splits, c_blocks)](*args(per_split, parts), BLOCK_N=block_n, **flags,

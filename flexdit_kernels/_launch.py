@@ -137,7 +137,13 @@ def compiled_ctas_per_sm(kernel, device: Optional[torch.device], default: int, *
 # Token tiles and grids of the pooling ops (token_pool, upsample_add, token_mean)
 # ----------------------------------------------------------------------------------------------------------------
 
-def wave_programs(device: Optional[torch.device], num_warps: int, waves: int = 4) -> int:
+# The occupancy target of the memory-bound kernels: at least this many waves of programs, so that a short last wave
+# leaves few SMs idle. The config spaces of the reductions that keep fewer to save partial-sum traffic offer a
+# variant that reaches it (`wave_split`).
+WAVES = 4
+
+
+def wave_programs(device: Optional[torch.device], num_warps: int, waves: int = WAVES) -> int:
     """Programs that make at least `waves` waves of a num_warps kernel on the device, whatever registers and shared
     memory the compiler gives it: the threads and blocks limits bound the resident programs from above."""
     limits = device_limits(device)
@@ -252,6 +258,16 @@ def token_plan(t: torch.Tensor, num_warps: int, max_run: int = _WINDOW_RUN) -> T
     c_blocks = cdiv(c, block_c)
     run = block_n * run_length(cdiv(n, block_n), b * c_blocks, wave_programs(t.device, num_warps), max_run)
     return (c_blocks, cdiv(n, run), b), run, dict(BLOCK_N=block_n, BLOCK_C=block_c, EVEN_C=even_c)
+
+
+def wave_split(n_programs: int, n_blocks: int, wave: int, waves: int) -> int:
+    """Blocks per split of each of n_programs reductions over n_blocks blocks: the most whose grid, n_programs ·
+    ceil(n_blocks / blocks per split) programs, makes at least `waves` waves of `wave` resident programs; 1 (each
+    block a program of its own) when none does."""
+    want = cdiv(waves * wave, n_programs)
+    if want <= 1:
+        return n_blocks
+    return max(1, (n_blocks - 1) // (want - 1))         # the most blocks per split that leave `want` splits
 
 
 def whole_wave_splits(n_programs: int, n_blocks: int, wave: int) -> int:

@@ -7,7 +7,8 @@ import triton
 import triton.language as tl
 
 from ._dispatch import call_op, custom_op, register_autograd, run_variant
-from ._launch import cdiv, next_pow2, run_length, wave_programs
+from ._launch import (WAVES, cdiv, compiled_ctas_per_sm, ctas_per_sm, device_limits, next_pow2, resident_programs,
+                      run_length, wave_programs, wave_split)
 from ._tune import alternatives
 from ._validate import check_kernel_device, fits_int32, mean_args, mean_backward_args
 
@@ -160,14 +161,35 @@ def _run(n_tokens: int, n_batch: int, block_n: int, min_run: int, num_warps: int
     return block_n * min_tiles * grow
 
 
-# The launchers' config spaces besides their heuristics (`config`: num_warps, which sets the token tile with it),
-# checked and timed per device and shape by `_tune` (docs/kernels.md, "Tuning").
+# NOTE: registers per thread of the forward kernel at _PER_THREAD values per thread (`python -m bench static`: sm_90
+# and sm_80 with triton 3.6, sm_90 with 3.9): off the GPU they give the CTAs per SM that `_fwd_run` counts waves in.
+_FWD_REGS = 64
+
+
+def _fwd_run(x: torch.Tensor, block_n: int, block_c: int, num_warps: int, waves: int) -> int:
+    """Tokens per program of the forward. waves = 0: the heuristic (`_run`: runs of at least _MIN_FWD_RUN tokens).
+    Else the longest run of whole tiles whose grid makes `waves` waves of the compiled kernel's resident programs,
+    one tile where none does: more, shorter programs, each writing its own fp32 partial row."""
+    b, n, c = x.shape
+    if not waves:
+        return _run(n, b, block_n, _MIN_FWD_RUN, num_warps, x.device)
+    idx64 = not fits_int32(x)
+    per_sm = compiled_ctas_per_sm(
+        _token_mean_fwd_kernel, x.device, ctas_per_sm(_FWD_REGS, num_warps, 0, device_limits(x.device))[0],
+        x, torch.empty(1, device=x.device, dtype=torch.float32), n, c, block_n, 1e-6, *x.stride(), c, c, 1,
+        BLOCK_N=block_n, BLOCK_C=block_c, FINAL=False, IDX64=idx64, num_warps=num_warps)
+    return block_n * wave_split(b, cdiv(n, block_n), resident_programs(x.device, per_sm), waves)
+
+
+# The launchers' config spaces besides their heuristics (`config`: num_warps, which sets the token tile with it; the
+# forward's `waves`, runs that reach WAVES waves of programs, see `_fwd_run`), checked and timed per device and
+# shape by `_tune` (docs/kernels.md, "Tuning").
 def _warps_space(x: torch.Tensor) -> list:
     return alternatives({"num_warps": _blocks(x.shape[1], x.shape[2])[2]}, num_warps=(4, 8, 16))
 
 
 CONFIGS = {
-    "token_mean": _warps_space,
+    "token_mean": lambda x: _warps_space(x) + [{"waves": WAVES}],
     "token_mean_backward": lambda g, x: _warps_space(x),
 }
 
@@ -177,8 +199,9 @@ def _token_mean_fwd(x: torch.Tensor, eps: float, config=None) -> torch.Tensor:
     out = torch.empty((b, c), device=x.device, dtype=x.dtype)
     if b == 0:
         return out
-    block_n, block_c, num_warps = _blocks(n, c, (config or {}).get("num_warps", 0))
-    run = _run(n, b, block_n, _MIN_FWD_RUN, num_warps, x.device)
+    config = config or {}
+    block_n, block_c, num_warps = _blocks(n, c, config.get("num_warps", 0))
+    run = _fwd_run(x, block_n, block_c, num_warps, config.get("waves", 0))
     n_runs = cdiv(n, run)
     idx64 = not fits_int32(x)
     if n_runs == 1:

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 import flexdit_kernels as fk
-from flexdit_kernels import _adaln, _attention, _dispatch, _token_mean, _token_pool, _tune, _upsample_add
+from flexdit_kernels import _adaln, _attention, _dispatch, _launch, _token_mean, _token_pool, _tune, _upsample_add
+
+from .grid_cases import patch_sm_count
+from .guard import check_gaps, guard_allocations, guarded
 
 
 @pytest.fixture(autouse=True)
@@ -148,6 +151,104 @@ def test_every_configuration_of_the_spaces_is_right():
         expected = launch(None)
         for config in configs:
             torch.testing.assert_close(launch(config), expected, msg=lambda m, c=config: f"{c}: {m}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The `waves` variants: runs and token splits that make WAVES waves of programs
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_wave_split_reaches_the_waves_with_the_longest_splits():
+    for n_programs in (1, 7, 32, 288):
+        for n_blocks in (1, 5, 50, 128, 512):
+            for wave in (1, 264, 528):
+                per = _launch.wave_split(n_programs, n_blocks, wave, 4)
+                programs = n_programs * _launch.cdiv(n_blocks, per)
+                assert 1 <= per <= n_blocks
+                assert programs >= 4 * wave or per == 1                  # the waves, or every block its own program
+                assert per == n_blocks or n_programs * _launch.cdiv(n_blocks, per + 1) < 4 * wave   # the longest
+
+
+def test_the_waves_variants_at_the_model_shapes():
+    """Off the GPU the launch sizes are the H100's (132 SMs) with the sm_90 compile's registers: token_mean's
+    forward at B = 32, N = 256 runs single tiles of 4 tokens (2,048 programs, 3.9 waves at 4 CTAs per SM) instead of
+    runs of 16; the LayerNorm-modulate backward at B = 32, N = 1024 takes 35 token splits (4.2 waves at 2 CTAs per
+    SM) instead of 8."""
+    assert {"waves": _launch.WAVES} in _token_mean.CONFIGS["token_mean"](torch.empty(2, 8, 16))
+    x = torch.empty(32, 256, 1152, dtype=torch.bfloat16, device="meta")
+    assert _token_mean._fwd_run(x, 4, 2048, 8, 0) == 16
+    assert _token_mean._fwd_run(x, 4, 2048, 8, _launch.WAVES) == 4
+    t, y, gate, _, scale = _adaln_inputs()
+    for op, args in (("layernorm_modulate_backward", (y, t, scale)), ("gated_residual_backward", (t, y, gate)),
+                     ("gated_residual_layernorm_modulate_backward", (t, y, t, y, gate, scale))):
+        assert {"waves": _launch.WAVES} in _adaln.CONFIGS[op](*args)
+    wave = _adaln._resident(("bwd", False, True, 2), 8, x.device, None)
+    assert wave == 264
+    assert _launch.wave_split(32, 512, wave, _launch.WAVES) == 15                      # 35 splits of 30 tokens
+
+
+WAVES_DTYPES = [(torch.float32, 1e-5), (torch.float16, 3e-3)]
+
+
+@pytest.mark.parametrize("dtype, atol", WAVES_DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("b, n, c, sms, waves", [(2, 37, 200, None, 4), (1, 1, 24, None, 4), (1, 37, 1100, 1, 1)],
+                         ids=["runs-of-one-tile", "N1", "runs-of-three-tiles"])
+def test_token_mean_waves_variant(monkeypatch, b, n, c, sms, waves, dtype, atol):
+    """token_mean's forward with the `waves` configuration, inputs in NaN guard buffers and the workspace in a
+    sentinel one, against the reference: runs of one 16-token tile (the H100's 4 waves need more programs than the
+    shape has tiles), one token, and (one SM, 1 wave) runs of three 4-token tiles, the last one a single token."""
+    if sms is not None:
+        patch_sm_count(monkeypatch, sms)
+    x = guarded((torch.randn(b, n, c) * 2 + 1).to(dtype))
+    with guard_allocations() as allocs:
+        out = _token_mean._token_mean_fwd(x, 1e-6, {"waves": waves})
+    allocs.check()
+    check_gaps(x, "x")
+    torch.testing.assert_close(out, fk.token_mean_ref(x), atol=atol, rtol=atol)
+
+
+def _backward_launch(op, b, n, c, dtype):
+    """(guarded inputs, launch(config), reference()) of an adaLN backward op: fp32 residual stream and gradient,
+    `dtype` branch, LayerNorm-modulate gradient and modulation (chunks of one guarded (B, 6C) projection)."""
+    x32 = guarded(torch.randn(b, n, c) * 2 + 1)
+    y, du = (guarded(torch.randn(b, n, c).to(dtype)) for _ in range(2))
+    dr = guarded(torch.randn(b, n, c))
+    ada = guarded(torch.randn(b, 6 * c).to(dtype))
+    gate, scale = ada[:, 2 * c:3 * c], ada[:, 4 * c:5 * c]
+    guards = (x32, y, du, dr, ada)
+    if op == "layernorm_modulate_backward":
+        args = (du, x32, scale)
+        return guards, lambda cfg: _adaln.layernorm_modulate_bwd(*args, config=cfg), \
+            lambda: _adaln.layernorm_modulate_backward_ref(*args)
+    if op == "gated_residual_backward":
+        args = (dr, y, gate)
+        return guards, lambda cfg: _adaln.gated_residual_bwd(*args, config=cfg), \
+            lambda: _adaln.gated_residual_backward_ref(*args)
+    args = (dr, du, x32, y, gate, scale)
+    return guards, lambda cfg: _adaln.gated_residual_layernorm_modulate_bwd(*args, config=cfg), \
+        lambda: _adaln.gated_residual_layernorm_modulate_backward_ref(*args)
+
+
+@pytest.mark.parametrize("dtype, atol", WAVES_DTYPES, ids=["fp32", "fp16"])
+@pytest.mark.parametrize("b, n, c, wave", [(2, 23, 40, 2), (1, 1, 24, None), (2, 37, 72, None)],
+                         ids=["splits-of-3-tiles", "L1", "splits-of-one-tile"])
+@pytest.mark.parametrize("op", ["layernorm_modulate_backward", "gated_residual_backward",
+                                "gated_residual_layernorm_modulate_backward"])
+def test_adaln_backward_waves_variant(monkeypatch, op, b, n, c, wave, dtype, atol):
+    """The adaLN backward ops with the `waves` configuration, inputs in NaN guard buffers and the partial sums in
+    sentinel ones, against the references: token splits of one BLOCK_N (the H100's 4 waves need more programs than
+    these shapes have tiles), one token, and (two resident programs, 2-token tiles) 4 splits of 6, 6, 6 and 5
+    tokens, 3 steps each but the last."""
+    if wave is not None:
+        monkeypatch.setattr(_adaln, "_BWD_TILE", 128)
+        monkeypatch.setattr(_adaln, "_resident", lambda *args: wave)
+    guards, launch, reference = _backward_launch(op, b, n, c, dtype)
+    with guard_allocations() as allocs:
+        got = launch({"waves": _launch.WAVES})
+    allocs.check()
+    for i, t in enumerate(guards):
+        check_gaps(t, f"input {i}")
+    for g, w in zip(got, reference()):
+        torch.testing.assert_close(g, w, atol=atol * max(n, 1), rtol=atol)
 
 
 # ----------------------------------------------------------------------------------------------------------------
