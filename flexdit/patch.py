@@ -10,7 +10,6 @@ served too), and the host's forward hook, run even when the forward raises, clea
 import copy
 import functools
 import inspect
-import types
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -487,12 +486,12 @@ def apply_patch(model, plan=None, schedule=None):
     if target == "dit":   # facebookresearch DiT's forward_with_cfg calls self.forward, which skips the host's hooks
         rec.handles.append(module.t_embedder.register_forward_pre_hook(functools.partial(_begin_dit, rec, token_grid)))
     if hasattr(module, "save_pretrained"):   # it would write blocks that from_pretrained reloads at random
-        module.save_pretrained = types.MethodType(_refuse_save_pretrained, module)
+        module.save_pretrained = functools.partial(_refuse_save_pretrained, type(module).__name__)
     return model
 
 
-def _refuse_save_pretrained(self, *args, **kwargs):
-    raise ValueError(f"this {type(self).__name__} is patched by flexdit: from_pretrained would reload its FlexDiT "
+def _refuse_save_pretrained(host: str, *args, **kwargs):
+    raise ValueError(f"this {host} is patched by flexdit: from_pretrained would reload its FlexDiT "
                      "layers as randomly initialised dense blocks. Use flexdit.save_patched(model, DIR) and "
                      "flexdit.load_patched(DIR), or flexdit.remove_patch(model) first to save the dense model")
 

@@ -356,6 +356,24 @@ def test_an_accelerate_hook_keeps_its_forward():
             assert hook.calls == 2
 
 
+@pytest.mark.parametrize("target", ["dit", "diffusers-dit"])
+def test_a_patched_model_pickles(target):
+    """torch.save / torch.load of the whole patched module: the hooks and the record travel with it."""
+    import io
+    host = apply_patch(HOSTS[target](), TOY_PLAN)
+    buf = io.BytesIO()
+    torch.save(host, buf)
+    twin = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    x, t, y = toy_inputs()
+    with fk.backend("reference"), torch.no_grad():
+        torch.testing.assert_close(call(twin, target, x, t, y), call(host, target, x, t, y), rtol=0, atol=0)
+    if target == "diffusers-dit":
+        with pytest.raises(ValueError, match="patched by flexdit"):
+            twin.save_pretrained("unused")
+    remove_patch(twin)
+    assert not is_patched(twin) and not twin._forward_pre_hooks and "save_pretrained" not in twin.__dict__
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Refusals
 # ----------------------------------------------------------------------------------------------------------------
