@@ -237,7 +237,7 @@ class _Record:
     checkpointing: bool = False          # the host's gradient checkpointing, handed to the layers for the call
 
 
-_TARGETS = {  # target → (block list, block class name, latent argument, timestep argument)
+_TARGETS = {  # target → (block list, block class name, latent argument, timestep argument of the host's forward)
     "dit": ("blocks", "DiTBlock", "x", "t"),
     "diffusers-dit": ("transformer_blocks", "BasicTransformerBlock", "hidden_states", "timestep"),
     "pixart-alpha": ("transformer_blocks", "BasicTransformerBlock", "hidden_states", "timestep"),
@@ -490,8 +490,8 @@ def apply_patch(model, plan=None, schedule=None):
     return model
 
 
-def _refuse_save_pretrained(host: str, *args, **kwargs):
-    raise ValueError(f"this {host} is patched by flexdit: from_pretrained would reload its FlexDiT "
+def _refuse_save_pretrained(name: str, *args, **kwargs):
+    raise ValueError(f"this {name} is patched by flexdit: from_pretrained would reload its FlexDiT "
                      "layers as randomly initialised dense blocks. Use flexdit.save_patched(model, DIR) and "
                      "flexdit.load_patched(DIR), or flexdit.remove_patch(model) first to save the dense model")
 

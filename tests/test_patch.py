@@ -230,6 +230,11 @@ def test_deepcopy_and_device_moves_follow_the_patch():
         remove_patch(twin.double())
         assert twin.blocks[0].attn.qkv.weight.dtype == torch.float64  # the originals follow a cast
         assert is_patched(dit) and not is_patched(twin)
+        assert not (twin._forward_pre_hooks or twin.t_embedder._forward_pre_hooks)   # the twin's own hooks went
+        out = dit(x, t, y)                                                               # the original's stay
+        assert len(dit._forward_pre_hooks) == len(dit.t_embedder._forward_pre_hooks) == 1
+    torch.testing.assert_close(remove_patch(dit)(x, t, y), twin.float()(x, t, y), rtol=0, atol=0)
+    assert not torch.equal(out, twin(x, t, y))
 
 
 # ----------------------------------------------------------------------------------------------------------------
