@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .patch import _RECORD, _host   # _host: the model, or a pipeline's `.transformer`
+from .patch import host_module, patch_record
 
 __all__ = ["DEFAULT_TARGETS", "FUSION", "add_lora", "lora_targets", "save_adapters", "load_adapters", "merge_lora",
            "trainable_state_dict", "lora_info", "parse_targets"]
@@ -66,7 +66,7 @@ def lora_targets(model: nn.Module, targets=None) -> list[str]:
 
 
 def _plan_of(module) -> str | None:
-    rec = module.__dict__.get(_RECORD)
+    rec = patch_record(module)
     plan = rec.plan if rec is not None else getattr(getattr(module, "config", None), "plan", None)
     return None if plan is None or isinstance(plan, dict) else str(plan)
 
@@ -79,7 +79,7 @@ def add_lora(model, rank: int, targets=None, alpha: float | None = None, modules
     `lora_info(model)["modules"]` lists the adapted modules.
     """
     from peft import LoraConfig, inject_adapter_in_model
-    module = _host(model)
+    module = host_module(model)
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
     alpha = float(rank if alpha is None else alpha)
@@ -99,14 +99,14 @@ def add_lora(model, rank: int, targets=None, alpha: float | None = None, modules
 
 def lora_info(model) -> dict | None:
     """{"rank", "alpha", "targets", "modules"} of the adapters in `model`, None without adapters."""
-    return _host(model).__dict__.get(HEADER)
+    return host_module(model).__dict__.get(HEADER)
 
 
 def trainable_state_dict(model, state_dict=None) -> dict:
     """What a LoRA run trains: the LoRA weights (peft's names, without the adapter name) and the fusion weights,
     taken from `state_dict` (a gathered copy of a sharded model's, module names as keys) when given."""
     from peft import get_peft_model_state_dict
-    module = _host(model)
+    module = host_module(model)
     source = dict(module.named_parameters()) if state_dict is None else state_dict
     state = dict(get_peft_model_state_dict(module, state_dict=state_dict))
     state.update({name: p for name, p in source.items() if _is_fusion(name)})
@@ -118,7 +118,7 @@ def save_adapters(model, path, state_dict=None) -> Path:
     plan) to one safetensors file, atomically. `state_dict` replaces `trainable_state_dict(model)` (a gathered copy
     of a sharded model's)."""
     from safetensors.torch import save_file
-    module = _host(model)
+    module = host_module(model)
     info = module.__dict__.get(HEADER)
     if info is None:
         raise ValueError("model has no LoRA adapters (add_lora or load_adapters first)")
@@ -157,7 +157,7 @@ def load_adapters(model, path, merge: bool = False):
     adapters into the base weights (plain `nn.Linear` again). Returns `model`. ValueError naming the file on a
     plan or key mismatch."""
     from peft import set_peft_model_state_dict
-    module = _host(model)
+    module = host_module(model)
     header, tensors = read_adapters(path)
     plan = _plan_of(module)
     if header.get("plan") != plan:
@@ -195,7 +195,7 @@ def merge_lora(model):
     """Fold every LoRA adapter into its base layer and put the base `nn.Linear` back (peft's merge_and_unload for
     adapters injected without a PeftModel). Returns `model`."""
     from peft.tuners.lora import LoraLayer
-    module = _host(model)
+    module = host_module(model)
     found = [(name, m) for name, m in module.named_modules() if isinstance(m, LoraLayer)]
     for name, layer in found:
         layer.merge(safe_merge=True)

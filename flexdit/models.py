@@ -142,11 +142,12 @@ class _DiTShell(nn.Module):
     def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3, **kwargs):
         """Classifier-free guidance, DiT convention: x = [cond half; null half] sharing noise.
 
-        Guidance is applied to the first `cfg_channels` eps channels (3 as in DiT; 4 for all eps channels).
+        Guidance is applied to the first `cfg_channels` eps channels (3 as in DiT; 4 for all eps channels). The
+        batch goes through `self(...)`, so module hooks (a patch's, a profiler's) see the call.
         """
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y, **kwargs)
+        model_out = self(combined, t, y, **kwargs)
         eps, rest = model_out[:, :cfg_channels], model_out[:, cfg_channels:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)

@@ -3,10 +3,13 @@
 `apply_patch` / `remove_patch` follow tomesd: the host's block list is swapped for FlexDiT layers built from copies of
 its blocks (the paper's weight mapping), the host's own forward still runs (so pipelines work unchanged), and
 `remove_patch` puts the original block objects back, untouched, so outputs are bit-identical to the unpatched model.
+Each call reaches the layers through forward hooks (tomesd's `hook_tome_model`): the host's pre-hook takes `grid=`
+and sets the route state (the DiT layout's `t_embedder` pre-hook does, so that a direct `self.forward` call is
+served too), and the host's forward hook, run even when the forward raises, clears it.
 """
 import copy
+import functools
 import inspect
-import types
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -15,7 +18,7 @@ import torch.nn as nn
 
 from .convert import from_dit
 from .layers import adaln_silu, to_pair
-from .mmdit import MMDiTRouteState, host_of
+from .mmdit import HOSTS, MMDiTRouteState, host_of
 from .models import FlexDiTConfig
 from .plan import GridLike, Plan, Slot, parse_grid
 from .router import FlexLayer, Routed, RouteState
@@ -222,25 +225,19 @@ class FlexPatch(nn.ModuleList):
 
 @dataclass
 class _Record:
-    """What a patch replaced, kept on the patched module as `_flexdit_patch` (outside the module tree)."""
-    target: str
-    attr: str                     # "blocks" or "transformer_blocks"
-    original: nn.ModuleList       # the host's block list, untouched
-    had_forward: bool             # the instance had its own `forward` attribute (e.g. an accelerate hook)
-    saved_forward: Any
-    x_name: str
-    t_name: str
-    patch_size: int
+    """What a patch changed on its module, kept there as `_flexdit_patch` (outside the module tree): what
+    `remove_patch` puts back and removes, and what the patch's hooks read on every call."""
+    originals: Dict[str, nn.ModuleList]  # attribute -> the host's block list it replaced, untouched (the plan's first)
+    outside: Dict[str, torch.Tensor]     # the host's weights outside the blocks (shared with the patch): a snapshot
     plan: Plan
     schedule: Any
-    state: RouteState
-    outside: Dict[str, torch.Tensor]  # the host's weights outside the blocks (shared with the patch): a snapshot
-    signature: Any = None
-    extra: Dict[str, nn.ModuleList] = field(default_factory=dict)  # other block lists replaced (Latte's temporal,
-    host: Any = None                                                 # FLUX's single-stream); the MMDiT adapter
+    state: RouteState                    # the layers' route state
+    handles: list = field(default_factory=list)  # the patch's hooks (torch's RemovableHandle)
+    grid: Optional[GridLike] = None      # the running call's `grid=`
+    checkpointing: bool = False          # the host's gradient checkpointing, handed to the layers for the call
 
 
-_TARGETS = {  # target → (block list, block class name, latent argument, timestep argument)
+_TARGETS = {  # target → (block list, block class name, latent argument, timestep argument of the host's forward)
     "dit": ("blocks", "DiTBlock", "x", "t"),
     "diffusers-dit": ("transformer_blocks", "BasicTransformerBlock", "hidden_states", "timestep"),
     "pixart-alpha": ("transformer_blocks", "BasicTransformerBlock", "hidden_states", "timestep"),
@@ -251,8 +248,8 @@ _TARGETS = {  # target → (block list, block class name, latent argument, times
 _TEMPORAL = "temporal_transformer_blocks"  # Latte's temporal blocks, one after each spatial block
 
 
-def _host(model):
-    """The nn.Module to patch: the model itself, or a pipeline's `transformer`."""
+def host_module(model) -> nn.Module:
+    """The module `apply_patch` patches: `model` itself, or a pipeline's `.transformer`."""
     if isinstance(model, nn.Module):
         return model
     inner = getattr(model, "transformer", None)
@@ -335,46 +332,61 @@ def _token_grid(module, target) -> Tuple[int, int]:
     return h // module.config.patch_size, w // module.config.patch_size
 
 
-def _patched_forward(self, *args, grid: Optional[GridLike] = None, **kwargs):
-    """The host's own forward with the token grid and the sparse grid for this call set first; `grid` (G, a pair or
-    "GhxGw") replaces the schedule's grid for this call."""
-    rec = getattr(self, _RECORD)
-    bound = rec.signature.bind(*args, **kwargs).arguments
-    x, t = bound.get(rec.x_name), bound.get(rec.t_name)
-    if x is None or t is None:
-        raise ValueError(f"a patched model needs `{rec.x_name}` and `{rec.t_name}` to choose its grid")
-    if rec.host is not None:  # MMDiT: the grid from the call's latent or image positions, t on the σ·1000 scale
-        token_grid, t = rec.host.call_grid(self, bound), rec.host.schedule_time(t, rec.schedule)
-    else:
-        token_grid = (x.shape[-2] // rec.patch_size, x.shape[-1] // rec.patch_size)
-    st = rec.state
-    video = isinstance(st, VideoRouteState)
-    if video and x.dim() != 5:
-        raise ValueError(f"{rec.x_name} must be a clip (B, C, T, H, W), got shape {tuple(x.shape)}")
-    # The host's gradient checkpointing becomes the layers' own (they recompute with the route state they saw);
-    # the host's loop calls them directly meanwhile.
-    checkpointing = getattr(self, "gradient_checkpointing", False)
+def _begin(rec: _Record, token_grid, t) -> None:
+    """Set the route state for one call: the token grid and the sparse grid (the call's `grid=`, else the schedule's
+    at timestep(s) t, else the plan's)."""
     if not rec.plan.num_modules:
         sparse = None
-    elif grid is not None:
-        sparse = parse_grid(grid, token_grid)
+    elif rec.grid is not None:
+        sparse = parse_grid(rec.grid, token_grid)
     else:
         sparse = _grid_of(rec.plan.grid if rec.schedule is None else rec.schedule, t, token_grid)
-    st.begin(token_grid, sparse, checkpointing)
-    if checkpointing:
-        self.gradient_checkpointing = False
-    try:
-        if video:
-            st.begin_clip(x.shape[0], x.shape[2])
-        if rec.host is not None:
-            rec.host.begin(self, st, bound)
-        if rec.had_forward:
-            return rec.saved_forward(*args, **kwargs)
-        return type(self).forward(self, *args, **kwargs)
-    finally:
-        st.clear()
-        if checkpointing:
-            self.gradient_checkpointing = checkpointing
+    rec.state.begin(token_grid, sparse, rec.checkpointing)
+
+
+def _enter(rec: _Record, target: str, signature: inspect.Signature, module, args, kwargs):
+    """The host's forward pre-hook (run first): take the call's `grid=` (G, a pair or "GhxGw"), hand the host's
+    gradient checkpointing to the layers (they recompute with the route state they saw; the host's loop calls them
+    directly meanwhile) and, on every host but the DiT layout, set the route state from the call's arguments."""
+    rec.grid = kwargs.pop("grid", None)
+    rec.checkpointing = bool(getattr(module, "gradient_checkpointing", False))
+    if rec.checkpointing:
+        module.gradient_checkpointing = False
+    if target == "dit":                          # its t_embedder's hook sets the route state
+        return args, kwargs
+    _, _, x_name, t_name = _TARGETS[target]
+    bound = signature.bind(module, *args, **kwargs).arguments
+    x, t = bound.get(x_name), bound.get(t_name)
+    if x is None or t is None:
+        raise ValueError(f"a patched model needs `{x_name}` and `{t_name}` to choose its grid")
+    host = HOSTS.get(target)
+    if host is not None:  # MMDiT: the grid from the call's latent or image positions, t on the σ·1000 scale
+        token_grid, t = host.call_grid(module, bound), host.schedule_time(t, rec.schedule)
+    else:
+        p = module.config.patch_size
+        token_grid = (x.shape[-2] // p, x.shape[-1] // p)
+    if target == "latte":
+        if x.dim() != 5:
+            raise ValueError(f"{x_name} must be a clip (B, C, T, H, W), got shape {tuple(x.shape)}")
+        rec.state.begin_clip(x.shape[0], x.shape[2])
+    _begin(rec, token_grid, t)
+    if host is not None:
+        host.begin(module, rec.state, bound)
+    return args, kwargs
+
+
+def _begin_dit(rec: _Record, token_grid, t_embedder, args) -> None:
+    """The DiT layout's forward pre-hook of `t_embedder`, whose input is the timestep (the token grid is fixed)."""
+    _begin(rec, token_grid, args[0])
+
+
+def _exit(rec: _Record, module, args, output) -> None:
+    """The host's forward hook, run even when the forward raises: clear the route state, give the host its gradient
+    checkpointing back."""
+    rec.state.clear()
+    rec.grid = None
+    if rec.checkpointing:
+        module.gradient_checkpointing, rec.checkpointing = True, False
 
 
 def apply_patch(model, plan=None, schedule=None):
@@ -423,12 +435,12 @@ def apply_patch(model, plan=None, schedule=None):
     IP-adapters, ControlNet residuals and SD3's `skip_layers` are refused. MACs at 1024²: FLUX.1-dev 37.20 T ->
     16.17 T (-56.5%), SD3.5-medium 5.63 T -> 2.40 T (-57.3%), decided plans, grid 16.
     """
-    module = _host(model)
+    module = host_module(model)
     remove_patch(module)
     target = _target_of(module)
-    attr, block_class, x_name, t_name = _TARGETS[target]
+    attr, block_class, _, _ = _TARGETS[target]
     blocks = getattr(module, attr)
-    host = host_of(module)  # the MMDiT adapter (SD3, FLUX), None for the others
+    host = HOSTS.get(target)  # the MMDiT adapter (SD3, FLUX), None for the others
     if host is None:
         _check_blocks(blocks, block_class, target)
         token_grid = _token_grid(module, target)
@@ -449,58 +461,55 @@ def apply_patch(model, plan=None, schedule=None):
             raise ValueError(f"a latte needs one temporal block per spatial block, got {len(temporal)} and "
                              f"{len(blocks)}")
     state = MMDiTRouteState() if host else RouteState() if temporal is None else VideoRouteState()
-    more = {}  # other block lists' FlexDiT layers (FLUX's single-stream blocks)
+    new = {}  # attribute -> the FlexDiT layers replacing that block list
     if target == "dit":
         config = _dit_config(module, plan, token_grid)
-        layers = [b.attach(state) for b in from_dit(module.state_dict(), config).blocks]  # the paper's mapping
-        patch_size = config.patch_size
+        new[attr] = [b.attach(state) for b in from_dit(module.state_dict(), config).blocks]  # the paper's mapping
     elif host is not None:
-        patch_size = module.config.patch_size
-        more = host.layers(module, plan, state)
-        layers = more.pop(attr)
+        new = host.layers(module, plan, state)
     else:
-        patch_size = module.config.patch_size
-        layers = [DiffusersFlexLayer(b, slot, state) for b, slot in zip(blocks, plan.slots())]
+        new[attr] = [DiffusersFlexLayer(b, slot, state) for b, slot in zip(blocks, plan.slots())]
+    if temporal is not None:
+        new[_TEMPORAL] = [TemporalFlexLayer(b, slot, state) for b, slot in zip(temporal, plan.slots())]
 
-    had_forward = "forward" in module.__dict__
-    extra = {a: getattr(module, a) for a in more} if temporal is None else {_TEMPORAL: temporal}
-    swapped = tuple(f"{a}." for a in (attr, *extra))
+    originals = {a: getattr(module, a) for a in new}
+    swapped = tuple(f"{a}." for a in originals)
     outside = {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()
                if not k.startswith(swapped)}
-    rec = _Record(target, attr, blocks, had_forward, module.__dict__.get("forward"), x_name, t_name, patch_size,
-                  plan, schedule, state, outside, extra=extra, host=host)
-    rec.signature = inspect.signature(rec.saved_forward if had_forward else type(module).forward.__get__(module))
-    setattr(module, attr, FlexPatch(layers, target, plan, schedule).train(blocks.training))
-    if temporal is not None:
-        setattr(module, _TEMPORAL, nn.ModuleList(
-            TemporalFlexLayer(b, slot, state) for b, slot in zip(temporal, plan.slots())).train(temporal.training))
-    for a, more_layers in more.items():
-        setattr(module, a, nn.ModuleList(more_layers).train(extra[a].training))
-    module.__dict__[_RECORD] = rec
-    module.forward = types.MethodType(_patched_forward, module)
+    for a, layers in new.items():
+        patched = FlexPatch(layers, target, plan, schedule) if a == attr else nn.ModuleList(layers)
+        setattr(module, a, patched.train(originals[a].training))
+    rec = module.__dict__[_RECORD] = _Record(originals, outside, plan, schedule, state)
+    enter = functools.partial(_enter, rec, target, inspect.signature(type(module).forward))
+    rec.handles = [module.register_forward_pre_hook(enter, prepend=True, with_kwargs=True),
+                   module.register_forward_hook(functools.partial(_exit, rec), always_call=True)]
+    if target == "dit":   # facebookresearch DiT's forward_with_cfg calls self.forward, which skips the host's hooks
+        rec.handles.append(module.t_embedder.register_forward_pre_hook(functools.partial(_begin_dit, rec, token_grid)))
     if hasattr(module, "save_pretrained"):   # it would write blocks that from_pretrained reloads at random
-        module.save_pretrained = types.MethodType(_refuse_save_pretrained, module)
+        module.save_pretrained = functools.partial(_refuse_save_pretrained, type(module).__name__)
     return model
 
 
-def _refuse_save_pretrained(self, *args, **kwargs):
-    raise ValueError(f"this {type(self).__name__} is patched by flexdit: from_pretrained would reload its FlexDiT "
+def _refuse_save_pretrained(name: str, *args, **kwargs):
+    raise ValueError(f"this {name} is patched by flexdit: from_pretrained would reload its FlexDiT "
                      "layers as randomly initialised dense blocks. Use flexdit.save_patched(model, DIR) and "
                      "flexdit.load_patched(DIR), or flexdit.remove_patch(model) first to save the dense model")
 
 
 def remove_patch(model):
-    """Undo `apply_patch`: the original block list and forward come back untouched; returns `model`.
+    """Undo `apply_patch`: the original block lists come back untouched and the patch's hooks go; returns `model`.
 
     Weights outside the blocks (embedders, final layer), which the patch shares with the host, are reset to their
     values at patching time, so a fine-tuned patched model returns to the original. A no-op on a model that is not
     patched. If the patched model was moved or cast, the originals follow.
     """
-    module = _host(model)
+    module = host_module(model)
     rec = module.__dict__.pop(_RECORD, None)
     if rec is None:
         return model
-    for attr, original in ((rec.attr, rec.original), *rec.extra.items()):
+    for handle in rec.handles:
+        handle.remove()
+    for attr, original in rec.originals.items():
         ref = next(getattr(module, attr).parameters(), None)
         orig = next(original.parameters(), None)
         if ref is not None and orig is not None:
@@ -514,16 +523,19 @@ def remove_patch(model):
         for key, saved in rec.outside.items():
             if key in current and not torch.equal(current[key].detach().to(saved.device, saved.dtype), saved):
                 current[key].copy_(saved)
-    if rec.had_forward:
-        module.forward = rec.saved_forward
-    else:
-        module.__dict__.pop("forward", None)
     module.__dict__.pop("save_pretrained", None)
     return model
 
 
 def is_patched(model) -> bool:
-    return _RECORD in _host(model).__dict__
+    return patch_record(model) is not None
+
+
+def patch_record(model) -> Optional[_Record]:
+    """The record of the patch on `model` (a pipeline's `.transformer`), None when it is not patched: its `plan` and
+    `schedule`, `originals` (attribute -> the host's block list it replaced) and `outside` (the host's weights outside
+    those lists at patching time)."""
+    return host_module(model).__dict__.get(_RECORD)
 
 
 def set_checkpointing(model, on: bool = True):

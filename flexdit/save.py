@@ -24,7 +24,7 @@ import torch
 
 from ._cli import check_out_dir
 from .checkpoint import check_state_dict, model_config
-from .patch import _RECORD, _host, apply_patch, is_patched
+from .patch import apply_patch, host_module, is_patched, patch_record
 from .plan import Plan
 from .schedule import DensitySchedule
 
@@ -63,21 +63,19 @@ def _host_config(module) -> tuple[str, dict]:
     if hasattr(module, "config") and hasattr(module, "from_config"):          # a diffusers ModelMixin
         return name, {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
     if name == "DiT" and type(module).__module__ == "flexdit.models":
-        rec = module.__dict__[_RECORD]
-        patched = getattr(module, rec.attr)
-        setattr(module, rec.attr, rec.original)    # read the sizes off the dense blocks
+        patched, module.blocks = module.blocks, patch_record(module).originals["blocks"]   # sizes of the dense blocks
         try:
             return name, model_config(module)[1]
         finally:
-            setattr(module, rec.attr, patched)
+            module.blocks = patched
     raise ValueError(f"model: save_patched saves diffusers models and flexdit.DiT, got a {name}")
 
 
 def _dense_state_dict(module) -> dict:
     """The host's state dict as it was when patched: the original block lists and the weights outside them."""
-    rec = module.__dict__[_RECORD]
+    rec = patch_record(module)
     state = dict(rec.outside)
-    for attr, blocks in ((rec.attr, rec.original), *rec.extra.items()):
+    for attr, blocks in rec.originals.items():
         state.update({f"{attr}.{k}": v for k, v in blocks.state_dict().items()})
     return state
 
@@ -105,11 +103,11 @@ def save_patched(model, directory) -> Path:
         import safetensors  # noqa: F401
     except ImportError:
         raise ValueError("save_patched needs safetensors (pip install 'flexdit[diffusers]')") from None
-    module = _host(model)
+    module = host_module(model)
     if not is_patched(module):
         raise ValueError(f"model: this {type(module).__name__} is not patched; use its own save_pretrained "
                          "(or flexdit.save_flexdit for a FlexDiT)")
-    rec = module.__dict__[_RECORD]
+    rec = patch_record(module)
     host, config = _host_config(module)
     manifest = {"format": FORMAT, "host": host, "config": config, "plan": dataclasses.asdict(rec.plan),
                 "schedule": _schedule_to_json(rec.schedule), "dtype": str(next(module.parameters()).dtype)}

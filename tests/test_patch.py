@@ -9,6 +9,7 @@ import flexdit
 import flexdit_kernels as fk
 from flexdit import FlexPatch, Plan, apply_patch, is_patched, remove_patch
 from flexdit.layers import Attention, Mlp, modulate
+from flexdit.patch import patch_record
 
 from .models.helpers import TOY, randomize_, toy_config, toy_dit, toy_inputs
 
@@ -135,12 +136,13 @@ def test_degenerate_plan_equals_unpatched(target):
         torch.testing.assert_close(call(host, target, x, t, y), ref, rtol=0, atol=0)
 
 
-def test_schedule_selects_the_grid_per_call():
-    class Stages:  # duck-typed DensitySchedule: more tokens late in sampling (small t)
-        def grid(self, t):
-            g = torch.where(torch.as_tensor(t) < 500, 4, 2)
-            return int(g) if g.dim() == 0 else g
+class Stages:  # duck-typed DensitySchedule: more tokens late in sampling (small t)
+    def grid(self, t):
+        g = torch.where(torch.as_tensor(t) < 500, 4, 2)
+        return int(g) if g.dim() == 0 else g
 
+
+def test_schedule_selects_the_grid_per_call():
     dit = toy_dit()
     flex = flexdit.from_dit(dit, toy_config()).eval()
     apply_patch(dit, TOY_PLAN, schedule=Stages())
@@ -215,7 +217,7 @@ def test_patching_twice_equals_patching_once(target):
         apply_patch(host, DENSE_PLAN)  # a different plan first: the second patch must start from the original
         twice = call(apply_patch(host, TOY_PLAN), target, x, t, y)
     torch.testing.assert_close(twice, once, rtol=0, atol=0)
-    assert host._flexdit_patch.original is blocks
+    assert patch_record(host).originals[attr] is blocks
     assert sum(isinstance(m, FlexPatch) for m in host.modules()) == 1
 
 
@@ -228,6 +230,153 @@ def test_deepcopy_and_device_moves_follow_the_patch():
         remove_patch(twin.double())
         assert twin.blocks[0].attn.qkv.weight.dtype == torch.float64  # the originals follow a cast
         assert is_patched(dit) and not is_patched(twin)
+        assert not (twin._forward_pre_hooks or twin.t_embedder._forward_pre_hooks)   # the twin's own hooks went
+        out = dit(x, t, y)                                                               # the original's stay
+        assert len(dit._forward_pre_hooks) == len(dit.t_embedder._forward_pre_hooks) == 1
+    torch.testing.assert_close(remove_patch(dit)(x, t, y), twin.float()(x, t, y), rtol=0, atol=0)
+    assert not torch.equal(out, twin(x, t, y))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The hooks: a call's route state
+# ----------------------------------------------------------------------------------------------------------------
+
+class PublishedDiT(flexdit.DiT):
+    """facebookresearch/DiT's `forward` and `forward_with_cfg`, which calls `self.forward` (no module hooks)."""
+
+    def forward(self, x, t, y):
+        x = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)
+        for block in self.blocks:
+            x = block(x, c)
+        return self.unpatchify(self.final_layer(x, c))
+
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)
+        model_out = self.forward(combined, t, y)
+        eps, rest = model_out[:, :3], model_out[:, 3:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+
+def test_published_forward_with_cfg_equals_the_per_half_forward():
+    """facebookresearch DiT's forward_with_cfg calls self.forward, which skips the host's hooks: the patch routes it
+    all the same, at the schedule's grid for its timesteps."""
+    dit = toy_dit()
+    host = PublishedDiT(**TOY).eval()
+    host.load_state_dict(dit.state_dict())
+    x, _, y = toy_inputs()
+    xx, yy, late = torch.cat([x, x]), torch.cat([y, torch.full_like(y, 10)]), torch.full((4,), 900)
+    outs = []
+    with fk.backend("reference"), torch.no_grad():
+        ref = host.forward_with_cfg(xx, late, yy, 1.5)
+        torch.testing.assert_close(ref, dit.forward_with_cfg(xx, late, yy, 1.5), rtol=0, atol=0)
+        for schedule, step, grid in ((None, 900, 3), (Stages(), 900, 2), (Stages(), 100, 4)):
+            apply_patch(host, TOY_PLAN, schedule=schedule)
+            t = torch.full((4,), step)
+            outs.append(host.forward_with_cfg(xx, t, yy, 1.5))
+            cond, uncond = host(x, t[:2], y, grid=grid), host(x, t[2:], yy[2:], grid=grid)
+            eps = uncond[:, :3] + 1.5 * (cond[:, :3] - uncond[:, :3])
+            torch.testing.assert_close(outs[-1], torch.cat([torch.cat([eps, cond[:, 3:]], 1),
+                                                            torch.cat([eps, uncond[:, 3:]], 1)]))
+        assert not torch.allclose(outs[0], outs[1], atol=1e-4)    # the schedule's grid, not the plan's
+        remove_patch(host)
+        torch.testing.assert_close(host.forward_with_cfg(xx, late, yy, 1.5), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("target", ["dit", "diffusers-dit"])
+def test_remove_patch_removes_its_hooks_and_keeps_others(target):
+    host = HOSTS[target]()
+    modules = (host, host.t_embedder) if target == "dit" else (host,)
+    for m in modules:
+        m.register_forward_pre_hook(lambda *args: None)
+        m.register_forward_hook(lambda *args: None)
+    before = [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in modules]
+    apply_patch(apply_patch(host, TOY_PLAN), TOY_PLAN)   # idempotent: one set of hooks
+    assert len(host._forward_pre_hooks) == len(host._forward_hooks) == 2
+    assert len(modules[-1]._forward_pre_hooks) == 2
+    remove_patch(host)
+    assert [(dict(m._forward_pre_hooks), dict(m._forward_hooks)) for m in modules] == before
+    assert not (host._forward_pre_hooks_with_kwargs or host._forward_hooks_always_called)
+
+
+@pytest.mark.parametrize("target", ["dit", "diffusers-dit"])
+def test_an_exception_in_the_forward_leaves_the_state_cleared(target):
+    host = apply_patch(HOSTS[target](), TOY_PLAN)
+    flexdit.set_checkpointing(host)
+    rec = patch_record(host)
+    x, t, y = toy_inputs()
+    kwargs = dict(timestep=t, class_labels=y) if target == "diffusers-dit" else dict(t=t, y=y)
+
+    def boom(module, args):
+        raise RuntimeError("boom")
+
+    with fk.backend("reference"), torch.no_grad():
+        ref = call(host, target, x, t, y)
+        layers = host.blocks if target == "dit" else host.transformer_blocks
+        handle = layers[3].register_forward_pre_hook(boom)   # a sparse layer inside the module
+        with pytest.raises(RuntimeError, match="boom"):
+            call(host, target, x, t, y)
+        handle.remove()
+        with pytest.raises(ValueError, match="larger than the token grid"):   # raised in the patch's hooks
+            host(x, grid=9, **kwargs)
+        st = rec.state
+        assert st.token_grid is None and st.grid is None and not st.dense and not st.sparse and rec.grid is None
+        assert host.gradient_checkpointing and not rec.checkpointing
+        torch.testing.assert_close(call(host, target, x, t, y), ref, rtol=0, atol=0)
+
+
+def test_an_accelerate_hook_keeps_its_forward():
+    """accelerate's hooks (device placement, offloading) replace the instance `forward`: patched before or after
+    them, the model runs theirs, and remove_patch leaves it in place."""
+    hooks = pytest.importorskip("accelerate.hooks")
+
+    class Count(hooks.ModelHook):
+        calls = 0
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.calls += 1
+            return args, kwargs
+
+    dense = tiny_diffusers_dit()
+    x, t, y = toy_inputs()
+    with fk.backend("reference"), torch.no_grad():
+        ref = call(dense, "diffusers-dit", x, t, y)
+        want = call(apply_patch(copy.deepcopy(dense), TOY_PLAN), "diffusers-dit", x, t, y)
+        for accelerate_first in (True, False):
+            host, hook = copy.deepcopy(dense), Count()
+            if accelerate_first:
+                hooks.add_hook_to_module(host, hook)
+            apply_patch(host, TOY_PLAN)
+            if not accelerate_first:
+                hooks.add_hook_to_module(host, hook)
+            forward = host.__dict__["forward"]
+            torch.testing.assert_close(call(host, "diffusers-dit", x, t, y), want, rtol=0, atol=0)
+            remove_patch(host)
+            assert host.__dict__["forward"] is forward
+            torch.testing.assert_close(call(host, "diffusers-dit", x, t, y), ref, rtol=0, atol=0)
+            assert hook.calls == 2
+
+
+@pytest.mark.parametrize("target", ["dit", "diffusers-dit"])
+def test_a_patched_model_pickles(target):
+    """torch.save / torch.load of the whole patched module: the hooks and the record travel with it."""
+    import io
+    host = apply_patch(HOSTS[target](), TOY_PLAN)
+    buf = io.BytesIO()
+    torch.save(host, buf)
+    twin = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    x, t, y = toy_inputs()
+    with fk.backend("reference"), torch.no_grad():
+        torch.testing.assert_close(call(twin, target, x, t, y), call(host, target, x, t, y), rtol=0, atol=0)
+    if target == "diffusers-dit":
+        with pytest.raises(ValueError, match="patched by flexdit"):
+            twin.save_pretrained("unused")
+    remove_patch(twin)
+    assert not is_patched(twin) and not twin._forward_pre_hooks and "save_pretrained" not in twin.__dict__
 
 
 # ----------------------------------------------------------------------------------------------------------------
