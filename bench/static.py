@@ -358,6 +358,7 @@ def _bench_launches(dt):
 def _odd_launches(dt, wide):
     """Masked channel tails and a grid that does not divide the token grid; with `wide`, the int64-index variants
     (forced at a small shape: a batch entry of 2**31 elements or more selects them)."""
+    import flexdit_kernels._grid_ops as go
     import flexdit_kernels._token_mean as tm
     import flexdit_kernels._token_pool as tp
     import flexdit_kernels._upsample_add as ua
@@ -365,7 +366,7 @@ def _odd_launches(dt, wide):
     _mean_ops(ODD_SIDE ** 2, 1, ODD_CHANNELS, dt, "odd")
     if not wide:
         return
-    mods = [m for m in (tm, tp, ua) if hasattr(m, "fits_int32")]
+    mods = [m for m in (go, tm, tp, ua) if hasattr(m, "fits_int32")]
     real = [m.fits_int32 for m in mods]
     for m in mods:
         m.fits_int32 = lambda *tensors: False

@@ -15,9 +15,9 @@ import torch
 from .checkpoint import model_config
 from .schedule import DensitySchedule
 
-__all__ = ["build_model", "model_config", "parse_model_args", "schedule_from_args", "add_schedule_args",
-           "sample_seed", "check_out_dir", "DistContext", "resolve_device", "add_device_args", "backend_context",
-           "autocast_context", "usage_errors", "fail"]
+__all__ = ["build_model", "model_config", "add_model_args", "parse_model_args", "schedule_from_args",
+           "add_schedule_args", "sample_seed", "check_out_dir", "DistContext", "resolve_device", "add_device_args",
+           "backend_context", "add_precision_arg", "autocast_context", "usage_errors", "fail"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -73,6 +73,16 @@ def build_model(name: str, ckpt=None, weights: str = "ema", **overrides):
     """`flexdit.load_model(ckpt, name, weights, **overrides)` as (model, source): the loader's older spelling."""
     from .checkpoint import load_model
     return load_model(ckpt, name, weights=weights, return_source=True, **overrides)
+
+
+def add_model_args(p: argparse.ArgumentParser, model_help: str, model_args_help: str) -> None:
+    """--model, --model-args, --image-size and --num-classes: the model and its config overrides, read by
+    `create_checked` (whose errors name these flags)."""
+    p.add_argument("--model", default=None, help=model_help)
+    p.add_argument("--model-args", default=None, help=model_args_help)
+    p.add_argument("--image-size", type=int, default=None,
+                   help="image side; latents are image-size / 8 (default: the checkpoint's, else 256)")
+    p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else 1000")
 
 
 def parse_model_args(text: str | None) -> dict:
@@ -215,8 +225,15 @@ def backend_context(name: str, device: torch.device):
     return flexdit_kernels.backend(name)
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_precision_arg(p: argparse.ArgumentParser, default: str) -> None:
+    """--precision, read by `autocast_context`."""
+    p.add_argument("--precision", choices=list(PRECISIONS), default=default)
+
+
 def autocast_context(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    """Autocast to --precision's dtype on `device`; no autocast for fp32."""
+    dtype = PRECISIONS[precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._cli import (DistContext, add_device_args, add_schedule_args, autocast_context, backend_context, build_model,
-                   check_out_dir, create_checked, model_config, parse_model_args, sample_seed, schedule_from_args,
-                   usage_errors)
+from ._cli import (DistContext, add_device_args, add_model_args, add_precision_arg, add_schedule_args,
+                   autocast_context, backend_context, build_model, check_out_dir, create_checked, model_config,
+                   parse_model_args, sample_seed, schedule_from_args, usage_errors)
 from .diffusion import CudaGraphDenoiser, create_diffusion, model_num_classes, sample_latents
 
 # build_model, model_config, schedule_from_args, sample_seed and DistContext live in flexdit._cli (shared with
@@ -114,19 +114,14 @@ def _load_vae(path, device):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help="registry name: FlexDiT-XL/2, DiT-XL/2, FlexLatte, ... (default: the one --ckpt records, "
-                        "else FlexDiT-XL/2)")
+    add_model_args(p, model_help="registry name: FlexDiT-XL/2, DiT-XL/2, FlexLatte, ... (default: the one --ckpt "
+                                 "records, else FlexDiT-XL/2)",
+                   model_args_help='JSON object of config overrides (tiny models, layer plans), e.g. \'{"depth": 6}\'')
     p.add_argument("--ckpt", default=None,
                    help="a checkpoint of flexdit-finetune or save_flexdit (FlexDiT, dense DiT, FlexLatte: its "
                         "config is used), a dense DiT state dict (.pt/.safetensors, converted for FlexDiT names) or "
                         "a diffusers Latte folder (FlexLatte); none: random weights")
-    p.add_argument("--model-args", default=None,
-                   help='JSON object of config overrides (tiny models, layer plans), e.g. \'{"depth": 6}\'')
     p.add_argument("--weights", choices=["ema", "model"], default="ema", help="which weights of a training checkpoint")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="image side; the latent side is image-size / 8 (default: the checkpoint's, else 256)")
-    p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else 1000")
     p.add_argument("--classes", default=DEFAULT_CLASSES, help="comma-separated class labels, cycled")
     p.add_argument("--num-samples", type=int, default=None, help="default: one per listed class (at least 1)")
     p.add_argument("--batch-size", type=int, default=8, help="samples per forward batch, per process")
@@ -146,7 +141,7 @@ def parse_args(argv=None):
     p.add_argument("--adm-npz", default=None, metavar="PATH",
                    help="also write the decoded images in the layout of ADM's evaluator (arr_0 uint8 NHWC, arr_1 "
                         "labels) for flexdit-eval fid or ADM's own evaluator; needs --vae, images only")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    add_precision_arg(p, "fp32")
     add_device_args(p)
     speed = p.add_mutually_exclusive_group()
     speed.add_argument("--compile", action="store_true",

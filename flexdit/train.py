@@ -39,8 +39,9 @@ import torch
 
 from . import checkpoint
 from .checkpoint import arch_of_name, is_registry_name
-from ._cli import (DistContext, add_device_args, add_schedule_args, autocast_context, backend_context, check_out_dir,
-                   create_checked, model_config, parse_model_args, schedule_from_args, usage_errors)
+from ._cli import (DistContext, add_device_args, add_model_args, add_precision_arg, add_schedule_args,
+                   autocast_context, backend_context, check_out_dir, create_checked, model_config, parse_model_args,
+                   schedule_from_args, usage_errors)
 from .data import LatentShards
 from .mmdit import TINY_CONFIGS
 from .objectives import WEIGHTINGS, DiffusionObjective
@@ -243,25 +244,21 @@ def read_resume_state(path) -> dict:
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="flexdit-finetune", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default=None,
-                   help="registry name (FlexDiT-XL/2; DiT-* trains a dense DiT), FlexLatte (class-conditional "
-                        "video on diffusers' Latte, needs diffusers), or a text-to-image host: a local diffusers "
-                        "PixArt-α / SD3 / FLUX transformer or pipeline folder, or tiny-pixart / tiny-sd3 / tiny-flux "
-                        "(random toy hosts), patched into FlexDiT and trained on text shards. "
-                        "Default: the resumed run's, else the one --init records, else FlexDiT-XL/2")
-    p.add_argument("--model-args", default=None,
-                   help="JSON object of config overrides (tiny models, layer plans); text-to-image hosts: "
-                        '{"plan": {Plan fields}} as flexdit-sample takes it and, for the tiny hosts, diffusers '
-                        "config fields")
+    add_model_args(p, model_help="registry name (FlexDiT-XL/2; DiT-* trains a dense DiT), FlexLatte "
+                                 "(class-conditional video on diffusers' Latte, needs diffusers), or a text-to-image "
+                                 "host: a local diffusers PixArt-α / SD3 / FLUX transformer or pipeline folder, or "
+                                 "tiny-pixart / tiny-sd3 / tiny-flux (random toy hosts), patched into FlexDiT and "
+                                 "trained on text shards. Default: the resumed run's, else the one --init records, "
+                                 "else FlexDiT-XL/2",
+                   model_args_help="JSON object of config overrides (tiny models, layer plans); text-to-image "
+                                   'hosts: {"plan": {Plan fields}} as flexdit-sample takes it and, for the tiny '
+                                   "hosts, diffusers config fields")
     p.add_argument("--init", default=None,
                    help="dense DiT checkpoint (converted by the mapping) or FlexDiT checkpoint; none: random")
     p.add_argument("--init-weights", choices=["ema", "model"], default="ema",
                    help="which weights of a training checkpoint given to --init")
     p.add_argument("--data", required=True, help="folder of .npz latent shards, or text shards (meta.json) for a "
                                                  "text-to-image host (see flexdit.data)")
-    p.add_argument("--image-size", type=int, default=None,
-                   help="image side; latents must be image-size / 8 (default: the checkpoint's, else 256)")
-    p.add_argument("--num-classes", type=int, default=None, help="default: the checkpoint's, else 1000")
     p.add_argument("--out-dir", default="runs/finetune")
     p.add_argument("--steps", type=int, default=400_000, help="total steps (a resumed run counts its past steps)")
     p.add_argument("--global-batch-size", type=int, default=256)
@@ -271,7 +268,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--ema-decay", type=float, default=None,
                    help="EMA decay (default 0.9999); text-to-image hosts train without EMA")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="bf16")
+    add_precision_arg(p, "bf16")
     add_schedule_args(p)
     t = p.add_argument_group("text-to-image hosts (PixArt-α, SD3, FLUX)")
     t.add_argument("--lora-rank", type=int, default=None,

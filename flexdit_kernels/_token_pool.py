@@ -7,10 +7,11 @@ import triton
 import triton.language as tl
 
 from ._common import channel_offsets, window_reduce, window_span
-from ._dispatch import call_op, custom_op, register_autograd, run_variant
-from ._launch import _WINDOW_RUN, token_plan, window_plan
+from ._dispatch import call_op, register_autograd, run_variant
+from ._grid_ops import grid_op, launch_token_tiles, launch_window_reduce
+from ._launch import _WINDOW_RUN
 from ._tune import alternatives
-from ._validate import Grid, check_kernel_device, fits_int32, pool_args, pool_backward_args
+from ._validate import Grid, check_kernel_device, pool_args, pool_backward_args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -110,36 +111,11 @@ CONFIGS = {
 
 
 def _token_pool_fwd(x: torch.Tensor, h: int, w: int, gh: int, gw: int, config=None) -> torch.Tensor:
-    b, _, c = x.shape
-    out = torch.empty((b, gh * gw, c), device=x.device, dtype=x.dtype)
-    if out.numel() == 0:
-        return out
-    num_warps = (config or {}).get("num_warps", _NUM_WARPS)
-    p = window_plan(x, h, w, gh, gw, children=False, num_warps=num_warps)
-    _token_pool_fwd_kernel[p.grid](
-        x, out, h, w, gh, gw, c, p.run, p.max_rows * p.max_cols,
-        x.stride(0), x.stride(1), x.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        **p.meta, IDX64=not fits_int32(x, out), num_warps=num_warps,
-    )
-    return out
+    return launch_window_reduce(_token_pool_fwd_kernel, x, h, w, gh, gw, False, config, _NUM_WARPS)
 
 
 def _token_pool_bwd(grad_out: torch.Tensor, h: int, w: int, gh: int, gw: int, config=None) -> torch.Tensor:
-    b, _, c = grad_out.shape
-    n = h * w
-    dx = torch.empty((b, n, c), device=grad_out.device, dtype=grad_out.dtype)
-    if dx.numel() == 0:
-        return dx
-    num_warps = (config or {}).get("num_warps", _NUM_WARPS)
-    grid, run, meta = token_plan(dx, num_warps, (config or {}).get("max_run", _WINDOW_RUN))
-    _token_pool_bwd_kernel[grid](
-        grad_out, dx, h, w, gh, gw, n, c, run,
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        dx.stride(0), dx.stride(1), dx.stride(2),
-        **meta, IDX64=not fits_int32(grad_out, dx), num_warps=num_warps,
-    )
-    return dx
+    return launch_token_tiles(_token_pool_bwd_kernel, (grad_out,), h, w, gh, gw, config, _NUM_WARPS)
 
 
 def token_pool_fwd(x: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
@@ -183,24 +159,8 @@ def _backward(grad_out: torch.Tensor, hw: Sequence[int], grid: Sequence[int]) ->
                        space=CONFIGS["token_pool_backward"])
 
 
-@custom_op("flexdit::token_pool", mutates_args=())
-def _token_pool_op(x: torch.Tensor, hw: List[int], grid: List[int]) -> torch.Tensor:
-    return _forward(x, tuple(hw), tuple(grid))
-
-
-@_token_pool_op.register_fake
-def _(x, hw, grid):
-    return x.new_empty(x.shape[0], grid[0] * grid[1], x.shape[2])
-
-
-@custom_op("flexdit::token_pool_backward", mutates_args=())
-def _token_pool_backward_op(grad_out: torch.Tensor, hw: List[int], grid: List[int]) -> torch.Tensor:
-    return _backward(grad_out, tuple(hw), tuple(grid))
-
-
-@_token_pool_backward_op.register_fake
-def _(grad_out, hw, grid):
-    return grad_out.new_empty(grad_out.shape[0], hw[0] * hw[1], grad_out.shape[2])
+_token_pool_op = grid_op("token_pool", _forward, to_sparse=True)
+_token_pool_backward_op = grid_op("token_pool_backward", _backward, to_sparse=False)
 
 
 def _op_setup_context(ctx, inputs, output):

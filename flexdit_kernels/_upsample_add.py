@@ -8,9 +8,10 @@ import triton.language as tl
 
 from ._common import channel_offsets, window_reduce
 from ._dispatch import call_op, custom_op, register_autograd, run_variant
-from ._launch import _WINDOW_RUN, token_plan, window_plan
+from ._grid_ops import grid_op, launch_token_tiles, launch_window_reduce
+from ._launch import _WINDOW_RUN
 from ._tune import alternatives
-from ._validate import Grid, check_kernel_device, fits_int32, upsample_args, upsample_backward_args
+from ._validate import Grid, check_kernel_device, upsample_args, upsample_backward_args
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -92,36 +93,11 @@ CONFIGS = {
 
 def _upsample_add_fwd(sparse: torch.Tensor, dense: torch.Tensor, h: int, w: int, gh: int, gw: int,
                       config=None) -> torch.Tensor:
-    b, n, c = dense.shape
-    out = torch.empty((b, n, c), device=dense.device, dtype=dense.dtype)
-    if out.numel() == 0:
-        return out
-    num_warps = (config or {}).get("num_warps", _NUM_WARPS)
-    grid, run, meta = token_plan(out, num_warps, (config or {}).get("max_run", _WINDOW_RUN))
-    _upsample_add_fwd_kernel[grid](
-        sparse, dense, out, h, w, gh, gw, n, c, run,
-        sparse.stride(0), sparse.stride(1), sparse.stride(2),
-        dense.stride(0), dense.stride(1), dense.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        **meta, IDX64=not fits_int32(sparse, dense, out), num_warps=num_warps,
-    )
-    return out
+    return launch_token_tiles(_upsample_add_fwd_kernel, (sparse, dense), h, w, gh, gw, config, _NUM_WARPS)
 
 
 def _upsample_add_bwd(grad_out: torch.Tensor, h: int, w: int, gh: int, gw: int, config=None) -> torch.Tensor:
-    b, _, c = grad_out.shape
-    ds = torch.empty((b, gh * gw, c), device=grad_out.device, dtype=grad_out.dtype)
-    if ds.numel() == 0:
-        return ds
-    num_warps = (config or {}).get("num_warps", _NUM_WARPS)
-    p = window_plan(grad_out, h, w, gh, gw, children=True, num_warps=num_warps)
-    _upsample_add_bwd_kernel[p.grid](
-        grad_out, ds, h, w, gh, gw, c, p.run, p.max_rows * p.max_cols,
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        ds.stride(0), ds.stride(1), ds.stride(2),
-        **p.meta, IDX64=not fits_int32(grad_out, ds), num_warps=num_warps,
-    )
-    return ds
+    return launch_window_reduce(_upsample_add_bwd_kernel, grad_out, h, w, gh, gw, True, config, _NUM_WARPS)
 
 
 def upsample_add_fwd(sparse: torch.Tensor, dense: torch.Tensor, hw: Grid, grid: Grid) -> torch.Tensor:
@@ -176,14 +152,7 @@ def _(sparse, dense, hw, grid):
     return dense.new_empty(dense.shape)
 
 
-@custom_op("flexdit::upsample_add_backward", mutates_args=())
-def _upsample_add_backward_op(grad_out: torch.Tensor, hw: List[int], grid: List[int]) -> torch.Tensor:
-    return _backward(grad_out, tuple(hw), tuple(grid))
-
-
-@_upsample_add_backward_op.register_fake
-def _(grad_out, hw, grid):
-    return grad_out.new_empty(grad_out.shape[0], grid[0] * grid[1], grad_out.shape[2])
+_upsample_add_backward_op = grid_op("upsample_add_backward", _backward, to_sparse=True)
 
 
 def _op_setup_context(ctx, inputs, output):

@@ -22,6 +22,9 @@ CASES = [
 ]
 # Every case in fp32; fp16 on the awkward ones only, to keep the interpreter run short.
 FP16_CASES = {0, 6, 9, 10}
+# ((h, w), (G_h, G_w)) at which the references meet PyTorch's own pooling and upsampling.
+REF_GRIDS = [((16, 16), (6, 6)), ((16, 16), (10, 10)), ((32, 32), (10, 10)), ((32, 32), (8, 8)), ((12, 20), (5, 7)),
+             ((16, 16), (16, 16)), ((16, 16), (1, 1)), ((7, 13), (4, 9))]
 
 
 def kernel_params(ids):

@@ -82,3 +82,13 @@ def guard_allocations(margin: int = 256):
         yield allocs
     finally:
         torch.empty, torch.empty_like = _real_empty, _real_empty_like
+
+
+def check_guards(allocs: Allocations, outputs, **inputs: torch.Tensor) -> None:
+    """After a run inside `guard_allocations` on `guarded` inputs: no output holds a NaN (nothing read outside an
+    input), nothing was written outside a launcher's allocations or outside an input's view."""
+    for i, t in enumerate(outputs):
+        assert not t.isnan().any(), f"output {i} read outside its inputs"
+    allocs.check()
+    for name, t in inputs.items():
+        check_gaps(t, name)

@@ -11,8 +11,8 @@ from flexdit_kernels import gated_residual, gated_residual_backward_ref, gated_r
 # The adaLN family's module (its launchers and launch sizes); the package re-exports only the ops.
 from flexdit_kernels import _adaln as mod
 
-from .guard import check_gaps, guard_allocations, guarded
-from .helpers import OpLog, kernels_only_fixture
+from .guard import check_gaps, check_guards, guard_allocations, guarded
+from .helpers import OpLog, bad_input_test, check_compiled, grads_via, kernels_only_fixture
 
 # (x dtype, y/gate dtype, atol, rtol): the fp32 residual stream with a low-precision branch, as under autocast.
 DTYPES = [
@@ -38,10 +38,7 @@ def _inputs(b, n, c, x_dtype, y_dtype):
 
 def _grads_via_ref(x, y, gate, grad_out):
     """Output and input gradients of the reference through autograd, in fp32."""
-    leaves = [t.detach().float().requires_grad_() for t in (x, y, gate)]
-    out = gated_residual_ref(*leaves)
-    out.backward(grad_out.float())
-    return out, [t.grad for t in leaves]
+    return grads_via(gated_residual_ref, (x, y, gate), grad_out, dtype=torch.float32)
 
 
 kernels_only = kernels_only_fixture(mod, "gated_residual")
@@ -123,11 +120,7 @@ def test_guard_buffers(x_dtype, y_dtype):
     with guard_allocations() as allocs:
         out = mod.gated_residual_fwd(x, y, gate)
         dy, dgate = mod.gated_residual_bwd(grad_out, y, gate)
-    for t in (out, dy, dgate):
-        assert not t.isnan().any()
-    allocs.check()
-    for name, t in (("x", x), ("y", y), ("gate", gate), ("grad_out", grad_out)):
-        check_gaps(t, name)
+    check_guards(allocs, (out, dy, dgate), x=x, y=y, gate=gate, grad_out=grad_out)
     torch.testing.assert_close(out, gated_residual_ref(x, y, gate))
     want_dy, want_dgate = gated_residual_backward_ref(grad_out, y, gate)
     torch.testing.assert_close(dy, want_dy)
@@ -197,16 +190,7 @@ def test_inplace_expanded_x_raises():
 
 def test_torch_compile_fullgraph():
     x, y, gate, grad_out = _inputs(2, 6, 8, torch.float32, torch.float32)
-    leaves = [t.clone().requires_grad_() for t in (x, y, gate)]
-    compiled = torch.compile(lambda a, b, g: gated_residual(a * 2, b, g, inplace=True), fullgraph=True,
-                             backend="aot_eager")
-    out = compiled(*leaves)
-    out.backward(grad_out)
-    ref_out, ref_grads = _grads_via_ref(x * 2, y, gate, grad_out)
-    torch.testing.assert_close(out, ref_out)
-    torch.testing.assert_close(leaves[0].grad, ref_grads[0] * 2)
-    torch.testing.assert_close(leaves[1].grad, ref_grads[1])
-    torch.testing.assert_close(leaves[2].grad, ref_grads[2])
+    check_compiled(lambda a, b, g: gated_residual(a, b, g, inplace=True), gated_residual_ref, (x, y, gate), grad_out)
 
     # Under no_grad the in-place op is traced too (functionalized, then written back into x).
     xi = x.clone()
@@ -272,12 +256,9 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("fn", [gated_residual, mod.gated_residual_fwd, mod.gated_residual_inplace_fwd],
-                         ids=["public", "launcher", "launcher-inplace"])
-@pytest.mark.parametrize("what, call, match", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
-def test_bad_input_raises(fn, what, call, match):
-    with pytest.raises(ValueError, match=match):
-        call(fn)
+test_bad_input_raises = bad_input_test(BAD_CALLS, [gated_residual, mod.gated_residual_fwd,
+                                                   mod.gated_residual_inplace_fwd],
+                                       ids=["public", "launcher", "launcher-inplace"])
 
 
 def test_launcher_bad_device():

@@ -12,7 +12,7 @@ from flexdit_kernels import (
 # The adaLN family's module (its launchers and launch sizes); the package re-exports only the ops.
 from flexdit_kernels import _adaln as mod
 
-from .guard import check_gaps, guard_allocations, guarded
+from .guard import check_guards, guard_allocations, guarded
 from .helpers import OpLog, kernels_only_fixture
 
 # (x dtype, branch/modulation dtype, atol): the fp32 residual stream with fp16 branch and adaLN chunks, or all fp16.
@@ -92,11 +92,7 @@ def test_guard_buffers():
     with guard_allocations() as allocs:
         r, u = mod.gated_residual_layernorm_modulate_fwd(x, y, gate, shift, scale, out_dtype=torch.float16)
         grads = mod.gated_residual_layernorm_modulate_bwd(grad_r, grad_u, r, y, gate, scale)
-    for t in (r, u, *grads):
-        assert not t.isnan().any()
-    allocs.check()
-    for name, t in (("x", x), ("y", y), ("gate", gate), ("shift", shift), ("scale", scale)):
-        check_gaps(t, name)
+    check_guards(allocs, (r, u, *grads), x=x, y=y, gate=gate, shift=shift, scale=scale)
     want_r, want_u = gated_residual_layernorm_modulate_ref(x, y, gate, shift, scale, out_dtype=torch.float16)
     torch.testing.assert_close(r, want_r)
     torch.testing.assert_close(u, want_u, atol=2e-3, rtol=2e-3)

@@ -12,10 +12,9 @@ from flexdit_kernels import layernorm_modulate, layernorm_modulate_backward_ref,
 # The adaLN family's module (its launchers and launch sizes); the package re-exports only the ops.
 from flexdit_kernels import _adaln as mod
 
-from .guard import check_gaps, guard_allocations, guarded
-from .helpers import OpLog, kernels_only_fixture
-
-DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
+from .grid_cases import DTYPES
+from .guard import check_guards, guard_allocations, guarded
+from .helpers import OpLog, bad_input_test, check_compiled, grads_via, kernels_only_fixture
 
 # (B, L, C, offset): C = 40 and 72 (not powers of two) and 1152 (DiT-XL); L = 1 and L not a multiple of the row
 # block; `offset` adds a large common value to every channel, where a one-pass E[x^2] - E[x]^2 loses its digits.
@@ -40,10 +39,7 @@ def _inputs(b, n, c, offset, dtype, mod_dtype=None):
 
 def _grads_via_ref(x, shift, scale, grad_out, eps=1e-6):
     """Output and input gradients of the reference through autograd, in fp32."""
-    leaves = [t.detach().float().requires_grad_() for t in (x, shift, scale)]
-    out = layernorm_modulate_ref(*leaves, eps)
-    out.backward(grad_out.float())
-    return out, [t.grad for t in leaves]
+    return grads_via(layernorm_modulate_ref, (x, shift, scale), grad_out, eps, dtype=torch.float32)
 
 
 kernels_only = kernels_only_fixture(mod, "layernorm_modulate")
@@ -140,11 +136,7 @@ def test_guard_buffers(dtype):
     with guard_allocations() as allocs:
         out = mod.layernorm_modulate_fwd(x, shift, scale)
         grads = mod.layernorm_modulate_bwd(grad_out, x, scale)
-    for t in (out, *grads):
-        assert not t.isnan().any()
-    allocs.check()
-    for name, t in (("x", x), ("shift", shift), ("scale", scale), ("grad_out", grad_out)):
-        check_gaps(t, name)
+    check_guards(allocs, (out, *grads), x=x, shift=shift, scale=scale, grad_out=grad_out)
     atol = 1e-5 if dtype == torch.float32 else 3e-3
     torch.testing.assert_close(out, layernorm_modulate_ref(x, shift, scale), atol=atol, rtol=atol)
     for g, w in zip(grads, layernorm_modulate_backward_ref(grad_out, x, scale)):
@@ -167,15 +159,7 @@ def test_autocast_output_dtype(kernels_only):
 
 def test_torch_compile_fullgraph():
     x, shift, scale, grad_out = _inputs(2, 6, 8, 0.0, torch.float32)
-    leaves = [t.clone().requires_grad_() for t in (x, shift, scale)]
-    compiled = torch.compile(lambda a, s, t: layernorm_modulate(a * 2, s, t), fullgraph=True, backend="aot_eager")
-    out = compiled(*leaves)
-    out.backward(grad_out)
-    ref_out, ref_grads = _grads_via_ref(x * 2, shift, scale, grad_out)
-    torch.testing.assert_close(out, ref_out)
-    torch.testing.assert_close(leaves[0].grad, ref_grads[0] * 2)
-    torch.testing.assert_close(leaves[1].grad, ref_grads[1])
-    torch.testing.assert_close(leaves[2].grad, ref_grads[2])
+    check_compiled(layernorm_modulate, layernorm_modulate_ref, (x, shift, scale), grad_out)
 
 
 def test_opcheck():
@@ -239,11 +223,8 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("fn", [layernorm_modulate, mod.layernorm_modulate_fwd], ids=["public", "launcher"])
-@pytest.mark.parametrize("what, call, match", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
-def test_bad_input_raises(fn, what, call, match):
-    with pytest.raises(ValueError, match=match):
-        call(fn)
+test_bad_input_raises = bad_input_test(BAD_CALLS, [layernorm_modulate, mod.layernorm_modulate_fwd],
+                                       ids=["public", "launcher"])
 
 
 def test_backward_launcher_bad_input():

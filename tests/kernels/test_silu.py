@@ -12,8 +12,8 @@ from flexdit_kernels import silu, silu_backward_ref, silu_ref
 # The adaLN family's module (its launchers and launch sizes); the package re-exports only the ops.
 from flexdit_kernels import _adaln as mod
 
-from .guard import check_gaps, guard_allocations, guarded
-from .helpers import OpLog, kernels_only_fixture
+from .guard import check_guards, guard_allocations, guarded
+from .helpers import OpLog, bad_input_test, kernels_only_fixture
 
 # (x dtype, out dtype, atol, rtol): fp32 conditioning written in fp16 for the projection, as under autocast.
 DTYPES = [
@@ -90,10 +90,7 @@ def test_guard_buffers(x_dtype, out_dtype):
     with guard_allocations() as allocs:
         out = mod.silu_fwd(x, out_dtype)
         dx = mod.silu_bwd(grad_out, x)
-    assert not out.isnan().any() and not dx.isnan().any()
-    allocs.check()
-    for name, t in (("x", x), ("grad_out", grad_out)):
-        check_gaps(t, name)
+    check_guards(allocs, (out, dx), x=x, grad_out=grad_out)
     torch.testing.assert_close(out, silu_ref(x, out_dtype))
     torch.testing.assert_close(dx, silu_backward_ref(grad_out, x))
 
@@ -157,11 +154,7 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("fn", [silu, mod.silu_fwd], ids=["public", "launcher"])
-@pytest.mark.parametrize("what, call, match", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
-def test_bad_input_raises(fn, what, call, match):
-    with pytest.raises(ValueError, match=match):
-        call(fn)
+test_bad_input_raises = bad_input_test(BAD_CALLS, [silu, mod.silu_fwd], ids=["public", "launcher"])
 
 
 def test_launcher_bad_arguments():

@@ -8,15 +8,13 @@ from hypothesis import strategies as st
 
 from flexdit_kernels import token_mean, token_mean_backward_ref, token_mean_ref
 
-from .grid_cases import patch_sm_count
-from .guard import check_gaps, guard_allocations, guarded
-from .helpers import kernels_only_fixture
+from .grid_cases import DTYPES, patch_sm_count
+from .guard import check_guards, guard_allocations, guarded
+from .helpers import (auto_table_params, bad_input_test, check_compiled, grads_via, jit_trace_test,
+                      kernels_only_fixture, route_log)
 
 # The package re-exports the function under the module's name, so fetch the module itself.
-from flexdit_kernels import _dispatch
 from flexdit_kernels import _token_mean as mod
-
-DTYPES = [(torch.float32, 1e-5, 1e-5), (torch.float16, 2e-3, 2e-3)]
 
 # (B, N, C, shift): N from the token grids (16x16, 12x20) and awkward ones (1, 37, 63), C = 40, 200 and 1152 (whole
 # rows of 64, 256 and 2048 lanes, the rest masked); `shift` adds a large common offset to every channel, where a
@@ -45,10 +43,8 @@ def _inputs(b, n, c, shift, dtype):
 
 def _grads_via_ref(x, grad_out, eps=1e-6):
     """Output and input gradient of the reference through autograd (not through token_mean_backward_ref)."""
-    xr = x.detach().clone().requires_grad_()
-    out = token_mean_ref(xr, eps)
-    out.backward(grad_out)
-    return out, xr.grad
+    out, (dx,) = grads_via(token_mean_ref, (x,), grad_out, eps)
+    return out, dx
 
 
 kernels_only = kernels_only_fixture(mod, "token_mean")
@@ -96,14 +92,7 @@ def test_property_random_shapes(b, n, c, eps):
 
 
 def test_torch_compile_fullgraph():
-    x = torch.randn(2, 20, 8, requires_grad=True)
-    grad_out = torch.randn(2, 8)
-    compiled = torch.compile(lambda t: token_mean(t * 2, 1e-6), fullgraph=True, backend="aot_eager")
-    out = compiled(x)
-    out.backward(grad_out)
-    ref_out, ref_dx = _grads_via_ref(x * 2, grad_out)
-    torch.testing.assert_close(out, ref_out)
-    torch.testing.assert_close(x.grad, ref_dx * 2)
+    check_compiled(token_mean, token_mean_ref, (torch.randn(2, 20, 8),), torch.randn(2, 8), 1e-6)
 
 
 def test_opcheck():
@@ -144,11 +133,8 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("fn", [token_mean, mod.token_mean_fwd, token_mean_ref], ids=["public", "launcher", "ref"])
-@pytest.mark.parametrize("what, call, name", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
-def test_bad_input_raises(fn, what, call, name):
-    with pytest.raises(ValueError, match=name):
-        call(fn)
+test_bad_input_raises = bad_input_test(BAD_CALLS, [token_mean, mod.token_mean_fwd, token_mean_ref],
+                                       ids=["public", "launcher", "ref"])
 
 
 def test_backward_ref_checks_its_arguments():
@@ -195,10 +181,7 @@ def test_guard_buffers(b, n, c, dtype, atol, rtol, kernels_only):
     with guard_allocations() as allocs:
         out = token_mean(x)
         out.backward(grad_out)
-    assert not out.isnan().any() and not x.grad.isnan().any()
-    allocs.check()
-    check_gaps(x, "x")
-    check_gaps(grad_out, "grad_out")
+    check_guards(allocs, (out, x.grad), x=x, grad_out=grad_out)
     ref_out, ref_dx = _grads_via_ref(x, grad_out)
     torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
     torch.testing.assert_close(x.grad, ref_dx, atol=atol, rtol=rtol)
@@ -229,28 +212,14 @@ def test_int64_index_path(monkeypatch, kernels_only):
     torch.testing.assert_close(x.grad, ref_dx, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")     # torch.jit.trace, still what fvcore uses
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks, constants in a trace
-def test_jit_trace_sees_one_op():
-    """torch.jit.trace (fvcore's FLOP counter) records the custom op, not what runs inside it."""
-    graph = str(torch.jit.trace(lambda t: token_mean(t, 1e-6), (torch.randn(2, 12, 8),)).graph)
-    assert "flexdit::token_mean" in graph and "aten::layer_norm" not in graph
+test_jit_trace_sees_one_op = jit_trace_test("token_mean", lambda t: token_mean(t, 1e-6),
+                                            lambda: (torch.randn(2, 12, 8),), inside="aten::layer_norm")
 
 
-@pytest.mark.parametrize("fwd_row, bwd_row, expected", [
-    (True, False, ["token_mean_ref", "_token_mean_bwd"]),
-    (False, True, ["_token_mean_fwd", "token_mean_backward_ref"]),
-    (True, True, ["token_mean_ref", "token_mean_backward_ref"]),
-    (False, False, ["_token_mean_fwd", "_token_mean_bwd"]),
-])
+@pytest.mark.parametrize("fwd_row, bwd_row, expected", auto_table_params("token_mean"))
 def test_auto_table_is_honoured(monkeypatch, fwd_row, bwd_row, expected):
-    row = [({"batch": (2, 2), "tokens": (12, 12), "channels": (None, 8)}, "reference")]
-    monkeypatch.setitem(_dispatch.AUTO_TABLE, "token_mean", row if fwd_row else [])
-    monkeypatch.setitem(_dispatch.AUTO_TABLE, "token_mean_backward", row if bwd_row else [])
-    calls = []
-    for name in ("token_mean_ref", "token_mean_backward_ref", "_token_mean_fwd", "_token_mean_bwd"):
-        real = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    row = ({"batch": (2, 2), "tokens": (12, 12), "channels": (None, 8)}, "reference")
+    calls = route_log(monkeypatch, mod, "token_mean", row, fwd_row, bwd_row)
     x, grad_out = _inputs(2, 12, 8, 0.0, torch.float32)
     x.requires_grad_()
     token_mean(x).backward(grad_out)

@@ -9,12 +9,13 @@ from hypothesis import strategies as st
 import flexdit_kernels as fk
 from flexdit_kernels import token_pool, token_pool_backward_ref, token_pool_ref
 
-from .grid_cases import DTYPES, kernel_params, patch_sm_count
-from .guard import check_gaps, guard_allocations, guarded
-from .helpers import kernels_only_fixture
+from .grid_cases import DTYPES, REF_GRIDS, kernel_params, patch_sm_count
+from .guard import check_guards, guard_allocations, guarded
+from .helpers import (auto_table_params, bad_input_test, grads_via, jit_trace_test, kernels_only_fixture, route_log,
+                      via_image)
 
+from flexdit_kernels import _dispatch, _grid_ops
 # The package re-exports the function under the module's name, so fetch the module itself.
-from flexdit_kernels import _dispatch
 from flexdit_kernels import _token_pool as mod
 
 
@@ -28,10 +29,8 @@ KERNEL_PARAMS = kernel_params(_ids)
 
 def _grads_via_ref(x, hw, grid, grad_out):
     """Output and input gradient of the reference, through autograd (not through token_pool_backward_ref)."""
-    xr = x.detach().clone().requires_grad_()
-    out = token_pool_ref(xr, hw, grid)
-    out.backward(grad_out)
-    return out, xr.grad
+    out, (dx,) = grads_via(token_pool_ref, (x,), grad_out, hw, grid)
+    return out, dx
 
 
 kernels_only = kernels_only_fixture(mod, "token_pool")
@@ -47,14 +46,11 @@ def test_public_op_runs_kernels(case, dtype, atol, rtol, kernels_only):
     x = torch.randn(b, hw[0] * hw[1], c, dtype=dtype)
     grad_out = torch.randn(b, grid[0] * grid[1], c, dtype=dtype)
     ref_out, ref_dx = _grads_via_ref(x, hw, grid, grad_out)
-
-    xk = x.clone().requires_grad_()
-    out = token_pool(xk, hw, grid)
-    out.backward(grad_out)
+    out, (dx,) = grads_via(token_pool, (x,), grad_out, hw, grid)
     assert out.dtype == dtype and out.shape == ref_out.shape
     torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
-    torch.testing.assert_close(xk.grad, ref_dx, atol=atol, rtol=rtol)
-    torch.testing.assert_close(xk.grad, token_pool_backward_ref(grad_out, hw, grid), atol=atol, rtol=rtol)
+    torch.testing.assert_close(dx, ref_dx, atol=atol, rtol=rtol)
+    torch.testing.assert_close(dx, token_pool_backward_ref(grad_out, hw, grid), atol=atol, rtol=rtol)
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
@@ -103,17 +99,13 @@ def test_opcheck():
 # The reference against an independent formulation
 # ----------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("hw, grid", [((16, 16), (6, 6)), ((16, 16), (10, 10)), ((32, 32), (10, 10)),
-                                      ((32, 32), (8, 8)), ((12, 20), (5, 7)), ((16, 16), (16, 16)),
-                                      ((16, 16), (1, 1)), ((7, 13), (4, 9))])
+@pytest.mark.parametrize("hw, grid", REF_GRIDS)
 def test_ref_matches_adaptive_avg_pool2d(hw, grid):
     b, c = 2, 12
-    x = torch.randn(b, hw[0] * hw[1], c, requires_grad=True)
+    x = torch.randn(b, hw[0] * hw[1], c)
     grad_out = torch.randn(b, grid[0] * grid[1], c)
-    image = x.transpose(1, 2).reshape(b, c, *hw)                        # token-major -> (B, C, h, w)
-    expected = F.adaptive_avg_pool2d(image, grid).flatten(2).transpose(1, 2)
-    (expected_dx,) = torch.autograd.grad(expected, x, grad_out)
-    torch.testing.assert_close(token_pool_ref(x.detach(), hw, grid), expected.detach())
+    expected, expected_dx = via_image(lambda image: F.adaptive_avg_pool2d(image, grid), x, hw, grad_out)
+    torch.testing.assert_close(token_pool_ref(x, hw, grid), expected)
     torch.testing.assert_close(token_pool_backward_ref(grad_out, hw, grid), expected_dx)
 
 
@@ -154,11 +146,8 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("fn", [token_pool, mod.token_pool_fwd, token_pool_ref], ids=["public", "launcher", "ref"])
-@pytest.mark.parametrize("what, call, name", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
-def test_bad_input_raises(fn, what, call, name):
-    with pytest.raises(ValueError, match=name):
-        call(fn)
+test_bad_input_raises = bad_input_test(BAD_CALLS, [token_pool, mod.token_pool_fwd, token_pool_ref],
+                                       ids=["public", "launcher", "ref"])
 
 
 def test_refs_take_the_ops_arguments():
@@ -206,10 +195,7 @@ def test_guard_buffers(case, dtype, atol, rtol, kernels_only):
     with guard_allocations() as allocs:
         out = token_pool(x, hw, grid)
         out.backward(grad_out)
-    assert not out.isnan().any() and not x.grad.isnan().any()
-    allocs.check()
-    check_gaps(x, "x")
-    check_gaps(grad_out, "grad_out")
+    check_guards(allocs, (out, x.grad), x=x, grad_out=grad_out)
     ref_out, ref_dx = _grads_via_ref(x, hw, grid, grad_out)
     torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
     torch.testing.assert_close(x.grad, ref_dx, atol=atol, rtol=rtol)
@@ -241,7 +227,7 @@ def test_long_runs(monkeypatch, sms, kernels_only):
 
 def test_int64_index_path(monkeypatch, kernels_only):
     """The IDX64 variants (taken when a batch entry spans 2**31 elements or more), forced at a small shape."""
-    monkeypatch.setattr(mod, "fits_int32", lambda *tensors: False)
+    monkeypatch.setattr(_grid_ops, "fits_int32", lambda *tensors: False)     # where the launches choose
     x = torch.randn(2, 63, 24, requires_grad=True)
     grad_out = torch.randn(2, 12, 24)
     out = token_pool(x, (7, 9), (3, 4))
@@ -251,13 +237,8 @@ def test_int64_index_path(monkeypatch, kernels_only):
     torch.testing.assert_close(x.grad, ref_dx)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")     # torch.jit.trace, still what fvcore uses
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks, constants in a trace
-def test_jit_trace_sees_one_op():
-    """torch.jit.trace (fvcore's FLOP counter) records the custom op, not what runs inside it."""
-    x = torch.randn(2, 48, 8)
-    graph = str(torch.jit.trace(lambda t: token_pool(t, (6, 8), (3, 5)), (x,)).graph)
-    assert "flexdit::token_pool" in graph and "aten::matmul" not in graph
+test_jit_trace_sees_one_op = jit_trace_test("token_pool", lambda t: token_pool(t, (6, 8), (3, 5)),
+                                            lambda: (torch.randn(2, 48, 8),), inside="aten::matmul")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -278,29 +259,11 @@ def test_table_path_rules(monkeypatch):
     assert all(p in _dispatch.PATHS for rows in _dispatch.AUTO_TABLE.values() for _, p in rows)
 
 
-def _spy(monkeypatch, calls, name):
-    real = getattr(mod, name)
-
-    def spy(*args, **kwargs):
-        calls.append(name)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(mod, name, spy)
-
-
-@pytest.mark.parametrize("fwd_row, bwd_row, expected", [
-    (True, False, ["token_pool_ref", "_token_pool_bwd"]),
-    (False, True, ["_token_pool_fwd", "token_pool_backward_ref"]),
-    (True, True, ["token_pool_ref", "token_pool_backward_ref"]),
-    (False, False, ["_token_pool_fwd", "_token_pool_bwd"]),
-])
+@pytest.mark.parametrize("fwd_row, bwd_row, expected", auto_table_params("token_pool"))
 def test_auto_table_is_honoured(monkeypatch, fwd_row, bwd_row, expected):
     hw, grid = (6, 8), (3, 5)
-    row = [({"tokens": (48, 48), "sparse": (15, 15), "channels": (None, 8), "batch": (2, 2)}, "reference")]
-    monkeypatch.setitem(_dispatch.AUTO_TABLE, "token_pool", row if fwd_row else [])
-    monkeypatch.setitem(_dispatch.AUTO_TABLE, "token_pool_backward", row if bwd_row else [])
-    calls = []
-    for name in ("token_pool_ref", "token_pool_backward_ref", "_token_pool_fwd", "_token_pool_bwd"):
-        _spy(monkeypatch, calls, name)
+    row = ({"tokens": (48, 48), "sparse": (15, 15), "channels": (None, 8), "batch": (2, 2)}, "reference")
+    calls = route_log(monkeypatch, mod, "token_pool", row, fwd_row, bwd_row)
     x = torch.randn(2, 48, 8, requires_grad=True)
     grad_out = torch.randn(2, 15, 8)
     token_pool(x, hw, grid).backward(grad_out)

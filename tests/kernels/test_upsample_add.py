@@ -8,12 +8,13 @@ from hypothesis import strategies as st
 
 from flexdit_kernels import upsample_add, upsample_add_backward_ref, upsample_add_ref
 
-from .grid_cases import DTYPES, kernel_params, patch_sm_count
-from .guard import check_gaps, guard_allocations, guarded
-from .helpers import kernels_only_fixture
+from .grid_cases import DTYPES, REF_GRIDS, kernel_params, patch_sm_count
+from .guard import check_guards, guard_allocations, guarded
+from .helpers import (auto_table_params, bad_input_test, check_compiled, grads_via, jit_trace_test,
+                      kernels_only_fixture, route_log, via_image)
 
+from flexdit_kernels import _grid_ops
 # The package re-exports the function under the module's name, so fetch the module itself.
-from flexdit_kernels import _dispatch
 from flexdit_kernels import _upsample_add as mod
 
 
@@ -27,11 +28,8 @@ KERNEL_PARAMS = kernel_params(_ids)
 
 def _grads_via_ref(sparse, dense, hw, grid, grad_out):
     """Output and both gradients of the reference through autograd (not through upsample_add_backward_ref)."""
-    s = sparse.detach().clone().requires_grad_()
-    d = dense.detach().clone().requires_grad_()
-    out = upsample_add_ref(s, d, hw, grid)
-    out.backward(grad_out)
-    return out, s.grad, d.grad
+    out, (ds, dd) = grads_via(upsample_add_ref, (sparse, dense), grad_out, hw, grid)
+    return out, ds, dd
 
 
 kernels_only = kernels_only_fixture(mod, "upsample_add")
@@ -48,16 +46,12 @@ def test_public_op_runs_kernels(case, dtype, atol, rtol, kernels_only):
     dense = torch.randn(b, hw[0] * hw[1], c, dtype=dtype)
     grad_out = torch.randn(b, hw[0] * hw[1], c, dtype=dtype)
     ref_out, ref_ds, ref_dd = _grads_via_ref(sparse, dense, hw, grid, grad_out)
-
-    s = sparse.clone().requires_grad_()
-    d = dense.clone().requires_grad_()
-    out = upsample_add(s, d, hw, grid)
-    out.backward(grad_out)
+    out, (ds, dd) = grads_via(upsample_add, (sparse, dense), grad_out, hw, grid)
     assert out.dtype == dtype and out.shape == ref_out.shape
     torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
-    torch.testing.assert_close(s.grad, ref_ds, atol=atol, rtol=rtol)
-    torch.testing.assert_close(s.grad, upsample_add_backward_ref(grad_out, hw, grid), atol=atol, rtol=rtol)
-    torch.testing.assert_close(d.grad, ref_dd, atol=0, rtol=0)
+    torch.testing.assert_close(ds, ref_ds, atol=atol, rtol=rtol)
+    torch.testing.assert_close(ds, upsample_add_backward_ref(grad_out, hw, grid), atol=atol, rtol=rtol)
+    torch.testing.assert_close(dd, ref_dd, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
@@ -88,17 +82,8 @@ def test_property_random_grids(h, w, gh_frac, gw_frac, c, b):
 
 
 def test_torch_compile_fullgraph():
-    sparse = torch.randn(2, 15, 8, requires_grad=True)
-    dense = torch.randn(2, 48, 8, requires_grad=True)
-    grad_out = torch.randn(2, 48, 8)
-    compiled = torch.compile(lambda s, d: upsample_add(s * 2, d, (6, 8), (3, 5)), fullgraph=True,
-                             backend="aot_eager")
-    out = compiled(sparse, dense)
-    out.backward(grad_out)
-    ref_out, ref_ds, ref_dd = _grads_via_ref(sparse * 2, dense, (6, 8), (3, 5), grad_out)
-    torch.testing.assert_close(out, ref_out)
-    torch.testing.assert_close(sparse.grad, ref_ds * 2)
-    torch.testing.assert_close(dense.grad, ref_dd)
+    sparse, dense, grad_out = torch.randn(2, 15, 8), torch.randn(2, 48, 8), torch.randn(2, 48, 8)
+    check_compiled(upsample_add, upsample_add_ref, (sparse, dense), grad_out, (6, 8), (3, 5))
 
 
 def test_opcheck():
@@ -113,18 +98,14 @@ def test_opcheck():
 # The reference against an independent formulation
 # ----------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("hw, grid", [((16, 16), (6, 6)), ((16, 16), (10, 10)), ((32, 32), (10, 10)),
-                                      ((32, 32), (8, 8)), ((12, 20), (5, 7)), ((16, 16), (16, 16)),
-                                      ((16, 16), (1, 1)), ((7, 13), (4, 9))])
+@pytest.mark.parametrize("hw, grid", REF_GRIDS)
 def test_ref_matches_interpolate_nearest(hw, grid):
     b, c = 2, 12
-    sparse = torch.randn(b, grid[0] * grid[1], c, requires_grad=True)
+    sparse = torch.randn(b, grid[0] * grid[1], c)
     dense = torch.randn(b, hw[0] * hw[1], c)
     grad_out = torch.randn(b, hw[0] * hw[1], c)
-    image = sparse.transpose(1, 2).reshape(b, c, *grid)                   # token-major -> (B, C, G_h, G_w)
-    up = F.interpolate(image, size=hw, mode="nearest").flatten(2).transpose(1, 2)
-    (expected_ds,) = torch.autograd.grad(up, sparse, grad_out)
-    torch.testing.assert_close(upsample_add_ref(sparse.detach(), dense, hw, grid), up.detach() + dense)
+    up, expected_ds = via_image(lambda image: F.interpolate(image, size=hw, mode="nearest"), sparse, grid, grad_out)
+    torch.testing.assert_close(upsample_add_ref(sparse, dense, hw, grid), up + dense)
     torch.testing.assert_close(upsample_add_backward_ref(grad_out, hw, grid), expected_ds)
 
 
@@ -150,12 +131,8 @@ BAD_CALLS = [
 ]
 
 
-@pytest.mark.parametrize("fn", [upsample_add, mod.upsample_add_fwd, upsample_add_ref],
-                         ids=["public", "launcher", "ref"])
-@pytest.mark.parametrize("what, call, name", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
-def test_bad_input_raises(fn, what, call, name):
-    with pytest.raises(ValueError, match=name):
-        call(fn)
+test_bad_input_raises = bad_input_test(BAD_CALLS, [upsample_add, mod.upsample_add_fwd, upsample_add_ref],
+                                       ids=["public", "launcher", "ref"])
 
 
 def test_refs_take_the_ops_arguments():
@@ -206,10 +183,7 @@ def test_guard_buffers(case, dtype, atol, rtol, kernels_only):
     with guard_allocations() as allocs:
         out = upsample_add(sparse, dense, hw, grid)
         out.backward(grad_out)
-    assert not out.isnan().any() and not sparse.grad.isnan().any() and not dense.grad.isnan().any()
-    allocs.check()
-    for name, t in (("sparse", sparse), ("dense", dense), ("grad_out", grad_out)):
-        check_gaps(t, name)
+    check_guards(allocs, (out, sparse.grad, dense.grad), sparse=sparse, dense=dense, grad_out=grad_out)
     ref_out, ref_ds, ref_dd = _grads_via_ref(sparse, dense, hw, grid, grad_out)
     torch.testing.assert_close(out, ref_out, atol=atol, rtol=rtol)
     torch.testing.assert_close(sparse.grad, ref_ds, atol=atol, rtol=rtol)
@@ -242,7 +216,7 @@ def test_long_runs(monkeypatch, sms, kernels_only):
 
 def test_int64_index_path(monkeypatch, kernels_only):
     """The IDX64 variants (taken when a batch entry spans 2**31 elements or more), forced at a small shape."""
-    monkeypatch.setattr(mod, "fits_int32", lambda *tensors: False)
+    monkeypatch.setattr(_grid_ops, "fits_int32", lambda *tensors: False)     # where the launches choose
     sparse = torch.randn(2, 12, 24, requires_grad=True)
     dense = torch.randn(2, 63, 24, requires_grad=True)
     grad_out = torch.randn(2, 63, 24)
@@ -253,30 +227,16 @@ def test_int64_index_path(monkeypatch, kernels_only):
     torch.testing.assert_close(sparse.grad, ref_ds)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")     # torch.jit.trace, still what fvcore uses
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # the shape checks, constants in a trace
-def test_jit_trace_sees_one_op():
-    """torch.jit.trace (fvcore's FLOP counter) records the custom op, not what runs inside it."""
-    sparse, dense = torch.randn(2, 15, 8), torch.randn(2, 48, 8)
-    graph = str(torch.jit.trace(lambda s, d: upsample_add(s, d, (6, 8), (3, 5)), (sparse, dense)).graph)
-    assert "flexdit::upsample_add" in graph and "aten::index" not in graph
+test_jit_trace_sees_one_op = jit_trace_test("upsample_add", lambda s, d: upsample_add(s, d, (6, 8), (3, 5)),
+                                            lambda: (torch.randn(2, 15, 8), torch.randn(2, 48, 8)),
+                                            inside="aten::index")
 
 
-@pytest.mark.parametrize("fwd_row, bwd_row, expected", [
-    (True, False, ["upsample_add_ref", "_upsample_add_bwd"]),
-    (False, True, ["_upsample_add_fwd", "upsample_add_backward_ref"]),
-    (True, True, ["upsample_add_ref", "upsample_add_backward_ref"]),
-    (False, False, ["_upsample_add_fwd", "_upsample_add_bwd"]),
-])
+@pytest.mark.parametrize("fwd_row, bwd_row, expected", auto_table_params("upsample_add"))
 def test_auto_table_is_honoured(monkeypatch, fwd_row, bwd_row, expected):
     hw, grid = (6, 8), (3, 5)
-    row = [({"tokens": (48, 48), "sparse": (15, 15), "channels": (None, 8), "batch": (2, 2)}, "reference")]
-    monkeypatch.setitem(_dispatch.AUTO_TABLE, "upsample_add", row if fwd_row else [])
-    monkeypatch.setitem(_dispatch.AUTO_TABLE, "upsample_add_backward", row if bwd_row else [])
-    calls = []
-    for name in ("upsample_add_ref", "upsample_add_backward_ref", "_upsample_add_fwd", "_upsample_add_bwd"):
-        real = getattr(mod, name)
-        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    row = ({"tokens": (48, 48), "sparse": (15, 15), "channels": (None, 8), "batch": (2, 2)}, "reference")
+    calls = route_log(monkeypatch, mod, "upsample_add", row, fwd_row, bwd_row)
     sparse = torch.randn(2, 15, 8, requires_grad=True)
     dense = torch.randn(2, 48, 8, requires_grad=True)
     grad_out = torch.randn(2, 48, 8)
