@@ -39,30 +39,6 @@ def parse_grid(value: GridLike, token_grid: Optional[Tuple[int, int]] = None, na
     return gh, gw
 
 
-def parse_video_grid(value: Union[GridLike, Sequence[int]], token_grid: Tuple[int, int, int],
-                     name: str = "grid") -> Tuple[int, int, int]:
-    """A video sparse grid (G_t, G_h, G_w) for a (T, h, w) token grid, from a spatial grid (an int, a pair or "G" /
-    "GhxGw": G_t = T) or a triple / "GtxGhxGw". The spatial side follows `parse_grid`. Temporal pooling is not
-    supported yet (every frame keeps its tokens), so G_t must equal T. Raises ValueError naming `name`."""
-    try:
-        t, h, w = (int(v) for v in token_grid)
-    except (TypeError, ValueError):
-        raise ValueError(f"token_grid must be (T, h, w), got {token_grid!r}") from None
-    if isinstance(value, str) and len(value.lower().replace(",", "x").split("x")) == 3:
-        try:
-            value = tuple(int(p) for p in value.lower().replace(",", "x").split("x"))
-        except ValueError:
-            raise ValueError(f"{name} must look like 8, 8x6 or 16x8x6, got {value!r}") from None
-    if not isinstance(value, (str, int)) and isinstance(value, Sequence) and len(value) == 3:
-        gt, spatial = value[0], value[1:]
-        if isinstance(gt, bool) or not isinstance(gt, int) or gt != t:
-            raise ValueError(f"{name}'s temporal side must equal the {t} frames (temporal pooling is not "
-                             f"supported), got {gt!r}")
-    else:
-        spatial = value
-    return (t, *parse_grid(spatial, (h, w), name))
-
-
 def default_grid(token_grid: Tuple[int, int]) -> Tuple[int, int]:
     """The 8x8 sparse grid, clamped to the token grid."""
     return min(DEFAULT_GRID, token_grid[0]), min(DEFAULT_GRID, token_grid[1])

@@ -129,7 +129,6 @@ AUTO_TABLE: Dict[str, List[Tuple[Dict[str, Tuple[Optional[int], Optional[int]]],
     "upsample_add": [],
     "upsample_add_backward": [],
 }
-PATHS = ("triton", "reference")
 
 
 def table_path(op: str, **shape: int) -> str:
