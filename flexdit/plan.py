@@ -39,6 +39,11 @@ def parse_grid(value: GridLike, token_grid: Optional[Tuple[int, int]] = None, na
     return gh, gw
 
 
+def format_grid(grid: Optional[GridLike]) -> str:
+    """A grid as printed, "GhxGw" ("8x8", "8x6"); None (no sparse grid: a dense model, or the model's own) as "-"."""
+    return "-" if grid is None else "x".join(map(str, parse_grid(grid)))
+
+
 def default_grid(token_grid: Tuple[int, int]) -> Tuple[int, int]:
     """The 8x8 sparse grid, clamped to the token grid."""
     return min(DEFAULT_GRID, token_grid[0]), min(DEFAULT_GRID, token_grid[1])
