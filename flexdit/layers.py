@@ -104,10 +104,10 @@ def _1d_sincos(embed_dim, pos):
 
 
 def adaln_silu(x):
-    """SiLU of an adaLN projection's input. x (B, C) where the kernels backend runs kernels on it
-    (`flexdit_kernels.use_triton`): one kernel (`flexdit_kernels.silu`) that writes the result in the autocast dtype,
-    so the projection's input needs no cast; `F.silu` otherwise."""
-    return fk.silu(x) if x.dim() == 2 and fk.use_triton(x) else F.silu(x)
+    """SiLU of an adaLN projection's input. x (B, C) where the backend runs kernels on it
+    (`flexdit_kernels.kernels_active`): one kernel (`flexdit_kernels.silu`) that writes the result in the autocast
+    dtype, so the projection's input needs no cast; `F.silu` otherwise."""
+    return fk.silu(x) if x.dim() == 2 and fk.kernels_active(x) else F.silu(x)
 
 
 class SiLU(nn.SiLU):

@@ -25,10 +25,10 @@ from .plan import Slot
 
 
 def norm_modulate(norm: nn.LayerNorm, x, shift, scale):
-    """modulate(norm(x), shift, scale): one pass of the fused kernel wherever the kernels backend runs kernels on x
-    (`flexdit_kernels.use_triton`) and the norm has no affine part (output in the autocast dtype then, ready for the
-    next GEMM); the PyTorch composition otherwise."""
-    if norm.weight is None and fk.use_triton(x):
+    """modulate(norm(x), shift, scale): one pass of the fused kernel wherever the backend runs kernels on x
+    (`flexdit_kernels.kernels_active`) and the norm has no affine part (output in the autocast dtype then, ready for
+    the next GEMM); the PyTorch composition otherwise."""
+    if norm.weight is None and fk.kernels_active(x):
         return fk.layernorm_modulate(x, shift, scale, norm.eps)
     return modulate(norm(x), shift, scale)
 
@@ -105,9 +105,9 @@ class Routed(nn.Module):
 class FlexLayer(Routed):
     """One layer of a FlexDiT plan: dense, sparse, Poolingformer (`pool`), sparse generation (`gen`) or dense
     recovery (`recover`). Subclasses build the host's modules and provide `modulation(x, cond)`, which returns
-    (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, C). Wherever the kernels backend runs
-    kernels on the layer's tensors (`flexdit_kernels.use_triton`), LayerNorm with modulation and the gated residuals
-    run as one kernel each (`flexdit_kernels.layernorm_modulate`, `gated_residual`); under the "reference" backend
+    (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, C). Wherever the backend runs kernels
+    on the layer's tensors (`flexdit_kernels.kernels_active`), LayerNorm with modulation and the gated residuals run
+    as one kernel each (`flexdit_kernels.layernorm_modulate`, `gated_residual`); under the "reference" backend
     (and on the CPU without the interpreter) the layer is the published PyTorch composition.
     """
 
@@ -213,7 +213,7 @@ class FlexLayer(Routed):
     def residual(self, x, y, gate, inplace=False):
         """x + gate·y; gate: (B, C) over the tokens of x and y: (B, L, C). `inplace` (the kernel, outside autograd)
         writes into x: only for an x this layer made itself."""
-        if fk.use_triton(x):
+        if fk.kernels_active(x):
             return fk.gated_residual(x, y, gate, inplace=inplace)
         return x + gate.unsqueeze(1) * y
 
@@ -221,7 +221,7 @@ class FlexLayer(Routed):
         """x + gate_msa·y (y: the attention branch), the host's step between attention and MLP, then the MLP residual.
         On the kernels and with nothing in between, the residual and the MLP's LayerNorm-modulate are one kernel."""
         norm = self.mlp_layer_norm()
-        if not self.has_after_attention and norm.weight is None and fk.use_triton(x):
+        if not self.has_after_attention and norm.weight is None and fk.kernels_active(x):
             x, h = fk.gated_residual_layernorm_modulate(x, y, mods[2], mods[3], mods[4], norm.eps)
         else:
             x = self.after_attention(self.residual(x, y, mods[2]), cond)

@@ -29,10 +29,10 @@ def test_fused_flexdit_runs_far_fewer_ops():
     dense = _xl_shaped("DiT-XL/2")
 
     def ops(model, fused, new_region):
-        # The layers take the fused ops where `fk.use_triton` says the backend runs kernels; forcing that answer
+        # The layers take the fused ops where `fk.kernels_active` says the backend runs kernels; forcing that answer
         # under the "reference" backend counts the fused model's ops without running the kernels.
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(fk, "use_triton", lambda *tensors: fused)
+            mp.setattr(fk, "kernels_active", lambda *tensors: fused)
             return sum(flexdit.count_ops(model, x, t, y, autocast_dtype=torch.bfloat16,
                                          new_region=new_region).values())
 
@@ -123,3 +123,13 @@ def test_fused_flexdit_xl_within_bf16_noise():
             fused = flex(x, t, y).double()
     scale = exact.norm()
     assert (fused - exact).norm() / scale <= 2 * (ref - exact).norm() / scale + 1e-6
+
+
+def test_kernels_active_is_the_models_switch():
+    """The layers fuse exactly where the backend runs kernels; meta tensors (MAC counts, memory plans) stand for the
+    device they plan for."""
+    cpu, meta = torch.zeros(2, 4), torch.zeros(2, 4, device="meta")
+    with fk.backend("reference"):
+        assert not fk.kernels_active(cpu) and not fk.kernels_active(meta)
+    with fk.backend("auto"):
+        assert fk.kernels_active(cpu) == fk.interpreting() and fk.kernels_active(meta)
