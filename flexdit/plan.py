@@ -28,6 +28,8 @@ def parse_grid(value: GridLike, token_grid: Optional[Tuple[int, int]] = None, na
     if isinstance(value, str):
         parts = value.lower().replace(",", "x").split("x")
         try:
+            if len(parts) > 2:
+                raise ValueError
             value = tuple(int(p) for p in parts) if len(parts) == 2 else int(parts[0])
         except ValueError:
             raise ValueError(f"{name} must look like 8 or 8x6, got {value!r}") from None
