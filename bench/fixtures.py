@@ -6,21 +6,23 @@ from typing import Any, Dict, Optional
 import torch
 
 from flexdit import apply_patch
+from flexdit.sizes import ModelArgs
 
 TARGETS = ("pixart-alpha", "diffusers-dit", "latte", "flux", "sd3")
 
 
+# The size of each target in `flexdit.sizes`: its diffusers config, with the latent side (and clip length) of a run.
+TARGET_SIZES = {"pixart-alpha": "PixArt-XL/2", "diffusers-dit": "DiT-XL/2", "latte": "Latte-XL/2"}
+
+
 def _diffusers_config(target: str, latent: int, frames: int) -> Dict[str, Any]:
     """The real-size diffusers config of a target: DiT-XL/2, PixArt-α XL/2 or Latte-XL/2 (Latte-1's config)."""
-    xl = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
-              sample_size=latent)
+    cfg = dict(ModelArgs.from_name(TARGET_SIZES[target]).diffusers_config(), sample_size=latent)
     if target == "pixart-alpha":
-        return dict(xl, cross_attention_dim=1152, caption_channels=4096, use_additional_conditions=latent == 128)
+        cfg["use_additional_conditions"] = latent == 128
     if target == "latte":
-        return dict(xl, cross_attention_dim=1152, caption_channels=4096, patch_size=2, norm_type="ada_norm_single",
-                    activation_fn="gelu-approximate", attention_bias=True, num_embeds_ada_norm=1000,
-                    norm_elementwise_affine=False, norm_eps=1e-6, video_length=frames)
-    return xl
+        cfg["video_length"] = frames
+    return cfg
 
 
 def build_patched_pair(target: str, image_size: int, device=None, dtype=torch.float32, plan=None, schedule=None,

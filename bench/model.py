@@ -1,7 +1,6 @@
-"""`python -m bench model`: dense DiT (plain and with the fused adaLN kernels) vs FlexDiT forward (kernels and
-reference path), MACs, ceilings, profile by kernel family and by layer kind."""
+"""`python -m bench model`: dense DiT (the published computation, and on the kernels backend with the fused adaLN
+kernels) vs FlexDiT forward (kernels and reference path), MACs, ceilings, profile by kernel family and by layer kind."""
 import contextlib
-import copy
 import functools
 import importlib.util
 import time
@@ -11,8 +10,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 import flexdit_kernels as fk
-from flexdit import (DensitySchedule, DiT_models, FlexDiT, FlexDiT_models, create_model, flexdit_config, from_dit,
-                     set_fused)
+from flexdit import DensitySchedule, DiT_models, FlexDiT, FlexDiT_models, create_model, flexdit_config, from_dit
 from flexdit.diffusion import CudaGraphDenoiser
 
 from .common import (Results, bench_fn, fill_defaults, first_line, format_table, matmul_tflops, parse_list,
@@ -29,8 +27,9 @@ KIND_NAMES = {"embed": "embedding", "pool": "Poolingformer", "gen": "generation"
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
-# What `--impls` may name: the dense DiT, the dense DiT with the fused adaLN kernels (CUDA only: what fusion alone
-# gives), FlexDiT on the kernels (CUDA only) and FlexDiT on its PyTorch reference path (token density alone).
+# What `--impls` may name: the dense DiT (the "reference" backend: SDPA, no flexdit op), the same model on the kernels
+# backend, i.e. with the fused adaLN kernels (CUDA only: what fusion alone gives), FlexDiT on the kernels (CUDA only)
+# and FlexDiT on its PyTorch reference path (token density alone).
 IMPLS = ("dense", "dense-fused", "flexdit", "flexdit-ref")
 MODES = ("eager", "compile", "cuda-graph")
 # Defaults that depend on where the run happens: (GPU, CPU).
@@ -117,7 +116,7 @@ def kernels_differ(forward: Callable[[str], torch.Tensor], dtype: torch.dtype) -
 # Models
 # ----------------------------------------------------------------------------------------------------------------
 
-def build_models(name: str, image_size: int, grid: int, device: torch.device, seed: int = 0):
+def build_models(name: str, image_size: int, grid, device: torch.device, seed: int = 0):
     """Dense DiT (DiT init + small random perturbation, so no block is the identity) and FlexDiT from it."""
     latent = image_size // 8
     torch.manual_seed(seed)
@@ -145,8 +144,8 @@ def model_inputs(batch: int, image_size: int, device: torch.device, num_classes:
 
 
 def per_image_macs(name: str, image_size: int, grids) -> Dict:
-    """MACs of one image: {"dense": the dense model, G: FlexDiT at grid G for each G in `grids`}, counted on the
-    meta device."""
+    """MACs of one image: {"dense": the dense model, g: FlexDiT at grid g for each g (a side or a pair) in `grids`},
+    counted on the meta device."""
     from flexdit.flops import count_macs
     latent = image_size // 8
     with torch.device("meta"):
@@ -328,11 +327,11 @@ def run(args, results: Results, device: torch.device) -> None:
     ceiling = matmul_tflops(device, dtype, results)   # the matmul ceiling in the run's dtype
     dense, flex, inputs, dense_kw, flex_kw, macs = _build(args, device, results)
     unit = "clip" if args.model == "latte" else "img"
-    variants = [("dense", dense, dense_kw, fk.get_backend()), ("flexdit-ref", flex, flex_kw, "reference")]
+    variants = [("dense", dense, dense_kw, "reference"), ("flexdit-ref", flex, flex_kw, "reference")]
     if device.type == "cuda":   # on the CPU "auto" would be the reference (or the interpreter): not a measurement
         variants.insert(1, ("flexdit", flex, flex_kw, "auto"))
         if args.model not in PATCH_TARGETS:   # the diffusers hosts' own blocks have no fused form
-            variants.insert(1, ("dense-fused", set_fused(copy.deepcopy(dense)), dense_kw, "auto"))
+            variants.insert(1, ("dense-fused", dense, dense_kw, "auto"))
     if getattr(args, "impl_list", None):
         wanted = {"dense", *args.impl_list}
         dropped = [v[0] for v in variants if v[0] not in wanted]

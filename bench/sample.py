@@ -17,6 +17,7 @@ import torch
 import flexdit_kernels as fk
 from flexdit import DensitySchedule
 from flexdit.diffusion import CudaGraphDenoiser, create_diffusion, grid_steps, sample_latents
+from flexdit.plan import format_grid
 
 from .common import Results, bench_fn, fill_defaults, format_table, parse_list, positive_int, synchronize
 from .model import (MODES, autocast, build_models, dense_name, kernels_differ, model_inputs, per_image_macs,
@@ -134,7 +135,8 @@ def macs_per_image(macs_by_grid: Dict, steps_by_grid: Dict, guidance: bool) -> T
 
 
 def count_macs_by_grid(name: str, image_size: int, grids) -> Optional[Dict]:
-    """{None: dense DiT MACs, G: FlexDiT MACs at grid G} per latent (meta device); None when fvcore is missing."""
+    """{None: dense DiT MACs, (G_h, G_w): FlexDiT MACs at that grid} per latent (meta device); None when fvcore is
+    missing."""
     try:
         import fvcore  # noqa: F401
     except ImportError:
@@ -158,7 +160,7 @@ def _check_kernels(flex, schedule, args, device, results) -> bool:
     for grid in sorted(set(schedule.grids)):
         reason = kernels_differ(functools.partial(forward, grid), args.torch_dtype)
         if reason:
-            results.failures.append(f"{reason} at grid {grid}: flexdit not timed")
+            results.failures.append(f"{reason} at grid {format_grid(grid)}: flexdit not timed")
             return False
     return True
 

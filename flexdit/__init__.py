@@ -10,7 +10,7 @@ from .flops import MacCount, count_macs, count_ops  # fvcore is imported only wh
 from .models import DiT, DiT_models, FlexDiT, FlexDiT_models, FlexDiTConfig, create_model, flexdit_config
 from .patch import FlexPatch, apply_patch, is_patched, remove_patch, set_checkpointing
 from .plan import Plan, parse_grid
-from .router import FlexLayer, RouteState, set_fused
+from .router import FlexLayer, RouteState
 from .save import load_patched, save_patched
 from .schedule import DensitySchedule
 from .sizes import ModelArgs
@@ -27,7 +27,7 @@ __all__ = [
     # density schedule, diffusion, sampling
     "DensitySchedule", "diffusion", "GaussianDiffusion", "create_diffusion", "sample_latents",
     # patching models in place; diffusers conversions
-    "Plan", "parse_grid", "FlexLayer", "RouteState", "set_fused",
+    "Plan", "parse_grid", "FlexLayer", "RouteState",
     "apply_patch", "remove_patch", "is_patched", "FlexPatch", "set_checkpointing", "save_patched", "load_patched",
     "dit_from_diffusers", "dit_state_dict_from_diffusers", "use_diffusers_timesteps_",
     "FlexLatte", "FlexLatteConfig",

@@ -382,7 +382,7 @@ def guided_model_fn(model, y: torch.Tensor, cfg_scale: float = 1.0, schedule: De
                     null_class: int | None = None, cfg_channels: int = 3, use_cfg: bool | None = None) -> ModelFn:
     """Wrap a DiT / FlexDiT as model_fn(x, original_t) for the samplers.
 
-    With a schedule, the grid side of the current ORIGINAL timestep is passed as `grid=` (a FlexDiT); without one,
+    With a schedule, the grid (G_h, G_w) of the current ORIGINAL timestep is passed as `grid=` (a FlexDiT); without one,
     the model is called without a grid (a dense DiT, or a FlexDiT at its configured grid).
     Guidance follows DiT: the batch [x; x] with labels [y; null] goes through `forward_with_cfg`, which mixes
     the first `cfg_channels` channels; the first half is returned, so the sampler's state stays (B, ...).
@@ -401,7 +401,7 @@ def guided_model_fn(model, y: torch.Tensor, cfg_scale: float = 1.0, schedule: De
 
 
 def grid_steps(diffusion: GaussianDiffusion, schedule: DensitySchedule | None = None) -> dict:
-    """{grid side: number of sampling steps run at it} over the whole chain of `diffusion` (None: no schedule,
+    """{grid (G_h, G_w): number of sampling steps run at it} over the whole chain of `diffusion` (None: no schedule,
     every step at the model's own grid). The steps are the chain's original timesteps, as the samplers query."""
     if schedule is None:
         return {None: diffusion.num_timesteps}
@@ -460,7 +460,7 @@ class _Graph:
 class CudaGraphDenoiser:
     """The samplers' network evaluation replayed from CUDA graphs: one graph per (grid, batch) that a run meets.
 
-    A graph is captured the first time its key (grid side, latent shape and dtype, guidance settings, autocast
+    A graph is captured the first time its key (grid, latent shape and dtype, guidance settings, autocast
     dtype) is seen: the inputs are copied into static buffers, a few eager calls on a side stream warm up the
     allocator and the kernels' autotuning, then the guided forward (the doubled batch with guidance) is captured
     with autocast's weight cache off (its casts would live outside the graph's memory). Under autocast the denoiser

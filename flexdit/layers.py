@@ -103,19 +103,18 @@ def _1d_sincos(embed_dim, pos):
     return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
 
-def adaln_silu(x, fused: bool):
-    """SiLU of an adaLN projection's input. `fused` and x (B, C): one kernel (`flexdit_kernels.silu`) that writes the
-    result in the autocast dtype, so the projection's input needs no cast."""
-    return fk.silu(x) if fused and x.dim() == 2 else F.silu(x)
+def adaln_silu(x):
+    """SiLU of an adaLN projection's input. x (B, C) where the backend runs kernels on it
+    (`flexdit_kernels.kernels_active`): one kernel (`flexdit_kernels.silu`) that writes the result in the autocast
+    dtype, so the projection's input needs no cast; `F.silu` otherwise."""
+    return fk.silu(x) if x.dim() == 2 and fk.kernels_active(x) else F.silu(x)
 
 
 class SiLU(nn.SiLU):
-    """nn.SiLU in front of an adaLN projection: `adaln_silu`, fused when `set_fused` says so."""
-
-    fused = False
+    """nn.SiLU in front of an adaLN projection: `adaln_silu`."""
 
     def forward(self, x):
-        return adaln_silu(x, self.fused)
+        return adaln_silu(x)
 
 
 #################################################################################

@@ -9,7 +9,7 @@ import torch.nn as nn
 from .diffusion import check_labels, check_timesteps
 from .layers import LabelEmbedder, Mlp, PatchEmbed, SiLU, TimestepEmbedder, get_2d_sincos_pos_embed, to_pair
 from .plan import GridLike, Plan, Slot, split_plan_fields
-from .router import FlexLayer, RouteState, norm_modulate, set_fused
+from .router import FlexLayer, RouteState, norm_modulate
 from .sizes import ModelArgs, names as size_names
 
 
@@ -45,8 +45,6 @@ class DiTBlock(FlexLayer):
 class FinalLayer(nn.Module):
     """The final layer of DiT: adaLN (shift, scale) and a linear map to patch pixels."""
 
-    fused = False  # LayerNorm and modulation in one kernel (see `set_fused`)
-
     def __init__(self, hidden_size, patch_size, out_channels):
         super().__init__()
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
@@ -55,7 +53,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
-        return self.linear(norm_modulate(self.norm_final, x, shift, scale, self.fused))
+        return self.linear(norm_modulate(self.norm_final, x, shift, scale))
 
 
 #################################################################################
@@ -156,8 +154,8 @@ class _DiTShell(nn.Module):
 
 
 class DiT(_DiTShell):
-    """Diffusion model with a Transformer backbone (the dense baseline, PyTorch SDPA attention; `set_fused(model)`
-    switches it to the fused adaLN kernels, to show what fusion alone gives)."""
+    """Diffusion model with a Transformer backbone: PyTorch SDPA attention, and the fused adaLN kernels wherever the
+    kernels backend runs kernels (under `flexdit_kernels.backend("reference")`, the published computation)."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
@@ -241,7 +239,6 @@ class FlexDiT(_DiTShell):
         self.blocks = nn.ModuleList([DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, use_kernel=True,
                                               slot=slot, state=self.route_state) for slot in cfg.plan.slots()])
         self.initialize_weights()
-        set_fused(self)
 
     def initialize_weights(self):
         super().initialize_weights()

@@ -81,7 +81,6 @@ class DiffusersFlexLayer(FlexLayer):
         self.mlp = copy.deepcopy(block.ff)
         self.attn2 = copy.deepcopy(block.attn2) if block.attn2 is not None else None
         self.has_after_attention = self.attn2 is not None
-        self.fused = True
         w = attn1.to_out[0].weight
         with torch.device(w.device):
             self.build_attention(dim, attn1.heads)
@@ -123,7 +122,7 @@ class DiffusersFlexLayer(FlexLayer):
             return (self.scale_shift_table[None] + timestep.reshape(len(timestep), 6, -1)).unbind(1)
         ada = self.norm1
         emb = ada.emb(timestep, cond["class_labels"], hidden_dtype=x.dtype)
-        return ada.linear(adaln_silu(emb, self.fused)).chunk(6, dim=1)
+        return ada.linear(adaln_silu(emb)).chunk(6, dim=1)
 
     def attn_layer_norm(self):
         return self.norm1 if self.ada_single else self.norm1.norm

@@ -28,6 +28,8 @@ def parse_grid(value: GridLike, token_grid: Optional[Tuple[int, int]] = None, na
     if isinstance(value, str):
         parts = value.lower().replace(",", "x").split("x")
         try:
+            if len(parts) > 2:
+                raise ValueError
             value = tuple(int(p) for p in parts) if len(parts) == 2 else int(parts[0])
         except ValueError:
             raise ValueError(f"{name} must look like 8 or 8x6, got {value!r}") from None
@@ -39,28 +41,9 @@ def parse_grid(value: GridLike, token_grid: Optional[Tuple[int, int]] = None, na
     return gh, gw
 
 
-def parse_video_grid(value: Union[GridLike, Sequence[int]], token_grid: Tuple[int, int, int],
-                     name: str = "grid") -> Tuple[int, int, int]:
-    """A video sparse grid (G_t, G_h, G_w) for a (T, h, w) token grid, from a spatial grid (an int, a pair or "G" /
-    "GhxGw": G_t = T) or a triple / "GtxGhxGw". The spatial side follows `parse_grid`. Temporal pooling is not
-    supported yet (every frame keeps its tokens), so G_t must equal T. Raises ValueError naming `name`."""
-    try:
-        t, h, w = (int(v) for v in token_grid)
-    except (TypeError, ValueError):
-        raise ValueError(f"token_grid must be (T, h, w), got {token_grid!r}") from None
-    if isinstance(value, str) and len(value.lower().replace(",", "x").split("x")) == 3:
-        try:
-            value = tuple(int(p) for p in value.lower().replace(",", "x").split("x"))
-        except ValueError:
-            raise ValueError(f"{name} must look like 8, 8x6 or 16x8x6, got {value!r}") from None
-    if not isinstance(value, (str, int)) and isinstance(value, Sequence) and len(value) == 3:
-        gt, spatial = value[0], value[1:]
-        if isinstance(gt, bool) or not isinstance(gt, int) or gt != t:
-            raise ValueError(f"{name}'s temporal side must equal the {t} frames (temporal pooling is not "
-                             f"supported), got {gt!r}")
-    else:
-        spatial = value
-    return (t, *parse_grid(spatial, (h, w), name))
+def format_grid(grid: Optional[GridLike]) -> str:
+    """A grid as printed, "GhxGw" ("8x8", "8x6"); None (no sparse grid: a dense model, or the model's own) as "-"."""
+    return "-" if grid is None else "x".join(map(str, parse_grid(grid)))
 
 
 def default_grid(token_grid: Tuple[int, int]) -> Tuple[int, int]:

@@ -24,20 +24,13 @@ from .layers import Attention, CrossAttention, PoolingAttention, modulate
 from .plan import Slot
 
 
-def norm_modulate(norm: nn.LayerNorm, x, shift, scale, fused: bool):
-    """modulate(norm(x), shift, scale): one pass of the fused kernel when `fused` and the norm has no affine part
-    (output in the autocast dtype then, ready for the next GEMM)."""
-    if fused and norm.weight is None:
+def norm_modulate(norm: nn.LayerNorm, x, shift, scale):
+    """modulate(norm(x), shift, scale): one pass of the fused kernel wherever the backend runs kernels on x
+    (`flexdit_kernels.kernels_active`) and the norm has no affine part (output in the autocast dtype then, ready for
+    the next GEMM); the PyTorch composition otherwise."""
+    if norm.weight is None and fk.kernels_active(x):
         return fk.layernorm_modulate(x, shift, scale, norm.eps)
     return modulate(norm(x), shift, scale)
-
-
-def set_fused(model: nn.Module, fused: bool = True) -> nn.Module:
-    """Turn the fused adaLN kernels (LayerNorm-modulate, gated residual, SiLU) on or off in every layer of `model`."""
-    for module in model.modules():
-        if hasattr(module, "fused"):
-            module.fused = fused
-    return model
 
 
 class RouteState:
@@ -112,11 +105,12 @@ class Routed(nn.Module):
 class FlexLayer(Routed):
     """One layer of a FlexDiT plan: dense, sparse, Poolingformer (`pool`), sparse generation (`gen`) or dense
     recovery (`recover`). Subclasses build the host's modules and provide `modulation(x, cond)`, which returns
-    (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, C). With `fused`, LayerNorm with
-    modulation and the gated residuals run as one kernel each (`flexdit_kernels.layernorm_modulate`, `gated_residual`).
+    (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, C). Wherever the backend runs kernels
+    on the layer's tensors (`flexdit_kernels.kernels_active`), LayerNorm with modulation and the gated residuals run
+    as one kernel each (`flexdit_kernels.layernorm_modulate`, `gated_residual`); under the "reference" backend
+    (and on the CPU without the interpreter) the layer is the published PyTorch composition.
     """
 
-    fused = False
     has_after_attention = False  # whether `after_attention` does anything
 
     def __init__(self, slot: Slot = Slot("dense"), state: Optional[RouteState] = None):
@@ -214,24 +208,24 @@ class FlexLayer(Routed):
 
     # ---------------------------------------------------------------- the layer kinds
     def attn_in(self, x, mods):
-        return norm_modulate(self.attn_layer_norm(), x, mods[0], mods[1], self.fused)
+        return norm_modulate(self.attn_layer_norm(), x, mods[0], mods[1])
 
     def residual(self, x, y, gate, inplace=False):
-        """x + gate·y; gate: (B, C) over the tokens of x and y: (B, L, C). `inplace` (fused, outside autograd)
+        """x + gate·y; gate: (B, C) over the tokens of x and y: (B, L, C). `inplace` (the kernel, outside autograd)
         writes into x: only for an x this layer made itself."""
-        if self.fused:
+        if fk.kernels_active(x):
             return fk.gated_residual(x, y, gate, inplace=inplace)
         return x + gate.unsqueeze(1) * y
 
     def finish(self, x, y, mods, cond):
         """x + gate_msa·y (y: the attention branch), the host's step between attention and MLP, then the MLP residual.
-        Fused and with nothing in between, the residual and the MLP's LayerNorm-modulate are one kernel."""
+        On the kernels and with nothing in between, the residual and the MLP's LayerNorm-modulate are one kernel."""
         norm = self.mlp_layer_norm()
-        if self.fused and not self.has_after_attention and norm.weight is None:
+        if not self.has_after_attention and norm.weight is None and fk.kernels_active(x):
             x, h = fk.gated_residual_layernorm_modulate(x, y, mods[2], mods[3], mods[4], norm.eps)
         else:
             x = self.after_attention(self.residual(x, y, mods[2]), cond)
-            h = norm_modulate(norm, x, mods[3], mods[4], self.fused)
+            h = norm_modulate(norm, x, mods[3], mods[4])
         return self.residual(x, self.feed_forward(h), mods[5], inplace=True)  # x is this layer's own tensor
 
     def dense(self, x, cond):

@@ -28,6 +28,7 @@ from ._cli import (DistContext, add_device_args, add_model_args, add_precision_a
                    autocast_context, backend_context, build_model, check_out_dir, create_checked, model_config,
                    parse_model_args, sample_seed, schedule_from_args, usage_errors)
 from .diffusion import CudaGraphDenoiser, create_diffusion, model_num_classes, sample_latents
+from .plan import format_grid
 
 # build_model, model_config, schedule_from_args, sample_seed and DistContext live in flexdit._cli (shared with
 # flexdit-finetune); they stay importable from here.
@@ -431,7 +432,7 @@ def _sample_text(args, ctx: DistContext, pipe, n, call):
 
 def graph_summary(info: dict) -> str:
     """One line on the CUDA graphs of a run: how many, for which (grid, batch), their memory and capture time."""
-    keys = ", ".join(f"{'dense' if g['grid'] is None else 'G' + str(g['grid'])}x{g['batch']}"
+    keys = ", ".join(f"{'dense' if g['grid'] is None else format_grid(g['grid'])} batch {g['batch']}"
                      for g in info["graphs"])
     return (f"CUDA graphs: {info['num_graphs']} captured ({keys}); graph memory "
             f"{info['graph_memory_bytes'] / 2**20:.1f} MiB, weight copies {info['cast_memory_bytes'] / 2**20:.1f} MiB; "

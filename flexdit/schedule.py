@@ -1,8 +1,9 @@
-"""Temporal token density: which sparse grid side G a FlexDiT uses at diffusion timestep t (arXiv 2412.06028).
+"""Temporal token density: which sparse grid (G_h, G_w) a FlexDiT uses at diffusion timestep t (arXiv 2412.06028).
 
 The timestep range [0, T) is cut into S equal stages (stage 0 holds the clean end t < T/S, stage S-1 the noisy
 end). Stage k has a constant pruning rate r_k = r_min + k/(S-1)·(r_max − r_min) and grid side
-G_k = round(√(N·(1 − r_k))), so the noisiest steps run on the fewest sparse tokens. Grids are square (G×G).
+G_k = round(√(N·(1 − r_k))), so the noisiest steps run on the fewest sparse tokens: the square grid G_k×G_k. An
+explicit schedule may name any grid per stage (G or "GhxGw", as `flexdit.parse_grid` reads them).
 """
 from __future__ import annotations
 
@@ -13,50 +14,47 @@ import torch
 
 from flexdit_kernels._validate import pair
 
+from .plan import GridLike, format_grid, parse_grid
+
 __all__ = ["DensitySchedule", "one_grid"]
 
 
-def one_grid(grids: torch.Tensor) -> int:
-    """The one grid side of a batch from its per-sample sides; ValueError when the batch selects several (one
-    forward pass runs one grid, so a batch must stay inside one stage)."""
-    values = torch.unique(grids)
-    if values.numel() != 1:
-        raise ValueError(f"timesteps of one batch select different grids {values.tolist()} (stages of the density "
-                         "schedule); FlexDiT runs one grid per forward, so a batch must stay inside one stage")
-    return int(values)
+def one_grid(grids: torch.Tensor) -> tuple[int, int]:
+    """The one grid (G_h, G_w) of a batch from its per-sample grids, (B, 2), or square sides, (B,); ValueError when
+    the batch selects several (one forward pass runs one grid, so a batch must stay inside one stage)."""
+    values = torch.unique(grids if grids.dim() == 2 else grids.reshape(-1, 1).expand(-1, 2), dim=0)
+    if values.shape[0] != 1:
+        raise ValueError(f"timesteps of one batch select different grids "
+                         f"{['x'.join(map(str, v)) for v in values.tolist()]} (stages of the density schedule); "
+                         "FlexDiT runs one grid per forward, so a batch must stay inside one stage")
+    gh, gw = values[0].tolist()
+    return int(gh), int(gw)
 
 
 class DensitySchedule:
-    """Maps a timestep t in [0, num_timesteps) to a square sparse grid side, one constant grid per stage.
+    """Maps a timestep t in [0, num_timesteps) to a sparse grid (G_h, G_w), one constant grid per stage.
 
     Build it with `DensitySchedule.from_rates(r_min, r_max, token_grid)` (the decided 4-stage rule),
-    `DensitySchedule(grids)` (explicit per-stage sides, stage 0 = least noisy) or `DensitySchedule.fixed(G)`.
+    `DensitySchedule(grids)` (explicit per-stage grids, stage 0 = least noisy) or `DensitySchedule.fixed(G)`.
 
     Args:
-        grids: sparse grid side of each stage, stage 0 first (t < T/S).
+        grids: the sparse grid of each stage, stage 0 first (t < T/S): a side G (the square grid G×G), a pair
+            (G_h, G_w) or a string "G" / "GhxGw" each; one int or string is a one-stage schedule.
         num_timesteps: T, the number of ORIGINAL diffusion steps (1000 for DiT); a respaced sampler must query
             with the original timestep, not its spaced index.
-        token_grid: the dense token grid (h, w) or its side, used only to check that every G fits (G ≤ min(h, w)).
+        token_grid: the dense token grid (h, w) or its side, used only to check that every grid fits.
     """
 
-    def __init__(self, grids: Sequence[int], num_timesteps: int = 1000, token_grid=None):
-        grids = [int(g) for g in grids] if not isinstance(grids, int) else [int(grids)]
-        if len(grids) == 0:
+    def __init__(self, grids: Sequence[GridLike] | GridLike, num_timesteps: int = 1000, token_grid=None):
+        if isinstance(grids, (int, str)):
+            grids = [grids]
+        self.token_grid = None if token_grid is None else pair("token_grid", token_grid)
+        self.grids: tuple[tuple[int, int], ...] = tuple(parse_grid(g, self.token_grid, "grids") for g in grids)
+        if len(self.grids) == 0:
             raise ValueError("grids must name at least one stage")
-        if num_timesteps < len(grids):
-            raise ValueError(f"num_timesteps ({num_timesteps}) must be at least the number of stages ({len(grids)})")
-        for g in grids:
-            if g < 1:
-                raise ValueError(f"grids must be positive grid sides, got {grids}")
-        if token_grid is not None:
-            h, w = pair("token_grid", token_grid)
-            if max(grids) > min(h, w):
-                raise ValueError(
-                    f"grids {grids}: a sparse grid side exceeds the token grid {h}x{w} (must be <= {min(h, w)})")
-            self.token_grid = (h, w)
-        else:
-            self.token_grid = None
-        self.grids: tuple[int, ...] = tuple(grids)
+        if num_timesteps < len(self.grids):
+            raise ValueError(f"num_timesteps ({num_timesteps}) must be at least the number of stages "
+                             f"({len(self.grids)})")
         self.num_timesteps = int(num_timesteps)
         self.rates: tuple[float, ...] | None = None
 
@@ -94,13 +92,14 @@ class DensitySchedule:
         return sched
 
     @classmethod
-    def fixed(cls, grid: int, num_timesteps: int = 1000, token_grid=None) -> "DensitySchedule":
-        """One grid side for every timestep (the r_min = r_max special case)."""
-        return cls([int(grid)], num_timesteps=num_timesteps, token_grid=token_grid)
+    def fixed(cls, grid: GridLike, num_timesteps: int = 1000, token_grid=None) -> "DensitySchedule":
+        """One grid for every timestep (the r_min = r_max special case)."""
+        return cls([grid], num_timesteps=num_timesteps, token_grid=token_grid)
 
     def to_dict(self) -> dict:
-        """Plain-Python form for checkpoints (loadable with weights_only=True)."""
-        return {"grids": list(self.grids), "num_timesteps": self.num_timesteps,
+        """Plain-Python form for checkpoints (loadable with weights_only=True); a square grid is written as its side,
+        another as [G_h, G_w]."""
+        return {"grids": [gh if gh == gw else [gh, gw] for gh, gw in self.grids], "num_timesteps": self.num_timesteps,
                 "token_grid": list(self.token_grid) if self.token_grid else None,
                 "rates": list(self.rates) if self.rates else None}
 
@@ -143,11 +142,12 @@ class DensitySchedule:
             raise ValueError(f"t must lie in [0, {self.num_timesteps}), got {t}")
         return t * self.num_stages // self.num_timesteps
 
-    def grid(self, t) -> int:
-        """Grid side G for timestep t: an int, or a tensor whose entries all select one grid (`one_grid`)."""
+    def grid(self, t) -> tuple[int, int]:
+        """The sparse grid (G_h, G_w) for timestep t: an int, or a tensor whose entries all select one grid
+        (`one_grid`)."""
         k = self.stage(t)
         if isinstance(k, torch.Tensor):
-            return one_grid(torch.tensor(self.grids, device=k.device)[k])
+            return one_grid(torch.tensor(self.grids, device=k.device)[k.reshape(-1)])
         return self.grids[k]
 
     def sample_stage(self, generator: torch.Generator | None = None) -> int:
@@ -165,4 +165,6 @@ class DensitySchedule:
 
     def __repr__(self) -> str:
         rates = f", rates={tuple(round(r, 4) for r in self.rates)}" if self.rates else ""
-        return f"DensitySchedule(grids={self.grids}, num_timesteps={self.num_timesteps}{rates})"
+        grids = ", ".join(map(format_grid, self.grids))
+        return f"DensitySchedule(grids=({grids}), num_timesteps={self.num_timesteps}{rates})"
+

@@ -45,6 +45,7 @@ from ._cli import (DistContext, add_device_args, add_model_args, add_precision_a
 from .data import LatentShards
 from .mmdit import TINY_CONFIGS
 from .objectives import WEIGHTINGS, DiffusionObjective
+from .plan import format_grid
 from .schedule import DensitySchedule
 
 PROG = "flexdit-finetune"
@@ -146,6 +147,14 @@ def heldout_loss(model, diffusion, latents, labels, schedule: DensitySchedule | 
             total += losses[term].double().sum().item()
     model.train(was_training)
     return total / n
+
+
+def check_resumed_grids(saved: dict, schedule: DensitySchedule) -> None:
+    """A resumed run keeps the grids it trained with: `saved` is the checkpoint's `DensitySchedule.to_dict()`."""
+    trained = DensitySchedule.from_dict(saved).grids
+    if trained != schedule.grids:
+        raise ValueError(f"--resume: the checkpoint trained with grids {', '.join(map(format_grid, trained))}, "
+                         f"this run asks for {', '.join(map(format_grid, schedule.grids))}")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -427,10 +436,8 @@ def _setup_registry(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run:
         raise ValueError(f"--global-batch-size {args.global_batch_size} is larger than the data "
                          f"({len(data)} latents in {args.data})")
     schedule = schedule_from_args(args, model, default_rates=DEFAULT_RATES)
-    if state is not None and state.get("schedule") and schedule is not None \
-            and tuple(state["schedule"]["grids"]) != schedule.grids:
-        raise ValueError(f"--resume: the checkpoint trained with grids {state['schedule']['grids']}, "
-                         f"this run asks for {schedule.grids}")
+    if state is not None and state.get("schedule") and schedule is not None:
+        check_resumed_grids(state["schedule"], schedule)
 
     model = model.to(ctx.device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
@@ -535,11 +542,12 @@ def _loop(run: _Run, args, ctx: DistContext, out_dir: Path, batch: int):
                 rate = args.log_every / max(time.time() - t0, 1e-9)
                 if ctx.is_main:
                     rec = {"step": step, "loss": mean, "loss_per_stage": per_stage,
-                           "grids": list(schedule.grids) if schedule else None, "steps_per_s": rate}
+                           "grids": schedule.to_dict()["grids"] if schedule else None, "steps_per_s": rate}
                     with open(out_dir / "log.jsonl", "a") as f:
                         f.write(json.dumps(rec) + "\n")
                     if not args.quiet:
-                        stages_text = " ".join(f"s{k}/G{schedule.grids[k]}:" + (f"{v:.4f}" if v is not None else "-")
+                        stages_text = " ".join(f"s{k}/G{format_grid(schedule.grids[k])}:"
+                                               + (f"{v:.4f}" if v is not None else "-")
                                                for k, v in enumerate(per_stage)) if schedule else ""
                         line = f"step {step:7d}  loss {mean:.4f}  {stages_text}  {rate:.2f} steps/s"
                         print(line, flush=True) if bar is None else bar.write(line)
@@ -793,13 +801,12 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
         plan = _host_plan(model, plan_fields)
         schedule = _text_schedule(args, plan, token_grid)
         # --dry-run measures the forward on the meta device at the densest grid (the largest activations)
-        fixed = max(schedule.grids) if schedule is not None and args.dry_run else plan.grid
+        fixed = max(schedule.grids, key=lambda g: g[0] * g[1]) if schedule is not None and args.dry_run else plan.grid
         apply_patch(model, plan, schedule if schedule is not None and not args.dry_run else fixed)
     except ValueError as e:
         raise ValueError(f"--model-args / --r-min/--r-max/--grid: {e}") from None
-    if info is not None and schedule is not None and tuple(info["schedule"]["grids"]) != schedule.grids:
-        raise ValueError(f"--resume: the checkpoint trained with grids {info['schedule']['grids']}, this run asks "
-                         f"for {schedule.grids}")
+    if info is not None and schedule is not None:
+        check_resumed_grids(info["schedule"], schedule)
     objective = PixArtObjective() if host == "pixart" else FlowMatchingObjective(
         host, _flow_scheduler(args, host, scheduler_dir), args.weighting_scheme, args.logit_mean, args.logit_std,
         args.mode_scale, args.guidance_scale)

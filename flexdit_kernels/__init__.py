@@ -1,6 +1,6 @@
 """Triton kernels for FlexDiT, each beside its pure-PyTorch reference, registered as `torch.ops.flexdit.*`."""
-from ._dispatch import (backend, get_backend, interpreting, last_route, set_backend, triton_only, triton_only_active,
-                        use_triton)
+from ._dispatch import (backend, get_backend, interpreting, kernels_active, last_route, set_backend, triton_only,
+                        triton_only_active, use_triton)
 from ._tune import export_decisions, tune_decisions, tuning
 from ._attention import attention, attention_backward_ref, attention_path, attention_ref
 from ._adaln import (
@@ -22,6 +22,7 @@ __all__ = [
     "token_mean", "token_mean_ref", "token_mean_backward_ref",
     "token_pool", "token_pool_ref", "token_pool_backward_ref", "pool_matrix",
     "upsample_add", "upsample_add_ref", "upsample_add_backward_ref", "parent_index",
-    "backend", "get_backend", "set_backend", "use_triton", "interpreting", "triton_only", "triton_only_active",
+    "backend", "get_backend", "set_backend", "use_triton", "kernels_active", "interpreting", "triton_only",
+    "triton_only_active",
     "tuning", "last_route", "tune_decisions", "export_decisions",
 ]

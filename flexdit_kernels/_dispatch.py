@@ -107,6 +107,15 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return on_cuda or (interpreting() and all(t.device.type == "cpu" for t in tensors))
 
 
+def kernels_active(*tensors: torch.Tensor) -> bool:
+    """Whether the backend runs kernels on these tensors: the models' switch between the fused adaLN ops and their
+    PyTorch composition. `use_triton`, except that meta tensors (a shape-only run: MAC counts, memory plans) stand
+    for the device the run plans for, where every backend but "reference" runs kernels."""
+    if tensors and all(t.is_meta for t in tensors):
+        return _backend != "reference"
+    return use_triton(*tensors)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Shape-aware choice for "auto"
 # ----------------------------------------------------------------------------------------------------------------
@@ -129,7 +138,6 @@ AUTO_TABLE: Dict[str, List[Tuple[Dict[str, Tuple[Optional[int], Optional[int]]],
     "upsample_add": [],
     "upsample_add_backward": [],
 }
-PATHS = ("triton", "reference")
 
 
 def table_path(op: str, **shape: int) -> str:

@@ -194,7 +194,7 @@ def test_schedule_queried_with_original_timestep(sampler):
         seen.add(grid)
     assert seen == set(sched.grids)
     # the first call is the noisiest original step (999), not spaced index 24
-    assert int(model.calls[0][0][0]) == 999 and model.calls[0][1] == 6
+    assert int(model.calls[0][0][0]) == 999 and model.calls[0][1] == (6, 6)
     # dense model: no schedule, no grid keyword
     model.calls.clear()
     sample_latents(model, d, torch.tensor([1]), (4, 5, 5), generator=torch.Generator().manual_seed(0))
@@ -229,13 +229,13 @@ def test_eager_sampling_with_schedule_and_guidance_unchanged(sampler):
     assert torch.equal(got, want)
     assert info["cuda_graph"] is None and info["steps"] == 12
     assert info["grid_steps"] == grid_steps(d, sched) and sum(info["grid_steps"].values()) == 12
-    assert set(info["grid_steps"]) == {10, 9, 8, 6}
+    assert set(info["grid_steps"]) == {(10, 10), (9, 9), (8, 8), (6, 6)}
 
 
 def test_grid_steps_follow_the_original_timesteps():
     sched = DensitySchedule([10, 9, 8, 6])
-    assert grid_steps(create_diffusion(), sched) == {10: 250, 9: 250, 8: 250, 6: 250}
-    assert grid_steps(create_diffusion("ddim50"), sched) == {10: 13, 9: 12, 8: 13, 6: 12}
+    assert grid_steps(create_diffusion(), sched) == {(10, 10): 250, (9, 9): 250, (8, 8): 250, (6, 6): 250}
+    assert grid_steps(create_diffusion("ddim50"), sched) == {(10, 10): 13, (9, 9): 12, (8, 8): 13, (6, 6): 12}
     assert grid_steps(create_diffusion(4), None) == {None: 4}
 
 

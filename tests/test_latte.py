@@ -10,7 +10,6 @@ import flexdit_kernels as fk
 from flexdit import FlexPatch, Plan, apply_patch, is_patched, remove_patch
 from flexdit.flops import count_macs, count_macs_dispatch
 from flexdit.patch import TemporalFlexLayer
-from flexdit.plan import parse_video_grid
 
 from .kernels.helpers import OpLog
 from .models.helpers import randomize_, toy_config, toy_dit, toy_inputs
@@ -273,21 +272,6 @@ def test_pooling_with_frames_folded_into_the_batch(backend, monkeypatch):
                 torch.testing.assert_close(pooled[i * frames + f], fk.token_pool_ref(x[i, f:f + 1], hw, grid)[0])
                 want = fk.upsample_add_ref(s[i, f:f + 1], x[i, f:f + 1], hw, grid)[0]
                 torch.testing.assert_close(up[i * frames + f], want)
-
-
-def test_video_grid():
-    assert parse_video_grid(8, (16, 32, 32)) == (16, 8, 8)
-    assert parse_video_grid("8x6", (3, 8, 8)) == (3, 8, 6)
-    assert parse_video_grid("16x8x6", (16, 32, 32)) == (16, 8, 6)
-    assert parse_video_grid((5, 2, 3), (5, 4, 4)) == (5, 2, 3)
-    with pytest.raises(ValueError, match="temporal side must equal the 16 frames"):
-        parse_video_grid((8, 8, 8), (16, 32, 32))
-    with pytest.raises(ValueError, match="larger than the token grid 32x32"):
-        parse_video_grid("16x40x8", (16, 32, 32))
-    with pytest.raises(ValueError, match="grid must look like"):
-        parse_video_grid("ax8x8", (16, 32, 32))
-    with pytest.raises(ValueError, match=r"token_grid must be \(T, h, w\)"):
-        parse_video_grid(8, (32, 32))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def test_cli_dense_checkpoint_converted(dense_ckpt, tmp_path, capsys):
     out = tmp_path / "s"
     main(_flex_args(dense_ckpt) + COMMON + ["--r-min", "0.61", "--r-max", "0.86", "--out-dir", str(out)])
     text = capsys.readouterr().out
-    assert "converted to FlexDiT" in text and "VAE missing" in text and "grids=(5, 4, 4, 3)" in text
+    assert "converted to FlexDiT" in text and "VAE missing" in text and "grids=(5x5, 4x4, 4x4, 3x3)" in text
     with np.load(out / "latents.npz") as z:
         assert z["latents"].shape == (4, 4, 16, 16) and z["labels"].tolist() == [0, 1, 2, 3]
         assert np.isfinite(z["latents"]).all()

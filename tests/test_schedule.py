@@ -16,9 +16,9 @@ from flexdit.schedule import DensitySchedule
 ])
 def test_reference_table(token_side, r_min, r_max, expected):
     s = DensitySchedule.from_rates(r_min, r_max, token_side)
-    assert s.grids == expected
+    assert s.grids == tuple((g, g) for g in expected)
     assert [s.grid(t) for t in (0, 249, 250, 499, 500, 749, 750, 999)] == \
-        [expected[0]] * 2 + [expected[1]] * 2 + [expected[2]] * 2 + [expected[3]] * 2
+        [(g, g) for g in expected for _ in range(2)]
     n = token_side ** 2
     for k, g in enumerate(expected):
         r_k = r_min + k / 3 * (r_max - r_min)
@@ -27,8 +27,8 @@ def test_reference_table(token_side, r_min, r_max, expected):
 
 def test_fixed_and_explicit():
     s = DensitySchedule.fixed(8, token_grid=16)
-    assert s.grids == (8,) and s.grid(0) == 8 and s.grid(999) == 8 and s.num_stages == 1
-    assert DensitySchedule.from_rates(0.75, 0.75, 16).grids == (8, 8, 8, 8)
+    assert s.grids == ((8, 8),) and s.grid(0) == (8, 8) and s.grid(999) == (8, 8) and s.num_stages == 1
+    assert DensitySchedule.from_rates(0.75, 0.75, 16).grids == ((8, 8),) * 4
     e = DensitySchedule([6, 5, 4], num_timesteps=10)
     assert [e.stage(t) for t in range(10)] == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert [e.stage_interval(k) for k in e.stages] == [(0, 4), (4, 7), (7, 10)]
@@ -38,9 +38,21 @@ def test_fixed_and_explicit():
     assert DensitySchedule.from_dict(e.to_dict()).grids == e.grids
 
 
+def test_pair_grids():
+    """Any grid per stage (a side, a pair, "GhxGw"); checkpoints keep a square grid as its side."""
+    s = DensitySchedule(["8x6", (4, 4), 3], num_timesteps=9, token_grid=(16, 10))
+    assert s.grids == ((8, 6), (4, 4), (3, 3)) and s.grid(0) == (8, 6) and s.grid(torch.tensor([3, 4])) == (4, 4)
+    assert s.to_dict()["grids"] == [[8, 6], 4, 3] and DensitySchedule.from_dict(s.to_dict()).grids == s.grids
+    assert DensitySchedule.fixed("2x3").grids == ((2, 3),) and "grids=(8x6, 4x4, 3x3)" in repr(s)
+    with pytest.raises(ValueError, match="grids 8x12 is larger than the token grid 16x10"):
+        DensitySchedule([(8, 12)], token_grid=(16, 10))
+    with pytest.raises(ValueError, match=r"different grids \['4x4', '8x6'\]"):
+        s.grid(torch.tensor([0, 4]))
+
+
 def test_tensor_queries():
     s = DensitySchedule.from_rates(0.61, 0.86, 16)
-    assert s.grid(torch.tensor([300, 301, 499])) == 9
+    assert s.grid(torch.tensor([300, 301, 499])) == (9, 9)
     assert s.stage(torch.tensor([0, 250, 999])).tolist() == [0, 1, 3]
     with pytest.raises(ValueError, match="stages"):
         s.grid(torch.tensor([10, 900]))
@@ -58,7 +70,7 @@ def test_tensor_queries():
 ])
 def test_rate_validation(kwargs, name):
     if name is None:
-        assert DensitySchedule.from_rates(token_grid=16, **kwargs).grids[0] == 16
+        assert DensitySchedule.from_rates(token_grid=16, **kwargs).grids[0] == (16, 16)
         return
     with pytest.raises(ValueError, match=name):
         DensitySchedule.from_rates(token_grid=16, **kwargs)

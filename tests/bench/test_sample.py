@@ -15,7 +15,7 @@ def test_macs_per_image_weights_each_grid_by_its_steps():
     assert bs.macs_per_image({None: 7}, {None: 5}, guidance=False) == (7, 35)
     # the 50-step chain at the paper's 512² operating point spends 13, 12, 12, 13 steps at grids 10, 9, 8, 6
     steps = grid_steps(create_diffusion("50"), DensitySchedule.from_rates(0.90, 0.96, 32))
-    assert steps == {10: 13, 9: 12, 8: 12, 6: 13}
+    assert steps == {(10, 10): 13, (9, 9): 12, (8, 8): 12, (6, 6): 13}
     with pytest.raises(ValueError, match="no count for grids"):
         bs.macs_per_image({10: 1}, {10: 1, 8: 1}, guidance=False)
 
@@ -38,7 +38,8 @@ def test_help_lists_the_modes_and_defaults_resolve(capsys):
     assert args.impl_list == ["dense", "flexdit"]
     bs.resolve(args, torch.device("cpu"))
     assert args.runs == [("ddim", bs.CPU_STEPS)] and args.mode_list == ["eager"]
-    assert bs.default_schedule(512, 32).grids == (10, 9, 8, 6) == bs.default_schedule(256, 16).grids
+    paper = ((10, 10), (9, 9), (8, 8), (6, 6))
+    assert bs.default_schedule(512, 32).grids == paper == bs.default_schedule(256, 16).grids
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without a GPU")
@@ -56,7 +57,7 @@ def test_validate_errors(argv, message, capsys):
 
 def test_tiny_cpu_run_reports_macs_and_speedup(monkeypatch):
     from bench.common import Results
-    monkeypatch.setattr(bs, "count_macs_by_grid", lambda name, size, grids: {None: 10e9, 3: 4e9, 2: 2e9})
+    monkeypatch.setattr(bs, "count_macs_by_grid", lambda name, size, grids: {None: 10e9, (3, 3): 4e9, (2, 2): 2e9})
     args = _parser().parse_args(["--model", "DiT-S/8", "--image-size", "256", "--batch-size", "1", "--steps", "2",
                                  "--grids", "3,2", "--cfg-scale", "1.5"])
     args.torch_dtype, args.repeats = torch.float32, 1

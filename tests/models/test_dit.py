@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import flexdit
+import flexdit_kernels as fk
 from flexdit.layers import TimestepEmbedder, get_2d_sincos_pos_embed
 
 from .helpers import toy_config, toy_dit, toy_inputs
@@ -66,18 +67,20 @@ def test_timestep_embedding_is_cos_then_sin():
 
 
 def test_dit_forward_shape_and_cfg():
+    """The published DiT's output and guidance conventions (the "reference" backend: the published computation)."""
     model = toy_dit()
     x, t, y = toy_inputs(batch=4)
-    out = model(x, t, y)
-    assert out.shape == (4, 8, 16, 16)
-    # Guidance scale 1 returns the conditional eps; DiT's batch convention: [cond half; null half], same noise.
-    x = torch.cat([x[:2], x[:2]])
-    y = torch.cat([y[:2], torch.full((2,), 10)])
-    guided = model.forward_with_cfg(x, t, y, cfg_scale=1.0)
-    torch.testing.assert_close(guided[:2], model(x, t, y)[:2], rtol=1e-5, atol=1e-6)
-    guided4 = model.forward_with_cfg(x, t, y, cfg_scale=4.0, cfg_channels=4)
-    cond, uncond = model(x, t, y)[:, :4].chunk(2)
-    torch.testing.assert_close(guided4[:2, :4], uncond + 4.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
+    with fk.backend("reference"):
+        out = model(x, t, y)
+        assert out.shape == (4, 8, 16, 16)
+        # Guidance scale 1 returns the conditional eps; DiT's batch convention: [cond half; null half], same noise.
+        x = torch.cat([x[:2], x[:2]])
+        y = torch.cat([y[:2], torch.full((2,), 10)])
+        guided = model.forward_with_cfg(x, t, y, cfg_scale=1.0)
+        torch.testing.assert_close(guided[:2], model(x, t, y)[:2], rtol=1e-5, atol=1e-6)
+        guided4 = model.forward_with_cfg(x, t, y, cfg_scale=4.0, cfg_channels=4)
+        cond, uncond = model(x, t, y)[:, :4].chunk(2)
+        torch.testing.assert_close(guided4[:2, :4], uncond + 4.0 * (cond - uncond), rtol=1e-5, atol=1e-5)
 
 
 def test_registry_and_bad_names():
@@ -106,7 +109,8 @@ def test_null_label_only_where_the_model_has_one():
     it, where the embedding table has no row for it."""
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([5])
     with_null = flexdit.create_model("DiT-S/2", input_size=8, num_classes=4)
-    assert with_null(x, t, torch.tensor([4])).shape == (1, 8, 8, 8)
+    with fk.backend("reference"):
+        assert with_null(x, t, torch.tensor([4])).shape == (1, 8, 8, 8)
     no_null = flexdit.create_model("DiT-S/2", input_size=8, num_classes=4, class_dropout_prob=0.0)
     with pytest.raises(ValueError, match=r"y: label 4 is outside \[0, 4\)$"):
         no_null(x, t, torch.tensor([4]))

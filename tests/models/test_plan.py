@@ -18,9 +18,15 @@ def test_parse_grid_forms(value, expected):
     assert parse_grid(value) == expected
 
 
+def test_parse_grid_fits_the_token_grid():
+    assert parse_grid("8x6", (8, 8)) == (8, 6) and parse_grid((2, 3), (4, 4)) == (2, 3)
+
+
 @pytest.mark.parametrize("value, message", [("six", "grid must look like"), (0, "grid must be positive"),
                                             ((2, 3, 4), "grid must be an int or a pair"), (True, "grid must be"),
-                                            (9, "grid 9x9 is larger than the token grid 8x8")])
+                                            (9, "grid 9x9 is larger than the token grid 8x8"),
+                                            ("4x9", "grid 4x9 is larger than the token grid 8x8"),
+                                            ("ax8", "grid must look like"), ("8x6x4", "grid must look like")])
 def test_parse_grid_refuses(value, message):
     with pytest.raises(ValueError, match=message):
         parse_grid(value, (8, 8))
