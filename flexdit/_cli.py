@@ -119,7 +119,7 @@ def add_schedule_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("token density (FlexDiT)")
     g.add_argument("--r-min", type=float, default=None, help="pruning rate at the least noisy stage (e.g. 0.61)")
     g.add_argument("--r-max", type=float, default=None, help="pruning rate at the noisiest stage (e.g. 0.86)")
-    g.add_argument("--grid", type=int, default=None, help="one fixed sparse grid side G (G×G tokens)")
+    g.add_argument("--grid", default=None, help="one fixed sparse grid: G (G×G tokens) or GhxGw")
 
 
 def schedule_from_args(args, model, default_rates: tuple[float, float] | None = None):

@@ -234,3 +234,15 @@ def test_finetune_refuses_zero_classes_and_resumes_past_a_half_written_log_line(
     log.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"ste')
     trim_log(log, 2)
     assert log.read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+def test_grid_flag_takes_a_side_or_a_pair():
+    from types import SimpleNamespace
+
+    from flexdit._cli import schedule_from_args
+    model = SimpleNamespace(config=SimpleNamespace(plan=flexdit.Plan(1, 1, (1, 1, 1, 1), 1, 4)), token_grid=(8, 8))
+    args = lambda grid: SimpleNamespace(r_min=None, r_max=None, grid=grid)  # noqa: E731
+    assert schedule_from_args(args("4"), model).grids == ((4, 4),)
+    assert schedule_from_args(args("4x2"), model).grids == ((4, 2),)
+    with pytest.raises(ValueError, match="--grid"):
+        schedule_from_args(args("9x2"), model)
