@@ -11,7 +11,7 @@ from ._dispatch import (call_op, custom_op, interpreting, kernel_variant, regist
                         use_triton)
 from ._tune import Unfit, alternatives
 from ._launch import (cdiv, compiled_ctas_per_sm, device_limits, next_pow2, register_budget, resident_programs,
-                      split_count)
+                      split_count, whole_wave_splits)
 from ._validate import check_same, check_tensor
 
 MAX_HEAD_DIM = 128
@@ -529,14 +529,15 @@ def _fwd_tiles(lq: int, lk: int, block_m: int = 64, path: Optional[str] = None) 
 
 def _fwd_config(lq: int, lk: int, bh: int, device: torch.device, ctas: int = 0, block_m: int = 64,
                 path: Optional[str] = None) -> _Config:
-    """Tiles (`_fwd_tiles`) and grid for the forward. Few-keys and split-K fill one wave of the device, `ctas` CTAs
-    per SM (the default target's figure when 0), each few-keys program walking several query blocks with one copy
-    of K and V."""
+    """Tiles (`_fwd_tiles`) and grid for the forward. Split-K fills one wave of the device, `ctas` CTAs per SM (the
+    default target's figure when 0). Few-keys programs each walk several query blocks with one copy of K and V; the
+    programs per head are the count that finishes soonest in whole waves (`whole_wave_splits`: at B = 32, 16 heads
+    and 3 CTAs on 132 SMs, 512 one-per-head programs would run 1.29 waves, two rounds of whole heads)."""
     path, block_m, block_n = _fwd_tiles(lq, lk, block_m, path)
     n_qblocks = cdiv(lq, block_m)
     wave = resident_programs(device, ctas or _SM90_CTAS[path])
     if path == "few_keys":
-        return _Config(path, block_m, block_n, max(1, min(n_qblocks, cdiv(wave, bh))), lk)
+        return _Config(path, block_m, block_n, whole_wave_splits(bh, n_qblocks, wave), lk)
     if path == "split_k":
         splits, chunk = split_count(n_qblocks * bh, cdiv(lk, block_n), block_n, wave)
         return _Config(path, block_m, block_n, splits, chunk)

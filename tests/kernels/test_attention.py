@@ -209,6 +209,16 @@ def test_few_keys_query_tile(monkeypatch):
     assert {"BLOCK_M": 64} in A.CONFIGS["attention"](q, k, v) and {"BLOCK_M": 32} in A.CONFIGS["attention"](q, k, v)
 
 
+def test_few_keys_programs_fill_whole_waves():
+    """Few-keys programs per head: the count that finishes soonest in whole waves of 3 CTAs on 132 SMs, not one
+    head per program at B = 32 (512 programs, 1.29 waves) nor four at B = 8 (512 again)."""
+    cpu = torch.device("cpu")
+    assert A._fwd_config(1024, 100, 512, cpu, 3, 32).n_splits == 2            # 1,024 programs of 16 query blocks
+    assert A._fwd_config(1024, 100, 128, cpu, 3, 32).n_splits == 3            # 384 programs: 0.97 waves
+    assert A._fwd_config(100, 36, 4, cpu).n_splits == 2                        # every query block its own program
+    assert A._fwd_config(1, 100, 4, cpu).n_splits == 1
+
+
 def test_few_keys_tile_follows_the_compiled_kernel(monkeypatch):
     """On a GPU the tile comes from the compiled kernels' CTAs per SM: the first reaching 3 (the second is then not
     compiled), else the one with the most, the first of equals."""
