@@ -69,9 +69,10 @@ ATTENTION_PRODUCTS = {"_attention_fwd_few_keys_kernel": 2, "_attention_fwd_kerne
 # accesses (static SASS instructions) that are not to a row-statistics tensor (see `_narrow`).
 MAX_ATTENTION_SPILL = 128
 MAX_SCALAR_ACCESSES = 8
-# Occupancy targets: split-K's forward (its register-capped variants, sm_90) keeps MIN_SPLIT_CTAS CTAs per SM; the
-# window reductions run at least MIN_WAVES waves of programs at the model's batch of 32.
-MIN_SPLIT_CTAS = 3
+# Occupancy targets: split-K's forward (its register-capped variants, sm_90) and the few-keys forward (sm_90, 16-bit
+# inputs) keep MIN_FWD_CTAS CTAs per SM; the window reductions run at least MIN_WAVES waves of programs at the
+# model's batch of 32.
+MIN_FWD_CTAS = 3
 MIN_WAVES = 4
 WAVE_KERNELS = ("_token_pool_fwd_kernel", "_upsample_add_bwd_kernel")
 
@@ -403,21 +404,29 @@ def _drive(shapes: str, dtypes: Sequence[str], arch: int):
 
 def _broken(requests: dict) -> List[dict]:
     """Deliberately broken sm_90 variants, each of which a gate must report: a memory-bound kernel without its
-    alignment facts (no pointer or stride known to be a multiple of 16 bytes, as when a hint is removed), and a
-    memory-bound and an attention kernel held to fewer registers than they need (`maxnreg`: they spill)."""
+    alignment facts (no pointer or stride known to be a multiple of 16 bytes, as when a hint is removed), a
+    memory-bound and an attention kernel held to fewer registers than they need (`maxnreg`: they spill), and the
+    few-keys forward over 64 keys with a 64-row query tile prefetched (`num_stages=2`: 2 CTAs per SM)."""
     wanted = {"_adaln_fwd_kernel": ("no-hint", dict(attrs={})),
-              "_adaln_bwd_kernel": ("spill", dict(maxnreg=32)),
-              "_attention_fwd_kernel": ("attention-spill", dict(maxnreg=96))}
+              "_adaln_bwd_kernel": ("spill", dict(options=dict(maxnreg=32))),
+              "_attention_fwd_kernel": ("attention-spill", dict(options=dict(maxnreg=96))),
+              "_attention_fwd_few_keys_kernel": ("few-keys-tile", dict(constexprs=dict(BLOCK_M=64),
+                                                                       options=dict(num_stages=2)))}
     out = {}
     for req in requests.values():
         name = req["jit"].__name__
         if req["arch"] != 90 or name not in wanted or wanted[name][0] in out:
             continue
+        params = [p.name for p in req["jit"].params]
+        consts = {params[k[0]]: v for k, v in req["constexprs"].items()}
+        if name == "_attention_fwd_few_keys_kernel" and (consts["BLOCK_N"] <= 64 or consts["PRECISION"] == "ieee"):
+            continue                                      # over 64 keys, 16-bit: where its tile is the smaller one
         label, change = wanted[name]
-        if "maxnreg" in change:
-            out[label] = dict(req, options=dict(req["options"], **change), broken=label)
-        else:
-            out[label] = dict(req, **change, broken=label)
+        out[label] = dict(req, attrs=change.get("attrs", req["attrs"]),
+                          options=dict(req["options"], **change.get("options", {})),
+                          constexprs={**req["constexprs"],
+                                      **{(params.index(n),): v for n, v in change.get("constexprs", {}).items()}},
+                          broken=label)
     return list(out.values())
 
 
@@ -779,12 +788,15 @@ def gate_memory_bound(v: dict) -> List[str]:
 
 
 def gate_occupancy(v: dict) -> List[str]:
-    """The occupancy targets: MIN_SPLIT_CTAS CTAs per SM for an attention forward held to a register budget
-    (`maxnreg`: split-K), MIN_WAVES waves for every B = 32 launch of a window reduction (WAVE_KERNELS)."""
+    """The occupancy targets: MIN_FWD_CTAS CTAs per SM for an attention forward held to a register budget
+    (`maxnreg`: split-K) and for the few-keys forward on sm_90 (16-bit inputs: fp32 goes to SDPA), MIN_WAVES waves
+    for every B = 32 launch of a window reduction (WAVE_KERNELS)."""
     out = []
-    if v["kernel"] == "_attention_fwd_kernel" and (v.get("options") or {}).get("maxnreg") \
-            and (v.get("ctas_per_sm") or 0) < MIN_SPLIT_CTAS:
-        out.append(f"{v.get('ctas_per_sm')} CTAs per SM (want {MIN_SPLIT_CTAS})")
+    capped = v["kernel"] == "_attention_fwd_kernel" and (v.get("options") or {}).get("maxnreg")
+    few_keys = (v["kernel"] == "_attention_fwd_few_keys_kernel" and v.get("arch") == 90
+                and (v.get("constexprs") or {}).get("PRECISION") != "ieee")
+    if (capped or few_keys) and (v.get("ctas_per_sm") or 0) < MIN_FWD_CTAS:
+        out.append(f"{v.get('ctas_per_sm')} CTAs per SM (want {MIN_FWD_CTAS})")
     if v["kernel"] in WAVE_KERNELS:
         for launch in v.get("launches", []):
             waves = min((c["waves"] for c in launch.get("ceilings", {}).values()), default=MIN_WAVES)

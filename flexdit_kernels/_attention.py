@@ -11,7 +11,7 @@ from ._dispatch import (call_op, custom_op, interpreting, kernel_variant, regist
                         use_triton)
 from ._tune import Unfit, alternatives
 from ._launch import (cdiv, compiled_ctas_per_sm, device_limits, next_pow2, register_budget, resident_programs,
-                      split_count)
+                      split_count, whole_wave_splits)
 from ._validate import check_same, check_tensor
 
 MAX_HEAD_DIM = 128
@@ -446,8 +446,9 @@ def _is_aligned(*tensors: torch.Tensor) -> bool:
 
 
 # NOTE: CTAs per SM of each kernel at the DiT-XL/2 shapes (bf16, D = 72, aligned views, the tiles below) compiled for
-# sm_90 with triton 3.9: few-keys 3 (2 at 128 keys), split-K 3, dk/dv 1 and dq 1 (8 warps each). Off the GPU they size
-# the grids; on a GPU the compiled kernel's own registers and shared memory do (`compiled_ctas_per_sm`).
+# sm_90 with triton 3.9: few-keys 3 (at 65-128 keys with its smaller query tile: `_few_keys_fitted`), split-K 3,
+# dk/dv 1 and dq 1 (8 warps each). Off the GPU they size the grids; on a GPU the compiled kernel's own registers and
+# shared memory do (`compiled_ctas_per_sm`).
 _SM90_CTAS = {"few_keys": 3, "split_k": 3, "flash": 2, "dkdv": 1, "dq": 1}
 
 
@@ -470,6 +471,52 @@ def _fitted(kernel, device: torch.device, default: int, args: tuple, meta: dict,
         meta = dict(meta, BLOCK_M=meta["BLOCK_M"] // 2)
 
 
+# NOTE: the few-keys forward's query tile, from the compile report (bf16, D = 72, aligned; triton 3.6 and 3.9). At
+# 65-128 keys K and V are 128 x 128 tiles, 65,536 B of shared memory, held across the program's walk over the query
+# blocks; the staged q rows come on top. BLOCK_M 64 with q prefetched (num_stages=2): 106,496 B, 168-233 registers,
+# 2 CTAs per SM on sm_90 (wgmma) and 1 on sm_80. BLOCK_M 32 staged once (num_stages=1): 73,728 B, 112-122 registers,
+# 3 CTAs per SM on sm_90 (77,824 B each) and 2 on sm_80; Triton compiles its 32-row products to mma.sync (HMMA),
+# wgmma needing 64 rows per warpgroup. Up to 64 keys BLOCK_M 64 at num_stages=2 keeps 3 on sm_90 (73,728 B, 126
+# registers). Streaming K and V in two 64-key halves saves nothing while both halves stay on chip for every query
+# block; the flash loop (BLOCK_N 64) would re-read them from L2 for every query block.
+FEW_KEYS_CTAS = 3           # CTAs per SM the few-keys forward's tile aims at
+
+
+def _few_keys_tiles(block_m: int, fixed: bool = False) -> List[Tuple[int, int]]:
+    """(BLOCK_M, num_stages) the few-keys forward tries, in order: the query tile with the next q block prefetched,
+    then at most 32 rows (BLOCK_M itself when `fixed`: a configuration's) staged once."""
+    return [(block_m, 2), (block_m if fixed else min(block_m, 32), 1)]
+
+
+def _sm90_few_keys_ctas(block_n: int, block_m: int, num_stages: int) -> int:
+    """CTAs per SM of the few-keys forward compiled for sm_90 (the default target's figure off the GPU): 2 where K
+    and V of more than 64 keys and more than 32 staged query rows pass the 77,824 B of shared memory 3 CTAs may have
+    each, else 3."""
+    return 2 if block_n > 64 and block_m * num_stages > 32 else 3
+
+
+def _few_keys_fitted(device: torch.device, args: tuple, meta: dict, fixed: bool = False) -> Tuple[dict, int]:
+    """(meta, CTAs per SM) of the few-keys forward: the first tile of `_few_keys_tiles` whose compiled kernel keeps
+    FEW_KEYS_CTAS CTAs per SM on `device` (registers, shared memory and the device's limits, `_fitted`), else the
+    one with the most CTAs (the first of equals)."""
+    best, unfit = None, None
+    for block_m, stages in _few_keys_tiles(meta["BLOCK_M"], fixed):
+        trial = dict(meta, BLOCK_M=block_m, num_stages=stages)
+        try:
+            trial, ctas = _fitted(_attention_fwd_few_keys_kernel, device,
+                                  _sm90_few_keys_ctas(meta["BLOCK_N"], block_m, stages), args, trial, fixed)
+        except Unfit as err:
+            unfit = err
+            continue
+        if best is None or ctas > best[1]:
+            best = (trial, ctas)
+        if ctas >= FEW_KEYS_CTAS:
+            break
+    if best is None:
+        raise unfit
+    return best
+
+
 def _fwd_tiles(lq: int, lk: int, block_m: int = 64, path: Optional[str] = None) -> Tuple[str, int, int]:
     """(path, BLOCK_M, BLOCK_N) of the forward. Token tiles are powers of two >= 16 (tl.dot's minimum), so few-keys
     pads Lk (36 -> 64, 100 -> 128) and few queries pad Lq (36 -> 64, 1 -> 16): Triton has no other tile shapes;
@@ -482,14 +529,15 @@ def _fwd_tiles(lq: int, lk: int, block_m: int = 64, path: Optional[str] = None) 
 
 def _fwd_config(lq: int, lk: int, bh: int, device: torch.device, ctas: int = 0, block_m: int = 64,
                 path: Optional[str] = None) -> _Config:
-    """Tiles (`_fwd_tiles`) and grid for the forward. Few-keys and split-K fill one wave of the device, `ctas` CTAs
-    per SM (the default target's figure when 0), each few-keys program walking several query blocks with one copy
-    of K and V."""
+    """Tiles (`_fwd_tiles`) and grid for the forward. Split-K fills one wave of the device, `ctas` CTAs per SM (the
+    default target's figure when 0). Few-keys programs each walk several query blocks with one copy of K and V; the
+    programs per head are the count that finishes soonest in whole waves (`whole_wave_splits`: at B = 32, 16 heads
+    and 3 CTAs on 132 SMs, 512 one-per-head programs would run 1.29 waves, two rounds of whole heads)."""
     path, block_m, block_n = _fwd_tiles(lq, lk, block_m, path)
     n_qblocks = cdiv(lq, block_m)
     wave = resident_programs(device, ctas or _SM90_CTAS[path])
     if path == "few_keys":
-        return _Config(path, block_m, block_n, max(1, min(n_qblocks, cdiv(wave, bh))), lk)
+        return _Config(path, block_m, block_n, whole_wave_splits(bh, n_qblocks, wave), lk)
     if path == "split_k":
         splits, chunk = split_count(n_qblocks * bh, cdiv(lk, block_n), block_n, wave)
         return _Config(path, block_m, block_n, splits, chunk)
@@ -522,11 +570,13 @@ _SPLIT_CTAS = {9: 3}          # compute capability major -> CTAs of 4 warps per 
 
 
 def _fwd_space(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> List[dict]:
-    """The forward's other kernel paths at this shape, a query tile of 32 and 8 warps, as configurations."""
+    """The forward's other kernel paths at this shape, a query tile of 32 (and of 64 where few-keys holds over 64
+    keys, whose heuristic may take either: `_few_keys_fitted`) and 8 warps, as configurations."""
     lq, lk = q.shape[1], k.shape[1]
     path = attention_path(lq, lk, sdpa=False)
     paths = [p for p in ("few_keys", "split_k", "flash") if p != path and (p != "few_keys" or lk <= MAX_KEYS_ONE_TILE)]
-    return ([{"path": p} for p in paths] + (alternatives({}, BLOCK_M=(32,)) if lq > 32 else [])
+    tiles = (32, 64) if path == "few_keys" and lk > 64 else (32,)
+    return ([{"path": p} for p in paths] + (alternatives({}, BLOCK_M=tiles) if lq > 32 else [])
             + alternatives({"num_warps": 4}, num_warps=(8,)))
 
 
@@ -569,7 +619,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     qk_scale = scale * _LOG2E
     if path == "few_keys":
         args = (q, k, v, out, lse, *strides, h, lq, lk, qk_scale)
-        meta, ctas = _fitted(_attention_fwd_few_keys_kernel, q.device, _SM90_CTAS[path], args, meta, fixed)
+        meta, ctas = _few_keys_fitted(q.device, args, meta, fixed)
         cfg = _fwd_config(lq, lk, bh, q.device, ctas, meta["BLOCK_M"], path)
         _attention_fwd_few_keys_kernel[(cfg.n_splits, bh)](*args, **meta)
         return out, lse

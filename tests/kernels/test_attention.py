@@ -190,6 +190,56 @@ def _recording_fwd(monkeypatch):
     return meta
 
 
+def test_few_keys_query_tile(monkeypatch):
+    """Over 64 keys (K and V as 128-row tiles) the few-keys forward runs 32 query rows staged once, the tile that
+    keeps 3 CTAs per SM on sm_90 (the default target's figures off the GPU); up to 64 keys, and for one query, the
+    64-row (16-row) tile with the next q block prefetched. A configuration's BLOCK_M is kept."""
+    meta = _recording_fwd(monkeypatch)
+    cpu = torch.device("cpu")
+    for lq, lk, tile in [(1024, 100, (32, 128, 1)), (36, 65, (32, 128, 1)), (100, 128, (32, 128, 1)),
+                         (1, 100, (16, 128, 2)), (1024, 64, (64, 64, 2)), (100, 36, (64, 64, 2))]:
+        q, k, v = _fused_views(1, lq, lk, 2, 72, torch.float16, cpu)
+        A.attention_fwd(q, k, v, 0.1)
+        assert (meta["BLOCK_M"], meta["BLOCK_N"], meta["num_stages"]) == tile, (lq, lk)
+    A.attention_fwd(q, k, v, 0.1, {"BLOCK_M": 32})
+    assert (meta["BLOCK_M"], meta["num_stages"]) == (32, 2)            # 3 CTAs at 64 keys with q prefetched
+    q, k, v = _fused_views(1, 1024, 100, 2, 72, torch.float16, cpu)
+    A.attention_fwd(q, k, v, 0.1, {"BLOCK_M": 64})
+    assert (meta["BLOCK_M"], meta["num_stages"]) == (64, 2)            # the 64-row tile at 2 CTAs (wgmma on sm_90)
+    assert {"BLOCK_M": 64} in A.CONFIGS["attention"](q, k, v) and {"BLOCK_M": 32} in A.CONFIGS["attention"](q, k, v)
+
+
+def test_few_keys_programs_fill_whole_waves():
+    """Few-keys programs per head: the count that finishes soonest in whole waves of 3 CTAs on 132 SMs, not one
+    head per program at B = 32 (512 programs, 1.29 waves) nor four at B = 8 (512 again)."""
+    cpu = torch.device("cpu")
+    assert A._fwd_config(1024, 100, 512, cpu, 3, 32).n_splits == 2            # 1,024 programs of 16 query blocks
+    assert A._fwd_config(1024, 100, 128, cpu, 3, 32).n_splits == 3            # 384 programs: 0.97 waves
+    assert A._fwd_config(100, 36, 4, cpu).n_splits == 2                        # every query block its own program
+    assert A._fwd_config(1, 100, 4, cpu).n_splits == 1
+
+
+def test_few_keys_tile_follows_the_compiled_kernel(monkeypatch):
+    """On a GPU the tile comes from the compiled kernels' CTAs per SM: the first reaching 3 (the second is then not
+    compiled), else the one with the most, the first of equals."""
+    tried = []
+
+    def compiled(figures):
+        def ctas(kernel, device, default, *args, **meta):
+            tried.append((meta["BLOCK_M"], meta["num_stages"]))
+            return figures[(meta["BLOCK_M"], meta["num_stages"])]
+        return ctas
+
+    meta = dict(BLOCK_M=64, BLOCK_N=128, num_stages=2)
+    for figures, want in [({(64, 2): 3, (32, 1): 4}, [(64, 2)]), ({(64, 2): 1, (32, 1): 2}, [(64, 2), (32, 1)]),
+                          ({(64, 2): 2, (32, 1): 2}, [(64, 2), (32, 1)])]:
+        tried.clear()
+        monkeypatch.setattr(A, "compiled_ctas_per_sm", compiled(figures))
+        got, ctas = A._few_keys_fitted(torch.device("cpu"), (), meta)
+        assert tried == want and ctas == max(figures[t] for t in want)
+        assert (got["BLOCK_M"], got["num_stages"]) == (want[-1] if ctas > figures[(64, 2)] else (64, 2))
+
+
 def test_aligned_flag():
     """ALIGNED holds for fused-projection views (D = 72) and for a head-dim stride of 2, not for a data pointer or a
     stride off the multiple of 8 elements (a size-1 dim's stride does not count)."""
@@ -226,6 +276,16 @@ def test_attention_matches_fp64(lq, lk, dtype, device):
     if cfg.path == "split_k":
         assert cfg.n_splits > 1                                          # the combine kernel runs
     q, k, v = _fused_views(b, lq, lk, h, 72, dtype, device, self_attention=(lq == lk))
+    _check_against_torch(q, k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("lq, lk", [(40, 65), (1, 100), (33, 128)])
+def test_few_keys_over_64_keys(lq, lk, dtype, device):
+    """K and V as 128-row tiles with the 32-row query tile: the first and last key counts it holds, one query, a
+    partial last query block; forward and the fused backward."""
+    assert A.attention_path(lq, lk) == "few_keys"
+    q, k, v = _fused_views(1, lq, lk, 2, 72, dtype, device)
     _check_against_torch(q, k, v)
 
 

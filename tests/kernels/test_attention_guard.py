@@ -10,10 +10,11 @@ from flexdit_kernels import _attention as A
 
 from .guard import check_gaps, guard_allocations, guarded
 
-# (path, Lq, Lk, D): few-keys with two programs along the queries and with one query (fused dq in the backward),
+# (path, Lq, Lk, D): few-keys with two programs along the queries, with one query (fused dq in the backward) and
+# over 64 keys (128-row K and V tiles, 32-row query tiles, the last one partial),
 # split-K with three key splits (combine; dq with three key splits), the flash loop (dk/dv with three query splits,
 # dq with three key splits); D = 72 pads the head dim 72 -> 128, D = 40 pads 40 -> 64.
-CASES = [("few_keys", 100, 36, 72), ("few_keys", 1, 64, 72), ("split_k", 20, 150, 72), ("split_k", 20, 150, 40),
+CASES = [("few_keys", 100, 36, 72), ("few_keys", 1, 64, 72), ("few_keys", 40, 100, 72), ("split_k", 20, 150, 72), ("split_k", 20, 150, 40),
          ("flash", 130, 130, 72)]
 
 

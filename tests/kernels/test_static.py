@@ -12,9 +12,10 @@ recorders in place of the kernels, compiles every distinct variant down to a cub
   `MAX_ATTENTION_SPILL` B of spill per thread;
 - memory-bound kernels: every global access 16 bytes wide except at most `MAX_SCALAR_ACCESSES` 32-bit ones, no
   spill;
-- occupancy: split-K's register-capped forward (sm_90) keeps 3 CTAs per SM; token_pool's forward and upsample_add's
-  backward run 4 waves of programs at B = 32;
-- each gate reports a deliberately broken variant (alignment facts removed; registers capped so that it spills).
+- occupancy: split-K's register-capped forward and the few-keys forward (sm_90) keep 3 CTAs per SM; token_pool's
+  forward and upsample_add's backward run 4 waves of programs at B = 32;
+- each gate reports a deliberately broken variant (alignment facts removed; registers capped so that it spills; the
+  few-keys forward over 64 keys with its former 64-row, prefetched query tile).
 
 The representative set (`--shapes ci`: bf16, 32x32 tokens, G = 10, B = 8, D = 72; token pooling also on 16x16 and
 at B = 32; masked channel tails on sm_90; about 85 variants, 3 CPU-minutes) compiles in one subprocess.
@@ -90,11 +91,13 @@ def test_memory_bound_gates(report, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_occupancy_gates(report, arch):
-    """Split-K's forward keeps 3 CTAs per SM (its registers are capped on sm_90 only); the window reductions run 4
-    waves of programs at B = 32."""
+    """Split-K's forward keeps 3 CTAs per SM (its registers are capped on sm_90 only), and so does the few-keys
+    forward on sm_90, over 64 keys (G = 10: 100) too; the window reductions run 4 waves of programs at B = 32."""
     variants = [v for v in _variants(report, arch) if not static.gate_fits(v)]
     capped = any(v["kernel"] == "_attention_fwd_kernel" and v["options"].get("maxnreg") for v in variants)
     assert capped == (arch == 90)
+    assert any(v["kernel"] == "_attention_fwd_few_keys_kernel" and v["constexprs"]["BLOCK_N"] == 128
+               for v in variants)
     assert any(l["shape"].startswith("B=32 ") for v in variants if v["kernel"] in static.WAVE_KERNELS
                for l in v["launches"])
     assert not any(static.gate_occupancy(v) for v in variants), _failures(variants, static.gate_occupancy)
@@ -103,11 +106,14 @@ def test_occupancy_gates(report, arch):
 def test_gates_catch_broken_variants(report):
     """Compiled for real: the width gate sees the lost alignment, the spill gates see the register cap."""
     broken = {v["broken"]: v for v in report["variants"] if v["broken"]}
-    assert set(broken) == {"no-hint", "spill", "attention-spill"}, sorted(broken)
+    assert set(broken) == {"no-hint", "spill", "attention-spill", "few-keys-tile"}, sorted(broken)
     assert not any(static.gate_fits(v) for v in broken.values())
     assert any("bit wide" in r or "32-bit" in r for r in static.gate_memory_bound(broken["no-hint"]))
     assert any("spill" in r for r in static.gate_memory_bound(broken["spill"]))
     assert any("spill" in r for r in static.gate_attention(broken["attention-spill"]))
+    tile = broken["few-keys-tile"]
+    assert tile["constexprs"]["BLOCK_N"] == 128 and tile["constexprs"]["BLOCK_M"] == 64 and tile["num_stages"] == 2
+    assert any("CTAs per SM" in r for r in static.gate_occupancy(tile))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,6 +147,11 @@ def test_gate_rules():
     assert static.gate_occupancy(_row(options={"maxnreg": 168})) == []
     assert any("CTAs per SM" in r for r in static.gate_occupancy(_row(options={"maxnreg": 168}, ctas_per_sm=2)))
     assert static.gate_occupancy(_row(ctas_per_sm=2)) == []                 # the uncapped (flash) forward
+    few_keys = _row(kernel="_attention_fwd_few_keys_kernel", ctas_per_sm=2, constexprs={"PRECISION": "tf32"})
+    assert any("CTAs per SM" in r for r in static.gate_occupancy(few_keys))
+    assert static.gate_occupancy(dict(few_keys, ctas_per_sm=3)) == []
+    assert static.gate_occupancy(dict(few_keys, arch=80)) == []             # the target is sm_90's
+    assert static.gate_occupancy(dict(few_keys, constexprs={"PRECISION": "ieee"})) == []   # fp32 goes to SDPA
     launch = dict(set="model", shape="B=32 N=32x32 G=6 C=1152", ceilings={"H100": {"waves": 3.9}})
     pool = _row(kernel="_token_pool_fwd_kernel", launches=[launch])
     assert any("waves" in r for r in static.gate_occupancy(pool))
