@@ -137,23 +137,18 @@ class Mlp(nn.Module):
 class Attention(nn.Module):
     """Multi-head self-attention with a fused `qkv` projection (timm layout, as in DiT)."""
 
-    def __init__(self, dim, num_heads, use_kernel=False):
+    def __init__(self, dim, num_heads):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=True)
         self.proj = nn.Linear(dim, dim)
-        # The dense DiT keeps PyTorch SDPA (the honest baseline); FlexDiT layers go through flexdit_kernels.attention.
-        self.use_kernel = use_kernel
 
     def forward(self, x):
         b, n, c = x.shape
         qkv = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim)
-        if self.use_kernel:
-            out = fk.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # (B, N, H, D)
-        else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, N, D) each
-            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+        # the backend decides: PyTorch SDPA on "reference" (the published DiT) and at dense shapes on the kernels
+        out = fk.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])  # (B, N, H, D)
         return self.proj(out.reshape(b, n, c))
 
 

@@ -24,11 +24,11 @@ class DiTBlock(FlexLayer):
     sparse-generation and dense-recovery forms (see `FlexLayer`). The parameter names are DiT's.
     """
 
-    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, use_kernel=False, slot: Slot = Slot("dense"),
+    def __init__(self, hidden_size, num_heads, mlp_ratio=4.0, slot: Slot = Slot("dense"),
                  state: Optional[RouteState] = None):
         super().__init__(slot, state)
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.build_attention(hidden_size, num_heads, use_kernel)
+        self.build_attention(hidden_size, num_heads)
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
         self.adaLN_modulation = nn.Sequential(SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
@@ -154,8 +154,9 @@ class _DiTShell(nn.Module):
 
 
 class DiT(_DiTShell):
-    """Diffusion model with a Transformer backbone: PyTorch SDPA attention, and the fused adaLN kernels wherever the
-    kernels backend runs kernels (under `flexdit_kernels.backend("reference")`, the published computation)."""
+    """Diffusion model with a Transformer backbone. Attention (`flexdit_kernels.attention`: PyTorch SDPA at dense
+    shapes) and the adaLN steps follow the kernels backend; under `flexdit_kernels.backend("reference")` it is the
+    published computation."""
 
     def __init__(self, input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
                  mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True):
@@ -236,7 +237,7 @@ class FlexDiT(_DiTShell):
         self.config = cfg
         self.kinds = cfg.layer_kinds()
         self.route_state = RouteState()
-        self.blocks = nn.ModuleList([DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, use_kernel=True,
+        self.blocks = nn.ModuleList([DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio,
                                               slot=slot, state=self.route_state) for slot in cfg.plan.slots()])
         self.initialize_weights()
 

@@ -126,7 +126,7 @@ class FlexLayer(Routed):
             self.slot = slot
         return self
 
-    def build_attention(self, dim: int, num_heads: int, use_kernel: bool = False) -> None:
+    def build_attention(self, dim: int, num_heads: int) -> None:
         """`attn` for this layer's kind (self-attention `qkv`, pooled `v`, or cross `q`/`kv`, each with `proj`), and
         the recovery fusion `fuse_sparse` (W1) and `fuse_dense` (W2)."""
         if self.kind == "pool":
@@ -134,7 +134,7 @@ class FlexLayer(Routed):
         elif self.kind in ("gen", "recover"):
             self.attn = CrossAttention(dim, num_heads)
         else:
-            self.attn = Attention(dim, num_heads, use_kernel=use_kernel)
+            self.attn = Attention(dim, num_heads)
         if self.kind == "recover":
             self.build_fusion(dim)
 

@@ -836,8 +836,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: Optional
     if lq == 0 or k.shape[1] == 0:
         raise ValueError(f"q and k need at least one token, got Lq={lq}, Lk={k.shape[1]}")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
-    if q.device.type == "meta":
-        return _attention_op(q, k, v, scale)[0]        # shape-only tracing (FLOP counts) sees the op by name
+    if q.device.type == "meta":   # shape-only tracing (FLOP counts) sees the op the run takes at this shape
+        return attention_ref(q, k, v, scale) if attention_path(lq, k.shape[1]) == "sdpa" else \
+            _attention_op(q, k, v, scale)[0]
     if _variant(q, k, v, scale) is None:
         # PyTorch SDPA with its own autograd (cuDNN / flash backward on GPU): dense shapes and fp32 on the Triton
         # backend, every shape on the reference backend (which so skips the log-sum-exp the Triton backward needs).
