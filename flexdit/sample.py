@@ -28,6 +28,7 @@ from ._cli import (DistContext, add_device_args, add_model_args, add_precision_a
                    autocast_context, backend_context, build_model, check_out_dir, create_checked, model_config,
                    parse_model_args, sample_seed, schedule_from_args, usage_errors)
 from .diffusion import CudaGraphDenoiser, create_diffusion, model_num_classes, sample_latents
+from .eval import load_vae
 from .plan import format_grid
 
 # build_model, model_config, schedule_from_args, sample_seed and DistContext live in flexdit._cli (shared with
@@ -97,15 +98,6 @@ def _save_grid(out_dir: Path, indices, max_images: int = 64) -> None:
     for k, im in enumerate(imgs):
         grid.paste(im, ((k % cols) * w, (k // cols) * h))
     grid.save(out_dir / "grid.png")
-
-
-def _load_vae(path, device):
-    try:
-        from diffusers.models import AutoencoderKL
-    except ImportError:
-        print("VAE: diffusers is not installed; writing latents only")
-        return None
-    return AutoencoderKL.from_pretrained(path).to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,9 +268,7 @@ def _sample(args, ctx: DistContext, model, classes, n, schedule):
     np.savez(part, latents=latents.numpy(), labels=labels.numpy(), indices=np.array(mine, dtype=np.int64))
 
     if args.vae:
-        vae = _load_vae(args.vae, ctx.device)
-        if vae is not None:
-            (_save_clips if frames else _save_images)(latents, mine, vae, out_dir)
+        (_save_clips if frames else _save_images)(latents, mine, load_vae(args.vae, ctx.device), out_dir)
     elif ctx.is_main:
         print("VAE missing (--vae PATH to a diffusers AutoencoderKL folder): writing latents only")
     ctx.barrier()
