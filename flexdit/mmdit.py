@@ -383,8 +383,11 @@ def image_token_grid(img_ids: torch.Tensor, n: int) -> Tuple[int, int]:
 
 def sparse_positions(img_ids: torch.Tensor, token_grid, grid) -> torch.Tensor:
     """(M, 3) float positions of the sparse tokens: the mean of the dense positions in each pooling window, i.e.
-    the window's centre (fractional where the window has an even side)."""
+    the window's centre (fractional where the window has an even side). img_ids: (h·w, 3), row-major."""
     (h, w), (gh, gw) = token_grid, grid
+    if img_ids.dim() != 2 or tuple(img_ids.shape) != (h * w, 3):
+        raise ValueError(f"img_ids must be (h·w, 3) = ({h * w}, 3) for the token grid {h}x{w}, got "
+                         f"{tuple(img_ids.shape)}")
     pooled = F.adaptive_avg_pool2d(img_ids.double().t().reshape(-1, h, w), (gh, gw))   # the pooling windows of
     return pooled.reshape(-1, gh * gw).t().float()                                      # token_pool, exact in fp64
 
@@ -417,6 +420,9 @@ TINY_CONFIGS = {
 
 def flux_image_ids(h: int, w: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """(h·w, 3) positions (0, row, column) of FLUX's packed image tokens, row-major, as `FluxPipeline` builds them."""
+    for name, side in (("h", h), ("w", w)):
+        if isinstance(side, bool) or not isinstance(side, int) or side < 1:
+            raise ValueError(f"{name} must be a positive int (packed tokens per side), got {side!r}")
     ids = torch.zeros(h, w, 3, device=device, dtype=dtype)
     ids[..., 1] = torch.arange(h, device=device, dtype=dtype)[:, None]
     ids[..., 2] = torch.arange(w, device=device, dtype=dtype)[None]

@@ -353,3 +353,12 @@ def test_real_size_kernels_match_reference_on_gpu(name, shape):
         out = patched(**kw)[0].float()
     assert out.shape == shape and torch.isfinite(out).all()
     assert (out - ref).abs().max() <= 5e-2 * ref.abs().max()
+
+
+def test_flux_image_ids_and_sparse_positions_name_bad_arguments():
+    with pytest.raises(ValueError, match="h must be a positive int"):
+        flux_image_ids(0, 4)
+    with pytest.raises(ValueError, match="w must be a positive int"):
+        flux_image_ids(4, 2.0)
+    with pytest.raises(ValueError, match=r"img_ids must be \(h·w, 3\) = \(35, 3\)"):
+        sparse_positions(flux_image_ids(5, 7)[None], (7, 5), (3, 3))
