@@ -53,7 +53,7 @@ def build_patched_pair(target: str, image_size: int, device=None, dtype=torch.fl
         torch.manual_seed(0)  # diffusers' default init: random, nothing zeroed
         dense = cls(**cfg)
     dense = dense.to(device=device, dtype=dtype).eval()
-    patched = apply_patch(copy.deepcopy(dense), plan=plan, schedule=schedule)
+    patched = apply_patch(copy.deepcopy(dense), plan=plan, schedule=schedule, keep_original=False)
     c = dense.config
 
     def make_inputs(batch: int, t: int = 500, mask: bool = True):

@@ -149,9 +149,9 @@ class MMDiTFlexLayer(FlexLayer):
     `FluxSingleTransformerBlock`); the host's loop passes (hidden_states, encoder_hidden_states, temb, ...) and gets
     (encoder_hidden_states, hidden_states) back, hidden_states holding N dense or M sparse image tokens."""
 
-    def __init__(self, block, slot: Slot, state: MMDiTRouteState):
+    def __init__(self, block, slot: Slot, state: MMDiTRouteState, copy_block: bool = True):
         super().__init__(slot, state)
-        self.block = copy.deepcopy(block)
+        self.block = copy.deepcopy(block) if copy_block else block
         self.single = type(block).__name__ == "FluxSingleTransformerBlock"
         self.uses_rope = type(block).__name__ != "JointTransformerBlock"
         if self.kind in ("pool", "gen", "recover"):
@@ -289,11 +289,12 @@ class MMDiTHost:
             raise ValueError(f"joint_attention_kwargs {sorted(kwargs)}: attention masks and IP-adapters are not "
                              f"supported by a FlexDiT-patched {self.target}")
 
-    def layers(self, module, plan: Plan, state: MMDiTRouteState):
-        """{attribute: the FlexDiT layers replacing that block list}, the plan walked over the lists in order."""
+    def layers(self, module, plan: Plan, state: MMDiTRouteState, copy_block: bool = True):
+        """{attribute: the FlexDiT layers replacing that block list}, the plan walked over the lists in order, each
+        over a copy of its block (or the block itself: `copy_block=False`)."""
         slots, out = iter(plan.slots()), {}
         for attr, blocks in self.block_lists(module).items():
-            out[attr] = [MMDiTFlexLayer(b, next(slots), state) for b in blocks]
+            out[attr] = [MMDiTFlexLayer(b, next(slots), state, copy_block) for b in blocks]
         return out
 
 
@@ -457,7 +458,7 @@ def build_mmdit_pair(name: str, image_size: int, device=None, dtype=torch.float3
         dense = dense.to(dtype=dtype)
     dense.eval()
     from .patch import apply_patch  # flexdit.patch imports this module
-    patched = apply_patch(copy.deepcopy(dense), plan, schedule)
+    patched = apply_patch(copy.deepcopy(dense), plan, schedule, keep_original=False)   # `dense` is the original
     c = dense.config
     latent = image_size // 8
 

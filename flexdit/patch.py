@@ -51,6 +51,11 @@ def _linear_from(src: nn.Linear, rows=None) -> Tuple[torch.Tensor, torch.Tensor]
     return weight.detach().clone(), torch.cat(biases).detach().clone()
 
 
+def _same(module):
+    """The block part itself, for layers that take over the host's blocks (`apply_patch(keep_original=False)`)."""
+    return module
+
+
 def _load_linear(dst: nn.Linear, weight_bias):
     weight, bias = weight_bias
     dst.weight = nn.Parameter(weight)
@@ -67,19 +72,20 @@ class DiffusersFlexLayer(FlexLayer):
     `transformer_blocks[0].norm1.emb`).
     """
 
-    def __init__(self, block, slot: Slot, state: RouteState):
+    def __init__(self, block, slot: Slot, state: RouteState, copy_block: bool = True):
         super().__init__(slot, state)
+        take = copy.deepcopy if copy_block else _same
         self.ada_single = block.norm_type == "ada_norm_single"
         if self.kind in ("dense", "sparse"):
-            self.block = copy.deepcopy(block)
+            self.block = take(block)
             return
         attn1, dim = block.attn1, block.dim
-        self.norm1 = copy.deepcopy(block.norm1)  # DiT: AdaLayerNormZero (the host reads blocks[0].norm1.emb)
+        self.norm1 = take(block.norm1)  # DiT: AdaLayerNormZero (the host reads blocks[0].norm1.emb)
         if self.ada_single:
             self.scale_shift_table = nn.Parameter(block.scale_shift_table.detach().clone())
-        self.norm2 = copy.deepcopy(block.norm2 if self.ada_single else block.norm3)
-        self.mlp = copy.deepcopy(block.ff)
-        self.attn2 = copy.deepcopy(block.attn2) if block.attn2 is not None else None
+        self.norm2 = take(block.norm2 if self.ada_single else block.norm3)
+        self.mlp = take(block.ff)
+        self.attn2 = take(block.attn2) if block.attn2 is not None else None
         self.has_after_attention = self.attn2 is not None
         w = attn1.to_out[0].weight
         with torch.device(w.device):
@@ -162,12 +168,12 @@ class TemporalFlexLayer(Routed):
     passes one timestep row per dense token (B·N rows); for sparse input the layer takes each sample's row M times.
     """
 
-    def __init__(self, block, slot: Slot, state: VideoRouteState):
+    def __init__(self, block, slot: Slot, state: VideoRouteState, copy_block: bool = True):
         super().__init__()
         self.slot = slot
         self.kind = slot.kind
         self._state = state
-        self.block = copy.deepcopy(block)
+        self.block = copy.deepcopy(block) if copy_block else block
 
     @property
     def sparse_input(self) -> bool:
@@ -226,7 +232,8 @@ class FlexPatch(nn.ModuleList):
 class _Record:
     """What a patch changed on its module, kept there as `_flexdit_patch` (outside the module tree): what
     `remove_patch` puts back and removes, and what the patch's hooks read on every call."""
-    originals: Dict[str, nn.ModuleList]  # attribute -> the host's block list it replaced, untouched (the plan's first)
+    originals: Optional[Dict[str, nn.ModuleList]]  # attribute -> the host's block list it replaced, untouched (the
+    # plan's first); None where the layers took the blocks over (`keep_original=False`)
     outside: Dict[str, torch.Tensor]     # the host's weights outside the blocks (shared with the patch): a snapshot
     plan: Plan
     schedule: Any
@@ -388,7 +395,7 @@ def _exit(rec: _Record, module, args, output) -> None:
         module.gradient_checkpointing, rec.checkpointing = True, False
 
 
-def apply_patch(model, plan=None, schedule=None):
+def apply_patch(model, plan=None, schedule=None, keep_original: bool = True):
     """Turn a dense DiT, diffusers DiT, PixArt-α, Latte, SD3 / SD3.5 or FLUX.1 (model or pipeline) into FlexDiT in
     place; returns `model`.
 
@@ -404,6 +411,9 @@ def apply_patch(model, plan=None, schedule=None):
         schedule: the sparse grid per call: an object with `grid(t)` (e.g. `flexdit.DensitySchedule`) given the
             timestep the host's forward receives (0..999; SD3 / FLUX: σ·1000, clamped to 999), or a fixed int /
             (G_h, G_w); default `plan.grid`. A call may name its own: `model(..., grid=(G_h, G_w))`.
+        keep_original: keep the host's blocks untouched for `remove_patch` and `save_patched` (the layers work on
+            copies). False: the layers take the blocks over, so the model holds its block weights once (FLUX.1-dev's
+            blocks are 24 GB in bf16); `remove_patch`, patching again and `save_patched` then raise ValueError.
 
     To tinker with: `Plan(0, 0, (1, 3, 1, 1), depth)` (all dense) reproduces the host; `group` beyond (1, s, 1, 1).
 
@@ -437,6 +447,7 @@ def apply_patch(model, plan=None, schedule=None):
     module = host_module(model)
     remove_patch(module)
     target = _target_of(module)
+    keep_original = bool(keep_original)
     attr, block_class, _, _ = _TARGETS[target]
     blocks = getattr(module, attr)
     host = HOSTS.get(target)  # the MMDiT adapter (SD3, FLUX), None for the others
@@ -465,20 +476,20 @@ def apply_patch(model, plan=None, schedule=None):
         config = _dit_config(module, plan, token_grid)
         new[attr] = [b.attach(state) for b in from_dit(module.state_dict(), config).blocks]  # the paper's mapping
     elif host is not None:
-        new = host.layers(module, plan, state)
+        new = host.layers(module, plan, state, copy_block=keep_original)
     else:
-        new[attr] = [DiffusersFlexLayer(b, slot, state) for b, slot in zip(blocks, plan.slots())]
+        new[attr] = [DiffusersFlexLayer(b, slot, state, keep_original) for b, slot in zip(blocks, plan.slots())]
     if temporal is not None:
-        new[_TEMPORAL] = [TemporalFlexLayer(b, slot, state) for b, slot in zip(temporal, plan.slots())]
+        new[_TEMPORAL] = [TemporalFlexLayer(b, slot, state, keep_original) for b, slot in zip(temporal, plan.slots())]
 
     originals = {a: getattr(module, a) for a in new}
     swapped = tuple(f"{a}." for a in originals)
     outside = {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()
-               if not k.startswith(swapped)}
+               if not k.startswith(swapped)} if keep_original else {}
     for a, layers in new.items():
         patched = FlexPatch(layers, target, plan, schedule) if a == attr else nn.ModuleList(layers)
         setattr(module, a, patched.train(originals[a].training))
-    rec = module.__dict__[_RECORD] = _Record(originals, outside, plan, schedule, state)
+    rec = module.__dict__[_RECORD] = _Record(originals if keep_original else None, outside, plan, schedule, state)
     enter = functools.partial(_enter, rec, target, inspect.signature(type(module).forward))
     rec.handles = [module.register_forward_pre_hook(enter, prepend=True, with_kwargs=True),
                    module.register_forward_hook(functools.partial(_exit, rec), always_call=True)]
@@ -500,12 +511,17 @@ def remove_patch(model):
 
     Weights outside the blocks (embedders, final layer), which the patch shares with the host, are reset to their
     values at patching time, so a fine-tuned patched model returns to the original. A no-op on a model that is not
-    patched. If the patched model was moved or cast, the originals follow.
+    patched. If the patched model was moved or cast, the originals follow. ValueError for a model patched with
+    `keep_original=False` (nothing to restore).
     """
     module = host_module(model)
-    rec = module.__dict__.pop(_RECORD, None)
+    rec = module.__dict__.get(_RECORD)
     if rec is None:
         return model
+    if rec.originals is None:
+        raise ValueError(f"model: this {type(module).__name__} was patched with keep_original=False, so its dense "
+                         "blocks are gone: it cannot be unpatched or patched again; load the dense model anew")
+    del module.__dict__[_RECORD]
     for handle in rec.handles:
         handle.remove()
     for attr, original in rec.originals.items():

@@ -370,7 +370,7 @@ def _prepare_text(args, ctx: DistContext):
     stand_in = SimpleNamespace(config=SimpleNamespace(plan=SimpleNamespace(num_modules=1)), token_grid=(side, side))
     schedule = schedule_from_args(args, stand_in)
     try:
-        apply_patch(pipe, plan, schedule)
+        apply_patch(pipe, plan, schedule, keep_original=False)   # sampling never unpatches: one copy of the blocks
     except ValueError as e:
         raise ValueError(f"--model-args / --model: {e}") from None
     patched_plan = pipe.transformer.transformer_blocks.plan

@@ -108,6 +108,9 @@ def save_patched(model, directory) -> Path:
         raise ValueError(f"model: this {type(module).__name__} is not patched; use its own save_pretrained "
                          "(or flexdit.save_flexdit for a FlexDiT)")
     rec = patch_record(module)
+    if rec.originals is None:
+        raise ValueError(f"model: this {type(module).__name__} was patched with keep_original=False: the dense "
+                         "weights that load_patched rebuilds it from are gone; patch with keep_original=True to save")
     host, config = _host_config(module)
     manifest = {"format": FORMAT, "host": host, "config": config, "plan": dataclasses.asdict(rec.plan),
                 "schedule": _schedule_to_json(rec.schedule), "dtype": str(next(module.parameters()).dtype)}

@@ -221,6 +221,31 @@ def test_patching_twice_equals_patching_once(target):
     assert sum(isinstance(m, FlexPatch) for m in host.modules()) == 1
 
 
+@pytest.mark.parametrize("target", sorted(HOSTS))
+def test_keep_original_false_takes_the_blocks_over(target):
+    from flexdit import save_patched
+    host = HOSTS[target]()
+    twin = copy.deepcopy(host)
+    attr = "blocks" if target == "dit" else "transformer_blocks"
+    blocks = list(getattr(host, attr))
+    x, t, y = toy_inputs()
+    with fk.backend("reference"), torch.no_grad():
+        kept = call(apply_patch(twin, TOY_PLAN), target, x, t, y)
+        taken = call(apply_patch(host, TOY_PLAN, keep_original=False), target, x, t, y)
+    torch.testing.assert_close(taken, kept, rtol=0, atol=0)
+    assert patch_record(host).originals is None and not patch_record(host).outside
+    if target != "dit":   # the dense and sparse layers run the host's own block objects, not copies
+        layers = getattr(host, attr)
+        assert all(layer.block is b for layer, b in zip(layers, blocks) if layer.kind in ("dense", "sparse"))
+    for undo in (remove_patch, lambda m: apply_patch(m, TOY_PLAN)):
+        with pytest.raises(ValueError, match="keep_original=False"):
+            undo(host)
+    assert is_patched(host)
+    if target != "dit":
+        with pytest.raises(ValueError, match="keep_original=False"):
+            save_patched(host, "unused")
+
+
 def test_deepcopy_and_device_moves_follow_the_patch():
     dit = apply_patch(toy_dit(), TOY_PLAN)
     twin = copy.deepcopy(dit)
