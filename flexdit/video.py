@@ -72,7 +72,7 @@ class FlexLatte(nn.Module):
         self.config = config
         if transformer is None:
             transformer = diffusers.LatteTransformer3DModel(**config.transformer)
-        self.transformer = apply_patch(transformer, config.plan)
+        self.transformer = apply_patch(transformer, config.plan, keep_original=False)   # never unpatched
         width = config.transformer["caption_channels"]
         self.class_captions = nn.Parameter(torch.randn(config.num_classes + 1, config.caption_len, width) * 0.02)
         self.in_channels = config.transformer["in_channels"]
