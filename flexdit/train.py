@@ -802,7 +802,9 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
         schedule = _text_schedule(args, plan, token_grid)
         # --dry-run measures the forward on the meta device at the densest grid (the largest activations)
         fixed = max(schedule.grids, key=lambda g: g[0] * g[1]) if schedule is not None and args.dry_run else plan.grid
-        apply_patch(model, plan, schedule if schedule is not None and not args.dry_run else fixed)
+        # only a full fine-tuning without FSDP exports through save_patched, which writes the dense blocks too
+        apply_patch(model, plan, schedule if schedule is not None and not args.dry_run else fixed,
+                    keep_original=args.lora_rank is None and not args.fsdp)
     except ValueError as e:
         raise ValueError(f"--model-args / --r-min/--r-max/--grid: {e}") from None
     if info is not None and schedule is not None:
