@@ -17,6 +17,8 @@ and `*.npz` shards whose arrays are named after the transformer's forward argume
   `encoder_hidden_states`   float16, (n, L, D): the pipeline's `encode_prompt` output;
   `encoder_attention_mask`  uint8, (n, L), 1 for caption tokens (PixArt-α only);
   `pooled_projections`      float16, (n, P): CLIP's pooled embedding (SD3 / FLUX only).
+meta.json's optional `"null_text": "null_text.npz"` names the pipeline's encoding of the empty caption "" (the same
+text arrays with n = 1, no latents), stored once per folder for caption dropout; it is not a shard.
 `python -m flexdit.data text IMAGE_DIR OUT_DIR --pipeline PIPELINE_DIR` writes them from images with captions.
 """
 from __future__ import annotations
@@ -36,6 +38,7 @@ __all__ = ["LatentShards", "write_shard", "make_synthetic_shards", "synthetic_la
            "TextShards", "write_text_shards", "encode_caption_folder", "TEXT_KEYS", "VAE_SCALE"]
 
 VAE_SCALE = 0.18215
+NULL_TEXT = "null_text.npz"     # a text shard folder's encoding of the empty caption (caption dropout)
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
@@ -189,7 +192,21 @@ def _check_meta(meta, where: str) -> dict:
             raise ValueError(f"{where}: {k} must be an integer >= {low}, got {meta[k]!r}")
     if not isinstance(meta["encoders"], list) or not all(isinstance(e, str) for e in meta["encoders"]):
         raise ValueError(f"{where}: encoders must be a list of names, got {meta['encoders']!r}")
+    null = meta.get("null_text")
+    if null is not None and (not isinstance(null, str) or Path(null).name != null or not null.endswith(".npz")):
+        raise ValueError(f"{where}: null_text must be the name of an .npz file in the folder, got {null!r}")
     return meta
+
+
+def _check_null_text(arrays: dict, meta: dict, first: dict, where: str) -> None:
+    """The empty caption's text arrays: TEXT_KEYS[host] without latents, one row each, shaped as a shard's rows
+    (`first`); ValueError starting with `where`."""
+    want = [k for k in TEXT_KEYS[meta["host"]] if k != "latents"]
+    if sorted(arrays) != sorted(want):
+        raise ValueError(f"{where}: holds {sorted(arrays)}, a {meta['host']} null encoding holds {sorted(want)}")
+    for k, v in arrays.items():
+        if v.shape != (1, *first[k]):
+            raise ValueError(f"{where}: {k} must be {(1, *first[k])} (one row as the shards'), got {v.shape}")
 
 
 def _check_text_arrays(arrays: dict, meta: dict, where: str, first: dict | None = None) -> int:
@@ -262,7 +279,9 @@ class TextShards(torch.utils.data.Dataset):
     disk when it is asked for, so a folder may exceed the host's memory.
 
     `ds[i]` is a dict with the shard's keys: float32 tensors, `encoder_attention_mask` (PixArt-α) a uint8 tensor;
-    `ds.meta` is meta.json, `ds.latent_shape` the (C, h, w) of a sample's latents. Raises ValueError naming the
+    `ds.meta` is meta.json, `ds.latent_shape` the (C, h, w) of a sample's latents, `ds.null_text` the empty
+    caption's text inputs (a dict of (1, ...) tensors as `ds.batch` gives them, no latents) or None for a folder
+    written without it. Raises ValueError naming the
     file, before any training, for a missing folder or meta.json, a meta.json that is not valid, a shard that cannot
     be read, lacks or adds arrays, has ranks, dtypes or per-row shapes that disagree with meta.json or the first
     shard, or a sample count other than meta's `count`; when a sample is read, for NaN or inf in it or a mask that
@@ -282,7 +301,8 @@ class TextShards(torch.utils.data.Dataset):
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"data: {meta_path}: cannot read it ({type(e).__name__}: {e})") from None
         self.meta = _check_meta(meta, f"data: {meta_path}")
-        self.files = sorted(root.glob("*.npz"))
+        null_name = self.meta.get("null_text")
+        self.files = sorted(f for f in root.glob("*.npz") if f.name != null_name)
         if not self.files:
             raise ValueError(f"data: no .npz shards in {root}")
         self._starts, first, total = [], None, 0
@@ -302,6 +322,16 @@ class TextShards(torch.utils.data.Dataset):
         self._count = total
         self.latent_shape = tuple(first["latents"])   # (C, h, w): h = image_size / the VAE's factor
         self._open: dict[int, dict] = {}         # shard index -> memmaps, opened lazily in each process
+        self.null_text = None
+        if null_name is not None:
+            path = root / null_name
+            try:
+                arrays = _npz_members(path)
+            except (OSError, EOFError, ValueError, zipfile.BadZipFile, struct.error) as e:
+                raise ValueError(f"data: {path}: cannot read the empty caption's encoding (meta.json's null_text) "
+                                 f"({type(e).__name__}: {e})") from None
+            _check_null_text(arrays, self.meta, first, f"data: {path}")
+            self.null_text = {k: v[None] for k, v in self._tensors(arrays, 0, path).items()}
 
     def __getstate__(self):                      # DataLoader workers re-open the memmaps
         return {**self.__dict__, "_open": {}}
@@ -317,17 +347,22 @@ class TextShards(torch.utils.data.Dataset):
         k = int(np.searchsorted(self._starts, index, side="right")) - 1
         if k not in self._open:
             self._open[k] = _npz_members(self.files[k])
-        row = index - self._starts[k]
+        return self._tensors(self._open[k], index - self._starts[k], self.files[k])
+
+    @staticmethod
+    def _tensors(arrays: dict, row: int, path: Path) -> dict:
+        """Row `row` of a file's arrays as tensors: float32, the mask uint8; ValueError for NaN / inf or a mask
+        that is not 0/1."""
         out = {}
-        for name, arr in self._open[k].items():
+        for name, arr in arrays.items():
             v = np.array(arr[row])
             if name == "encoder_attention_mask":
                 if v.size and (v.min() < 0 or v.max() > 1):
-                    raise ValueError(f"data: {self.files[k]}: sample {row}: encoder_attention_mask is not 0/1")
+                    raise ValueError(f"data: {path}: sample {row}: encoder_attention_mask is not 0/1")
                 out[name] = torch.from_numpy(v.astype(np.uint8))
             else:
                 if not np.all(np.isfinite(v)):
-                    raise ValueError(f"data: {self.files[k]}: sample {row}: {name} contains NaN or inf")
+                    raise ValueError(f"data: {path}: sample {row}: {name} contains NaN or inf")
                 out[name] = torch.from_numpy(v.astype(np.float32))
         return out
 
@@ -339,10 +374,13 @@ class TextShards(torch.utils.data.Dataset):
         return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
 
 
-def write_text_shards(folder, items: dict, meta: dict, shard_size: int = 1024) -> list[Path]:
+def write_text_shards(folder, items: dict, meta: dict, shard_size: int = 1024,
+                      null_text: dict | None = None) -> list[Path]:
     """Write `items` (a dict of equally long arrays named as TEXT_KEYS[meta["host"]]) as text shards of at most
     `shard_size` samples into `folder`, float arrays as float16 and the mask as uint8, then `meta.json` (its `count`
-    set to the number of samples). Returns the shard paths. ValueError naming the argument for bad items or meta."""
+    set to the number of samples). `null_text`, the text arrays of the empty caption "" with one row (no latents),
+    is stored as `null_text.npz` for caption dropout (`TextShards.null_text`). Returns the shard paths. ValueError
+    naming the argument for bad items, meta or null_text."""
     if int(shard_size) < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     if not isinstance(items, dict):
@@ -354,13 +392,20 @@ def write_text_shards(folder, items: dict, meta: dict, shard_size: int = 1024) -
         raise ValueError(f"meta must be a dict, got {type(meta).__name__}")
     meta = _check_meta({**meta, "count": len(items["latents"]) if "latents" in items else 0}, "meta")
     _check_text_arrays(items, meta, "items")
+    if null_text is not None:
+        if not isinstance(null_text, dict):
+            raise ValueError(f"null_text must be a dict of arrays, got {type(null_text).__name__}")
+        null_text = {k: np.asarray(v) for k, v in null_text.items()}
+        _check_null_text(null_text, meta, {k: v.shape[1:] for k, v in items.items()}, "null_text")
     writer = _TextShardWriter(folder, meta, shard_size)
+    writer.null_text = null_text
     writer.add(items, "items")
     return writer.close()
 
 
 class _TextShardWriter(_ShardWriter):
-    """A `_ShardWriter` of text shards (float16 arrays, uint8 mask) that writes meta.json, with the count, last."""
+    """A `_ShardWriter` of text shards (float16 arrays, uint8 mask) that writes meta.json, with the count, last;
+    `null_text` (the empty caption's text arrays, one row), when set, goes to `null_text.npz` before it."""
 
     def __init__(self, folder, meta: dict, shard_size: int):
         folder = Path(folder)
@@ -371,9 +416,15 @@ class _TextShardWriter(_ShardWriter):
         folder.mkdir(parents=True, exist_ok=True)
         super().__init__(folder, shard_size)
         self.meta = meta
+        self.null_text: dict | None = None
 
     def add(self, arrays: dict, where: str) -> None:
         """Append samples; ValueError starting with `where` for NaN / inf or a mask that is not 0/1."""
+        super().add(self._stored(arrays, where))
+
+    @staticmethod
+    def _stored(arrays: dict, where: str) -> dict:
+        """The arrays as stored: float16, the mask uint8; ValueError for NaN / inf or a mask that is not 0/1."""
         out = {}
         for k, v in arrays.items():
             v = np.asarray(v)
@@ -385,12 +436,16 @@ class _TextShardWriter(_ShardWriter):
                 out[k] = v.astype(np.float16)
                 if not np.all(np.isfinite(out[k])):
                     raise ValueError(f"{where}: {k} contains NaN or inf (or values beyond float16's range)")
-        super().add(out)
+        return out
 
     def close(self) -> list[Path]:
         paths = super().close()
+        meta = {**self.meta, "count": self.total}
+        if self.null_text is not None:
+            self.save(self.out_dir / NULL_TEXT, **self._stored(self.null_text, "null_text"))
+            meta["null_text"] = NULL_TEXT
         tmp = self.out_dir / "meta.json.tmp"
-        tmp.write_text(json.dumps({**self.meta, "count": self.total}, indent=2))
+        tmp.write_text(json.dumps(meta, indent=2))
         os.replace(tmp, self.out_dir / "meta.json")
         return paths
 
@@ -707,7 +762,8 @@ def encode_caption_folder(image_dir, out_dir, pipeline, image_size: int | None =
     Images are centre-cropped and resized to `image_size` (default: the pipeline's, 128 latent pixels times the VAE
     factor unless its transformer config says otherwise); latents are a sample of the VAE posterior (seeded) scaled as
     the pipeline scales them; captions go through the pipeline's `encode_prompt` with `max_sequence_length` (default:
-    the pipeline's). With flip=True each image is also stored mirrored with the same caption.
+    the pipeline's). With flip=True each image is also stored mirrored with the same caption. The empty caption's
+encoding is stored once (`TextShards.null_text`) for `flexdit-finetune --caption-dropout`.
     """
     for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
         if int(value) < 1:
@@ -739,11 +795,15 @@ def encode_caption_folder(image_dir, out_dir, pipeline, image_size: int | None =
                    "pipeline": type(pipe).__name__}
     g = torch.Generator(device=device).manual_seed(0)
 
+    def numpy(arrays):
+        return {k: (v.float() if v.is_floating_point() else v).cpu().numpy() for k, v in arrays.items()}
+
+    writer.null_text = numpy(encode_prompts(pipe, host, [""], max_sequence_length, device))   # caption dropout
+
     def encode(x, captions):
         z = pipe.vae.encode(x.to(device=device, dtype=pipe.vae.dtype)).latent_dist.sample(generator=g)
-        arrays = {"latents": scale_latents(pipe.vae, z),
-                  **encode_prompts(pipe, host, captions, max_sequence_length, device)}
-        return {k: (v.float() if v.is_floating_point() else v).cpu().numpy() for k, v in arrays.items()}
+        return numpy({"latents": scale_latents(pipe.vae, z),
+                      **encode_prompts(pipe, host, captions, max_sequence_length, device)})
 
     return _encode_batches(pairs, writer, encode, image_size, batch_size, flip, progress)
 

@@ -17,6 +17,9 @@ weights, or with `--lora-rank` LoRA adapters plus the fusion weights W1/W2 (`fle
 or, with `--fsdp`, FSDP2 (one unit per layer); checkpoints are `torch.distributed.checkpoint` folders of the trained
 weights and the optimiser. `--grad-accum` splits a process's batch into micro-batches that draw as the ranks of a
 larger run would, so one process with --grad-accum N equals N processes.
+`--caption-dropout P` trains each sample on the empty caption's encoding (stored with the shards) with probability
+P, drawn with the step's other randomness, so the host keeps the unconditional prediction classifier-free guidance
+needs.
 Exit status: 0 on success, 2 with one line `flexdit-finetune: error: ...` for a bad argument, file, data or device,
 130 after Ctrl-C.
 """
@@ -300,6 +303,10 @@ def parse_args(argv=None):
     t.add_argument("--logit-std", type=float, default=1.0)
     t.add_argument("--mode-scale", type=float, default=1.29)
     t.add_argument("--guidance-scale", type=float, default=3.5, help="FLUX's guidance embedding input")
+    t.add_argument("--caption-dropout", type=float, default=0.0,
+                   help="probability in [0, 1) that a sample trains on the empty caption's encoding (stored in "
+                        "the text shards) instead of its own, so classifier-free guidance keeps an unconditional "
+                        "prediction (PixArt-α trained with 0.1)")
     t.add_argument("--flow-shift", type=float, default=None,
                    help="SD3/FLUX scheduler shift when --model has no scheduler folder (default: 3 for SD3, 1 for "
                         "FLUX, whose pipelines shift per resolution at sampling)")
@@ -337,6 +344,7 @@ class _Run:
         self.pass_grid = False       # registry FlexDiTs take grid=; a patched host picks it from t itself
         self.autocast = None         # precision for autocast (None: --precision)
         self.finish = None           # called after the last step (exports)
+        self.drop = None             # drop(batch, generator) -> batch: caption dropout of a text-to-image host
         self.suffix = ".pt"          # of a checkpoint's name (text-to-image hosts: a folder, none)
         self.__dict__.update(kw)
 
@@ -355,6 +363,8 @@ def _check_flags(args, ctx: DistContext) -> int:
         raise ValueError(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if args.ema_decay is not None and not 0.0 <= args.ema_decay <= 1.0:
         raise ValueError(f"--ema-decay must be in [0, 1], got {args.ema_decay}")
+    if not 0.0 <= args.caption_dropout < 1.0:
+        raise ValueError(f"--caption-dropout must be in [0, 1), got {args.caption_dropout}")
     if args.lora_alpha is not None and not args.lora_alpha > 0:
         raise ValueError(f"--lora-alpha must be > 0, got {args.lora_alpha}")
     if args.world_size is not None and not args.dry_run:
@@ -380,7 +390,7 @@ def _train(args, ctx: DistContext):
         if not text:
             for flag, value in (("--lora-rank", args.lora_rank), ("--lora-targets", args.lora_targets),
                                 ("--fsdp", args.fsdp), ("--grad-checkpointing", args.grad_checkpointing),
-                                ("--dry-run", args.dry_run)):
+                                ("--dry-run", args.dry_run), ("--caption-dropout", args.caption_dropout)):
                 if value:
                     raise ValueError(f"{flag} is for text-to-image hosts (--model: a diffusers PixArt-α, SD3 or "
                                      f"FLUX folder, or tiny-pixart / tiny-sd3 / tiny-flux)")
@@ -504,8 +514,8 @@ def _loop(run: _Run, args, ctx: DistContext, out_dir: Path, batch: int):
     t0 = time.time()
     with StopOnSigint() as stop:
         while step < args.steps:
-            # everything random in this step derives from (seed, rank, step): stage, t, noise, label dropout; a
-            # micro-batch j of process r draws as rank r·accum + j of a run with that many more processes
+            # everything random in this step derives from (seed, rank, step): stage, t, noise, label and caption
+            # dropout; a micro-batch j of process r draws as rank r·accum + j of a run with that many more processes
             micro, stages = [], []
             for j in range(accum):
                 vrank = ctx.rank * accum + j
@@ -514,6 +524,8 @@ def _loop(run: _Run, args, ctx: DistContext, out_dir: Path, batch: int):
                 grid = schedule.grids[stage] if run.pass_grid and schedule is not None else None
                 data = run.fetch(sampler.indices(step, vrank))
                 noise = torch.randn(data["latents"].shape, generator=g).to(ctx.device)
+                if run.drop is not None:
+                    data = run.drop(data, g)
                 micro.append((data, t.to(ctx.device), noise, grid))
                 stages.append(stage)
             torch.manual_seed(_mix(args.seed, ctx.rank, step, 1))
@@ -756,6 +768,10 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
         raise ValueError("--lora-targets and --lora-alpha need --lora-rank")
     data = TextShards(args.data)
     meta = data.meta
+    if args.caption_dropout > 0 and data.null_text is None:
+        raise ValueError(f"--caption-dropout {args.caption_dropout}: --data {args.data} has no encoding of the empty "
+                         f"caption (written before caption dropout); re-run `python -m flexdit.data ... --pipeline` "
+                         f"to encode it again")
     if args.image_size is not None and args.image_size != meta["image_size"]:
         raise ValueError(f"--image-size {args.image_size}: the data {args.data} holds {meta['image_size']}² images")
     args.image_size = meta["image_size"]
@@ -777,7 +793,9 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
         asked = {"rank": args.lora_rank, "targets": parse_targets(args.lora_targets)}
         for what, given, recorded in (("--model", args.model, info.get("model")),
                                       ("--lora-rank", asked["rank"], ran.get("rank")),
-                                      ("--lora-targets", asked["targets"], ran.get("targets"))):
+                                      ("--lora-targets", asked["targets"], ran.get("targets")),
+                                      ("--caption-dropout", args.caption_dropout,
+                                       info.get("args", {}).get("caption_dropout", 0.0))):
             if given != recorded:
                 raise ValueError(f"{what} {given} conflicts with the run being resumed ({resume}), which has "
                                  f"{recorded}; use another --out-dir or --resume none")
@@ -881,12 +899,29 @@ def _setup_text(args, ctx: DistContext, out_dir: Path, batch: int) -> _Run | Non
     n_train = sum(p.numel() for p in params)
     source = f"resumed from {resume} (step {step})" if resume else f"{host} host, patched with {plan}"
     what = f"LoRA rank {args.lora_rank}" if lora else "full fine-tuning"
+    null = {k: v.to(ctx.device) for k, v in data.null_text.items()} if args.caption_dropout > 0 else None
+    drop = (lambda batch, g: drop_captions(batch, null, args.caption_dropout, g)) if null is not None else None
     return _Run(model=model, net=net, optimizer=optimizer, scaler=scaler, schedule=schedule, objective=objective,
                 n_items=len(data), fetch=lambda idx: data.batch(idx, device=ctx.device), save=save, step=step,
-                resume=resume, suffix="", autocast="fp32" if args.fsdp else None,
+                drop=drop, resume=resume, suffix="", autocast="fp32" if args.fsdp else None,
                 banner=f"{args.model}: {source}; {n_params / 1e6:.2f} M parameters, {n_train / 1e6:.3f} M trained "
                        f"({what}{', FSDP2' if args.fsdp else ''}); {len(data)} samples",
                 record={"arch": host, "plan": str(plan), "lora": lora})
+
+
+def drop_captions(batch: dict, null_text: dict, p: float, generator: torch.Generator) -> dict:
+    """`batch` with each sample's text inputs replaced by the empty caption's (`null_text`, (1, ...) tensors, as
+    `TextShards.null_text`) with probability `p`, drawn from `generator` (one uniform number per sample); the
+    latents stay. Classifier-free guidance needs the unconditional prediction this trains (PixArt-α drops 10% of
+    its captions)."""
+    drop = torch.rand(len(batch["latents"]), generator=generator) < p
+    if not drop.any():
+        return batch
+    out = dict(batch)
+    for k, null in null_text.items():
+        where = drop.to(batch[k].device).view(-1, *[1] * (batch[k].ndim - 1))
+        out[k] = torch.where(where, null.to(batch[k]), batch[k])
+    return out
 
 
 def _print_memory_plan(args, model, objective, data, batch: int, targets) -> None:
@@ -921,7 +956,13 @@ def make_synthetic_text_shards(folder, host: str = "flux", n: int = 256, num_cla
         items["pooled_projections"] = pooled[y].half().numpy()
     meta = {"host": host, "image_size": size * 8, "latent_channels": channels, "max_sequence_length": text_tokens,
             "count": n, "encoders": ["synthetic"]}
-    return write_text_shards(folder, items, meta)
+    # the empty caption: an embedding of its own (a one-token mask for PixArt-α, as T5 encodes "" to </s>)
+    null = {"encoder_hidden_states": torch.randn(1, text_tokens, text_dim, generator=g).half().numpy()}
+    if host == "pixart":
+        null["encoder_attention_mask"] = (torch.arange(text_tokens) < 1).to(torch.uint8)[None].numpy()
+    else:
+        null["pooled_projections"] = torch.randn(1, pooled_dim, generator=g).half().numpy()
+    return write_text_shards(folder, items, meta, null_text=null)
 
 
 def _progress_bar(args, step: int):

@@ -145,3 +145,47 @@ def test_write_text_shards_refusals(tmp_path):
     write_text_shards(tmp_path / "b", items, meta)
     with pytest.raises(ValueError, match="already holds shards"):
         write_text_shards(tmp_path / "b", items, meta)
+
+
+@pytest.mark.parametrize("host", sorted(TEXT_KEYS))
+def test_null_text_round_trip(host, tmp_path):
+    """The empty caption's encoding is stored once beside the shards (not read as a shard) and comes back as
+    (1, ...) tensors; a folder written without it reads with null_text None."""
+    items, meta = text_items(host, n=4)
+    null = {k: v[:1] * 0.5 for k, v in text_items(host, n=1, seed=1)[0].items() if k != "latents"}
+    if host == "pixart":
+        null["encoder_attention_mask"] = np.eye(1, L, dtype=np.uint8)
+    paths = write_text_shards(tmp_path / "s", items, meta, shard_size=3, null_text=null)
+    assert [p.name for p in paths] == ["shard_00000.npz", "shard_00001.npz"]
+    ds = TextShards(tmp_path / "s")
+    assert len(ds) == 4 and len(ds.files) == 2 and ds.meta["null_text"] == "null_text.npz"
+    assert sorted(ds.null_text) == sorted(null)
+    for k, v in ds.null_text.items():
+        assert v.shape == (1, *items[k].shape[1:])
+        if k == "encoder_attention_mask":
+            assert v.dtype == torch.uint8 and v.tolist() == null[k].tolist()
+        else:
+            torch.testing.assert_close(v, torch.from_numpy(null[k].astype(np.float16).astype(np.float32)))
+    write_text_shards(tmp_path / "old", items, meta)
+    old = TextShards(tmp_path / "old")
+    assert old.null_text is None and "null_text" not in old.meta
+
+
+def test_null_text_refusals(tmp_path):
+    items, meta = text_items("flux", n=3)
+    null = {"encoder_hidden_states": items["encoder_hidden_states"][:1],
+            "pooled_projections": items["pooled_projections"][:1]}
+    cases = [({"encoder_hidden_states": null["encoder_hidden_states"]}, r"holds \['encoder_hidden_states'\]"),
+             ({**null, "pooled_projections": items["pooled_projections"]}, r"pooled_projections must be \(1, 5\)"),
+             ({**null, "pooled_projections": null["pooled_projections"] * np.nan}, "pooled_projections contains NaN")]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            write_text_shards(tmp_path / "a", items, meta, null_text=bad)
+    write_text_shards(tmp_path / "b", items, meta, null_text=null)
+    (tmp_path / "b" / "null_text.npz").write_bytes(b"broken")
+    with pytest.raises(ValueError, match=r"null_text.npz: cannot read the empty caption's encoding"):
+        TextShards(tmp_path / "b")
+    meta_path = tmp_path / "b" / "meta.json"
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "null_text": "../x.npz"}))
+    with pytest.raises(ValueError, match="null_text must be the name of an .npz file"):
+        TextShards(tmp_path / "b")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexdit.data import TextShards, _image_batch, encode_prompts, load_text_pipeline, main, scale_latents
+from flexdit.data import TEXT_KEYS, TextShards, _image_batch, encode_prompts, load_text_pipeline, main, scale_latents
 
 from .text_hosts import save_tiny_pipeline
 
@@ -49,13 +49,17 @@ def test_encoding_matches_the_pipeline(root, kind, tmp_path, capsys):
     assert len(ds) == 5 and len(ds.files) == 2
     assert ds.meta["host"] == kind and ds.meta["image_size"] == 16 and ds.meta["max_sequence_length"] == 8
     pipe, host = load_text_pipeline(root / kind, "cpu")
-    want = encode_prompts(pipe, host, CAPTIONS[2:4], 8, "cpu")
+    # the samples' text inputs and, stored once, the empty caption's (caption dropout): the pipeline's encodings
     got = ds.batch([2, 3])
-    for k, v in want.items():
-        if k == "encoder_attention_mask":
-            assert got[k].tolist() == v.tolist()
-        else:
-            torch.testing.assert_close(got[k], v.half().float())
+    for want, read in ((encode_prompts(pipe, host, CAPTIONS[2:4], 8, "cpu"), got),
+                       (encode_prompts(pipe, host, [""], 8, "cpu"), ds.null_text)):
+        assert set(read) - set(want) <= {"latents"}
+        for k, v in want.items():
+            if k == "encoder_attention_mask":
+                assert read[k].tolist() == v.tolist()
+            else:
+                torch.testing.assert_close(read[k], v.half().float())
+    assert ds.meta["null_text"] == "null_text.npz" and sorted(ds.null_text) == sorted(TEXT_KEYS[kind][1:])
     # the first batch's latents: a seeded posterior sample, then the pipeline's scaling
     x = _image_batch([root / "jsonl" / "img" / f"{i}.png" for i in (0, 1)], 16)
     with torch.no_grad():

@@ -80,6 +80,83 @@ def test_lora_resume_is_bit_exact(flux_data, tmp_path, monkeypatch):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def _recording(monkeypatch, crash_at=None):
+    """train_step spied on: the text inputs of each step's batch, appended to the returned list; the call
+    `crash_at` raises KeyboardInterrupt instead."""
+    real, seen = getattr(train_mod.train_step, "real", train_mod.train_step), []
+
+    def spy(net, objective, optimizer, scaler, micro, *a, **k):
+        if crash_at is not None and len(seen) + 1 == crash_at:
+            raise KeyboardInterrupt
+        seen.append([{k: v.clone() for k, v in data.items()} for data, *_ in micro])
+        return real(net, objective, optimizer, scaler, micro, *a, **k)
+
+    spy.real = real                               # a later spy wraps the real step, not this one
+    monkeypatch.setattr(train_mod, "train_step", spy)
+    return seen
+
+
+def test_caption_dropout(flux_data, tmp_path, monkeypatch, capsys):
+    """--caption-dropout 0 feeds the shards' batches untouched; 0.5 swaps whole samples' text inputs for the empty
+    caption's, drawn from (seed, rank, step): a resumed run draws as an uninterrupted one; the flag is recorded and a
+    resumed run keeps it."""
+    from flexdit.data import TextShards
+    ds = TextShards(flux_data)
+    null = ds.null_text
+    seen = _recording(monkeypatch)
+    assert main(_args(flux_data, tmp_path / "p0", 2)) == 0
+    sampler = train_mod.EpochSampler(len(ds), 4, 1, 0)
+    for step, (data,) in enumerate(seen):
+        want = ds.batch(sampler.indices(step, 0))
+        assert data.keys() == want.keys() and all(torch.equal(data[k], want[k]) for k in want)
+    assert json.loads((tmp_path / "p0" / "args.json").read_text())["caption_dropout"] == 0.0
+
+    drop = ["--caption-dropout", "0.5", "--lora-rank", "2", "--lora-targets", "to_q,proj_out"]
+    seen = _recording(monkeypatch)
+    assert main(_args(flux_data, tmp_path / "straight", 4, drop)) == 0
+    straight = [data for (data,) in seen]
+    dropped = 0
+    for step, data in enumerate(straight):
+        want = ds.batch(sampler.indices(step, 0))
+        assert torch.equal(data["latents"], want["latents"])
+        for i in range(4):
+            is_null = [torch.equal(data[k][i], null[k][0]) for k in null]
+            is_own = [torch.equal(data[k][i], want[k][i]) for k in null]
+            assert all(is_null) or all(is_own)    # a sample's text inputs are dropped together
+            dropped += all(is_null)
+    assert 0 < dropped < 16
+    assert json.loads((tmp_path / "straight" / "args.json").read_text())["caption_dropout"] == 0.5
+    _recording(monkeypatch, crash_at=4)
+    with pytest.raises(KeyboardInterrupt):
+        main(_args(flux_data, tmp_path / "broken", 4, drop))
+    seen = _recording(monkeypatch)
+    assert main(_args(flux_data, tmp_path / "broken", 4, drop)) == 0
+    assert len(seen) == 2
+    for (data,), want in zip(seen, straight[2:]):
+        assert all(torch.equal(data[k], want[k]) for k in want)
+    a = _trained(tmp_path / "straight" / "checkpoints" / "0000004")
+    b = _trained(tmp_path / "broken" / "checkpoints" / "0000004")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:      # a resumed run keeps its caption dropout
+        main(_args(flux_data, tmp_path / "straight", 6, [*drop, "--caption-dropout", "0.1"]))
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "--caption-dropout 0.1 conflicts with the run being resumed" in err
+
+
+def test_drop_captions_at_one_feeds_only_the_empty_caption():
+    g = torch.Generator().manual_seed(0)
+    batch = {"latents": torch.randn(3, 4, 2, 2), "encoder_hidden_states": torch.randn(3, 5, 6),
+             "encoder_attention_mask": torch.ones(3, 5, dtype=torch.uint8)}
+    null = {"encoder_hidden_states": torch.randn(1, 5, 6),
+            "encoder_attention_mask": torch.tensor([[1, 0, 0, 0, 0]], dtype=torch.uint8)}
+    out = train_mod.drop_captions(batch, null, 1.0, g)
+    assert torch.equal(out["latents"], batch["latents"])
+    for k, v in null.items():
+        assert out[k].dtype == batch[k].dtype and torch.equal(out[k], v.expand_as(batch[k]))
+    assert train_mod.drop_captions(batch, null, 0.0, g) is batch
+
+
 @pytest.mark.parametrize("model", ["tiny-pixart", "tiny-sd3"])
 def test_full_finetune_of_other_hosts(model, tmp_path):
     host = model.split("-")[1]
@@ -146,6 +223,11 @@ def test_bad_flags_and_data_are_one_line_errors(flux_data, tmp_path, capsys):
     folder = tmp_path / "model"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    old = tmp_path / "old"                        # text shards written before caption dropout: no null_text
+    make_synthetic_text_shards(old, "flux", n=4, size=8)
+    meta = json.loads((old / "meta.json").read_text())
+    (old / meta.pop("null_text")).unlink()
+    (old / "meta.json").write_text(json.dumps(meta))
     cases = [
         (_args(flux_data, tmp_path / "r", 2, ["--fsdp"]), "--fsdp needs torchrun"),
         (_args(flux_data, tmp_path / "r", 2, ["--lora-rank", "0"]), "--lora-rank must be >= 1"),
@@ -160,6 +242,11 @@ def test_bad_flags_and_data_are_one_line_errors(flux_data, tmp_path, capsys):
         (_args(flux_data, tmp_path / "r", 2, ["--model-args", '{"num_pool": 1}']), "not FluxTransformer2DModel"),
         (["--model", "FlexDiT-S/2", "--data", str(flux_data)], "holds text shards"),
         (["--model", "FlexDiT-S/2", "--data", str(latents), "--lora-rank", "4"], "for text-to-image hosts"),
+        (["--model", "FlexDiT-S/2", "--data", str(latents), "--caption-dropout", "0.1"], "for text-to-image hosts"),
+        (_args(flux_data, tmp_path / "r", 2, ["--caption-dropout", "1"]), "--caption-dropout must be in [0, 1)"),
+        (_args(flux_data, tmp_path / "r", 2, ["--caption-dropout", "-0.1"]), "--caption-dropout must be in [0, 1)"),
+        (_args(old, tmp_path / "r", 2, ["--caption-dropout", "0.1"]),
+         "--caption-dropout 0.1: --data " + str(old) + " has no encoding of the empty caption"),
     ]
     for argv, message in cases:
         capsys.readouterr()
