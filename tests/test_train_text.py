@@ -46,6 +46,17 @@ def _trained(folder):
     return flat
 
 
+def test_full_fine_tuning_resumes(flux_data, tmp_path):
+    """Full fine-tuning leaves some parameters without a gradient (and AdamW without their state): resuming from
+    step 2 still gives the uninterrupted run's weights and optimiser state."""
+    assert main(_args(flux_data, tmp_path / "straight", 4)) == 0
+    assert main(_args(flux_data, tmp_path / "broken", 2)) == 0
+    assert main(_args(flux_data, tmp_path / "broken", 4)) == 0
+    a = _trained(tmp_path / "straight" / "checkpoints" / "0000004")
+    b = _trained(tmp_path / "broken" / "checkpoints" / "0000004")
+    assert a.keys() <= b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_lora_resume_is_bit_exact(flux_data, tmp_path, monkeypatch):
     """Interrupted in step 4 (the last checkpoint is step 2's) and resumed: the same weights, optimiser state and
     adapters file as an uninterrupted run; only the LoRA weights and W1/W2 are in the checkpoint."""
