@@ -763,7 +763,7 @@ def encode_caption_folder(image_dir, out_dir, pipeline, image_size: int | None =
     factor unless its transformer config says otherwise); latents are a sample of the VAE posterior (seeded) scaled as
     the pipeline scales them; captions go through the pipeline's `encode_prompt` with `max_sequence_length` (default:
     the pipeline's). With flip=True each image is also stored mirrored with the same caption. The empty caption's
-encoding is stored once (`TextShards.null_text`) for `flexdit-finetune --caption-dropout`.
+    encoding is stored once (`TextShards.null_text`) for `flexdit-finetune --caption-dropout`.
     """
     for name, value in (("shard_size", shard_size), ("batch_size", batch_size)):
         if int(value) < 1:

@@ -917,7 +917,14 @@ def drop_captions(batch: dict, null_text: dict, p: float, generator: torch.Gener
     """`batch` with each sample's text inputs replaced by the empty caption's (`null_text`, (1, ...) tensors, as
     `TextShards.null_text`) with probability `p`, drawn from `generator` (one uniform number per sample); the
     latents stay. Classifier-free guidance needs the unconditional prediction this trains (PixArt-α drops 10% of
-    its captions)."""
+    its captions). ValueError naming the argument for p outside [0, 1] or a null_text entry that is not one row of
+    a batch entry."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"p must be in [0, 1], got {p}")
+    for k, null in null_text.items():
+        if k not in batch or tuple(null.shape) != (1, *batch[k].shape[1:]):
+            want = (1, *batch[k].shape[1:]) if k in batch else "a key of batch"
+            raise ValueError(f"null_text[{k!r}] must be {want}, got {tuple(null.shape)}")
     drop = torch.rand(len(batch["latents"]), generator=generator) < p
     if not drop.any():
         return batch

@@ -166,6 +166,12 @@ def test_drop_captions_at_one_feeds_only_the_empty_caption():
     for k, v in null.items():
         assert out[k].dtype == batch[k].dtype and torch.equal(out[k], v.expand_as(batch[k]))
     assert train_mod.drop_captions(batch, null, 0.0, g) is batch
+    with pytest.raises(ValueError, match="p must be in"):
+        train_mod.drop_captions(batch, null, 1.5, g)
+    with pytest.raises(ValueError, match=r"null_text\['encoder_hidden_states'\] must be \(1, 5, 6\)"):
+        train_mod.drop_captions(batch, {"encoder_hidden_states": torch.randn(1, 4, 6)}, 0.5, g)
+    with pytest.raises(ValueError, match="a key of batch"):
+        train_mod.drop_captions(batch, {"pooled_projections": torch.randn(1, 8)}, 0.5, g)
 
 
 @pytest.mark.parametrize("model", ["tiny-pixart", "tiny-sd3"])
