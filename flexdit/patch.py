@@ -361,7 +361,8 @@ def _enter(rec: _Record, target: str, signature: inspect.Signature, module, args
     if target == "dit":                          # its t_embedder's hook sets the route state
         return args, kwargs
     _, _, x_name, t_name = _TARGETS[target]
-    bound = signature.bind(module, *args, **kwargs).arguments
+    # pipelines pass keywords only: the signature is bound just for positional calls
+    bound = signature.bind(module, *args, **kwargs).arguments if args else kwargs
     x, t = bound.get(x_name), bound.get(t_name)
     if x is None or t is None:
         raise ValueError(f"a patched model needs `{x_name}` and `{t_name}` to choose its grid")
