@@ -27,9 +27,9 @@ KIND_NAMES = {"embed": "embedding", "pool": "Poolingformer", "gen": "generation"
 # Arguments
 # ----------------------------------------------------------------------------------------------------------------
 
-# What `--impls` may name: the dense DiT (the "reference" backend: SDPA, no flexdit kernel), the same model on the kernels
-# backend, i.e. with the fused adaLN kernels (CUDA only: what fusion alone gives), FlexDiT on the kernels (CUDA only)
-# and FlexDiT on its PyTorch reference path (token density alone).
+# What `--impls` may name: the dense DiT (the "reference" backend: SDPA, no flexdit kernel), the same model on the
+# kernels backend, i.e. with the fused adaLN kernels (CUDA only: what fusion alone gives), FlexDiT on the kernels
+# (CUDA only) and FlexDiT on its PyTorch reference path (token density alone).
 IMPLS = ("dense", "dense-fused", "flexdit", "flexdit-ref")
 MODES = ("eager", "compile", "cuda-graph")
 # Defaults that depend on where the run happens: (GPU, CPU).

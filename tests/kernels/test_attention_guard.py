@@ -14,8 +14,8 @@ from .guard import check_gaps, guard_allocations, guarded
 # over 64 keys (128-row K and V tiles, 32-row query tiles, the last one partial),
 # split-K with three key splits (combine; dq with three key splits), the flash loop (dk/dv with three query splits,
 # dq with three key splits); D = 72 pads the head dim 72 -> 128, D = 40 pads 40 -> 64.
-CASES = [("few_keys", 100, 36, 72), ("few_keys", 1, 64, 72), ("few_keys", 40, 100, 72), ("split_k", 20, 150, 72), ("split_k", 20, 150, 40),
-         ("flash", 130, 130, 72)]
+CASES = [("few_keys", 100, 36, 72), ("few_keys", 1, 64, 72), ("few_keys", 40, 100, 72), ("split_k", 20, 150, 72),
+         ("split_k", 20, 150, 40), ("flash", 130, 130, 72)]
 
 
 @pytest.fixture(autouse=True)
